@@ -1,0 +1,27 @@
+"""User-facing errors.
+
+Everything a user can cause (a bad flag, a broken checkpoint, a prompt that does
+not fit) raises a subclass of `JaxinferError` with a message that names the
+problem. Entry points (CLI, Python API, gRPC) catch this one type and report the
+message without a traceback; anything else is a bug in jaxinfer.
+"""
+
+
+class JaxinferError(Exception):
+    """An error caused by input, configuration or environment, not by a bug."""
+
+
+class ConfigError(JaxinferError):
+    """A model configuration that jaxinfer cannot run (unknown architecture, bad sizes)."""
+
+
+class CheckpointError(JaxinferError):
+    """A checkpoint that is missing, corrupt, or in a refused format."""
+
+
+class InputError(JaxinferError):
+    """A request that cannot be served as given (empty prompt, too long, bad token ids)."""
+
+
+class ModelFetchError(JaxinferError):
+    """The default model could not be obtained."""

@@ -1,0 +1,114 @@
+"""Paged KV cache: device page pools and the host-side page allocator.
+
+Each layer owns one array per cache entry, shaped [num_pages, page_size, *entry].
+A GQA layer has entries `k` and `v` ([kv_heads, head_dim] per token); an MLA
+layer would have one `latent` entry ([1, kv_lora_rank + rope_dim]). The model
+family declares its entries (`cache_entries`) and the cache is built from that
+declaration, so allocation, sharding and writing work for any attention type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxinfer import sharding
+from jaxinfer.batch import NULL_PAGE
+from jaxinfer.errors import InputError
+
+KVCache = list[dict[str, jax.Array]]  # per layer: entry name -> [num_pages, page_size, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    shape: tuple[int, ...]  # per token, e.g. (kv_heads, head_dim)
+    logical_axes: tuple[str | None, ...]  # e.g. ("kv_heads", "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    num_layers: int
+    num_pages: int
+    page_size: int
+    entries: Mapping[str, CacheEntry]
+    dtype: jnp.dtype
+
+    def array_shape(self, name: str) -> tuple[int, ...]:
+        return (self.num_pages, self.page_size, *self.entries[name].shape)
+
+    def logical_axes(self, name: str) -> tuple[str | None, ...]:
+        return ("pages", "page", *self.entries[name].logical_axes)
+
+    @property
+    def bytes_per_page(self) -> int:
+        per_token = sum(math.prod(e.shape) for e in self.entries.values())
+        return per_token * self.page_size * self.num_layers * jnp.dtype(self.dtype).itemsize
+
+
+def allocate(spec: CacheSpec, mesh: Mesh | None = None) -> KVCache:
+    """Zeroed page pools for every layer, sharded by their logical axes."""
+    layers = []
+    for _ in range(spec.num_layers):
+        layer = {}
+        for name in spec.entries:
+            shape = spec.array_shape(name)
+            if mesh is None:
+                layer[name] = jnp.zeros(shape, spec.dtype)
+            else:
+                target = sharding.named_sharding(spec.logical_axes(name), shape, mesh)
+                layer[name] = jax.jit(lambda s=shape: jnp.zeros(s, spec.dtype),
+                                      out_shardings=target)()
+        layers.append(layer)
+    return layers
+
+
+def write(pages: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
+    """Store `values` [T, ...] at flat slots [T] of `pages` [num_pages, page_size, ...]."""
+    num_pages, page_size = pages.shape[:2]
+    flat = pages.reshape(num_pages * page_size, *pages.shape[2:])
+    flat = flat.at[slots].set(values.astype(pages.dtype), mode="drop")
+    return flat.reshape(pages.shape)
+
+
+class PageAllocator:
+    """Hands out page ids from a free list. Page 0 (NULL_PAGE) is never handed out."""
+
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError("a KV cache needs at least 2 pages (page 0 is reserved)")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, NULL_PAGE, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise InputError(f"the KV cache has {len(self._free)} free pages but {n} are needed; "
+                             "use fewer or shorter requests, or a larger cache")
+        pages = [self._free.pop() for _ in range(n)]
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            if p == NULL_PAGE or p >= self.num_pages:
+                raise ValueError(f"page {p} was not allocated from this pool")
+        self._free.extend(reversed(pages))
+
+
+def pages_needed(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+def page_table_array(tables: list[list[int]], width: int) -> np.ndarray:
+    out = np.full((len(tables), width), NULL_PAGE, np.int32)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = t
+    return out

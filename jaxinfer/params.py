@@ -1,0 +1,113 @@
+"""Parameters as data: the NNX state of a model family, split once.
+
+The model is built abstractly (no memory) to learn every parameter's path,
+shape and logical axes; arrays are then created or loaded straight into the
+sharding the rules table gives them. The runtime holds (graphdef, state) and
+merges them only while tracing the jitted step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxinfer import sharding
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import CheckpointError
+from jaxinfer.models import family
+
+log = logging.getLogger(__name__)
+
+
+def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of ShapeDtypeStructs) without allocating anything."""
+    model = nnx.eval_shape(lambda: family(cfg).Model(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def flat_params(state: nnx.State) -> dict[tuple, Any]:
+    """path -> nnx.Param (value and metadata) for every parameter."""
+    return dict(nnx.to_flat_state(state))
+
+
+def value_of(variable):
+    """A Variable's array (or ShapeDtypeStruct), across flax versions."""
+    get = getattr(variable, "get_value", None)
+    return get() if get is not None else variable.value
+
+
+def logical_axes(variable) -> tuple:
+    return tuple(variable.get_metadata()["logical_axes"])
+
+
+def param_shardings(state: nnx.State, mesh: Mesh) -> dict[tuple, NamedSharding]:
+    return {path: sharding.named_sharding(logical_axes(v), value_of(v).shape, mesh)
+            for path, v in flat_params(state).items()}
+
+
+def _with_values(state: nnx.State, values: dict[tuple, jax.Array]) -> nnx.State:
+    flat = flat_params(state)
+    for path, v in flat.items():
+        flat[path] = v.replace(values[path])
+    return nnx.from_flat_state(flat)
+
+
+def place_params(cfg: ModelConfig, dtype, mesh: Mesh,
+                 tensors: Iterable[tuple[tuple, np.ndarray]]) -> tuple[nnx.GraphDef, nnx.State]:
+    """Load host arrays (our layout) onto the mesh, one tensor at a time."""
+    graphdef, state = abstract_model(cfg, dtype)
+    flat = flat_params(state)
+    shardings = param_shardings(state, mesh)
+    values = {}
+    for path, array in tensors:
+        if path not in flat:
+            raise CheckpointError(f"checkpoint has a tensor for {'.'.join(map(str, path))}, "
+                                  "which this model does not have")
+        expected = value_of(flat[path]).shape
+        if tuple(array.shape) != tuple(expected):
+            raise CheckpointError(f"tensor {'.'.join(map(str, path))} has shape "
+                                  f"{tuple(array.shape)}, the config implies {tuple(expected)}")
+        host = np.asarray(array)
+        if host.dtype != np.dtype(dtype):
+            host = host.astype(np.float32).astype(dtype) if host.dtype != np.float32 else host.astype(dtype)
+        values[path] = jax.device_put(host, shardings[path])
+    missing = [".".join(map(str, p)) for p in flat if p not in values]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint lacks tensors for: {shown}")
+    return graphdef, _with_values(state, values)
+
+
+def dummy_params(cfg: ModelConfig, dtype, mesh: Mesh, seed: int = 0
+                 ) -> tuple[nnx.GraphDef, nnx.State]:
+    """Random weights made directly on the devices, in their shardings (for benchmarks)."""
+    graphdef, state = abstract_model(cfg, dtype)
+    flat = flat_params(state)
+    shardings = param_shardings(state, mesh)
+    values = {}
+    for i, (path, v) in enumerate(flat.items()):
+        shape, is_norm = value_of(v).shape, path[-1] == "scale"
+
+        def make(key, shape=shape, is_norm=is_norm):
+            if is_norm:
+                return jnp.ones(shape, dtype)
+            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+        values[path] = jax.jit(make, out_shardings=shardings[path])(jax.random.key(seed * 100003 + i))
+    return graphdef, _with_values(state, values)
+
+
+def num_params(state: nnx.State) -> int:
+    return sum(int(np.prod(value_of(v).shape)) for v in flat_params(state).values())
+
+
+def param_bytes(state: nnx.State) -> int:
+    return sum(int(np.prod(value_of(v).shape)) * value_of(v).dtype.itemsize
+               for v in flat_params(state).values())

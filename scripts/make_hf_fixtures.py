@@ -1,0 +1,97 @@
+"""Make tiny random-weight HF checkpoints and their reference logits.
+
+Runs HF transformers (PyTorch, float32, eager attention) as the independent
+reference; CI only reads what this writes under tests/data/hf_tiny/. Run with an
+environment that has torch and transformers:
+
+    python scripts/make_hf_fixtures.py [--out tests/data/hf_tiny]
+
+For each model: config.json + safetensors, and reference.npz holding, per
+prompt, the prompt ids, 16 greedily generated ids, and the float32 logits at
+every position of prompt + generation.
+"""
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+
+VOCAB = 256
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              max_position_embeddings=256, rms_norm_eps=1e-6, attn_implementation="eager")
+
+MODELS = {
+    # GQA (8 query heads over 2 KV heads), untied, saved in shards with an index.
+    "llama_gqa": (transformers.LlamaConfig, dict(
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)),
+    # MQA, tied embeddings, Llama-3.1 RoPE scaling with a short original context so it bites.
+    "llama31_tied": (transformers.LlamaConfig, dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16))),
+    # qkv bias, tied.
+    "qwen2_bias": (transformers.Qwen2Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    # q/k RMSNorm, head_dim (32) unlike hidden/heads (16), untied.
+    "qwen3_qknorm": (transformers.Qwen3Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    # sliding window shorter than the sequences.
+    "mistral_window": (transformers.MistralConfig, dict(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=False)),
+}
+PROMPT_LENS = (13, 21)
+DECODE_STEPS = 16
+
+
+def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=gen))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="tests/data/hf_tiny")
+    args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    torch.manual_seed(0)
+    for index, (name, (config_cls, extra)) in enumerate(MODELS.items()):
+        gen = torch.Generator().manual_seed(1000 + index)
+        config = config_cls(**COMMON, **extra)
+        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        randomize(model, gen)
+        model.eval()
+        target = out / name
+        target.mkdir(parents=True, exist_ok=True)
+        shard = dict(max_shard_size="100KB") if name == "llama_gqa" else {}
+        model.save_pretrained(target, **shard)
+        arrays = {}
+        for i, length in enumerate(PROMPT_LENS):
+            prompt = torch.randint(0, VOCAB, (1, length), generator=gen)
+            generated = prompt
+            with torch.no_grad():
+                # Plain greedy argmax (no generate(): its processors would bend EOS).
+                for _ in range(DECODE_STEPS):
+                    next_id = model(generated).logits[0, -1].argmax()
+                    generated = torch.cat([generated, next_id.view(1, 1)], dim=1)
+                logits = model(generated).logits[0].float().numpy()
+            arrays[f"prompt_{i}"] = prompt[0].numpy().astype(np.int32)
+            arrays[f"generated_{i}"] = generated[0, length:].numpy().astype(np.int32)
+            arrays[f"logits_{i}"] = logits.astype(np.float32)
+        np.savez_compressed(target / "reference.npz", **arrays)
+        (target / "reference.json").write_text(json.dumps(
+            {"transformers": transformers.__version__, "torch": torch.__version__,
+             "prompts": len(PROMPT_LENS), "decode_steps": DECODE_STEPS}, indent=1))
+        print(f"{name}: {sum(p.numel() for p in model.parameters())} params -> {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -314,10 +314,7 @@ def _byte_level_bpe(metadata: Mapping[str, object], tokens: list[str]) -> tokeni
                               f"(known: {', '.join(sorted(_PRE_TOKENIZERS))})")
     splits, ignore_merges = _PRE_TOKENIZERS[pre]
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    backend = tokenizers.Tokenizer(models.BPE(_first_ids(tokens), merges, ignore_merges=ignore_merges))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=bool(metadata.get("tokenizer.ggml.add_space_prefix", False)),
@@ -334,9 +331,7 @@ def _sentencepiece_bpe(metadata: Mapping[str, object], tokens: list[str], types:
         merges = _merges_from_scores(tokens, scores, types)
     else:
         raise CheckpointError("GGUF SentencePiece tokenizer has neither merges nor one score per token")
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
+    vocab = _first_ids(tokens)
     unk = metadata.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else ("<unk>" if "<unk>" in vocab else None)
     backend = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
@@ -353,10 +348,7 @@ def _sentencepiece_bpe(metadata: Mapping[str, object], tokens: list[str], types:
 def _merges_from_scores(tokens: list[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
     """BPE merges implied by a SentencePiece vocabulary: a token made of two tokens is a merge
     ranked by its score (higher first), the way SentencePiece picks the best-scoring pair."""
-    ids: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        if types[i] in (NORMAL, USER_DEFINED):
-            ids.setdefault(t, i)
+    ids = _first_ids(tokens, [ty in (NORMAL, USER_DEFINED) for ty in types])
     found = []
     for token, i in ids.items():
         for k in range(1, len(token)):
@@ -365,6 +357,15 @@ def _merges_from_scores(tokens: list[str], scores: Sequence[float], types: Seque
                 found.append((-scores[i], -len(left), -len(right), left, right))
     found.sort()
     return [(left, right) for *_, left, right in found]
+
+
+def _first_ids(tokens: list[str], keep: Sequence[bool] | None = None) -> dict[str, int]:
+    """token -> id; a token listed twice keeps its first id."""
+    ids: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if keep is None or keep[i]:
+            ids.setdefault(t, i)
+    return ids
 
 
 def _decode_scheme(backend: tokenizers.Tokenizer) -> tuple[str, bool, bool]:

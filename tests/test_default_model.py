@@ -1,0 +1,60 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against HF transformers
+loading the same GGUF: teacher-forced top-1 agreement and greedy continuations.
+
+Fixture: scripts/make_default_model_fixtures.py.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.text_generation import TextGenerator
+from tests.paged_runs import teacher_forced_logits
+
+pytestmark = pytest.mark.default_model
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir):
+    return json.loads((data_dir / "default_model_reference.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def smollm(default_model_path):
+    return TextGenerator.load(str(default_model_path), dtype="float32", progress=False)
+
+
+def test_prompts_tokenize_as_hf_does(smollm, reference):
+    for case in reference:
+        if case["kind"] == "chat":
+            ours = smollm.encode_prompt(case["messages"], chat=True)
+        else:
+            ours = smollm.encode_prompt(case["text"])
+        assert ours == case["ids"][:case["prompt_len"]], case["text"]
+
+
+def test_teacher_forced_top1_agrees_with_hf_transformers(smollm, reference):
+    prompts = [np.array(c["ids"][:c["prompt_len"]]) for c in reference]
+    continuations = [np.array(c["ids"][c["prompt_len"]:]) for c in reference]
+    generator = smollm.generator_for(prompts, [SamplingParams(max_tokens=40)] * len(prompts))
+    logits = teacher_forced_logits(generator.runner, prompts, continuations)
+    agree = total = 0
+    for case, ours in zip(reference, logits):
+        hf = np.array(case["argmax"])
+        assert ours.shape[0] == hf.shape[0]
+        agree += int((ours.argmax(-1) == hf).sum())
+        total += hf.shape[0]
+    assert total >= 300
+    print(f"teacher-forced top-1 agreement: {agree}/{total} = {agree / total:.4f}")
+    assert agree / total >= 0.995
+
+
+def test_greedy_continuations_equal_hf_for_most_prompts(smollm, reference):
+    prompts = [c["ids"][:c["prompt_len"]] for c in reference]
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    results = smollm.generate_ids(prompts, params)
+    same = sum(r.token_ids == c["ids"][c["prompt_len"]:] for r, c in zip(results, reference))
+    print(f"identical greedy continuations: {same}/{len(reference)}")
+    assert same >= 0.75 * len(reference)

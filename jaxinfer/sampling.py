@@ -75,6 +75,12 @@ class SamplingArrays:
 def sample(logits: jax.Array, params: SamplingArrays, positions: jax.Array) -> jax.Array:
     """logits: [S, V] float32; positions: [S] position of the token being sampled -> [S] int32."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The vocabulary sort is skipped on device when every row is greedy.
+    return jax.lax.cond(jnp.any(params.temperature > 0),
+                        lambda: _sample(logits, params, positions, greedy), lambda: greedy)
+
+
+def _sample(logits, params: SamplingArrays, positions, greedy) -> jax.Array:
     vocab = logits.shape[-1]
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
     scaled = logits / temperature[:, None]

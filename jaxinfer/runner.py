@@ -37,7 +37,7 @@ class ModelRunner:
             num_layers=cfg.num_layers, num_pages=num_pages, page_size=page_size,
             entries=family(cfg).cache_entries(cfg), dtype=jnp.dtype(dtype))
         self.cache = kv_cache.allocate(self.cache_spec, mesh)
-        self._replicated = sharding.replicated(mesh)
+        self.replicated = sharding.replicated(mesh)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self.compiled_shapes: set[tuple] = set()
 
@@ -53,7 +53,7 @@ class ModelRunner:
         self.compiled_shapes.add((batch.num_tokens, batch.num_seqs, batch.page_table.shape[1],
                                   batch.max_q_len, batch.logits_indices.shape[0]))
         batch, sampling, sample_positions = jax.device_put(
-            (batch, sampling, sample_positions), self._replicated)
+            (batch, sampling, sample_positions), self.replicated)
         tokens, logits, self.cache = self._step(self.state, self.cache, batch, sampling,
                                                 sample_positions)
         return tokens, logits

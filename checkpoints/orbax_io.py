@@ -13,7 +13,6 @@ import json
 import pathlib
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -66,8 +65,7 @@ def restore(directory: str | pathlib.Path, mesh: Mesh, dtype=None
     """Restore params with every array placed as the sharding rules say for `mesh`."""
     directory = pathlib.Path(directory).absolute()
     cfg, saved_dtype = read_meta(directory)
-    graphdef, abstract = params_lib.abstract_model(cfg, np.dtype(saved_dtype) if saved_dtype != "bfloat16"
-                                                   else jax.numpy.bfloat16)
+    graphdef, abstract = params_lib.abstract_model(cfg, jax.numpy.dtype(saved_dtype))
     shardings = params_lib.param_shardings(abstract, mesh)
     flat = params_lib.flat_params(abstract)
     target = {_key(p): jax.ShapeDtypeStruct(value_of(v).shape, value_of(v).dtype, sharding=shardings[p])

@@ -101,7 +101,8 @@ class Generator:
         n = len(rows)
         seeds = [r.params.seed if r.params.seed is not None else secrets.randbits(63) for r in rows]
         # At least 2 rows: a lone decode row ran its step at 16 ms on an H100 where 2 rows
-        # took 7 ms (Llama-3-8B shape, XLA 0.11); a padding row costs nothing.
+        # took 7 ms (Llama-3-8B shape, JAX 0.11.2; scripts/probe_decode_rows.py); a padding
+        # row costs nothing.
         num_rows = next_bucket(n, minimum=2)
         sampling = SamplingArrays.from_params([r.params for r in rows], seeds, num_rows)
         tables = [r.pages for r in rows]

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer import sharding
@@ -106,9 +105,3 @@ class PageAllocator:
 def pages_needed(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
-
-def page_table_array(tables: list[list[int]], width: int) -> np.ndarray:
-    out = np.full((len(tables), width), NULL_PAGE, np.int32)
-    for i, t in enumerate(tables):
-        out[i, :len(t)] = t
-    return out

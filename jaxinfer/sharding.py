@@ -11,7 +11,6 @@ log, since it costs memory.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -88,7 +87,3 @@ def named_sharding(logical_axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> Name
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
-
-def bytes_per_device(shape: Sequence[int], dtype, sharding: NamedSharding) -> int:
-    shard = sharding.shard_shape(tuple(shape))
-    return math.prod(shard) * np.dtype(dtype).itemsize

@@ -104,8 +104,8 @@ def main():
 
     print()
     print(f"prompt {args.prompt_len} tokens, {args.decode_tokens} generated, dtype {args.dtype or default_dtype_name()}")
-    print(f"| batch | prefill tok/s | decode tok/s | decode step ms | decode HBM roofline |")
-    print(f"|---:|---:|---:|---:|---:|")
+    print("| batch | prefill tok/s | decode tok/s | decode step ms | decode HBM roofline |")
+    print("|---:|---:|---:|---:|---:|")
     for batch, prefill, decode, ms, frac in rows:
         print(f"| {batch} | {prefill:,.0f} | {decode:,.1f} | {ms:.2f} | {frac:.1%} |")
     print(f"\ncommand: python {' '.join(sys.argv)}")

@@ -76,7 +76,7 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh,
                                   f"{tuple(array.shape)}, the config implies {tuple(expected)}")
         host = np.asarray(array)
         if host.dtype != np.dtype(dtype):
-            host = host.astype(np.float32).astype(dtype) if host.dtype != np.float32 else host.astype(dtype)
+            host = host.astype(dtype)
         values[path] = jax.device_put(host, shardings[path])
     missing = [".".join(map(str, p)) for p in flat if p not in values]
     if missing:

@@ -39,7 +39,6 @@ class ModelRunner:
         self.cache = kv_cache.allocate(self.cache_spec, mesh)
         self.replicated = sharding.replicated(mesh)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
-        self.compiled_shapes: set[tuple] = set()
 
     def _step_fn(self, state, cache, batch: Batch, sampling: SamplingArrays, sample_positions):
         model = nnx.merge(self.graphdef, state)
@@ -50,8 +49,6 @@ class ModelRunner:
     def step(self, batch: Batch, sampling: SamplingArrays, sample_positions
              ) -> tuple[jax.Array, jax.Array]:
         """Run one step; returns (sampled tokens [N], float32 logits [N, V]) as device arrays."""
-        self.compiled_shapes.add((batch.num_tokens, batch.num_seqs, batch.page_table.shape[1],
-                                  batch.max_q_len, batch.logits_indices.shape[0]))
         batch, sampling, sample_positions = jax.device_put(
             (batch, sampling, sample_positions), self.replicated)
         tokens, logits, self.cache = self._step(self.state, self.cache, batch, sampling,

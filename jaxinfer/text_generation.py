@@ -95,5 +95,4 @@ class TextGenerator:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         generator = self.generator_for(prompts, params)
-        checked = [generator.validate_prompt(p, i) for i, p in enumerate(prompts)]
-        return generator.generate(checked, params, on_token)
+        return generator.generate(prompts, params, on_token)  # validates the prompts

@@ -35,20 +35,21 @@ for R in (1, 2, 4, 8, 16):
     synced = (time.perf_counter() - t0) / 10
     print(f"rows {R}: step {pipelined*1e3:.2f} ms pipelined, {synced*1e3:.2f} ms synced", flush=True)
 
-for R in (1, 8):
-    x = jnp.ones((R, 4096), jnp.bfloat16); w = jnp.ones((4096, 14336), jnp.bfloat16) * 0.01
-    f = jax.jit(lambda x, w: x @ w)
+
+
+def bandwidth(label, f, x, w):
     f(x, w).block_until_ready()
     t0 = time.perf_counter()
-    for _ in range(50): y = f(x, w)
+    for _ in range(50):
+        y = f(x, w)
     y.block_until_ready()
     dt = (time.perf_counter() - t0) / 50
-    print(f"matmul [{R},4096]x[4096,14336]: {dt*1e6:.0f} us = {w.nbytes/dt/1e9:.0f} GB/s", flush=True)
-    w3 = w.reshape(4096, 112, 128)
-    f3 = jax.jit(lambda x, w: jnp.einsum("te,ehd->thd", x, w))
-    f3(x, w3).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(50): y = f3(x, w3)
-    y.block_until_ready()
-    dt = (time.perf_counter() - t0) / 50
-    print(f"einsum te,ehd [{R}]: {dt*1e6:.0f} us = {w.nbytes/dt/1e9:.0f} GB/s", flush=True)
+    print(f"{label}: {dt*1e6:.0f} us = {w.nbytes/dt/1e9:.0f} GB/s", flush=True)
+
+
+for R in (1, 8):
+    x = jnp.ones((R, 4096), jnp.bfloat16)
+    w = jnp.ones((4096, 14336), jnp.bfloat16) * 0.01
+    bandwidth(f"matmul [{R},4096]x[4096,14336]", jax.jit(lambda x, w: x @ w), x, w)
+    bandwidth(f"einsum te,ehd [{R}]", jax.jit(lambda x, w: jnp.einsum("te,ehd->thd", x, w)), x,
+              w.reshape(4096, 112, 128))

@@ -1,33 +1,93 @@
-"""The device batch: one ragged step's worth of tokens, packed into fixed shapes.
+"""The device batch: one step's worth of work, packed into a fixed, bucketed shape.
 
-Tokens of all sequences in a step are packed back to back ([T], padded to a
-bucket); sequence `s` owns tokens `cu_q_lens[s]:cu_q_lens[s+1]`, which are its
-last `q_len` positions out of `kv_lens[s]`. Rows past the real sequences have
-q_len = kv_len = 0, and padding tokens (index >= cu_q_lens[-1]) write their K/V
-into page 0, which the page allocator never hands out.
+A step mixes two kinds of work, each in its own region of the packed tokens:
+
+    tokens [0, D)        decode region: one token per decode sequence (row i is
+                         sequence i); rows past the real ones are padding
+    tokens [D, D + Tp)   prefill region: chunks of prompts packed back to back
+
+Sequences follow the same order: `D` decode sequences, then up to `M` prefill
+sequences. Every array is ragged in the usual way: sequence `s` owns tokens
+`cu_q_lens[s]:cu_q_lens[s+1]`, its last `q_len` positions out of `kv_lens[s]`.
+Padding decode rows own one token with kv_len 1 over the null page; padding
+prefill sequences own nothing. Padding tokens write their K/V into page 0,
+which the page allocator never hands out.
+
+For attention without a kernel, the prefill region is also cut into query
+blocks of `block_q` tokens that each belong to one sequence (`block_tokens`,
+`block_seq`), so a short prompt next to a long one does not pay for the long
+one's query length.
+
+Logits are computed only at `logits_indices` (R rows): one per decode row,
+then the prefill rows (a completed prompt's last token, and prompt tokens whose
+logprobs were asked for). A token may also be fed from the previous step's
+sampled tokens on the device (`feed_index`), so the host can schedule step N+1
+before it has read step N's output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 NULL_PAGE = 0  # scratch page for padding writes; never allocated to a sequence
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class BatchShape:
+    """One compiled shape. Every array size of a Batch follows from these numbers."""
+
+    decode_rows: int  # D >= 1
+    prefill_tokens: int  # Tp: 0 (decode only) or a multiple of block_q
+    block_q: int  # prefill query block
+    pages_per_seq: int  # P: page-table width, fixed by the longest context
+    prompt_logprob_rows: int = 0  # most prefill logit rows beyond one per completed prompt
+
+    @property
+    def prefill_seqs(self) -> int:  # M: most prefill sequences in one step
+        return self.prefill_tokens // self.block_q
+
+    @property
+    def num_blocks(self) -> int:  # M sequences of Tp tokens fit in Tp/Bq + M blocks
+        return 2 * self.prefill_seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return self.decode_rows + self.prefill_tokens
+
+    @property
+    def num_seqs(self) -> int:
+        return self.decode_rows + self.prefill_seqs
+
+    @property
+    def prefill_rows(self) -> int:
+        if not self.prefill_tokens:
+            return 0
+        return self.prefill_seqs + min(self.prefill_tokens, self.prompt_logprob_rows)
+
+    @property
+    def num_rows(self) -> int:
+        return self.decode_rows + self.prefill_rows
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    tokens: jax.Array  # [T] int32 token ids
+    tokens: jax.Array  # [T] int32 token ids (where feed_index < 0)
+    feed_index: jax.Array  # [T] int32 row of the previous step's sampled tokens to feed, or -1
     positions: jax.Array  # [T] int32 absolute position of each token in its sequence
-    cu_q_lens: jax.Array  # [S + 1] int32 start of each sequence's tokens in `tokens`
+    slots: jax.Array  # [T] int32 flat cache slot (page * page_size + offset) for the token's K/V
+    cu_q_lens: jax.Array  # [S + 1] int32 start of each sequence's tokens
     kv_lens: jax.Array  # [S] int32 context length of each sequence including this step
     page_table: jax.Array  # [S, P] int32 page ids of each sequence, in order
-    logits_indices: jax.Array  # [N] int32 tokens whose logits (and samples) are wanted
-    max_q_len: int = dataclasses.field(metadata=dict(static=True))  # bucketed max q_len
+    block_tokens: jax.Array  # [NB, Bq] int32 prefill token index of each query-block slot, T = none
+    block_seq: jax.Array  # [NB] int32 sequence of each query block (a padding block: any)
+    logits_indices: jax.Array  # [R] int32 tokens whose logits are wanted
+    decode_rows: int = dataclasses.field(metadata=dict(static=True))  # D
+    max_q_len: int = dataclasses.field(metadata=dict(static=True))  # bound on any q_len
 
     @property
     def num_tokens(self) -> int:
@@ -38,55 +98,93 @@ class Batch:
         return self.kv_lens.shape[0]
 
 
-def slot_mapping(batch: Batch, page_size: int) -> jax.Array:
-    """Flat cache slot (page * page_size + offset) for each token: [T] int32."""
-    num_tokens = batch.tokens.shape[0]
-    token_index = jnp.arange(num_tokens)
-    seq = jnp.searchsorted(batch.cu_q_lens, token_index, side="right") - 1
-    seq = jnp.clip(seq, 0, batch.num_seqs - 1)
-    page = batch.page_table[seq, batch.positions // page_size]
-    slots = page * page_size + batch.positions % page_size
-    real = token_index < batch.cu_q_lens[-1]
-    return jnp.where(real, slots, NULL_PAGE * page_size)
+@dataclasses.dataclass
+class SeqWork:
+    """One sequence's part of a step: tokens for positions start, start+1, ..."""
+
+    token_ids: Sequence[int]  # host-known ids; the entry at `feed_row`'s position is ignored
+    start: int  # position of token_ids[0]
+    pages: Sequence[int]  # the sequence's page table (covering start + len(token_ids) positions)
+    feed_row: int = -1  # >= 0: the last token comes from this row of the previous step's samples
+    logit_offsets: Sequence[int] = ()  # offsets into token_ids whose logits are wanted, in order
 
 
 def next_bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum): the shapes we compile for."""
+    """Smallest power of two >= max(n, minimum)."""
     n = max(int(n), minimum, 1)
     return 1 << (n - 1).bit_length()
 
 
-def pack_batch(seq_tokens: list[np.ndarray], start_positions: list[int],
-               page_tables: list[list[int]], *, all_logits: bool = False,
-               min_tokens: int = 16, min_seqs: int = 1) -> Batch:
-    """Pack sequences' new tokens into one bucketed numpy-backed Batch.
-
-    seq_tokens[s]: the tokens sequence s feeds this step, at positions
-    start_positions[s] onward. Logits are taken at each sequence's last token,
-    or at every real token with `all_logits`.
-    """
-    q_lens = np.array([len(t) for t in seq_tokens], np.int32)
-    num_real = int(q_lens.sum())
-    T = next_bucket(num_real, min_tokens)
-    S = next_bucket(len(seq_tokens), min_seqs)
-    P = next_bucket(max(len(p) for p in page_tables))
+def build(shape: BatchShape, decode: Sequence[SeqWork], prefill: Sequence[SeqWork],
+          page_size: int) -> tuple[Batch, list[list[int]]]:
+    """Pack one step. Returns the numpy-backed Batch and, per work item (decode
+    first, then prefill), the logits rows of its `logit_offsets`."""
+    D, Tp, Bq, P = shape.decode_rows, shape.prefill_tokens, shape.block_q, shape.pages_per_seq
+    T, S, NB, R = shape.num_tokens, shape.num_seqs, shape.num_blocks, shape.num_rows
+    if len(decode) > D or len(prefill) > shape.prefill_seqs:
+        raise ValueError(f"{len(decode)} decode / {len(prefill)} prefill sequences do not fit {shape}")
     tokens = np.zeros(T, np.int32)
+    feed = np.full(T, -1, np.int32)
     positions = np.zeros(T, np.int32)
     cu = np.zeros(S + 1, np.int32)
-    cu[1:len(q_lens) + 1] = np.cumsum(q_lens)
-    cu[len(q_lens) + 1:] = num_real
     kv_lens = np.zeros(S, np.int32)
     table = np.full((S, P), NULL_PAGE, np.int32)
-    for s, (toks, start, pages) in enumerate(zip(seq_tokens, start_positions, page_tables)):
-        tokens[cu[s]:cu[s + 1]] = toks
-        positions[cu[s]:cu[s + 1]] = np.arange(start, start + len(toks))
-        kv_lens[s] = start + len(toks)
-        table[s, :len(pages)] = pages
-    if all_logits:
-        logits_indices = np.arange(T, dtype=np.int32)  # padding rows are ignored
-    else:
-        logits_indices = np.zeros(S, np.int32)
-        logits_indices[:len(q_lens)] = cu[1:len(q_lens) + 1] - 1
-    return Batch(tokens=tokens, positions=positions, cu_q_lens=cu, kv_lens=kv_lens,
-                 page_table=table, logits_indices=logits_indices,
-                 max_q_len=min(T, next_bucket(int(q_lens.max()))))
+    block_tokens = np.full((NB, Bq), T, np.int32)
+    block_seq = np.zeros(NB, np.int32)
+    logits = np.zeros(R, np.int32)
+    rows: list[list[int]] = []
+
+    # Decode region: every row owns one token; padding rows attend to slot 0 of the null page.
+    cu[1:D + 1] = np.arange(1, D + 1)
+    kv_lens[:D] = 1
+    logits[:D] = np.arange(D)
+    for i, w in enumerate(decode):
+        if len(w.token_ids) != 1:
+            raise ValueError("a decode sequence feeds exactly one token")
+        tokens[i] = w.token_ids[0]
+        feed[i] = w.feed_row
+        positions[i] = w.start
+        kv_lens[i] = w.start + 1
+        table[i, :len(w.pages)] = w.pages
+        rows.append([i] if w.logit_offsets else [])
+
+    # Prefill region.
+    t, b, r = D, 0, D
+    for j, w in enumerate(prefill):
+        s = D + j
+        n = len(w.token_ids)
+        tokens[t:t + n] = w.token_ids
+        if w.feed_row >= 0:
+            feed[t + n - 1] = w.feed_row
+        positions[t:t + n] = np.arange(w.start, w.start + n)
+        kv_lens[s] = w.start + n
+        table[s, :len(w.pages)] = w.pages
+        cu[s + 1] = t + n
+        for first in range(0, n, Bq):
+            size = min(Bq, n - first)
+            block_tokens[b, :size] = np.arange(t + first, t + first + size)
+            block_seq[b] = s
+            b += 1
+        seq_rows = list(range(r, r + len(w.logit_offsets)))
+        logits[r:r + len(w.logit_offsets)] = [t + o for o in w.logit_offsets]
+        r += len(w.logit_offsets)
+        rows.append(seq_rows)
+        t += n
+    if t > T or b > NB or r > R:
+        raise ValueError(f"prefill work ({t - D} tokens, {b} blocks, {r - D} rows) does not fit {shape}")
+    cu[D + len(prefill) + 1:] = t
+
+    # Slots: padding tokens (and the padding decode rows) write into the null page.
+    slots = np.zeros(T, np.int32)
+    for s in range(len(decode)):
+        slots[s] = table[s, positions[s] // page_size] * page_size + positions[s] % page_size
+    for j in range(len(prefill)):
+        s = D + j
+        lo, hi = cu[s], cu[s + 1]
+        pos = positions[lo:hi]
+        slots[lo:hi] = table[s, pos // page_size] * page_size + pos % page_size
+
+    batch = Batch(tokens=tokens, feed_index=feed, positions=positions, slots=slots, cu_q_lens=cu,
+                  kv_lens=kv_lens, page_table=table, block_tokens=block_tokens, block_seq=block_seq,
+                  logits_indices=logits, decode_rows=D, max_q_len=max(1, Tp))
+    return batch, rows

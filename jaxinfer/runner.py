@@ -1,17 +1,21 @@
-"""The model runner: device state (params, KV pages) and the one jitted step.
+"""The model runner: device state and the jitted functions that change it.
 
-`step` runs the model over a packed ragged batch, writes the new K/V into the
-pages, and samples a token at each requested position; everything is one
-compiled function per bucketed shape, with the KV cache donated so it is
-updated in place.
+Device state: the params, the KV pages, the penalty state (token counts per
+running sequence) and the previous step's sampled tokens. `step` runs the
+model over one packed Batch, writes the new K/V into the pages, and samples a
+token per logits row; it is one compiled function per BatchShape, with the
+state donated so it is updated in place. The runner decides nothing: the
+scheduler says what runs, the engine packs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -19,38 +23,88 @@ from jaxinfer import kv_cache, sharding
 from jaxinfer.batch import Batch
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import family
-from jaxinfer.sampling import SamplingArrays, sample
+from jaxinfer.sampling import MAX_LOGPROBS, PenaltyState, SampleOutput, SamplingArrays, reset_slot, sample
 
 log = logging.getLogger(__name__)
+
+COPY_WIDTH = 8  # page copies per copy_pages call (padded with null-page copies)
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh, *,
-                 num_pages: int, page_size: int = 16, cache_dtype=None):
+                 num_pages: int, page_size: int = 16, cache_dtype=None, max_rows: int = 1024,
+                 penalty_slots: int = 1, max_model_len: int | None = None):
         self.cfg = cfg
         self.graphdef = graphdef
         self.state = state
         self.mesh = mesh
         self.page_size = page_size
+        self.max_rows = max_rows
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
         dtype = cache_dtype or next(iter(jax.tree.leaves(state))).dtype
         self.cache_spec = kv_cache.CacheSpec(
             num_layers=cfg.num_layers, num_pages=num_pages, page_size=page_size,
             entries=family(cfg).cache_entries(cfg), dtype=jnp.dtype(dtype))
         self.cache = kv_cache.allocate(self.cache_spec, mesh)
         self.replicated = sharding.replicated(mesh)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self.penalty = jax.device_put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
+        self.sampled = jax.device_put(np.zeros(max_rows, np.int32), self.replicated)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2, 3))
+        self._logits = jax.jit(self._logits_fn, donate_argnums=(1,))
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
+        self._reset = jax.jit(reset_slot, donate_argnums=(0,))
 
-    def _step_fn(self, state, cache, batch: Batch, sampling: SamplingArrays, sample_positions):
+    def _forward(self, state, cache, batch: Batch, sampled):
+        # Tokens sampled by the previous step feed this one without a trip through the host.
+        tokens = jnp.where(batch.feed_index >= 0, sampled[jnp.maximum(batch.feed_index, 0)], batch.tokens)
         model = nnx.merge(self.graphdef, state)
-        logits, cache = model(batch, cache)
-        tokens = sample(logits, sampling, sample_positions)
-        return tokens, logits, cache
+        return model(dataclasses.replace(batch, tokens=tokens), cache)
 
-    def step(self, batch: Batch, sampling: SamplingArrays, sample_positions
-             ) -> tuple[jax.Array, jax.Array]:
-        """Run one step; returns (sampled tokens [N], float32 logits [N, V]) as device arrays."""
-        batch, sampling, sample_positions = jax.device_put(
-            (batch, sampling, sample_positions), self.replicated)
-        tokens, logits, self.cache = self._step(self.state, self.cache, batch, sampling,
-                                                sample_positions)
-        return tokens, logits
+    def _step_fn(self, state, cache, penalty, sampled, batch: Batch, sampling: SamplingArrays):
+        logits, cache = self._forward(state, cache, batch, sampled)
+        out, penalty = sample(logits, sampling, penalty, num_top=MAX_LOGPROBS)
+        sampled = jnp.zeros_like(sampled).at[:out.tokens.shape[0]].set(out.tokens)
+        return out, cache, penalty, sampled
+
+    def _logits_fn(self, state, cache, batch: Batch, sampled):
+        return self._forward(state, cache, batch, sampled)
+
+    def _put(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+    def step(self, batch: Batch, sampling: SamplingArrays) -> SampleOutput:
+        """Run one step (asynchronously); returns the device-side samples."""
+        if batch.logits_indices.shape[0] > self.max_rows:
+            raise ValueError(f"{batch.logits_indices.shape[0]} logits rows > max_rows {self.max_rows}")
+        batch, sampling = self._put((batch, sampling))
+        out, self.cache, self.penalty, self.sampled = self._step(
+            self.state, self.cache, self.penalty, self.sampled, batch, sampling)
+        return out
+
+    def logits(self, batch: Batch) -> jax.Array:
+        """Float32 logits [R, V] at batch.logits_indices, writing the batch's K/V (no sampling)."""
+        logits, self.cache = self._logits(self.state, self.cache, self._put(batch), self.sampled)
+        return logits
+
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole KV pages src -> dst (copy-on-write forks), in order."""
+        for i in range(0, len(pairs), COPY_WIDTH):
+            chunk = pairs[i:i + COPY_WIDTH]
+            src = np.zeros(COPY_WIDTH, np.int32)
+            dst = np.zeros(COPY_WIDTH, np.int32)
+            src[:len(chunk)] = [p[0] for p in chunk]
+            dst[:len(chunk)] = [p[1] for p in chunk]
+            self.cache = self._copy(self.cache, *self._put((src, dst)))
+
+    def reset_penalty_slot(self, slot: int, tokens: list[int], prompt_len: int) -> None:
+        """Start a sequence's penalty counts: its prompt (and any output it already has)."""
+        ids = np.full(self.max_model_len, -1, np.int32)
+        ids[:len(tokens)] = tokens
+        is_output = np.arange(self.max_model_len) >= prompt_len
+        self.penalty = self._reset(self.penalty, *self._put((np.int32(slot), ids, is_output)))
+
+
+def _copy_pages(cache: kv_cache.KVCache, src: jax.Array, dst: jax.Array) -> kv_cache.KVCache:
+    # Padding pairs copy the null page onto itself. Sequential pairs never chain (a fork
+    # copies from its parent's page into fresh pages), so one gather/scatter is exact.
+    return jax.tree.map(lambda pages: pages.at[dst].set(pages[src]), cache)

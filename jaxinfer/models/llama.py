@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxinfer import kv_cache
 from jaxinfer.attention import paged_attention
-from jaxinfer.batch import Batch, slot_mapping
+from jaxinfer.batch import Batch
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import RMSNorm, apply_rope, param, rope_inv_freq
 
@@ -101,8 +101,7 @@ class Model(nnx.Module):
 
     def __call__(self, batch: Batch, cache: kv_cache.KVCache) -> tuple[jax.Array, kv_cache.KVCache]:
         """Run one ragged step. Returns float32 logits [N, V] at batch.logits_indices."""
-        page_size = cache[0]["k"].shape[1]
-        slots = slot_mapping(batch, page_size)
+        slots = batch.slots
         x = self.embed[...][batch.tokens]
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):

@@ -1,0 +1,233 @@
+"""The offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`.
+
+Names follow vLLM where they overlap, so scripts move over without relearning:
+
+    from jaxinfer import LLM, SamplingParams
+    llm = LLM()  # the default model
+    for out in llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32)):
+        print(out.outputs[0].text)
+
+A prompt is text, a list of token ids, or a dict with one of `prompt`,
+`prompt_token_ids` or `messages` (a chat, rendered with the model's template).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from checkpoints import loader
+from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.errors import InputError
+from jaxinfer.outputs import RequestOutput
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.sharding import make_mesh
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+PromptType = str | Sequence[int] | Mapping[str, object]
+
+
+def default_dtype_name() -> str:
+    """bfloat16 on accelerators; float32 on the CPU, where bf16 matmuls are slow."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str | None = None,
+                 tensor_parallel_size: int = 1, warmup: bool = True, progress: bool = True,
+                 **engine_config):
+        """Load `model` (GGUF file, HF directory or jaxinfer checkpoint; None: the default
+        model) and start an engine. Extra keywords are EngineConfig fields
+        (max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, ...)."""
+        dtype_name = dtype or default_dtype_name()
+        if dtype_name not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+        mesh = make_mesh(tensor=tensor_parallel_size)
+        loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress)
+        self._init(loaded, mesh, EngineConfig(**engine_config), warmup, progress)
+
+    @classmethod
+    def from_loaded(cls, loaded: loader.LoadedModel, mesh=None, *, warmup: bool = True,
+                    progress: bool = False, **engine_config) -> "LLM":
+        """An LLM over an already loaded model (tests, benchmarks with dummy weights)."""
+        self = cls.__new__(cls)
+        self._init(loaded, mesh or make_mesh(), EngineConfig(**engine_config), warmup, progress)
+        return self
+
+    def _init(self, loaded, mesh, config: EngineConfig, warmup: bool, progress: bool) -> None:
+        self.model = loaded
+        self.tokenizer = loaded.tokenizer
+        self.engine = Engine(loaded, mesh, config)
+        self._ids = itertools.count()
+        if warmup:
+            self.engine.warmup(progress=progress)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ---- prompts ------------------------------------------------------------------------------
+
+    def encode(self, prompt: PromptType) -> tuple[list[int], str | None]:
+        """Token ids (and text, if any) of one prompt in any accepted form."""
+        if isinstance(prompt, str):
+            return self._encode_text(prompt), prompt
+        if isinstance(prompt, Mapping):
+            keys = set(prompt) & {"prompt", "prompt_token_ids", "messages"}
+            if len(keys) != 1:
+                raise InputError("a prompt dict needs exactly one of 'prompt', 'prompt_token_ids' "
+                                 f"or 'messages', got keys {sorted(prompt)}")
+            key = keys.pop()
+            if key == "prompt":
+                if not isinstance(prompt["prompt"], str):
+                    raise InputError("'prompt' must be a string")
+                return self._encode_text(prompt["prompt"]), prompt["prompt"]
+            if key == "messages":
+                return self._encode_chat(prompt["messages"])
+            return self.engine.check_prompt(prompt["prompt_token_ids"]), None
+        if isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
+            return self.engine.check_prompt(prompt), None
+        raise InputError(f"a prompt must be text, token ids or a dict, got {type(prompt).__name__}")
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError(f"{self.model.source} has no tokenizer: pass token ids instead of text")
+        return self.tokenizer
+
+    def _encode_text(self, text: str) -> list[int]:
+        if not text:
+            raise InputError("the prompt is empty")
+        return self._need_tokenizer().encode(text)
+
+    def _encode_chat(self, messages) -> tuple[list[int], str]:
+        tok = self._need_tokenizer()
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        # The template already holds any BOS/special tokens it wants.
+        return tok.encode(text, add_special_tokens=False), text
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in the order of the prompts.
+
+        Every prompt is checked before anything runs: a bad one raises InputError naming
+        its index, and nothing is generated."""
+        prompts = _as_list(prompts)
+        params = self._params_for(prompts, sampling_params)
+        if priority is not None and len(priority) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(priority)} priorities")
+        encoded = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                ids, text = self.encode(prompt)
+                self.engine.check_request(ids, p)
+            except InputError as e:
+                raise InputError(f"prompt {i}: {e}") from None
+            encoded.append((ids, text))
+        requests = [(ids, text, p, 0 if priority is None else priority[i])
+                    for i, ((ids, text), p) in enumerate(zip(encoded, params))]
+        return self._run(requests, use_tqdm)
+
+    def chat(self, messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them."""
+        if messages and isinstance(messages[0], Mapping):
+            messages = [messages]
+        return self.generate([{"messages": m} for m in messages], sampling_params, use_tqdm=use_tqdm)
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield one request's output (cumulative) each time it has new tokens."""
+        ids, text = self.encode(prompt)
+        params = sampling_params or SamplingParams()
+        engine = self.engine
+        request_id = f"stream-{next(self._ids)}"
+        engine.add_request(request_id, ids, params, prompt=text, stream=True)
+        try:
+            while True:
+                for out in engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            engine.abort(request_id)
+            while engine.has_unfinished() and not engine.requests:
+                engine.step()  # drain the step in flight
+
+    def _params_for(self, prompts, sampling_params) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * len(prompts)
+        params = list(sampling_params)
+        if len(params) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise InputError(f"sampling parameters {i} must be SamplingParams, got {type(p).__name__}")
+        return params
+
+    def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        engine = self.engine
+        # Keep the waiting queue short: a million prompts are fed as room appears.
+        window = 4 * engine.config.max_num_seqs
+        order: dict[str, int] = {}
+        results: list[RequestOutput | None] = [None] * len(requests)
+        pending = iter(enumerate(requests))
+        bar = tqdm(total=len(requests), desc="generating", unit="req", disable=not use_tqdm)
+        out_tokens = 0
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and engine.num_waiting < window:
+                    nxt = next(pending, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    i, (ids, text, p, prio) = nxt
+                    request_id = f"{next(self._ids)}"
+                    order[request_id] = i
+                    engine.add_request(request_id, ids, p, prompt=text, priority=prio)
+                if exhausted and not engine.has_unfinished():
+                    break
+                for out in engine.step():
+                    if not out.finished or out.request_id not in order:
+                        continue
+                    results[order.pop(out.request_id)] = out
+                    out_tokens += sum(len(o.token_ids) for o in out.outputs)
+                    bar.update(1)
+                    bar.set_postfix(out_tok=out_tokens, refresh=False)
+        except BaseException:
+            for request_id in list(order):
+                engine.abort(request_id)
+            while engine.has_unfinished() and not engine.requests:
+                engine.step()
+            raise
+        finally:
+            bar.close()
+        return results
+
+
+def _as_list(prompts) -> list:
+    """One prompt or a list of them."""
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompts):
+        return [prompts]  # one prompt of token ids
+    if not isinstance(prompts, Sequence):
+        raise InputError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
+    return list(prompts)

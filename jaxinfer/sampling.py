@@ -1,14 +1,36 @@
-"""Token sampling on the device, with per-row parameters.
+"""Per-request token sampling on the device, for a continuous-batching engine.
 
-Each row carries its own temperature, top-k, top-p and seed. A row's random
-stream is keyed by (seed, position of the token being sampled), so a seeded
-request samples the same tokens whatever else shares its batch.
+Host side: `SamplingParams` (one request's settings, vLLM's field names and
+defaults) and `SamplingArrays.from_rows`, which packs one `Row` per logits row
+into numpy arrays every step.
+
+Device side: `sample` runs under `jax.jit` and processes each row as vLLM does:
+
+  1. penalties (repetition on prompt and output tokens, frequency, presence),
+     from a `PenaltyState` that lives on the device across steps;
+  2. banned token ids -> -inf (the engine bans EOS and stop ids before
+     min_tokens);
+  3. greedy rows (temperature 0) take the argmax;
+  4. sampled rows: temperature, min_p, top_k, top_p, then a categorical draw.
+
+Logprobs are always the raw log-softmax of the unprocessed logits (vLLM's
+default). Work nobody in the batch needs (penalties, the random branch, the
+vocabulary sort, top-n logprobs) is skipped with `lax.cond`.
+
+A row's result depends only on that row's inputs, never on its batch-mates or
+its row index: its random stream is keyed by (seed, position of the token being
+sampled), and every skipped branch is an exact no-op for rows that do not use
+it. That is what keeps seeded requests reproducible under continuous batching.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import numbers
+import secrets
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,90 +38,434 @@ import numpy as np
 
 from jaxinfer.errors import InputError
 
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+# Temperatures below this sample greedily (as in vLLM): dividing logits by them
+# overflows float32.
+GREEDY_TEMPERATURE = 1e-5
+_U64 = 2**64 - 1
+
+
+# ----------------------------------------------------------------------------
+# Host side: one request's parameters.
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. temperature 0 means greedy."""
+    """How to pick tokens for one request; vLLM's field names and defaults.
 
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0  # 0: no top-k cut
+    temperature 0 is greedy; top_k 0 (or -1, stored as 0) and top_p 1 disable
+    those cuts; max_tokens None means as many as the context allows. `stop` and
+    `stop_token_ids` are stored as tuples. Invalid values raise `InputError`
+    naming every problem at once.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | None = None  # None: a fresh random seed per request
-    stop_token_ids: tuple[int, ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | Sequence[str] | None = None
+    stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # top-n logprobs of each sampled token
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
-        problems = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            problems.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _finite(self.temperature) or self.temperature < 0:
-            problems.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            problems.append(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            problems.append(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        problems: list[str] = []
+
+        def set_(name, value):  # normalize a field of this frozen instance
+            object.__setattr__(self, name, value)
+
+        def real(name, ok, requirement):
+            value = getattr(self, name)
+            if _real(value) and math.isfinite(value) and ok(value):
+                set_(name, float(value))
+            else:
+                problems.append(f"{name} must be {requirement}, got {value!r}")
+
+        def integer(name, ok, requirement, optional=False):
+            value = getattr(self, name)
+            if optional and value is None:
+                return True
+            if _int(value) and ok(value):
+                set_(name, int(value))
+                return True
+            problems.append(f"{name} must be {requirement}, got {value!r}")
+            return False
+
+        integer("n", lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]")
+        real("temperature", lambda v: v >= 0, "a finite number >= 0")
+        real("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        if integer("top_k", lambda v: v >= -1, "an integer >= 0, or -1 or 0 to disable it"):
+            set_("top_k", max(self.top_k, 0))
+        real("min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        integer("seed", lambda v: -2**63 <= v < 2**64, "None or an integer in [-2**63, 2**64)",
+                optional=True)
+        max_ok = integer("max_tokens", lambda v: v >= 1, "None or an integer >= 1", optional=True)
+        if (integer("min_tokens", lambda v: v >= 0, "an integer >= 0") and max_ok
+                and self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            problems.append(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+                            f"({self.max_tokens})")
+        self._check_stop(problems)
+        self._check_stop_token_ids(problems)
+        for name in ("logprobs", "prompt_logprobs"):
+            integer(name, lambda v: 0 <= v <= MAX_LOGPROBS,
+                    f"None or an integer in [0, {MAX_LOGPROBS}]", optional=True)
+        for name in ("presence_penalty", "frequency_penalty"):
+            real(name, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+        real("repetition_penalty", lambda v: v > 0, "a finite number > 0")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:
             raise InputError("invalid sampling parameters: " + "; ".join(problems))
 
+    def _check_stop(self, problems: list[str]) -> None:
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, (list, tuple)):
+            stop = tuple(stop)
+        else:
+            problems.append(f"stop must be a string or a list of strings, got {stop!r}")
+            return
+        if len(stop) > MAX_STOP_STRINGS:
+            problems.append(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} allowed")
+        for s in stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
+                problems.append(f"each stop string must be a non-empty string of at most "
+                                f"{MAX_STOP_STRING_CHARS} characters, got {_short(s)}")
+                continue
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: no tokenizer can ever emit it
+                problems.append(f"stop string {_short(s)} is not valid Unicode (lone surrogate)")
+        object.__setattr__(self, "stop", stop)
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    def _check_stop_token_ids(self, problems: list[str]) -> None:
+        ids = self.stop_token_ids
+        if ids is None:
+            ids = ()
+        if not isinstance(ids, (list, tuple)):
+            problems.append(f"stop_token_ids must be a list of integers, got {ids!r}")
+            return
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            problems.append(f"stop_token_ids holds {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} "
+                            f"allowed")
+        bad = [i for i in ids if not _int(i) or i < 0]
+        if bad:
+            problems.append(f"stop_token_ids must be integers >= 0, got {_short(bad)}")
+        else:
+            object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SamplingParams":
+        """Build from a mapping (a JSON object); unknown keys are an `InputError`."""
+        if not isinstance(d, Mapping):
+            raise InputError(f"invalid sampling parameters: expected an object, got {_short(d)}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise InputError(f"invalid sampling parameters: unknown field(s) "
+                             f"{', '.join(map(repr, unknown))}; known fields: {', '.join(known)}")
+        return cls(**d)
+
+
+def _int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def seed_for(seed: int | None, index: int) -> int:
+    """The 64-bit seed of sample `index` of a request with `seed`.
+
+    Sample 0 keeps the request's seed (negative seeds wrap to two's complement),
+    so n=1 requests sample as their seed says; the others get a hash of
+    (seed, index), so siblings draw independent streams. None: a fresh random
+    seed.
+    """
+    if seed is None:
+        return secrets.randbits(64)
+    if index == 0:
+        return seed & _U64
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+# ----------------------------------------------------------------------------
+# Host -> device: per-row arrays, rebuilt every step.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Row:
+    """One logits row to sample from.
+
+    seed: 64-bit (from `seed_for`); position: position of the token being
+    sampled; penalty_slot: the row of `PenaltyState` holding this sequence's
+    token counts, -1 for none; banned: token ids forbidden this step; target:
+    score this token instead of the sampled one (prompt logprobs), -1 for none;
+    want_top: return the top-n logprobs.
+    """
+
+    params: SamplingParams
+    seed: int
+    position: int
+    penalty_slot: int = -1
+    banned: Sequence[int] = ()
+    target: int = -1
+    want_top: bool = False
+
+
+# A padding row: greedy, no penalties, nothing banned, nothing scored.
+_PAD = (0.0, 0, 1.0, 0.0, 0, 0, 0, 0.0, 0.0, 1.0, -1, -1, False)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingArrays:
-    """Per-row sampling parameters as device arrays, all [S]."""
+    """Per-row sampling inputs: all [R] unless noted. Build with `from_rows`."""
 
-    temperature: jax.Array  # float32, 0 = greedy
-    top_k: jax.Array  # int32, 0 = off
-    top_p: jax.Array  # float32
-    seed: jax.Array  # uint32 pairs packed as [S, 2]
+    temperature: jax.Array  # f32, 0 = greedy
+    top_k: jax.Array  # i32, 0 = off
+    top_p: jax.Array  # f32, 1 = off
+    min_p: jax.Array  # f32, 0 = off
+    seed: jax.Array  # u32 [R, 2]: (hi, lo) halves of the 64-bit seed
+    position: jax.Array  # i32, keys the random stream
+    presence: jax.Array  # f32
+    frequency: jax.Array  # f32
+    repetition: jax.Array  # f32, 1 = off
+    penalty_slot: jax.Array  # i32, -1 = no penalties and no counting
+    banned: jax.Array  # i32 [R, B], -1 padding
+    target: jax.Array  # i32, -1 = score the sampled token
+    want_top: jax.Array  # bool
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams], seeds: list[int], rows: int) -> "SamplingArrays":
-        pad = rows - len(params)
-        seed_array = np.array([[s >> 32 & 0xFFFFFFFF, s & 0xFFFFFFFF] for s in seeds] + [[0, 0]] * pad,
-                              np.uint32)
+    def from_rows(cls, rows: Sequence[Row | None], num_rows: int, ban_width: int
+                  ) -> "SamplingArrays":
+        """Pack `rows` into numpy arrays of `num_rows` rows; None and missing rows are padding."""
+        if len(rows) > num_rows:
+            raise ValueError(f"{len(rows)} rows do not fit in {num_rows}")
+        banned = np.full((num_rows, ban_width), -1, np.int32)
+        packed = []
+        for i, row in enumerate(rows):
+            if row is None:
+                packed.append(_PAD)
+                continue
+            p = row.params
+            greedy = p.temperature < GREEDY_TEMPERATURE
+            packed.append((
+                0.0 if greedy else p.temperature, p.top_k, p.top_p, p.min_p,
+                row.seed >> 32 & 0xFFFFFFFF, row.seed & 0xFFFFFFFF, row.position,
+                p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                row.penalty_slot, row.target, row.want_top))
+            if row.banned:
+                if len(row.banned) > ban_width:
+                    raise ValueError(f"row {i} bans {len(row.banned)} ids; "
+                                     f"ban_width is {ban_width}")
+                banned[i, :len(row.banned)] = row.banned
+        packed.extend([_PAD] * (num_rows - len(rows)))
+        (temperature, top_k, top_p, min_p, seed_hi, seed_lo, position, presence, frequency,
+         repetition, penalty_slot, target, want_top) = zip(*packed) if packed else ((),) * 13
         return cls(
-            temperature=np.array([p.temperature for p in params] + [0.0] * pad, np.float32),
-            top_k=np.array([p.top_k for p in params] + [0] * pad, np.int32),
-            top_p=np.array([p.top_p for p in params] + [1.0] * pad, np.float32),
-            seed=seed_array,
+            temperature=np.array(temperature, np.float32),
+            top_k=np.array(top_k, np.int32),
+            top_p=np.array(top_p, np.float32),
+            min_p=np.array(min_p, np.float32),
+            seed=np.array([seed_hi, seed_lo], np.uint32).T.reshape(num_rows, 2),
+            position=np.array(position, np.int32),
+            presence=np.array(presence, np.float32),
+            frequency=np.array(frequency, np.float32),
+            repetition=np.array(repetition, np.float32),
+            penalty_slot=np.array(penalty_slot, np.int32),
+            banned=banned,
+            target=np.array(target, np.int32),
+            want_top=np.array(want_top, np.bool_),
         )
 
 
-def sample(logits: jax.Array, params: SamplingArrays, positions: jax.Array) -> jax.Array:
-    """logits: [S, V] float32; positions: [S] position of the token being sampled -> [S] int32."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    # The vocabulary sort is skipped on device when every row is greedy.
-    return jax.lax.cond(jnp.any(params.temperature > 0),
-                        lambda: _sample(logits, params, positions, greedy), lambda: greedy)
+# ----------------------------------------------------------------------------
+# Device side.
 
 
-def _sample(logits, params: SamplingArrays, positions, greedy) -> jax.Array:
-    vocab = logits.shape[-1]
-    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
-    scaled = logits / temperature[:, None]
-    order = jnp.argsort(-scaled, axis=-1)  # descending; ties keep the lower id first
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PenaltyState:
+    """Per-sequence token history for penalties, kept on the device across steps.
+
+    counts: i32 [num_slots, V], how often the slot's sequence generated each
+    token; prompt_mask: bool [num_slots, V], tokens in its prompt.
+    """
+
+    counts: jax.Array
+    prompt_mask: jax.Array
+
+    @classmethod
+    def zeros(cls, num_slots: int, vocab: int) -> "PenaltyState":
+        return cls(counts=jnp.zeros((num_slots, vocab), jnp.int32),
+                   prompt_mask=jnp.zeros((num_slots, vocab), jnp.bool_))
+
+
+def reset_slot(state: PenaltyState, slot: jax.Array, token_ids: jax.Array,
+               is_output: jax.Array) -> PenaltyState:
+    """Give `slot` to a sequence: token_ids i32 [L] (-1 padding), is_output bool [L].
+
+    Clears the slot, marks prompt tokens in prompt_mask and counts output tokens
+    (a preempted sequence comes back with output already). Jittable; slot must
+    be in [0, num_slots).
+    """
+    vocab = state.counts.shape[1]
+    valid = token_ids >= 0
+    # Out-of-range ids (the padding) are dropped by the scatters; -1 would wrap.
+    output_ids = jnp.where(valid & is_output, token_ids, vocab)
+    prompt_ids = jnp.where(valid & ~is_output, token_ids, vocab)
+    counts = jnp.zeros((vocab,), jnp.int32).at[output_ids].add(1, mode="drop")
+    prompt = jnp.zeros((vocab,), jnp.bool_).at[prompt_ids].set(True, mode="drop")
+    return PenaltyState(counts=state.counts.at[slot].set(counts),
+                        prompt_mask=state.prompt_mask.at[slot].set(prompt))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """tokens i32 [R]; logprobs f32 [R]: raw log-softmax at the sampled token (or
+    at `target`); top_ids i32 / top_logprobs f32 [R, num_top]: raw top-n, zeros
+    for rows that did not ask (`want_top`)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def sample(logits: jax.Array, arrays: SamplingArrays, state: PenaltyState, *,
+           num_top: int = MAX_LOGPROBS) -> tuple[SampleOutput, PenaltyState]:
+    """Pick one token per row of logits f32 [R, V]; returns the output and the
+    state with the picks counted (rows with a penalty slot and no target)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    processed = jax.lax.cond(jnp.any(arrays.penalty_slot >= 0), apply_penalties,
+                             lambda logits, arrays, state: logits, logits, arrays, state)
+    processed = _ban(processed, arrays.banned)
+    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    # An all-greedy batch never scales, cuts or draws.
+    tokens = jax.lax.cond(jnp.any(arrays.temperature > 0), _draw,
+                          lambda processed, arrays, greedy: greedy, processed, arrays, greedy)
+    scored = jnp.where(arrays.target >= 0, arrays.target, tokens)
+    logprobs = jnp.take_along_axis(logits, scored[:, None], axis=-1)[:, 0] - lse
+    top_ids, top_logprobs = _top(logits, lse, arrays.want_top, num_top)
+    return SampleOutput(tokens, logprobs, top_ids, top_logprobs), _record(state, arrays, tokens)
+
+
+def apply_penalties(logits: jax.Array, arrays: SamplingArrays, state: PenaltyState) -> jax.Array:
+    """Repetition (tokens of prompt or output), frequency and presence (output
+    only) penalties, as vLLM applies them; rows without a slot pass unchanged."""
+    slot = jnp.clip(arrays.penalty_slot, 0, state.counts.shape[0] - 1)
+    counts = state.counts[slot]  # [R, V]
+    generated = counts > 0
+    seen = generated | state.prompt_mask[slot]
+    repetition = arrays.repetition[:, None]
+    penalized = jnp.where(seen, jnp.where(logits > 0, logits / repetition, logits * repetition),
+                          logits)
+    penalized = (penalized - arrays.frequency[:, None] * counts.astype(jnp.float32)
+                 - arrays.presence[:, None] * generated.astype(jnp.float32))
+    return jnp.where((arrays.penalty_slot >= 0)[:, None], penalized, logits)
+
+
+def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
+    rows, vocab = logits.shape
+    ids = jnp.where(banned >= 0, banned, vocab)  # padding -> out of range -> dropped
+    return logits.at[jnp.arange(rows)[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+def _draw(processed: jax.Array, arrays: SamplingArrays, greedy: jax.Array) -> jax.Array:
+    """Temperature, min_p, top_k, top_p, then a categorical draw; greedy rows keep `greedy`."""
+    sampled = arrays.temperature > 0
+    scaled = processed / jnp.where(sampled, arrays.temperature, 1.0)[:, None]
+    # min_p in logit space: p < min_p * p_max  <=>  z - z_max < log(min_p); min_p 0 keeps all.
+    best = jnp.max(scaled, axis=-1, keepdims=True)
+    scaled = jnp.where(scaled - best < jnp.log(arrays.min_p)[:, None], -jnp.inf, scaled)
+    # Only a top_k or top_p cut needs the vocabulary sorted. For a row with
+    # neither, both branches keep every token, so skipping is invisible to it.
+    needs_cut = sampled & ((arrays.top_k > 0) | (arrays.top_p < 1))
+    floor = jax.lax.cond(jnp.any(needs_cut), _cut_floor,
+                         lambda scaled, arrays: jnp.full(scaled.shape[:1], -jnp.inf),
+                         scaled, arrays)
+    masked = jnp.where(scaled >= floor[:, None], scaled, -jnp.inf)
+    keys = jax.vmap(_row_key)(arrays.seed, arrays.position)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(sampled, drawn, greedy)
+
+
+def _cut_floor(scaled: jax.Array, arrays: SamplingArrays) -> jax.Array:
+    """The lowest logit [R] that survives top_k then top_p.
+
+    top_p keeps the smallest set of best tokens whose mass (after top_k)
+    reaches top_p, and always the best. Cutting by value rather than by rank
+    keeps ties at the boundary together instead of splitting them by token id.
+    """
+    vocab = scaled.shape[-1]
+    desc = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)
     rank = jnp.arange(vocab)[None, :]
-    top_k = jnp.where(params.top_k > 0, params.top_k, vocab)
+    top_k = jnp.where(arrays.top_k > 0, jnp.minimum(arrays.top_k, vocab), vocab)
     keep = rank < top_k[:, None]
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= (mass_before < params.top_p[:, None]) | (rank == 0)  # always keep the best token
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(jnp.where(keep, desc, -jnp.inf), axis=-1)
+    # Exclusive cumsum, built from the inclusive one so it stays monotone in floats.
+    mass_before = jnp.pad(jnp.cumsum(probs, axis=-1)[:, :-1], ((0, 0), (1, 0)))
+    top_p = arrays.top_p[:, None]
+    keep &= (mass_before < top_p) | (top_p >= 1) | (rank == 0)
+    return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
 
-    def row_key(seed, position):
-        key = jax.random.key(seed[0])
-        key = jax.random.fold_in(key, seed[1])
-        return jax.random.fold_in(key, position)
 
-    keys = jax.vmap(row_key)(params.seed, positions)
-    choice = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, masked)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(params.temperature > 0, sampled, greedy)
+def _row_key(seed: jax.Array, position: jax.Array) -> jax.Array:
+    """The random key of one row: (seed hi, seed lo, position), nothing about the batch."""
+    key = jax.random.key(seed[0])
+    key = jax.random.fold_in(key, seed[1])
+    return jax.random.fold_in(key, position)
+
+
+def _top(logits: jax.Array, lse: jax.Array, want_top: jax.Array, num_top: int
+         ) -> tuple[jax.Array, jax.Array]:
+    rows = logits.shape[0]
+
+    def skip():
+        return jnp.zeros((rows, num_top), jnp.int32), jnp.zeros((rows, num_top), jnp.float32)
+
+    def compute():
+        values, ids = jax.lax.top_k(logits, num_top)
+        return ids.astype(jnp.int32), values - lse[:, None]
+
+    if num_top == 0:
+        return skip()
+    ids, logprobs = jax.lax.cond(jnp.any(want_top), compute, skip)
+    # Rows that did not ask get zeros whatever their batch-mates asked.
+    return jnp.where(want_top[:, None], ids, 0), jnp.where(want_top[:, None], logprobs, 0.0)
+
+
+def _record(state: PenaltyState, arrays: SamplingArrays, tokens: jax.Array) -> PenaltyState:
+    """counts[slot, token] += 1 for rows that generated (a slot, no target)."""
+    num_slots = state.counts.shape[0]
+    counted = (arrays.penalty_slot >= 0) & (arrays.target < 0)
+    slot = jnp.where(counted, arrays.penalty_slot, num_slots)  # out of range -> dropped
+    return dataclasses.replace(state, counts=state.counts.at[slot, tokens].add(1, mode="drop"))

@@ -1,0 +1,481 @@
+"""BlockManager: refcounts, prefix caching, LRU eviction and copy-on-write forks.
+
+The unit tests pin each policy on a tiny pool; the state machine at the end
+drives random request lifecycles against a model that tracks, independently of
+the manager, who holds which page and which tokens each page holds, so a cache
+hit that would serve the wrong K/V fails.
+"""
+
+import hashlib
+import struct
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from jaxinfer.batch import NULL_PAGE
+from jaxinfer.block_manager import BlockManager, chain_hashes
+
+PS = 4  # page size for the unit tests
+
+
+def reference_hashes(tokens, page_size):
+    """Spec of chain_hashes, written out independently with struct."""
+    out, prev = [], b""
+    for i in range(len(tokens) // page_size):
+        page = tokens[i * page_size:(i + 1) * page_size]
+        prev = hashlib.blake2b(prev + struct.pack(f"<{page_size}i", *page), digest_size=16).digest()
+        out.append(prev)
+    return out
+
+
+def cached_sequence(bm, tokens):
+    """Allocate, register and release a sequence, leaving its full pages cached; return its pages."""
+    hashes = chain_hashes(tokens, bm.page_size, [])
+    pages = bm.allocate(-(-len(tokens) // bm.page_size))
+    for page, h in zip(pages, hashes):
+        assert bm.register(page, h)
+    bm.release(pages)
+    return pages
+
+
+def state(bm):
+    return (bm.num_free_pages, bm.num_used_pages, bm.num_cached_pages,
+            [bm.ref_count(p) for p in range(1, bm.num_pages)])
+
+
+# -- chain_hashes ------------------------------------------------------------
+
+def test_chain_hashes_match_reference_blake2b():
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 2**31 - 1, -1, 0, 7]
+    assert chain_hashes(tokens, PS, []) == reference_hashes(tokens, PS)
+    assert all(len(h) == 16 for h in chain_hashes(tokens, PS, []))
+
+
+def test_chain_hashes_extend_known_in_place_and_skip_partial_page():
+    tokens = list(range(11))  # two full pages, one partial
+    known = chain_hashes(tokens[:5], PS, [])
+    assert len(known) == 1
+    out = chain_hashes(tokens, PS, known)
+    assert out is known
+    assert out == reference_hashes(tokens, PS) and len(out) == 2
+    assert chain_hashes(tokens[:3], PS, []) == []
+
+
+def test_chain_hash_of_a_page_depends_on_earlier_pages():
+    a = chain_hashes([1, 1, 1, 1, 9, 9, 9, 9], PS, [])
+    b = chain_hashes([2, 1, 1, 1, 9, 9, 9, 9], PS, [])
+    assert a[0] != b[0]
+    assert a[1] != b[1]  # same tokens in page 1, different prefix
+    assert chain_hashes([9, 9, 9, 9], PS, [])[0] not in (a[1], b[1])  # and not the first-page hash either
+
+
+# -- allocation and references -----------------------------------------------
+
+def test_fresh_pool_is_all_free_and_never_hands_out_the_null_page():
+    bm = BlockManager(num_pages=6, page_size=PS)
+    assert (bm.num_free_pages, bm.num_used_pages, bm.usage) == (5, 0, 0.0)
+    pages = bm.allocate(5)
+    assert sorted(pages) == [1, 2, 3, 4, 5] and NULL_PAGE not in pages
+    assert (bm.num_free_pages, bm.num_used_pages, bm.usage) == (0, 5, 1.0)
+    bm.check()
+
+
+def test_allocate_beyond_free_returns_none_and_changes_nothing():
+    bm = BlockManager(num_pages=6, page_size=PS)
+    cached = cached_sequence(bm, list(range(8)))  # two evictable pages
+    held = bm.allocate(1)
+    before = state(bm)
+    assert bm.allocate(bm.num_free_pages + 1) is None
+    assert state(bm) == before
+    assert bm.lookup(chain_hashes(list(range(8)), PS, [])) == cached  # nothing evicted
+    assert bm.allocate(0) == []
+    with pytest.raises(ValueError):
+        bm.allocate(-1)
+    assert len(bm.allocate(bm.num_free_pages)) == 4 and bm.num_free_pages == 0
+    assert bm.allocate(1) is None
+    bm.release(held)
+    bm.check()
+
+
+def test_acquire_and_release_count_references():
+    bm = BlockManager(num_pages=4, page_size=PS, enable_prefix_caching=False)
+    [p] = bm.allocate(1)
+    bm.acquire([p, p])
+    assert bm.ref_count(p) == 3 and bm.num_used_pages == 1
+    bm.release([p])
+    bm.release([p])
+    assert bm.ref_count(p) == 1 and bm.num_free_pages == 2
+    bm.release([p])
+    assert bm.ref_count(p) == 0 and bm.num_free_pages == 3 and bm.num_used_pages == 0
+    bm.check()
+
+
+def test_misuse_raises_and_changes_nothing():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    a, b = bm.allocate(2)
+    before = state(bm)
+    with pytest.raises(ValueError):
+        bm.release([a, a])  # only one reference
+    with pytest.raises(ValueError):
+        bm.acquire([a, 3])  # page 3 is free: fresh pages come from allocate
+    for bad in (NULL_PAGE, 4, -1):
+        with pytest.raises(ValueError):
+            bm.release([bad])
+        with pytest.raises(ValueError):
+            bm.acquire([bad])
+    assert state(bm) == before
+    bm.release([a, b])
+    with pytest.raises(ValueError):
+        bm.release([a])
+    with pytest.raises(ValueError):
+        bm.register(a, b"x" * 16)  # nobody holds it
+    bm.check()
+
+
+# -- prefix cache ------------------------------------------------------------
+
+def test_lookup_returns_longest_cached_prefix_and_stops_at_first_miss():
+    bm = BlockManager(num_pages=8, page_size=PS)
+    tokens = list(range(12))
+    hashes = chain_hashes(tokens, PS, [])
+    p0, p1, p2 = bm.allocate(3)
+    assert bm.register(p0, hashes[0]) and bm.register(p2, hashes[2])  # page 1 not cached
+    assert bm.lookup(hashes) == [p0]  # page 2 is cached but useless without page 1
+    assert bm.register(p1, hashes[1])
+    assert bm.lookup(hashes) == [p0, p1, p2]
+    assert bm.lookup(chain_hashes([99] + tokens[1:], PS, [])) == []
+    assert bm.lookup([]) == []
+    bm.check()
+
+
+def test_lookup_takes_no_references():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    pages = cached_sequence(bm, list(range(8)))
+    before = state(bm)
+    assert bm.lookup(chain_hashes(list(range(8)), PS, [])) == pages
+    assert state(bm) == before
+
+
+def test_cache_hit_after_release_reuses_pages():
+    bm = BlockManager(num_pages=8, page_size=PS)
+    tokens = list(range(10))
+    pages = cached_sequence(bm, tokens)  # 2 full pages cached, the partial one freed
+    assert bm.num_cached_pages == 2 and bm.num_free_pages == 7
+    hits = bm.lookup(chain_hashes(tokens + [5, 5], PS, []))
+    assert hits == pages[:2]
+    bm.acquire(hits)
+    assert [bm.ref_count(p) for p in hits] == [1, 1] and bm.num_free_pages == 5
+    bm.release(hits)
+    bm.check()
+
+
+def test_register_dedups_second_page_with_same_hash_stays_private():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    [h] = chain_hashes([1, 2, 3, 4], PS, [])
+    a, b = bm.allocate(2)  # two requests computed the same page concurrently
+    assert bm.register(a, h)
+    assert not bm.register(b, h)
+    assert bm.page_hash(b) is None and bm.lookup([h]) == [a]
+    bm.release([b])
+    assert b not in bm._evictable and bm.num_cached_pages == 1  # freed, not cached
+    bm.release([a])
+    assert bm.lookup([h]) == [a]
+    bm.check()
+
+
+def test_register_keeps_first_hash_of_a_page():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    h1, h2 = chain_hashes(list(range(8)), PS, [])
+    [a] = bm.allocate(1)
+    assert bm.register(a, h1)
+    assert not bm.register(a, h1) and not bm.register(a, h2)
+    assert bm.page_hash(a) == h1 and bm.lookup([h2]) == []
+    bm.check()
+
+
+def test_prefix_caching_off_never_caches():
+    bm = BlockManager(num_pages=4, page_size=PS, enable_prefix_caching=False)
+    hashes = chain_hashes(list(range(8)), PS, [])
+    pages = bm.allocate(2)
+    assert not any(bm.register(p, h) for p, h in zip(pages, hashes))
+    assert bm.lookup(hashes) == [] and bm.num_cached_pages == 0
+    bm.release(pages)
+    assert bm.num_free_pages == 3 and bm.lookup(hashes) == []
+    bm.check()
+
+
+def test_hit_statistics():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    assert bm.prefix_hit_rate == 0.0
+    bm.record_lookup(queried_tokens=10, hit_tokens=8)
+    bm.record_lookup(queried_tokens=6, hit_tokens=0)
+    assert (bm.prefix_queried_tokens, bm.prefix_hit_tokens) == (16, 8)
+    assert bm.prefix_hit_rate == 0.5
+    with pytest.raises(ValueError):
+        bm.record_lookup(queried_tokens=4, hit_tokens=5)
+
+
+def test_reset_prefix_cache_forgets_everything_and_frees_unreferenced_pages():
+    bm = BlockManager(num_pages=8, page_size=PS)
+    old = cached_sequence(bm, list(range(8)))
+    held_tokens = [7] * 8
+    held = bm.allocate(2)
+    for p, h in zip(held, chain_hashes(held_tokens, PS, [])):
+        bm.register(p, h)
+    assert not bm.reset_prefix_cache()  # `held` were still referenced
+    assert bm.lookup(chain_hashes(list(range(8)), PS, [])) == []
+    assert bm.lookup(chain_hashes(held_tokens, PS, [])) == []
+    assert bm.num_cached_pages == 0 and bm.num_free_pages == 5 and set(old) <= set(bm._free)
+    bm.release(held)  # now private: freed, not cached
+    assert bm.num_free_pages == 7 and bm.num_cached_pages == 0
+    bm.check()
+    cached_sequence(bm, list(range(8)))
+    assert bm.reset_prefix_cache() and bm.num_cached_pages == 0
+    bm.check()
+
+
+# -- eviction ----------------------------------------------------------------
+
+def test_allocate_takes_never_cached_pages_before_evicting():
+    bm = BlockManager(num_pages=6, page_size=PS)
+    tokens = list(range(8))
+    cached = cached_sequence(bm, tokens)
+    fresh = bm.allocate(3)
+    assert not set(fresh) & set(cached)
+    assert bm.lookup(chain_hashes(tokens, PS, [])) == cached
+
+
+def test_lru_evicts_least_recently_released_first_and_drops_its_hash():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    hashes = [chain_hashes([i] * PS, PS, [])[0] for i in range(3)]
+    pages = bm.allocate(3)
+    for p, h in zip(pages, hashes):
+        bm.register(p, h)
+    for i in (1, 0, 2):  # release order, oldest first
+        bm.release([pages[i]])
+    assert bm.allocate(1) == [pages[1]]
+    assert bm.lookup(hashes[1:2]) == [] and bm.page_hash(pages[1]) is None
+    assert bm.allocate(1) == [pages[0]]
+    assert bm.allocate(1) == [pages[2]]
+    bm.check()
+
+
+def test_acquired_evictable_page_leaves_lru_and_is_not_evicted():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    hashes = [chain_hashes([i] * PS, PS, [])[0] for i in range(3)]
+    pages = bm.allocate(3)
+    for p, h in zip(pages, hashes):
+        bm.register(p, h)
+    for p in pages:
+        bm.release([p])
+    hit = bm.lookup(hashes[:1])  # the oldest: next in line for eviction
+    assert hit == [pages[0]]
+    bm.acquire(hit)
+    assert bm.num_free_pages == 2
+    assert bm.allocate(2) == pages[1:]
+    assert bm.allocate(1) is None
+    assert bm.lookup(hashes[:1]) == hit and bm.ref_count(hit[0]) == 1
+    bm.check()
+
+
+def test_released_sequence_tail_is_evicted_before_head():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    tokens = list(range(3 * PS))
+    head, mid, tail = cached_sequence(bm, tokens)  # released head-first as one list
+    assert bm.allocate(1) == [tail]
+    assert bm.allocate(1) == [mid]
+    assert bm.lookup(chain_hashes(tokens, PS, [])) == [head]  # the shared prefix survives longest
+    bm.check()
+
+
+# -- fork --------------------------------------------------------------------
+
+def test_fork_shares_full_pages_and_copies_partial_last_page():
+    bm = BlockManager(num_pages=8, page_size=PS)
+    parent = bm.allocate(3)
+    child, copy = bm.fork(parent, num_tokens=2 * PS + 1)
+    assert child[:2] == parent[:2]
+    assert copy == (parent[2], child[2]) and child[2] not in parent
+    assert [bm.ref_count(p) for p in parent] == [2, 2, 1] and bm.ref_count(child[2]) == 1
+    bm.release(parent)
+    bm.release(child)
+    assert bm.num_free_pages == 7
+    bm.check()
+
+
+def test_fork_on_page_boundary_copies_nothing():
+    bm = BlockManager(num_pages=4, page_size=PS)
+    parent = bm.allocate(2)
+    assert bm.fork(parent, num_tokens=2 * PS) == (parent, None)
+    assert bm.fork(parent, num_tokens=PS) == (parent[:1], None)  # a page reserved ahead is not shared
+    assert [bm.ref_count(p) for p in parent] == [3, 2]
+    assert bm.fork([], num_tokens=0) == ([], None)
+    with pytest.raises(ValueError):
+        bm.fork(parent, num_tokens=2 * PS + 1)  # more tokens than the pages hold
+    bm.check()
+
+
+def test_fork_without_a_free_page_returns_none_and_changes_nothing():
+    bm = BlockManager(num_pages=3, page_size=PS)
+    parent = bm.allocate(2)
+    before = state(bm)
+    assert bm.fork(parent, num_tokens=PS + 1) is None
+    assert state(bm) == before
+    assert bm.fork(parent, num_tokens=2 * PS) == (parent, None)  # no copy needed: still works
+    bm.check()
+
+
+# -- randomized lifecycles against a model -----------------------------------
+
+SM_PAGE_SIZE = 2
+SM_NUM_PAGES = 9
+SM_MAX_LEN = 10
+SM_MAX_SEQS = 3  # few enough live sequences that pages churn through the LRU
+# Two token values and short prompts: prefixes collide often, so hits, dedup and
+# eviction all happen within a few steps.
+tokens_st = st.lists(st.integers(0, 1), min_size=0, max_size=9)
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Requests arrive (lookup, acquire hits, allocate the rest, register full
+    pages), grow, fork and finish, in random order.
+
+    The model is independent of the manager's bookkeeping: references are
+    recounted from the live sequences, and `content` records which tokens were
+    written into each page (the whole prefix, since K/V depend on it). A cache
+    hit must point at a page whose content is exactly the requested prefix, and
+    a page must be private (ref 1) whenever a sequence writes into it.
+    """
+
+    @initialize(caching=st.booleans())
+    def setup(self, caching):
+        self.bm = BlockManager(SM_NUM_PAGES, SM_PAGE_SIZE, enable_prefix_caching=caching)
+        self.seqs: dict[int, tuple[list[int], list[int], list[bytes]]] = {}  # id -> tokens, pages, hashes
+        self.content: dict[int, tuple[int, ...]] = {}
+        self.next_id = 0
+
+    def model_free(self):
+        return SM_NUM_PAGES - 1 - len({p for _, pages, _ in self.seqs.values() for p in pages})
+
+    def write(self, tokens, pages, start):
+        """Model the device writing tokens[start:] into their pages."""
+        ps = SM_PAGE_SIZE
+        for i in range(start // ps, len(pages)):
+            assert self.bm.ref_count(pages[i]) == 1, "writing into a shared page"
+            self.content[pages[i]] = tuple(tokens[:min(len(tokens), (i + 1) * ps)])
+
+    def register_full(self, tokens, pages, hashes, start_page):
+        for i in range(start_page, len(hashes)):
+            registered = self.bm.register(pages[i], hashes[i])
+            assert registered <= self.bm.enable_prefix_caching
+
+    @precondition(lambda self: len(self.seqs) < SM_MAX_SEQS)
+    @rule(tokens=tokens_st)
+    def new_request(self, tokens):
+        ps = SM_PAGE_SIZE
+        hashes = chain_hashes(tokens, ps, [])
+        hits = self.bm.lookup(hashes)
+        if not self.bm.enable_prefix_caching:
+            assert hits == []
+        for i, page in enumerate(hits):
+            assert self.content[page] == tuple(tokens[:(i + 1) * ps]), "cache hit serves the wrong tokens"
+        need = -(-len(tokens) // ps) - len(hits)
+        self.bm.acquire(hits)  # before allocate, which could otherwise evict the hits
+        fresh = self.bm.allocate(need)
+        if fresh is None:
+            held = {p for _, pages, _ in self.seqs.values() for p in pages}
+            assert self.model_free() - len(set(hits) - held) < need
+            self.bm.release(hits)  # the scheduler backs out and preempts
+            return
+        pages = hits + fresh
+        self.bm.record_lookup(len(tokens), len(hits) * ps)
+        self.write(tokens, pages, len(hits) * ps)
+        self.register_full(tokens, pages, hashes, len(hits))
+        self.seqs[self.next_id] = (list(tokens), pages, hashes)
+        self.next_id += 1
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), more=st.lists(st.integers(0, 1), min_size=1, max_size=3))
+    def grow(self, data, more):
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        if len(self.seqs[sid][0]) >= SM_MAX_LEN:  # keep sequences short so pages churn
+            return
+        tokens, pages, hashes = self.seqs[sid]
+        ps = SM_PAGE_SIZE
+        old_len, new_tokens = len(tokens), tokens + more
+        need = -(-len(new_tokens) // ps) - len(pages)
+        fresh = self.bm.allocate(need)
+        if fresh is None:
+            assert self.model_free() < need
+            return
+        pages = pages + fresh
+        old_full = len(hashes)
+        chain_hashes(new_tokens, ps, hashes)
+        self.write(new_tokens, pages, old_len)
+        self.register_full(new_tokens, pages, hashes, old_full)
+        self.seqs[sid] = (new_tokens, pages, hashes)
+
+    @precondition(lambda self: 0 < len(self.seqs) < SM_MAX_SEQS)
+    @rule(data=st.data())
+    def fork(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        tokens, pages, hashes = self.seqs[sid]
+        free_before = self.model_free()
+        out = self.bm.fork(pages, len(tokens))
+        partial = len(tokens) % SM_PAGE_SIZE != 0
+        if out is None:
+            assert partial and free_before == 0
+            return
+        child, copy = out
+        full = len(tokens) // SM_PAGE_SIZE
+        assert child[:full] == pages[:full]
+        if partial:
+            assert copy == (pages[-1], child[-1]) and child[-1] not in pages
+            self.content[child[-1]] = self.content[pages[-1]]  # the caller's device copy
+        else:
+            assert copy is None and child == pages
+        self.seqs[self.next_id] = (list(tokens), child, list(hashes))
+        self.next_id += 1
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def finish(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.bm.release(self.seqs.pop(sid)[1])
+
+    @rule(roll=st.integers(0, 7))
+    def reset_cache(self, roll):
+        if roll == 0:  # rarely, or the cache is empty too often to test hits
+            self.bm.reset_prefix_cache()
+            assert self.bm.num_cached_pages == 0
+
+    @invariant()
+    def consistent(self):
+        if not hasattr(self, "bm"):
+            return
+        self.bm.check()
+        refs = {}
+        for _, pages, _ in self.seqs.values():
+            for p in pages:
+                refs[p] = refs.get(p, 0) + 1
+        for p in range(1, SM_NUM_PAGES):
+            assert self.bm.ref_count(p) == refs.get(p, 0)
+        assert self.bm.num_used_pages == len(refs)
+        assert self.bm.num_free_pages == self.model_free()
+
+    def teardown(self):
+        if not hasattr(self, "bm"):
+            return
+        for sid in list(self.seqs):
+            self.bm.release(self.seqs.pop(sid)[1])
+            self.bm.check()
+        assert self.bm.num_used_pages == 0
+        assert self.bm.num_free_pages == SM_NUM_PAGES - 1
+
+
+BlockManagerMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_block_manager_random_lifecycles = BlockManagerMachine.TestCase

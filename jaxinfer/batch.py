@@ -46,6 +46,11 @@ class BatchShape:
     pages_per_seq: int  # P: page-table width, fixed by the longest context
     prompt_logprob_rows: int = 0  # most prefill logit rows beyond one per completed prompt
 
+    def __post_init__(self):
+        if self.decode_rows < 1 or self.prefill_tokens < 0 or self.prefill_tokens % self.block_q:
+            raise ValueError(f"bad batch shape {self}: decode_rows >= 1 and prefill_tokens a "
+                             "multiple of block_q are required")
+
     @property
     def prefill_seqs(self) -> int:  # M: most prefill sequences in one step
         return self.prefill_tokens // self.block_q
@@ -133,6 +138,10 @@ def build(shape: BatchShape, decode: Sequence[SeqWork], prefill: Sequence[SeqWor
     block_seq = np.zeros(NB, np.int32)
     logits = np.zeros(R, np.int32)
     rows: list[list[int]] = []
+    for w in (*decode, *prefill):
+        if len(w.pages) * page_size < w.start + len(w.token_ids) or len(w.pages) > P:
+            raise ValueError(f"{len(w.pages)} pages do not cover positions up to "
+                             f"{w.start + len(w.token_ids)} (page table width {P})")
 
     # Decode region: every row owns one token; padding rows attend to slot 0 of the null page.
     cu[1:D + 1] = np.arange(1, D + 1)

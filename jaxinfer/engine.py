@@ -88,6 +88,7 @@ class _InFlight:
 class Engine:
     def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig()):
         config.validate()
+        compilations.enable_persistent_cache()
         self.model = model
         self.config = config
         self.tokenizer = model.tokenizer

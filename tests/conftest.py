@@ -4,6 +4,9 @@ import os
 # before jax initializes its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Engines of equal shapes in different tests share compiled steps through the disk cache.
+os.environ.setdefault("JAXINFER_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer",
+                                                         "xla-tests"))
 
 import pathlib  # noqa: E402
 

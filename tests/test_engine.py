@@ -1,0 +1,181 @@
+"""The engine against single-request runs: batching, prefix caching, preemption,
+aborts and seeded sampling never change a request's output; nothing compiles
+after warm-up; bad requests are refused without disturbing the rest."""
+
+import numpy as np
+import pytest
+
+from engine_fixtures import random_prompts, run_alone, run_arriving, tiny_llm
+from jaxinfer import compilations
+from jaxinfer.errors import InputError
+from jaxinfer.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(data_dir):
+    return tiny_llm(data_dir)
+
+
+def greedy(max_tokens, **kw):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def tokens(out):
+    return [o.token_ids for o in out.outputs]
+
+
+def test_greedy_outputs_of_64_requests_arriving_at_random_steps_equal_single_runs(llm):
+    rng = np.random.default_rng(0)
+    prompts = random_prompts(rng, 64)
+    params = [greedy(int(rng.integers(1, 25))) for _ in prompts]
+    outputs, _ = run_arriving(llm, prompts, params, rng)
+    assert len(outputs) == 64
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        alone = run_alone(llm, p, sp)
+        assert tokens(outputs[i]) == tokens(alone), f"request {i}"
+        assert len(outputs[i].outputs[0].token_ids) == sp.max_tokens
+        assert outputs[i].outputs[0].finish_reason == "length"
+    assert llm.engine.scheduler.blocks.num_used_pages == 0
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(llm):
+    rng = np.random.default_rng(1)
+    target = random_prompts(rng, 1)[0]
+    sp = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.95, top_k=40, seed=1234, n=2,
+                        ignore_eos=True)
+    alone = tokens(run_alone(llm, target, sp))
+    others = random_prompts(rng, 12)
+    other_params = [SamplingParams(max_tokens=int(rng.integers(1, 30)), temperature=1.0,
+                                   seed=int(rng.integers(100)), presence_penalty=0.5,
+                                   ignore_eos=True) for _ in others]
+    outs = llm.generate(others[:5] + [target] + others[5:], other_params[:5] + [sp] + other_params[5:],
+                        use_tqdm=False)
+    assert tokens(outs[5]) == alone
+    assert alone[0] != alone[1]  # the two samples draw differently
+    other_seed = tokens(run_alone(llm, target, SamplingParams(**{**sp.__dict__, "seed": 99})))
+    assert other_seed != alone
+
+
+def test_prefix_cache_prefills_a_shared_system_prompt_once_and_changes_no_output(llm, data_dir):
+    rng = np.random.default_rng(2)
+    system = rng.integers(3, 256, 48).tolist()  # 12 full pages
+    prompts = [system + s for s in random_prompts(rng, 16, 1, 10)]
+    params = [greedy(int(rng.integers(1, 12))) for _ in prompts]
+    blocks = llm.engine.scheduler.blocks
+    hits_before = blocks.prefix_hit_tokens
+    llm.generate(prompts[:1], params[:1], use_tqdm=False)  # the first prefills the system prompt
+    cached = llm.generate(prompts, params, use_tqdm=False)
+    hit = blocks.prefix_hit_tokens - hits_before
+    assert hit >= 16 * 48  # every request found the 12 pages already there
+    assert all(out.num_cached_tokens >= 48 for out in cached)
+
+    plain = tiny_llm(data_dir, enable_prefix_caching=False)
+    uncached = plain.generate(prompts, params, use_tqdm=False)
+    assert [tokens(o) for o in cached] == [tokens(o) for o in uncached]
+    assert plain.engine.scheduler.blocks.prefix_hit_tokens == 0
+
+
+def test_a_small_kv_pool_preempts_yet_every_output_is_unchanged_and_every_page_comes_back(llm, data_dir):
+    rng = np.random.default_rng(3)
+    prompts = random_prompts(rng, 24, 10, 40)
+    params = [greedy(int(rng.integers(10, 40)), **({"repetition_penalty": 1.3} if i % 3 == 0 else {}))
+              for i in range(len(prompts))]
+    params[1] = SamplingParams(max_tokens=30, temperature=0.9, seed=7, n=3, ignore_eos=True)
+    expected = llm.generate(prompts, params, use_tqdm=False)
+
+    small = tiny_llm(data_dir, num_pages=30)  # 29 pages of 4 tokens: a few requests at a time
+    got = small.generate(prompts, params, use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert [tokens(o) for o in got] == [tokens(o) for o in expected]
+    blocks = small.engine.scheduler.blocks
+    assert blocks.num_used_pages == 0 and blocks.num_free_pages == blocks.num_pages - 1
+    blocks.check()
+
+    # Aborts at random points: the rest are unharmed, every page comes back.
+    outputs, aborted = run_arriving(small, prompts, params, rng, arrive_prob=0.5, abort_prob=0.05)
+    assert aborted and len(outputs) + len(aborted) >= len(prompts) - 0
+    for i, out in outputs.items():
+        assert tokens(out) == tokens(expected[i]), f"request {i}"
+    assert blocks.num_used_pages == 0
+    assert len(small.engine.scheduler.free_slots) == small.engine.config.max_num_seqs
+    assert not small.engine.requests
+
+
+def test_nothing_compiles_after_warm_up_across_a_randomized_workload(llm):
+    rng = np.random.default_rng(4)
+    before = compilations.count()
+    prompts = random_prompts(rng, 40, 1, 100)
+    params = []
+    for _ in prompts:
+        kind = rng.integers(6)
+        params.append(SamplingParams(
+            max_tokens=int(rng.integers(1, 30)), temperature=[0.0, 0.7, 1.2][int(rng.integers(3))],
+            top_k=int(rng.integers(0, 50)), top_p=float(rng.uniform(0.5, 1.0)),
+            min_p=float(rng.uniform(0, 0.1)), seed=int(rng.integers(1000)),
+            n=int(rng.integers(1, 4)), min_tokens=int(rng.integers(0, 3)),
+            presence_penalty=0.5 if kind == 1 else 0.0, frequency_penalty=0.3 if kind == 2 else 0.0,
+            repetition_penalty=1.2 if kind == 3 else 1.0,
+            logprobs=int(rng.integers(0, 5)) if kind == 4 else None,
+            prompt_logprobs=int(rng.integers(0, 3)) if kind == 5 else None,
+            stop=["ab"] if kind == 0 else None, stop_token_ids=[5, 6]))
+    outputs, _ = run_arriving(llm, prompts, params, rng, abort_prob=0.02)
+    assert len(outputs) > 30
+    assert compilations.count() == before
+
+
+def test_bad_requests_are_refused_by_name_and_the_others_keep_running(llm):
+    engine = llm.engine
+    rng = np.random.default_rng(5)
+    good = random_prompts(rng, 6)
+    params = greedy(12)
+    expected = [tokens(run_alone(llm, p, params)) for p in good]
+    for i, p in enumerate(good[:3]):
+        engine.add_request(f"g{i}", p, params)
+    engine.step()
+    bad = [
+        ([1] * 200, params, "context holds 128"),  # longer than the context
+        ([5, 300], params, "token id 300 is outside the vocabulary"),
+        ([5, -1], params, "outside the vocabulary"),
+        ([], params, "empty"),
+        ("text", params, "not a string"),
+        ([1.5, 2], params, "integers"),
+        ([5], {"temperature": 1}, "SamplingParams"),
+        ([5], SamplingParams(stop_token_ids=[999]), "stop_token_ids"),
+        ([5], SamplingParams(n=100), "max_num_seqs"),
+    ]
+    for i, (prompt, p, message) in enumerate(bad):
+        with pytest.raises(InputError, match=message):
+            engine.add_request(f"b{i}", prompt, p)
+        engine.step()
+    with pytest.raises(InputError, match="already in use"):
+        engine.add_request("g0", good[0], params)
+    for i, p in enumerate(good[3:], 3):
+        engine.add_request(f"g{i}", p, params)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.request_id] = out
+    assert sorted(done) == [f"g{i}" for i in range(6)]
+    assert [tokens(done[f"g{i}"]) for i in range(6)] == expected
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(n=0), dict(max_tokens=0),
+    dict(stop=["x"] * 17), dict(stop=[""]), dict(stop_token_ids=list(range(65))), dict(min_p=2.0),
+    dict(logprobs=21), dict(presence_penalty=3.0), dict(repetition_penalty=0.0),
+])
+def test_invalid_sampling_parameters_are_refused(bad):
+    with pytest.raises(InputError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_metrics_record_latencies_cache_hits_and_utilization(llm):
+    m = llm.engine.metrics
+    before = len(m.ttft)
+    rng = np.random.default_rng(6)
+    llm.generate(random_prompts(rng, 5), greedy(5), use_tqdm=False)
+    assert len(m.ttft) == before + 5 and len(m.queue_time) >= 5 and len(m.tpot) >= 5
+    assert all(t >= 0 for t in list(m.ttft)[-5:])
+    assert m.requests["length"] >= 5 and m.generation_tokens >= 25
+    assert 0 <= llm.engine.kv_usage <= 1
+    assert llm.engine.scheduler.blocks.prefix_hit_rate >= 0

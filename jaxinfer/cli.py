@@ -2,6 +2,7 @@
 
     jaxinfer generate "prompt" [--model PATH] [--max-tokens N] [--temperature T] ...
     jaxinfer convert --model SRC --output DIR [--dtype bfloat16]
+    jaxinfer batch --input prompts.jsonl --output results.jsonl [--model PATH] [--max-tokens N] ...
 
 Only generated text goes to stdout; logs and progress bars go to stderr.
 """
@@ -35,67 +36,146 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a continuation, streamed to stdout")
     gen.add_argument("prompt", nargs="+", help="prompt text (several prompts run as one batch)")
     _model_flags(gen)
-    gen.add_argument("--max-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    gen.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    _sampling_flags(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
-    gen.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens")
+    _engine_flags(gen)
 
     conv = sub.add_parser("convert", help="convert a checkpoint to jaxinfer's Orbax format")
     _model_flags(conv)
     conv.add_argument("--output", required=True, help="new directory for the converted checkpoint")
+    batch = sub.add_parser("batch", help="answer a JSONL file of requests into a JSONL file of results; "
+                                         "re-running resumes")
+    batch.add_argument("--input", required=True, help="JSONL requests: id, prompt/messages/token_ids, "
+                                                      "optional priority and sampling fields")
+    batch.add_argument("--output", required=True, help="JSONL results, appended as requests finish")
+    _model_flags(batch)
+    _batch_sampling_flags(batch)
+    _engine_flags(batch)
     return parser
 
 
-def cmd_generate(args) -> int:
-    from jaxinfer.sampling import SamplingParams
-    from jaxinfer.text_generation import TextGenerator
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            ignore_eos=args.ignore_eos)
+
+def _sampling_params(args):
+    from jaxinfer.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                          repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, ignore_eos=args.ignore_eos)
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--page-size", type=int, default=16, help="KV cache page size in tokens")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    p.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: sized from memory)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
+
+
+def _load_llm(args, warmup: bool):
+    from jaxinfer.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel, warmup=warmup,
+               page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+               num_pages=args.num_pages, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def cmd_generate(args) -> int:
+    params = _sampling_params(args)
     if any(not p.strip() for p in args.prompt):
         raise JaxinferError("the prompt is empty")
-    tg = TextGenerator.load(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel,
-                            page_size=args.page_size)
-    prompts = [tg.encode_prompt(p, chat=args.chat) for p in args.prompt]
-    eos = tg.eos_token_ids()
-
+    # One prompt is interactive: compile shapes as they come rather than all up front.
+    llm = _load_llm(args, warmup=len(args.prompt) > 1)
+    prompts = [{"messages": [{"role": "user", "content": p}]} if args.chat else p for p in args.prompt]
     if len(prompts) == 1:
-        stream = tg.tokenizer.stream_decoder(skip_special_tokens=True)
-
-        def on_token(row, token):
-            if token in eos and not args.ignore_eos:
-                return
-            sys.stdout.write(stream.push(token))
+        shown = 0
+        for out in llm.stream(prompts[0], params):
+            text = out.outputs[0].text
+            sys.stdout.write(text[shown:])
             sys.stdout.flush()
-
-        results = tg.generate_ids(prompts, params, on_token)
-        sys.stdout.write(stream.flush() + "\n")
+            shown = len(text)
+        sys.stdout.write("\n")
+        results = [out]
     else:
-        results = tg.generate_ids(prompts, params)
+        results = llm.generate(prompts, params, use_tqdm=True)
         for r in results:
-            ids = r.token_ids[:-1] if r.finish_reason == "stop" else r.token_ids
-            sys.stdout.write(tg.tokenizer.decode(ids, skip_special_tokens=True) + "\n")
+            sys.stdout.write(r.outputs[0].text + "\n")
     sys.stdout.flush()
-    n_out = sum(len(r.token_ids) for r in results)
-    decode_s = max(r.decode_seconds for r in results)
-    log.info("%d prompt tokens in %.2fs; %d generated tokens in %.2fs (%.1f tok/s); finish: %s",
-             sum(len(p) for p in prompts), results[0].prefill_seconds, n_out, decode_s,
-             n_out / max(decode_s, 1e-9), ", ".join(r.finish_reason for r in results))
+    for r in results:
+        m = r.metrics
+        n_out = len(r.outputs[0].token_ids)
+        tpot = r.time_per_output_token
+        log.info("%d prompt tokens, %d generated tokens; time to first token %.2fs, %s per token "
+                 "(%s tok/s); finish: %s", len(r.prompt_token_ids), n_out,
+                 m.time_to_first_token or 0.0, f"{tpot * 1e3:.1f} ms" if tpot else "-",
+                 f"{1 / tpot:.1f}" if tpot else "-", r.outputs[0].finish_reason)
+    return 0
+
+
+# Batch sampling flags are defaults under each line's own fields; a flag not given leaves
+# SamplingParams' default (so no argparse defaults here): (flag, field, type).
+_BATCH_SAMPLING = [("--max-tokens", "max_tokens", int), ("--min-tokens", "min_tokens", int),
+                   ("--temperature", "temperature", float), ("--top-k", "top_k", int),
+                   ("--top-p", "top_p", float), ("--min-p", "min_p", float), ("--seed", "seed", int),
+                   ("--n", "n", int), ("--logprobs", "logprobs", int),
+                   ("--prompt-logprobs", "prompt_logprobs", int),
+                   ("--repetition-penalty", "repetition_penalty", float),
+                   ("--presence-penalty", "presence_penalty", float),
+                   ("--frequency-penalty", "frequency_penalty", float)]
+
+
+def _batch_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling defaults (a line's own fields override them)")
+    for flag, field, kind in _BATCH_SAMPLING:
+        g.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS)
+    g.add_argument("--stop", dest="stop", action="append", default=argparse.SUPPRESS, metavar="TEXT",
+                   help="stop when this text appears (repeatable)")
+    g.add_argument("--ignore-eos", dest="ignore_eos", action="store_true", default=argparse.SUPPRESS,
+                   help="do not stop at end-of-generation tokens")
+
+
+def cmd_batch(args) -> int:
+    from jaxinfer.batch_job import check_paths, run_batch
+    from jaxinfer.sampling import SamplingParams
+
+    fields = [field for _, field, _ in _BATCH_SAMPLING] + ["stop", "ignore_eos"]
+    defaults = {f: getattr(args, f) for f in fields if hasattr(args, f)}
+    SamplingParams.from_dict(defaults)  # bad flags fail before the model loads
+    check_paths(args.input, args.output)
+    llm = _load_llm(args, warmup=True)
+    summary = run_batch(llm, args.input, args.output, defaults, progress=True)
+    print(f"jaxinfer batch: {summary.describe()}", file=sys.stderr)
+    if summary.interrupted:
+        return 143 if summary.interrupted == "SIGTERM" else 130
     return 0
 
 
 def cmd_convert(args) -> int:
-    from checkpoints import orbax_io
-    from jaxinfer.text_generation import TextGenerator
+    from checkpoints import loader, orbax_io
+    from jaxinfer.llm import DTYPES, default_dtype_name
+    from jaxinfer.sharding import make_mesh
 
-    tg = TextGenerator.load(args.model, dtype=args.dtype, tensor_parallel=args.tensor_parallel)
-    orbax_io.save(args.output, tg.config, tg.model.state, tg.tokenizer)
-    log.info("saved %s to %s", tg.model.source, args.output)
+    dtype = args.dtype or default_dtype_name()
+    model = loader.load(args.model, dtype=DTYPES[dtype], mesh=make_mesh(tensor=args.tensor_parallel))
+    orbax_io.save(args.output, model.config, model.state, model.tokenizer)
+    log.info("saved %s to %s", model.source, args.output)
     return 0
 
 
@@ -106,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+        return {"generate": cmd_generate, "convert": cmd_convert, "batch": cmd_batch}[args.command](args)
     except JaxinferError as e:
         print(f"jaxinfer: error: {e}", file=sys.stderr)
         return 1

@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
+from jaxinfer.llm import LLM
+from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.text_generation import TextGenerator
 from tests.paged_runs import teacher_forced_logits
 
 pytestmark = pytest.mark.default_model
@@ -23,23 +24,25 @@ def reference(data_dir):
 
 @pytest.fixture(scope="module")
 def smollm(default_model_path):
-    return TextGenerator.load(str(default_model_path), dtype="float32", progress=False)
+    return LLM(str(default_model_path), dtype="float32", progress=False, warmup=False,
+               max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, num_pages=256)
 
 
 def test_prompts_tokenize_as_hf_does(smollm, reference):
     for case in reference:
         if case["kind"] == "chat":
-            ours = smollm.encode_prompt(case["messages"], chat=True)
+            ours, _ = smollm.encode({"messages": case["messages"]})
         else:
-            ours = smollm.encode_prompt(case["text"])
+            ours, _ = smollm.encode(case["text"])
         assert ours == case["ids"][:case["prompt_len"]], case["text"]
 
 
 def test_teacher_forced_top1_agrees_with_hf_transformers(smollm, reference):
     prompts = [np.array(c["ids"][:c["prompt_len"]]) for c in reference]
     continuations = [np.array(c["ids"][c["prompt_len"]:]) for c in reference]
-    generator = smollm.generator_for(prompts, [SamplingParams(max_tokens=40)] * len(prompts))
-    logits = teacher_forced_logits(generator.runner, prompts, continuations)
+    m = smollm.model
+    runner = ModelRunner(m.config, m.graphdef, m.state, smollm.engine.runner.mesh, num_pages=128)
+    logits = teacher_forced_logits(runner, prompts, continuations)
     agree = total = 0
     for case, ours in zip(reference, logits):
         hf = np.array(case["argmax"])
@@ -53,8 +56,8 @@ def test_teacher_forced_top1_agrees_with_hf_transformers(smollm, reference):
 
 def test_greedy_continuations_equal_hf_for_most_prompts(smollm, reference):
     prompts = [c["ids"][:c["prompt_len"]] for c in reference]
-    params = SamplingParams(max_tokens=32, ignore_eos=True)
-    results = smollm.generate_ids(prompts, params)
-    same = sum(r.token_ids == c["ids"][c["prompt_len"]:] for r, c in zip(results, reference))
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    results = smollm.generate(prompts, params, use_tqdm=False)
+    same = sum(r.outputs[0].token_ids == c["ids"][c["prompt_len"]:] for r, c in zip(results, reference))
     print(f"identical greedy continuations: {same}/{len(reference)}")
     assert same >= 0.75 * len(reference)

@@ -151,12 +151,17 @@ def _batch_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="do not stop at end-of-generation tokens")
 
 
+def _batch_defaults(args) -> dict:
+    """The sampling flags given on the command line, as SamplingParams fields."""
+    fields = [field for _, field, _ in _BATCH_SAMPLING] + ["stop", "ignore_eos"]
+    return {f: getattr(args, f) for f in fields if hasattr(args, f)}
+
+
 def cmd_batch(args) -> int:
     from jaxinfer.batch_job import check_paths, run_batch
     from jaxinfer.sampling import SamplingParams
 
-    fields = [field for _, field, _ in _BATCH_SAMPLING] + ["stop", "ignore_eos"]
-    defaults = {f: getattr(args, f) for f in fields if hasattr(args, f)}
+    defaults = _batch_defaults(args)
     SamplingParams.from_dict(defaults)  # bad flags fail before the model loads
     check_paths(args.input, args.output)
     llm = _load_llm(args, warmup=True)

@@ -25,11 +25,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from checkpoints.loader import LoadedModel
-from jaxinfer import compilations
+from jaxinfer import compilations, kv_cache
 from jaxinfer.batch import build, next_bucket
 from jaxinfer.errors import ConfigError, InputError
 from jaxinfer.kv_cache import pages_needed
 from jaxinfer.metrics import EngineMetrics
+from jaxinfer.models import family
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.request import Request, Sequence, Status
 from jaxinfer.runner import ModelRunner
@@ -53,6 +54,8 @@ class EngineConfig:
     block_q: int = 64  # prefill query block (attention without kernels)
     enable_prefix_caching: bool = True
     prompt_logprob_rows: int = 32
+    decode_sizes: tuple[int, ...] = ()  # compiled decode-row counts; empty: powers of two
+    prefill_sizes: tuple[int, ...] = ()  # compiled prefill-token counts; empty: block_q * 4^k
 
     def validate(self) -> None:
         problems = []
@@ -103,14 +106,16 @@ class Engine:
         self.ban_width = next_bucket(MAX_STOP_TOKEN_IDS + len(self.eos_token_ids), 8)
 
         dtype = next(iter(jax.tree.leaves(model.state))).dtype
-        probe = SchedulerConfig(max_num_seqs=config.max_num_seqs,
-                                max_num_batched_tokens=config.max_num_batched_tokens,
-                                max_model_len=self.max_model_len, page_size=config.page_size,
-                                block_q=config.block_q, prompt_logprob_rows=config.prompt_logprob_rows,
-                                enable_prefix_caching=config.enable_prefix_caching)
+        try:
+            probe = SchedulerConfig(
+                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len, page_size=config.page_size, block_q=config.block_q,
+                prompt_logprob_rows=config.prompt_logprob_rows,
+                enable_prefix_caching=config.enable_prefix_caching,
+                decode_sizes=tuple(config.decode_sizes), prefill_sizes=tuple(config.prefill_sizes))
+        except ValueError as e:
+            raise ConfigError(f"invalid engine configuration: {e}") from None
         max_rows = max(s.num_rows for s in probe.all_shapes())
-        from jaxinfer import kv_cache
-        from jaxinfer.models import family
         spec = kv_cache.CacheSpec(cfg.num_layers, 1, config.page_size, family(cfg).cache_entries(cfg),
                                   np.dtype(dtype))
         num_pages = config.num_pages or self._pool_size(spec.bytes_per_page, probe)
@@ -234,6 +239,16 @@ class Engine:
         self.metrics.observe_request(output)
         self._aborted.append(output)
         return True
+
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn automatic prefix caching on or off (between workloads: the engine must be idle).
+        Either way the cache starts empty."""
+        if self.has_unfinished():
+            raise RuntimeError("prefix caching can only be switched while the engine is idle")
+        self.sched_config = dataclasses.replace(self.sched_config, enable_prefix_caching=enabled)
+        self.scheduler.cfg = self.sched_config
+        self.scheduler.blocks.reset_prefix_cache()
+        self.scheduler.blocks.enable_prefix_caching = enabled
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None or bool(self._aborted)

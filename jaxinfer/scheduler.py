@@ -37,12 +37,21 @@ class SchedulerConfig:
     block_q: int = 64  # query block of the prefill region
     prompt_logprob_rows: int = 32  # logits rows per step for prompt logprobs
     enable_prefix_caching: bool = True
+    # Compiled step sizes; empty: powers of two (decode rows) and block_q * 4^k (prefill tokens).
+    decode_sizes: tuple[int, ...] = ()
+    prefill_sizes: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
         if self.block_q < 1 or self.block_q & (self.block_q - 1):
             raise ValueError("block_q must be a power of two")
+        if self.decode_sizes and (sorted(self.decode_sizes) != list(self.decode_sizes)
+                                  or self.decode_sizes[0] < 1 or self.decode_sizes[-1] < self.max_num_seqs):
+            raise ValueError("decode_sizes must be increasing and reach max_num_seqs")
+        if self.prefill_sizes and (sorted(self.prefill_sizes) != list(self.prefill_sizes)
+                                   or any(t <= 0 or t % self.block_q for t in self.prefill_sizes)):
+            raise ValueError("prefill_sizes must be increasing multiples of block_q")
 
     @property
     def pages_per_seq(self) -> int:
@@ -50,21 +59,27 @@ class SchedulerConfig:
 
     @property
     def max_decode_rows(self) -> int:
-        return next_bucket(self.max_num_seqs, 2)
+        return self.decode_buckets()[-1]
 
     @property
     def max_prefill_tokens(self) -> int:
+        if self.prefill_sizes:
+            return self.prefill_sizes[-1]
         return -(-self.max_num_batched_tokens // self.block_q) * self.block_q
 
     def decode_buckets(self) -> list[int]:
-        out, d = [], 2
-        while d < self.max_decode_rows:
+        if self.decode_sizes:
+            return list(self.decode_sizes)
+        out, d, top = [], 2, next_bucket(self.max_num_seqs, 2)
+        while d < top:
             out.append(d)
             d *= 2
-        return out + [self.max_decode_rows]
+        return out + [top]
 
     def prefill_buckets(self) -> list[int]:
-        """0, then block_q * 4^k, then the largest."""
+        """0, then block_q * 4^k, then the largest (or the configured sizes)."""
+        if self.prefill_sizes:
+            return [0, *self.prefill_sizes]
         out, t = [0], self.block_q
         while t < self.max_prefill_tokens:
             out.append(t)
@@ -115,6 +130,7 @@ class Scheduler:
         self.free_slots = list(range(cfg.max_num_seqs - 1, -1, -1))  # penalty-state rows
         self.num_preemptions = 0
         self._prefill_shapes = cfg.prefill_buckets()
+        self._decode_shapes = cfg.decode_buckets()
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -281,7 +297,7 @@ class Scheduler:
 
     def _pick_shape(self) -> BatchShape:
         cfg = self.cfg
-        decode_rows = next_bucket(len(self._decode), 2)
+        decode_rows = next(d for d in self._decode_shapes if d >= len(self._decode))
         prefill_tokens = 0
         if self._prefill:
             for t in self._prefill_shapes[1:]:

@@ -29,7 +29,7 @@ from jaxinfer import compilations, kv_cache
 from jaxinfer.batch import build, next_bucket
 from jaxinfer.errors import ConfigError, InputError
 from jaxinfer.kv_cache import pages_needed
-from jaxinfer.metrics import EngineMetrics
+from jaxinfer.metrics import EngineMetrics, percentiles
 from jaxinfer.models import family
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxinfer.request import Request, Sequence, Status
@@ -264,6 +264,23 @@ class Engine:
     @property
     def kv_usage(self) -> float:
         return self.scheduler.blocks.usage
+
+    def stats(self) -> dict:
+        """Everything the engine measures, as plain numbers (for export and benchmarks)."""
+        m, blocks = self.metrics, self.scheduler.blocks
+        return {
+            "running": self.num_running, "waiting": self.num_waiting,
+            "kv_usage": blocks.usage, "kv_pages": blocks.num_pages - 1,
+            "prefix_cache_hit_rate": blocks.prefix_hit_rate,
+            "prefix_cache_queried_tokens": blocks.prefix_queried_tokens,
+            "prefix_cache_hit_tokens": blocks.prefix_hit_tokens,
+            "preemptions": self.scheduler.num_preemptions, "steps": m.steps,
+            "prompt_tokens": m.prompt_tokens, "generation_tokens": m.generation_tokens,
+            "requests": dict(m.requests), "rejected": m.rejected,
+            "compilations": compilations.count(),
+            "time_to_first_token": percentiles(m.ttft), "time_per_output_token": percentiles(m.tpot),
+            "queue_time": percentiles(m.queue_time), "e2e_latency": percentiles(m.e2e),
+        }
 
     # ---- the step loop ------------------------------------------------------------------------
 

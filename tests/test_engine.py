@@ -173,9 +173,14 @@ def test_metrics_record_latencies_cache_hits_and_utilization(llm):
     m = llm.engine.metrics
     before = len(m.ttft)
     rng = np.random.default_rng(6)
-    llm.generate(random_prompts(rng, 5), greedy(5), use_tqdm=False)
-    assert len(m.ttft) == before + 5 and len(m.queue_time) >= 5 and len(m.tpot) >= 5
+    shared = rng.integers(3, 256, 16).tolist()
+    llm.generate([shared + [7]], greedy(2), use_tqdm=False)
+    llm.generate([shared + p for p in random_prompts(rng, 5)], greedy(5), use_tqdm=False)
+    assert len(m.ttft) == before + 6 and len(m.queue_time) >= 5 and len(m.tpot) >= 5
     assert all(t >= 0 for t in list(m.ttft)[-5:])
     assert m.requests["length"] >= 5 and m.generation_tokens >= 25
     assert 0 <= llm.engine.kv_usage <= 1
-    assert llm.engine.scheduler.blocks.prefix_hit_rate >= 0
+    stats = llm.engine.stats()
+    assert stats["time_to_first_token"]["p50"] >= 0 and stats["running"] == 0
+    assert stats["prefix_cache_hit_tokens"] > 0 and 0 < stats["prefix_cache_hit_rate"] <= 1
+    assert stats["preemptions"] == 0 and stats["requests"]["length"] >= 5

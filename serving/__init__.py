@@ -1,1 +1,2 @@
-"""The gRPC service (jaxinfer.v1): not built yet; see the serving issue."""
+"""The gRPC service, package jaxinfer.v1: proto in serving/proto, generated stubs in
+serving/gen (scripts/make_grpc_stubs.py), server, client, health, metrics."""

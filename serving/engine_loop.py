@@ -1,0 +1,119 @@
+"""The engine on its own thread, fed by the server's event loop.
+
+The engine is not thread-safe; only this thread touches it. Other threads
+`submit` and `abort` through a command queue that the loop drains between
+steps, and get outputs back through per-request callbacks (the server's
+callbacks hop onto its asyncio loop). When nothing is queued or running the
+thread sleeps on a condition variable instead of spinning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from jaxinfer.engine import Engine
+from jaxinfer.errors import JaxinferError
+from jaxinfer.outputs import RequestOutput
+from jaxinfer.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[RequestOutput | BaseException], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, on_finished: Callable[[RequestOutput], None] | None = None):
+        self.engine = engine
+        self.on_finished = on_finished
+        self._cond = threading.Condition()
+        self._commands: list[tuple] = []
+        self._sinks: dict[str, Sink] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
+        self.snapshot: dict = self._snapshot()  # read by other threads; replaced, never mutated
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def submit(self, request_id: str, token_ids: list[int], params: SamplingParams, sink: Sink, *,
+               prompt: str | None = None, priority: int = 0) -> None:
+        """Queue a request; its outputs (or the exception that refused it) go to `sink`."""
+        with self._cond:
+            self._commands.append(("add", request_id, token_ids, params, sink, prompt, priority))
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._commands.append(("abort", request_id))
+            self._cond.notify()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._sinks)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._commands and not engine.has_unfinished() and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    break
+                commands, self._commands = self._commands, []
+            for command in commands:
+                self._apply(command)
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a bug: fail every request in flight rather than hang them
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+                    if self.on_finished is not None:
+                        self.on_finished(out)
+                if sink is not None:
+                    sink(out)
+            self.snapshot = self._snapshot()
+        self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            self.engine.abort(command[1])
+            return
+        _, request_id, token_ids, params, sink, prompt, priority = command
+        try:
+            self.engine.add_request(request_id, token_ids, params, prompt=prompt, priority=priority,
+                                    stream=True)
+        except JaxinferError as e:
+            sink(e)
+            return
+        self._sinks[request_id] = sink
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, sink in list(self._sinks.items()):
+            self.engine.abort(request_id)
+            sink(error)
+        self._sinks.clear()
+        try:
+            while self.engine.has_unfinished() and not self.engine.requests:
+                self.engine.step()
+        except Exception:
+            log.exception("engine could not drain after a failure")
+
+    def _snapshot(self) -> dict:
+        engine, blocks = self.engine, self.engine.scheduler.blocks
+        return {"running": engine.num_running, "waiting": engine.num_waiting, "kv_usage": blocks.usage,
+                "kv_pages": blocks.num_pages - 1, "prefix_cache_hit_rate": blocks.prefix_hit_rate,
+                "preemptions": engine.scheduler.num_preemptions, "time": time.monotonic()}

@@ -1,0 +1,387 @@
+"""The gRPC server: `jaxinfer serve`.
+
+    grpc.aio server (its own thread and event loop)
+        Inference servicer ──submit/abort──▶ EngineLoop (engine thread) ──outputs──▶ per-stream queues
+        grpc.health.v1 health: NOT_SERVING until warm-up is done and again while draining
+        server reflection; Prometheus metrics over HTTP; bearer token and TLS when configured
+
+A stream that is cancelled (client gone, deadline passed) aborts its request,
+which frees its pages. Draining refuses new streams with UNAVAILABLE, lets the
+running ones finish, then stops. Limits answer INVALID_ARGUMENT or
+RESOURCE_EXHAUSTED with the limit's name instead of running out of memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+
+import grpc
+import jax
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jaxinfer import params as params_lib
+from jaxinfer.engine import Engine
+from jaxinfer.errors import InputError, JaxinferError
+from jaxinfer.sampling import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from serving import convert
+from serving.engine_loop import EngineLoop
+from serving.gen.jaxinfer.v1 import inference_pb2 as pb
+from serving.gen.jaxinfer.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("jaxinfer.serve")
+
+SERVICE = "jaxinfer.v1.Inference"
+VERSION = "0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_concurrent_streams: int = 256
+    max_queued_requests: int = 1024
+    max_prompt_tokens: int | None = None  # None: the context length - 1
+    max_total_tokens: int | None = None  # prompt + max_tokens; None: the context length
+    max_message_bytes: int = 4 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Security:
+    token: str | None = None  # bearer token clients must send
+    cert_file: str | None = None  # TLS server certificate (PEM) ...
+    key_file: str | None = None  # ... and key
+    client_ca_file: str | None = None  # mutual TLS: clients need a certificate from this CA
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, server: "Server"):
+        self.server = server
+        self.engine = server.engine
+        self.tokenizer = server.engine.tokenizer
+        self.streams: set[str] = set()
+
+    async def Generate(self, request, context):
+        server = self.server
+        if not server.ready.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is warming up")
+        if server.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining; try another replica")
+        limits = server.limits
+        if len(self.streams) >= limits.max_concurrent_streams:
+            server.count("rejected")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"max_concurrent_streams ({limits.max_concurrent_streams}) reached")
+        if server.loop.snapshot["waiting"] >= limits.max_queued_requests:
+            server.count("rejected")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"max_queued_requests ({limits.max_queued_requests}) reached")
+        try:
+            request_id = convert.request_id(request.request_id) or uuid.uuid4().hex
+            params = convert.sampling_params(request.sampling)
+            prompt = convert.prompt(request, self.tokenizer, self.engine)
+            self._check_limits(prompt.token_ids, params)
+            self.engine.check_request(prompt.token_ids, params)
+            priority = request.priority if request.HasField("priority") else 0
+        except InputError as e:
+            server.count("rejected")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request_id in self.streams:
+            server.count("rejected")
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is running")
+
+        aloop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        tracker = convert.DeltaTracker(params)
+        self.streams.add(request_id)
+        finished = False
+        server.loop.submit(request_id, prompt.token_ids, params,
+                           lambda out: aloop.call_soon_threadsafe(queue.put_nowait, out),
+                           prompt=prompt.text, priority=priority)
+        log.info("request accepted", extra={"request_id": request_id, "prompt_tokens": len(prompt.token_ids)})
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, JaxinferError):
+                    finished = True
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(out))
+                if isinstance(out, BaseException):
+                    finished = True
+                    await context.abort(grpc.StatusCode.INTERNAL, f"engine failure: {out}")
+                response = tracker.response(out)
+                finished = out.finished
+                if response.outputs or response.finished or response.prompt_logprobs:
+                    yield response
+                if finished:
+                    break
+        finally:
+            self.streams.discard(request_id)
+            if not finished:  # cancelled, deadline passed or client gone
+                server.loop.abort(request_id)
+                log.info("request cancelled", extra={"request_id": request_id})
+            server.stream_ended()
+
+    def _check_limits(self, token_ids: list[int], params) -> None:
+        limits, n = self.server.limits, len(token_ids)
+        if limits.max_prompt_tokens is not None and n > limits.max_prompt_tokens:
+            raise InputError(f"the prompt has {n} tokens; max_prompt_tokens is {limits.max_prompt_tokens}")
+        total = n + (params.max_tokens or self.engine.max_model_len)
+        if limits.max_total_tokens is not None and params.max_tokens is not None and total > limits.max_total_tokens:
+            raise InputError(f"prompt ({n}) + max_tokens ({params.max_tokens}) exceeds max_total_tokens "
+                             f"({limits.max_total_tokens})")
+
+    async def Abort(self, request, context):
+        found = request.request_id in self.streams
+        if found:
+            self.server.loop.abort(request.request_id)
+        return pb.AbortResponse(found=found)
+
+    async def Tokenize(self, request, context):
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
+        try:
+            kind = request.WhichOneof("input")
+            if kind == "messages":
+                text = self.tokenizer.apply_chat_template(convert.messages(request.messages))
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+            elif kind == "text":
+                add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+                ids = self.tokenizer.encode(request.text, add_special_tokens=add)
+            else:
+                raise InputError("set one of text or messages")
+        except InputError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def GetModelInfo(self, request, context):
+        return self.server.model_info()
+
+    async def GetServerInfo(self, request, context):
+        s = self.server.loop.snapshot
+        return pb.ServerInfo(version=VERSION, running=s["running"], queued=s["waiting"],
+                             active_streams=len(self.streams), kv_cache_usage=s["kv_usage"],
+                             kv_cache_pages=s["kv_pages"], prefix_cache_hit_rate=s["prefix_cache_hit_rate"],
+                             preemptions=s["preemptions"], draining=self.server.draining,
+                             uptime_seconds=time.monotonic() - self.server.started)
+
+
+class Server:
+    """Owns the engine loop, the grpc.aio server (on its own thread) and the metrics endpoint."""
+
+    def __init__(self, engine: Engine, *, host: str = "127.0.0.1", port: int = 0,
+                 limits: Limits = Limits(), security: Security = Security(),
+                 metrics_port: int | None = None, warmup: bool = True):
+        self.engine = engine
+        self.host, self.port = host, port
+        self.limits = limits
+        self.security = security
+        self.metrics_port = metrics_port
+        self.do_warmup = warmup
+        self.metrics = None
+        self.loop = EngineLoop(engine, on_finished=self._finished)
+        self.ready = threading.Event()  # warmed up and serving
+        self.listening = threading.Event()
+        self.stopped = threading.Event()
+        self.draining = False
+        self.started = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._aio: asyncio.AbstractEventLoop | None = None
+        self._streams_done: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> int:
+        """Start listening (warm-up continues in the background); returns the port."""
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="jaxinfer-grpc",
+                                        daemon=True)
+        self._thread.start()
+        if not self.listening.wait(timeout) or self._error is not None:
+            raise self._error or RuntimeError("the gRPC server did not start")
+        return self.port
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self.ready.wait(timeout)
+
+    def drain(self, timeout: float = 60) -> None:
+        """Refuse new streams, let running ones finish (up to `timeout`), then stop."""
+        if self._aio is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._drain(timeout), self._aio).result(timeout + 30)
+        self.stopped.wait(30)
+
+    def stop(self) -> None:
+        self.drain(timeout=0)
+
+    async def _main(self) -> None:
+        try:
+            await self._serve()
+        except BaseException as e:  # surfaced to start()
+            self._error = e
+            self.listening.set()
+            raise
+        finally:
+            self.loop.stop(timeout=30)
+            self.stopped.set()
+
+    async def _serve(self) -> None:
+        self._aio = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._streams_done = asyncio.Event()
+        self._streams_done.set()
+        options = [("grpc.max_receive_message_length", self.limits.max_message_bytes),
+                   ("grpc.max_send_message_length", self.limits.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        interceptors = []
+        if self.security.token:
+            from serving.security import BearerTokenInterceptor
+            interceptors.append(BearerTokenInterceptor(self.security.token))
+        self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
+        self.servicer = InferenceServicer(self)
+        _add_servicer(self.servicer, self.grpc_server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        names = (pb.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc_server)
+        address = f"{self.host}:{self.port}"
+        if self.security.cert_file:
+            from serving.security import server_credentials
+            creds = server_credentials(self.security.cert_file, self.security.key_file,
+                                       self.security.client_ca_file)
+            self.port = self.grpc_server.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
+        if not self.port:
+            raise JaxinferError(f"could not listen on {address}")
+        await self.grpc_server.start()
+        if self.metrics_port is not None:
+            from serving.prometheus import ServerMetrics
+            self.metrics = ServerMetrics()
+            self.metrics.set_engine_source(lambda: {**self.loop.snapshot,
+                                                    "active_streams": len(self.servicer.streams)})
+            self.metrics.start_http(self.metrics_port, host=self.host)
+            self.metrics_port = self.metrics.http_port
+        log.info("listening", extra={"address": f"{self.host}:{self.port}", "tls": bool(self.security.cert_file)})
+        self.listening.set()
+        if self.do_warmup:
+            t = time.monotonic()
+            n = await asyncio.to_thread(self.engine.warmup)
+            log.info("warm-up done", extra={"shapes": n, "seconds": round(time.monotonic() - t, 1)})
+        self.loop.start()
+        self.ready.set()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._stop_event.wait()
+        await self.grpc_server.stop(grace=1)
+        if self.metrics is not None:
+            self.metrics.stop_http()
+
+    async def _drain(self, timeout: float) -> None:
+        self.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining", extra={"streams": len(self.servicer.streams)})
+        if self.servicer.streams:
+            self._streams_done.clear()
+            try:
+                await asyncio.wait_for(self._streams_done.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("drain timed out; cancelling the remaining streams",
+                            extra={"streams": len(self.servicer.streams)})
+        self._stop_event.set()
+
+    def stream_ended(self) -> None:
+        if self.draining and not self.servicer.streams and self._streams_done is not None:
+            self._streams_done.set()
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE):
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+
+    def _finished(self, out) -> None:  # engine thread
+        if self.metrics is not None:
+            self.metrics.observe_finished(out)
+        o = out.outputs[0] if out.outputs else None
+        log.info("request finished", extra={
+            "request_id": out.request_id, "status": o.finish_reason if o else "abort",
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": sum(len(x.token_ids) for x in out.outputs),
+            "ttft": out.metrics.time_to_first_token})
+
+    def count(self, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count(status)
+
+    def model_info(self) -> pb.ModelInfo:
+        engine, cfg = self.engine, self.engine.model.config
+        dtype = next(iter(jax.tree.leaves(engine.model.state))).dtype
+        limits = self.limits
+        ctx = engine.max_model_len
+        return pb.ModelInfo(
+            model=str(engine.model.source), architecture=cfg.architecture, vocab_size=cfg.vocab_size,
+            context_length=ctx, dtype=str(dtype), quantization="none",
+            num_params=params_lib.num_params(engine.model.state),
+            limits=pb.Limits(
+                max_concurrent_streams=limits.max_concurrent_streams,
+                max_queued_requests=limits.max_queued_requests,
+                max_prompt_tokens=min(limits.max_prompt_tokens or ctx - 1, ctx - 1),
+                max_total_tokens=min(limits.max_total_tokens or ctx, ctx),
+                max_message_bytes=limits.max_message_bytes, max_n=min(MAX_N, engine.config.max_num_seqs),
+                max_logprobs=MAX_LOGPROBS, max_stop_strings=MAX_STOP_STRINGS,
+                max_stop_token_ids=MAX_STOP_TOKEN_IDS))
+
+
+
+class _Malformed:
+    """What a request that does not parse (bad wire bytes, invalid UTF-8 in a string) becomes."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _parser(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # google.protobuf.message.DecodeError, UnicodeDecodeError
+            return _Malformed(e)
+    return parse
+
+
+def _add_servicer(servicer: InferenceServicer, server) -> None:
+    """Register the service like the generated helper does, except that a request that
+    does not parse gets INVALID_ARGUMENT (grpc's own answer would be INTERNAL)."""
+    async def malformed(context, request):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+
+    def unary(method):
+        async def handler(request, context):
+            if isinstance(request, _Malformed):
+                await malformed(context, request)
+            return await method(request, context)
+        return handler
+
+    async def generate(request, context):
+        if isinstance(request, _Malformed):
+            await malformed(context, request)
+        async for response in servicer.Generate(request, context):
+            yield response
+
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        generate, request_deserializer=_parser(pb.GenerateRequest),
+        response_serializer=pb.GenerateResponse.SerializeToString)}
+    for name, req, resp in [("Abort", pb.AbortRequest, pb.AbortResponse),
+                            ("Tokenize", pb.TokenizeRequest, pb.TokenizeResponse),
+                            ("GetModelInfo", pb.GetModelInfoRequest, pb.ModelInfo),
+                            ("GetServerInfo", pb.GetServerInfoRequest, pb.ServerInfo)]:
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            unary(getattr(servicer, name)), request_deserializer=_parser(req),
+            response_serializer=resp.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -3,6 +3,8 @@
     jaxinfer generate "prompt" [--model PATH] [--max-tokens N] [--temperature T] ...
     jaxinfer convert --model SRC --output DIR [--dtype bfloat16]
     jaxinfer batch --input prompts.jsonl --output results.jsonl [--model PATH] [--max-tokens N] ...
+    jaxinfer serve [--model PATH] [--host 127.0.0.1] [--port 50051] [--token-file FILE] [--tls-cert ...]
+    jaxinfer client "prompt" [--host H] [--port P] [--token-file FILE] [--max-tokens N] ...
 
 Only generated text goes to stdout; logs and progress bars go to stderr.
 """
@@ -51,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(batch)
     _batch_sampling_flags(batch)
     _engine_flags(batch)
+
+    serve = sub.add_parser("serve", help="serve the model over gRPC (jaxinfer.v1.Inference)",
+                           description="Serve the model over gRPC until SIGTERM/SIGINT, then drain: refuse "
+                                       "new streams, finish the running ones, exit 0. The bearer token comes "
+                                       f"from --token-file or ${TOKEN_ENV}, never from a flag value.")
+    _model_flags(serve)
+    _engine_flags(serve)
+    _serve_flags(serve)
+
+    client = sub.add_parser("client", help="send one prompt to a running server; the reply streams to stdout")
+    client.add_argument("prompt", help="prompt text")
+    client.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    _connection_flags(client)
+    _sampling_flags(client)
     return parser
 
 
@@ -67,6 +83,75 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-generation tokens")
+
+
+TOKEN_ENV = "JAXINFER_TOKEN"
+
+
+_LIMITS = ("max_concurrent_streams", "max_queued_requests", "max_prompt_tokens", "max_total_tokens",
+           "max_message_bytes")
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 exposes the "
+                        "server to the network: set a token and TLS)")
+    g.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port, logged)")
+    g.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                   help="serve Prometheus metrics over HTTP on this port (default: off)")
+    g.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long running streams may take to finish")
+    g.add_argument("--log-format", choices=["json", "text"], default="json", help="log lines on stderr")
+    g = p.add_argument_group("limits (default: serving.server.Limits; the effective ones are logged)")
+    g.add_argument("--max-concurrent-streams", type=int, default=None, metavar="N")
+    g.add_argument("--max-queued-requests", type=int, default=None, metavar="N")
+    g.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="default: the context length - 1")
+    g.add_argument("--max-total-tokens", type=int, default=None, metavar="N",
+                   help="prompt + max_tokens; default: the context length")
+    g.add_argument("--max-message-bytes", type=int, default=None, metavar="N")
+    g = p.add_argument_group("security")
+    g.add_argument("--token-file", default=None, metavar="FILE",
+                   help=f"clients must send this file's bearer token (default: ${TOKEN_ENV} if set, else none)")
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="TLS certificate chain (with --tls-key)")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="TLS private key")
+    g.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                   help="mutual TLS: clients need a certificate signed by this CA")
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=50051)
+    g.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline of the request")
+    g.add_argument("--token-file", default=None, metavar="FILE",
+                   help=f"bearer token to send (default: ${TOKEN_ENV} if set, else none)")
+    g.add_argument("--tls-ca", default=None, metavar="PEM", help="use TLS; the CA of the server's certificate")
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="mutual TLS: client certificate")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="mutual TLS: client private key")
+
+
+def _read_token(token_file: str | None) -> str | None:
+    """The bearer token from `token_file`, else $JAXINFER_TOKEN, else None. Never logged."""
+    import os
+
+    from jaxinfer.errors import ConfigError
+
+    if token_file is None:
+        token = os.environ.get(TOKEN_ENV)
+        if token is not None and not token.strip():
+            raise ConfigError(f"${TOKEN_ENV} is set but empty")
+        return token.strip() if token else None
+    try:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the token file {token_file!r}: {getattr(e, 'strerror', None) or e}") \
+            from None
+    if not token:
+        raise ConfigError(f"the token file {token_file!r} is empty")
+    return token
 
 
 def _sampling_params(args):
@@ -172,6 +257,106 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import dataclasses
+    import signal
+    import threading
+
+    from jaxinfer.errors import ConfigError
+    from serving.server import Limits, Security, Server
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    security = Security(token=_read_token(args.token_file), cert_file=args.tls_cert, key_file=args.tls_key,
+                        client_ca_file=args.tls_client_ca)
+    if security.cert_file:  # fail on unusable PEM files before the model loads
+        from serving.security import server_credentials
+        server_credentials(security.cert_file, security.key_file, security.client_ca_file)
+    limits = Limits(**{k: getattr(args, k) for k in _LIMITS if getattr(args, k) is not None})
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (security.token and security.cert_file):
+        log.warning("listening on %s without both a bearer token and TLS: anyone who can reach this port "
+                    "can use the model", args.host)
+
+    llm = _load_llm(args, warmup=False)  # the server warms up after it starts listening
+    server = Server(llm.engine, host=args.host, port=args.port, limits=limits, security=security,
+                    metrics_port=args.metrics_port, warmup=True)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        # A second Ctrl-C stops waiting for the drain.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        port = server.start()
+    except RuntimeError as e:  # grpc cannot bind the address
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    log.info("serving %s on %s:%d (gRPC%s%s)", llm.model.source, args.host, port,
+             ", TLS" if security.cert_file else "", ", bearer token" if security.token else "",
+             extra={"limits": dataclasses.asdict(limits)})
+    announced = False
+    while not stop.wait(0.2):
+        if server.stopped.is_set():
+            print("jaxinfer: error: the server stopped unexpectedly", file=sys.stderr)
+            return 1
+        if not announced and server.ready.is_set():
+            log.info("ready on %s:%d", args.host, port)
+            announced = True
+    log.info("draining (up to %.0fs)", args.drain_timeout)
+    server.drain(timeout=args.drain_timeout)
+    if server._thread is not None:  # let asyncio.run finish its clean-up before the interpreter exits
+        server._thread.join(30)
+    log.info("stopped")
+    return 0
+
+
+def cmd_client(args) -> int:
+    import grpc
+
+    from serving.client import Client
+    from serving.gen.jaxinfer.v1 import inference_pb2 as pb
+
+    if not args.prompt.strip():
+        raise JaxinferError("the prompt is empty")
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                    repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                    frequency_penalty=args.frequency_penalty, ignore_eos=args.ignore_eos)
+    last, wrote = None, False
+    try:
+        with Client(args.host, args.port, token=_read_token(args.token_file), ca_file=args.tls_ca,
+                    cert_file=args.tls_cert, key_file=args.tls_key, timeout=args.timeout) as client:
+            for last in client.generate(prompt, **sampling):
+                for o in last.outputs:
+                    if o.index == 0 and o.text:
+                        sys.stdout.write(o.text)
+                        sys.stdout.flush()
+                        wrote = True
+    except grpc.RpcError as e:
+        if wrote:  # end the partial line
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        print(f"jaxinfer: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    finish = last.outputs[0].finish_reason if last is not None and last.outputs else 0
+    if finish == pb.FINISH_REASON_ABORT:
+        print("jaxinfer: error: the request was aborted on the server", file=sys.stderr)
+        return 1
+    if last is not None:
+        u = last.usage
+        log.info("%d prompt tokens (%d cached), %d generated tokens; finish: %s", u.prompt_tokens,
+                 u.cached_tokens, u.completion_tokens,
+                 pb.FinishReason.Name(finish).removeprefix("FINISH_REASON_").lower())
+    return 0
+
+
 def cmd_convert(args) -> int:
     from checkpoints import loader, orbax_io
     from jaxinfer.llm import DTYPES, default_dtype_name
@@ -186,12 +371,17 @@ def cmd_convert(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if args.command == "serve":
+        from serving import logs
+        logs.configure(json=args.log_format == "json", level=level)
+    else:
+        logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"generate": cmd_generate, "convert": cmd_convert, "batch": cmd_batch}[args.command](args)
+        return {"generate": cmd_generate, "convert": cmd_convert, "batch": cmd_batch, "serve": cmd_serve,
+                "client": cmd_client}[args.command](args)
     except JaxinferError as e:
         print(f"jaxinfer: error: {e}", file=sys.stderr)
         return 1

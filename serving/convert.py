@@ -93,6 +93,7 @@ class DeltaTracker:
         self.sent_tokens: dict[int, int] = {}
         self.sent_text: dict[int, int] = {}
         self.sent_prompt_logprobs = False
+        self.finished: set[int] = set()  # samples whose final delta went out
 
     def response(self, out: RequestOutput) -> pb.GenerateResponse:
         resp = pb.GenerateResponse(request_id=out.request_id, finished=out.finished)
@@ -101,6 +102,8 @@ class DeltaTracker:
                                         for e in out.prompt_logprobs)
             self.sent_prompt_logprobs = True
         for o in out.outputs:
+            if o.index in self.finished:
+                continue
             done = o.finish_reason is not None
             t0, c0 = self.sent_tokens.get(o.index, 0), self.sent_text.get(o.index, 0)
             end = len(o.text) if done else max(c0, len(o.text) - self.hold)
@@ -115,6 +118,8 @@ class DeltaTracker:
             elif o.stop_reason is not None:
                 delta.stop_token_id = int(o.stop_reason)
             self.sent_tokens[o.index], self.sent_text[o.index] = len(o.token_ids), end
+            if done:
+                self.finished.add(o.index)
             resp.outputs.append(delta)
         if out.finished:
             resp.usage.CopyFrom(pb.Usage(

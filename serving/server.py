@@ -212,6 +212,8 @@ class Server:
             return
         asyncio.run_coroutine_threadsafe(self._drain(timeout), self._aio).result(timeout + 30)
         self.stopped.wait(30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(30)  # let asyncio finish its cleanup before the process may exit
 
     def stop(self) -> None:
         self.drain(timeout=0)

@@ -39,7 +39,7 @@ from jaxinfer.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
-CPU_KV_CACHE_BYTES = 4 << 30  # default KV pool on the CPU, where memory is shared with everything
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU, where memory is shared with everything
 ACCELERATOR_KV_FRACTION = 0.9  # of the memory left after the weights
 
 
@@ -50,7 +50,7 @@ class EngineConfig:
     max_model_len: int | None = None  # longest prompt + output; None: the model's context
     page_size: int = 16
     num_pages: int | None = None  # KV pages; None: sized from kv_cache_bytes
-    kv_cache_bytes: int | None = None  # None: 90% of free accelerator memory, or 4 GiB on CPU
+    kv_cache_bytes: int | None = None  # None: 90% of free accelerator memory, or 1 GiB on CPU
     block_q: int = 64  # prefill query block (attention without kernels)
     enable_prefix_caching: bool = True
     prompt_logprob_rows: int = 32

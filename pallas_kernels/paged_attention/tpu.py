@@ -1,0 +1,205 @@
+"""Ragged paged attention over a paged KV cache: a Mosaic TPU Pallas kernel.
+
+Queries are regrouped on the way in so that every query block belongs to one
+sequence: sequence `s` gets `ceil(q_len / block_q)` blocks of `block_q` tokens
+(its last block padded), decode tokens and prefill chunks alike. Within a block,
+rows are `token * group + g` for one KV head, so the GQA group shares each K/V
+page it loads and a decode token still fills `group` rows of the MXU.
+
+Grid (kv_head, q_block, kv_block), kv innermost. A KV block is
+`pages_per_block` pages; each page is its own BlockSpec whose index map reads
+the scalar-prefetched page table, so the pipeline DMAs exactly the pages a
+(sequence, query block) needs, double-buffered. Per q block, the range of KV
+blocks holding any visible key (causal, inside kv_len and the sliding window)
+is computed beforehand and scalar-prefetched: blocks outside it skip compute,
+and their index maps clamp into the range so nothing new is fetched. Online
+softmax keeps a running max, denominator and accumulator in VMEM.
+
+The cache is read as `[num_pages, page_size, kv_heads * head_dim]` (a free
+reshape) so a page of one head is a `[page_size, head_dim]` tile.
+
+TODO(quantized KV): int8/fp8 pages with per-page (or per-token) scales: add the
+scale arrays as inputs with the same index maps and dequantize after the load.
+TODO(speed): decode-only steps waste `block_q - 1` tokens of every block; a
+layout packing several decode sequences into one block would not.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _query_blocks(cu_q_lens, kv_lens, num_blocks, block_q):
+    """Per q block: its sequence, the position of its first query, how many of
+    its tokens are real, and the first slot of every sequence's blocks."""
+    num_seqs = kv_lens.shape[0]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
+    seq_blocks = -(-q_lens // block_q)
+    cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_blocks)]).astype(jnp.int32)
+    b = jnp.arange(num_blocks, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_blocks, b, side="right") - 1, 0, num_seqs - 1).astype(jnp.int32)
+    used = b < cu_blocks[-1]
+    q0 = (b - cu_blocks[seq]) * block_q  # index of the block's first query within its sequence
+    num_valid = jnp.where(used, jnp.clip(q_lens[seq] - q0, 0, block_q), 0).astype(jnp.int32)
+    first_pos = (kv_lens[seq] - q_lens[seq] + q0).astype(jnp.int32)
+    return seq, q0, num_valid, first_pos, cu_blocks
+
+
+def _kv_block_ranges(first_pos, num_valid, block_kv, sliding_window):
+    """First and last KV block (inclusive) holding a key some query of the block
+    sees; (0, -1) for blocks without queries."""
+    last_pos = first_pos + num_valid - 1
+    lo_pos = jnp.zeros_like(first_pos)
+    if sliding_window is not None:
+        lo_pos = jnp.maximum(first_pos - sliding_window + 1, 0)
+    empty = (num_valid == 0) | (last_pos < 0)
+    lo = jnp.where(empty, 0, lo_pos // block_kv).astype(jnp.int32)
+    hi = jnp.where(empty, -1, last_pos // block_kv).astype(jnp.int32)
+    return lo, hi
+
+
+def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_ref, *refs,
+            pages_per_block, page_size, group, sm_scale, sliding_window, soft_cap):
+    k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block:2 * pages_per_block]
+    o_ref, m_ref, l_ref, acc_ref = refs[2 * pages_per_block:]
+    b, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when((j >= lo_ref[b]) & (j <= hi_ref[b]))
+    def _step():
+        k = jnp.concatenate([r[...] for r in k_refs], axis=0) if pages_per_block > 1 else k_refs[0][...]
+        v = jnp.concatenate([r[...] for r in v_refs], axis=0) if pages_per_block > 1 else v_refs[0][...]
+        s = lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * sm_scale  # [rows, block_kv]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        token = lax.div(lax.broadcasted_iota(jnp.int32, s.shape, 0), group)
+        q_pos = first_pos_ref[b] + token
+        k_pos = j * (pages_per_block * page_size) + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        mask = (k_pos <= q_pos) & (token < num_valid_ref[b])
+        if sliding_window is not None:
+            mask &= q_pos - k_pos < sliding_window
+        s = jnp.where(mask, s, MASK_VALUE)
+
+        m_prev = m_ref[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)  # rows with no key yet stay at 0
+        alpha = jnp.exp(m_prev - m_new)
+        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+        acc_ref[...] = alpha * acc_ref[...] + pv
+        m_ref[...] = m_new
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        l = l_ref[...]
+        o_ref[...] = (acc_ref[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+def default_block_q(max_q_len: int, group: int) -> int:
+    """Query tokens per block: enough rows (`block_q * group`) to fill 16
+    sublanes, at most 128 rows, no more than the longest query needs."""
+    least = -(-16 // group)
+    return min(max(max_q_len, least), max(least, 128 // group))
+
+
+@functools.partial(jax.jit, static_argnames=("max_q_len", "sm_scale", "sliding_window", "soft_cap",
+                                             "block_q", "pages_per_block", "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,  # [T, q_heads, head_dim]
+    k_pages: jax.Array,  # [num_pages, page_size, kv_heads, head_dim]
+    v_pages: jax.Array,  # [num_pages, page_size, kv_heads, head_dim]
+    kv_lens: jax.Array,  # [S] int32
+    page_table: jax.Array,  # [S, P] int32
+    cu_q_lens: jax.Array,  # [S + 1] int32, cu_q_lens[0] == 0
+    *,
+    max_q_len: int,  # static bound on any sequence's q_len
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    block_q: int | None = None,  # query tokens per block; default_block_q when None
+    pages_per_block: int = 1,  # KV pages per grid step
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:  # [T, q_heads, head_dim], rows of padding tokens are zero
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    num_seqs, pages_per_seq = page_table.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q_heads {num_q_heads} not a multiple of kv_heads {num_kv_heads}")
+    group = num_q_heads // num_kv_heads
+    block_q = block_q or default_block_q(max_q_len, group)
+    rows = block_q * group
+    block_kv = pages_per_block * page_size
+    num_kv_blocks = -(-pages_per_seq // pages_per_block)
+    # Each sequence wastes under one block, and none has more than ceil(max_q_len / block_q).
+    num_q_blocks = max(1, min(-(-(num_tokens + num_seqs * (block_q - 1)) // block_q),
+                              num_seqs * -(-max_q_len // block_q)))
+
+    cu_q_lens, kv_lens = cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32)
+    seq, q0, num_valid, first_pos, cu_blocks = _query_blocks(cu_q_lens, kv_lens, num_q_blocks, block_q)
+    lo, hi = _kv_block_ranges(first_pos, num_valid, block_kv, sliding_window)
+    pages = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1).reshape(-1)
+
+    # Regroup queries: slot b * block_q + i holds query q0[b] + i of sequence seq[b].
+    i = jnp.arange(block_q, dtype=jnp.int32)
+    token = (cu_q_lens[seq][:, None] + q0[:, None] + i[None, :]).reshape(-1)
+    slot_valid = (i[None, :] < num_valid[:, None]).reshape(-1)
+    qb = jnp.where(slot_valid[:, None, None], q[jnp.clip(token, 0, num_tokens - 1)], 0)
+    qb = qb.reshape(num_q_blocks * block_q, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    qb = qb.reshape(num_kv_heads, num_q_blocks * rows, head_dim)  # [K, blocks * rows, D]
+    kf = k_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
+    vf = v_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
+
+    def page_index(n):
+        def index(h, b, j, seq, lo, hi, first_pos, num_valid, pages):
+            jj = jnp.clip(j, lo[b], jnp.maximum(hi[b], lo[b]))
+            page = jnp.minimum(jj * pages_per_block + n, pages_per_seq - 1)
+            return pages[seq[b] * pages_per_seq + page], 0, h
+        return pl.BlockSpec((None, page_size, head_dim), index)
+
+    q_spec = pl.BlockSpec((None, rows, head_dim), lambda h, b, j, *_: (h, b, 0))
+    page_specs = [page_index(n) for n in range(pages_per_block)]
+    kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size,
+                               group=group, sm_scale=sm_scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=6,
+            grid=(num_kv_heads, num_q_blocks, num_kv_blocks),
+            in_specs=[q_spec] + page_specs + page_specs,
+            out_specs=q_spec,
+            scratch_shapes=[
+                pltpu.VMEM((rows, 1), jnp.float32),  # running max
+                pltpu.VMEM((rows, 1), jnp.float32),  # running denominator
+                pltpu.VMEM((rows, head_dim), jnp.float32),  # accumulator
+            ],
+        ),
+        out_shape=jax.ShapeDtypeStruct(qb.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(seq, lo, hi, first_pos, num_valid, pages, qb, *([kf] * pages_per_block), *([vf] * pages_per_block))
+
+    # Back to token order: token t of sequence s sits at slot cu_blocks[s] * block_q + (t - cu_q_lens[s]).
+    out = out.reshape(num_kv_heads, num_q_blocks * block_q, group, head_dim).transpose(1, 0, 2, 3)
+    out = out.reshape(num_q_blocks * block_q, num_q_heads, head_dim)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    tseq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, num_seqs - 1)
+    slot = cu_blocks[tseq] * block_q + t - cu_q_lens[tseq]
+    real = t < cu_q_lens[-1]
+    return jnp.where(real[:, None, None], out[jnp.clip(slot, 0, num_q_blocks * block_q - 1)], 0).astype(q.dtype)

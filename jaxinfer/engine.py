@@ -85,7 +85,6 @@ class _InFlight:
     rows: list[list[int]]  # per item (decode first, then prefill): its logits rows
     out: object  # SampleOutput on the device
     want_top: bool
-    dispatch_time: float
 
 
 class Engine:
@@ -265,17 +264,21 @@ class Engine:
     def kv_usage(self) -> float:
         return self.scheduler.blocks.usage
 
+    def gauges(self) -> dict:
+        """The engine's current state, cheap enough to read every step."""
+        blocks = self.scheduler.blocks
+        return {"running": self.num_running, "waiting": self.num_waiting, "kv_usage": blocks.usage,
+                "kv_pages": blocks.num_pages - 1, "prefix_cache_hit_rate": blocks.prefix_hit_rate,
+                "preemptions": self.scheduler.num_preemptions}
+
     def stats(self) -> dict:
         """Everything the engine measures, as plain numbers (for export and benchmarks)."""
         m, blocks = self.metrics, self.scheduler.blocks
         return {
-            "running": self.num_running, "waiting": self.num_waiting,
-            "kv_usage": blocks.usage, "kv_pages": blocks.num_pages - 1,
-            "prefix_cache_hit_rate": blocks.prefix_hit_rate,
+            **self.gauges(),
             "prefix_cache_queried_tokens": blocks.prefix_queried_tokens,
             "prefix_cache_hit_tokens": blocks.prefix_hit_tokens,
-            "preemptions": self.scheduler.num_preemptions, "steps": m.steps,
-            "prompt_tokens": m.prompt_tokens, "generation_tokens": m.generation_tokens,
+            "steps": m.steps, "prompt_tokens": m.prompt_tokens, "generation_tokens": m.generation_tokens,
             "requests": dict(m.requests), "rejected": m.rejected,
             "compilations": compilations.count(),
             "time_to_first_token": percentiles(m.ttft), "time_per_output_token": percentiles(m.tpot),
@@ -333,7 +336,7 @@ class Engine:
         out = runner.step(batch, arrays)
         self.metrics.steps += 1
         self.metrics.computed_tokens += step.num_tokens
-        return _InFlight(step, rows, out, want_top, now)
+        return _InFlight(step, rows, out, want_top)
 
     def _read_back(self, inflight: _InFlight) -> list[RequestOutput]:
         out = inflight.out
@@ -482,16 +485,4 @@ class Engine:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
-
-
-def run_to_completion(engine: Engine, on_output=None) -> list[RequestOutput]:
-    """Step until every request is done; outputs in completion order."""
-    results = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                results.append(out)
-            if on_output is not None:
-                on_output(out)
-    return results
 

@@ -26,9 +26,6 @@ class CompletionOutput:
     finish_reason: str | None  # "stop", "length", "abort"; None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
 
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
 
 @dataclasses.dataclass
 class RequestMetrics:

@@ -113,7 +113,4 @@ class EngineLoop:
             log.exception("engine could not drain after a failure")
 
     def _snapshot(self) -> dict:
-        engine, blocks = self.engine, self.engine.scheduler.blocks
-        return {"running": engine.num_running, "waiting": engine.num_waiting, "kv_usage": blocks.usage,
-                "kv_pages": blocks.num_pages - 1, "prefix_cache_hit_rate": blocks.prefix_hit_rate,
-                "preemptions": engine.scheduler.num_preemptions, "time": time.monotonic()}
+        return {**self.engine.gauges(), "time": time.monotonic()}

@@ -10,7 +10,6 @@ import numpy as np
 import tokenizers
 
 from checkpoints import loader
-from jaxinfer.engine import run_to_completion
 from jaxinfer.llm import LLM
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import Tokenizer
@@ -19,13 +18,18 @@ from jaxinfer.tokenizer import Tokenizer
 SMALL = dict(max_num_seqs=16, max_num_batched_tokens=64, block_q=16, page_size=4, max_model_len=128)
 
 
-def byte_tokenizer() -> Tokenizer:
-    """256 tokens, one per byte (GPT-2 byte-level alphabet), no merges; id 2 ends text."""
+def byte_level_backend() -> tokenizers.Tokenizer:
+    """256 tokens, one per byte (GPT-2 byte-level alphabet, id = byte value), no merges."""
     alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
     backend = tokenizers.Tokenizer(tokenizers.models.BPE({c: i for i, c in enumerate(alphabet)}, []))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = tokenizers.decoders.ByteLevel()
-    return Tokenizer(backend, eos_token_id=2)
+    return backend
+
+
+def byte_tokenizer() -> Tokenizer:
+    """The byte-level tokenizer as jaxinfer's Tokenizer; id 2 ends text."""
+    return Tokenizer(byte_level_backend(), eos_token_id=2)
 
 
 def _byte_of(char: str) -> int:
@@ -77,5 +81,5 @@ def run_arriving(llm: LLM, prompts, params, rng: np.random.Generator, arrive_pro
     return outputs, aborted
 
 
-__all__ = ["SMALL", "byte_tokenizer", "tiny_model", "tiny_llm", "random_prompts", "run_alone",
-           "run_arriving", "run_to_completion"]
+__all__ = ["SMALL", "byte_level_backend", "byte_tokenizer", "tiny_model", "tiny_llm", "random_prompts",
+           "run_alone", "run_arriving"]

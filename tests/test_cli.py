@@ -9,30 +9,19 @@ import sys
 
 import jax.numpy as jnp
 import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 from checkpoints import loader
+from engine_fixtures import byte_level_backend
 from jaxinfer.llm import LLM
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.sharding import make_mesh
-
-
-def byte_tokenizer() -> HFTokenizer:
-    """256 byte tokens, no merges: any text round-trips through a 256-token vocab."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok
 
 
 @pytest.fixture(scope="module")
 def tiny_model(data_dir, tmp_path_factory):
     target = tmp_path_factory.mktemp("model") / "llama_gqa"
     shutil.copytree(data_dir / "hf_tiny" / "llama_gqa", target)
-    byte_tokenizer().save(str(target / "tokenizer.json"))
+    byte_level_backend().save(str(target / "tokenizer.json"))
     (target / "tokenizer_config.json").write_text(json.dumps({"eos_token": None}))
     return target
 

@@ -22,7 +22,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels import online_softmax
+from pallas_kernels.online_softmax import MASK_VALUE
+
 NO_SEQ = 2**30  # sequence start given to padding queries: they see no key
 
 
@@ -51,9 +53,7 @@ def _kernel(kv_lo_ref, kv_hi_ref, seq_start_ref, q_ref, k_ref, v_ref, o_ref, m_r
 
     @pl.when(ki == 0)
     def _init():
-        m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        online_softmax.init(m_ref, l_ref, acc_ref)
 
     @pl.when((ki >= kv_lo_ref[qi]) & (ki <= kv_hi_ref[qi]))
     def _step():
@@ -68,20 +68,11 @@ def _kernel(kv_lo_ref, kv_hi_ref, seq_start_ref, q_ref, k_ref, v_ref, o_ref, m_r
             mask &= q_pos - k_pos < sliding_window
         s = jnp.where(mask, s, MASK_VALUE)
 
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)  # rows with no key yet stay at 0
-        alpha = jnp.exp(m_prev - m_new)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-        acc_ref[...] = alpha * acc_ref[...] + pv
-        m_ref[...] = m_new
+        online_softmax.update(m_ref, l_ref, acc_ref, s, mask, v_ref[...])
 
     @pl.when(ki == pl.num_programs(2) - 1)
     def _finish():
-        l = l_ref[...]
-        o_ref[...] = (acc_ref[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+        online_softmax.finish(o_ref, l_ref, acc_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q",

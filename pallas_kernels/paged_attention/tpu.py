@@ -34,7 +34,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels import online_softmax
+from pallas_kernels.online_softmax import MASK_VALUE
+
 
 
 def _query_blocks(cu_q_lens, kv_lens, num_blocks, block_q):
@@ -74,9 +76,7 @@ def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
-        l_ref[...] = jnp.zeros_like(l_ref)
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        online_softmax.init(m_ref, l_ref, acc_ref)
 
     @pl.when((j >= lo_ref[b]) & (j <= hi_ref[b]))
     def _step():
@@ -94,20 +94,11 @@ def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_
             mask &= q_pos - k_pos < sliding_window
         s = jnp.where(mask, s, MASK_VALUE)
 
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)  # rows with no key yet stay at 0
-        alpha = jnp.exp(m_prev - m_new)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-        acc_ref[...] = alpha * acc_ref[...] + pv
-        m_ref[...] = m_new
+        online_softmax.update(m_ref, l_ref, acc_ref, s, mask, v)
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
-        l = l_ref[...]
-        o_ref[...] = (acc_ref[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+        online_softmax.finish(o_ref, l_ref, acc_ref)
 
 
 def default_block_q(max_q_len: int, group: int) -> int:

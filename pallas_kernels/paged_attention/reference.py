@@ -6,6 +6,10 @@ which are its last `q_len` positions out of `kv_lens[s]`. Keys and values live
 in pages: page `page_table[s, i]` holds positions `i*page_size:(i+1)*page_size`.
 The new tokens' K/V must already be written into the pages.
 
+Quantized pages (int8 or fp8) come with per-token, per-KV-head scales
+`k_scale`/`v_scale` of shape [num_pages, kv_heads, page_size] float32: the
+value is `page value * scale`. Without scales, pages hold the values themselves.
+
 This version gathers each sequence's pages into a dense [S, P*page_size] block,
 so it is memory-hungry; it exists to be obviously right, not fast.
 """
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.kv_quantization import dequantize
 
 
 def ragged_paged_attention(
@@ -28,6 +34,8 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,  # attend to keys with q_pos - k_pos < window
     soft_cap: float | None = None,  # scores -> soft_cap * tanh(scores / soft_cap)
+    k_scale: jax.Array | None = None,  # [num_pages, kv_heads, page_size] float32
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:  # [T, q_heads, head_dim], rows of padding tokens are zero
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs, pages_per_seq = page_table.shape
@@ -42,8 +50,8 @@ def ragged_paged_attention(
     qs = qs.reshape(num_seqs, max_q_len, num_kv_heads, group, head_dim)
 
     ctx = pages_per_seq * page_size
-    k = k_pages[page_table].reshape(num_seqs, ctx, num_kv_heads, head_dim)
-    v = v_pages[page_table].reshape(num_seqs, ctx, num_kv_heads, head_dim)
+    k = dequantize(k_pages, k_scale, q.dtype)[page_table].reshape(num_seqs, ctx, num_kv_heads, head_dim)
+    v = dequantize(v_pages, v_scale, q.dtype)[page_table].reshape(num_seqs, ctx, num_kv_heads, head_dim)
 
     q_pos = (kv_lens - q_lens)[:, None] + j[None, :]  # [S, Q]
     k_pos = jnp.arange(ctx)
@@ -70,3 +78,4 @@ def ragged_paged_attention(
     result = jnp.zeros_like(q)
     return result.at[target.reshape(-1)].set(
         out.reshape(-1, num_q_heads, head_dim), mode="drop")
+

@@ -18,8 +18,10 @@ softmax keeps a running max, denominator and accumulator in VMEM.
 The cache is read as `[num_pages, page_size, kv_heads * head_dim]` (a free
 reshape) so a page of one head is a `[page_size, head_dim]` tile.
 
-TODO(quantized KV): int8/fp8 pages with per-page (or per-token) scales: add the
-scale arrays as inputs with the same index maps and dequantize after the load.
+Quantized pages (int8/fp8) bring scales [num_pages, kv_heads, page_size]; they
+are read as [num_pages, kv_heads, page_size, 1] (a free reshape), so one page's
+scales arrive as a [page_size, 1] column beside the page itself, through the
+same index map, and the page is dequantized in VMEM before the MXU.
 TODO(speed): decode-only steps waste `block_q - 1` tokens of every block; a
 layout packing several decode sequences into one block would not.
 """
@@ -69,9 +71,11 @@ def _kv_block_ranges(first_pos, num_valid, block_kv, sliding_window):
 
 
 def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_ref, *refs,
-            pages_per_block, page_size, group, sm_scale, sliding_window, soft_cap):
-    k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block:2 * pages_per_block]
-    o_ref, m_ref, l_ref, acc_ref = refs[2 * pages_per_block:]
+            pages_per_block, page_size, group, sm_scale, sliding_window, soft_cap, quantized):
+    n = pages_per_block
+    k_refs, v_refs = refs[:n], refs[n:2 * n]
+    ks_refs, vs_refs = (refs[2 * n:3 * n], refs[3 * n:4 * n]) if quantized else ((None,) * n,) * 2
+    o_ref, m_ref, l_ref, acc_ref = refs[(4 if quantized else 2) * n:]
     b, j = pl.program_id(1), pl.program_id(2)
 
     @pl.when(j == 0)
@@ -80,8 +84,11 @@ def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_
 
     @pl.when((j >= lo_ref[b]) & (j <= hi_ref[b]))
     def _step():
-        k = jnp.concatenate([r[...] for r in k_refs], axis=0) if pages_per_block > 1 else k_refs[0][...]
-        v = jnp.concatenate([r[...] for r in v_refs], axis=0) if pages_per_block > 1 else v_refs[0][...]
+        def load(refs, scale_refs):
+            tiles = [_dequantize(r, sr, q_ref.dtype) for r, sr in zip(refs, scale_refs)]
+            return jnp.concatenate(tiles, axis=0) if len(tiles) > 1 else tiles[0]
+
+        k, v = load(k_refs, ks_refs), load(v_refs, vs_refs)
         s = lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * sm_scale  # [rows, block_kv]
         if soft_cap is not None:
@@ -99,6 +106,12 @@ def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
         online_softmax.finish(o_ref, l_ref, acc_ref)
+
+
+def _dequantize(page_ref, scale_ref, dtype):
+    if scale_ref is None:
+        return page_ref[...]
+    return (page_ref[...].astype(jnp.float32) * scale_ref[...]).astype(dtype)
 
 
 def default_block_q(max_q_len: int, group: int) -> int:
@@ -125,6 +138,8 @@ def ragged_paged_attention(
     block_q: int | None = None,  # query tokens per block; default_block_q when None
     pages_per_block: int = 1,  # KV pages per grid step
     interpret: bool | pltpu.InterpretParams = False,
+    k_scale: jax.Array | None = None,  # [num_pages, kv_heads, page_size] float32 for int8/fp8 pages
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:  # [T, q_heads, head_dim], rows of padding tokens are zero
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
@@ -132,6 +147,9 @@ def ragged_paged_attention(
     if num_q_heads % num_kv_heads:
         raise ValueError(f"q_heads {num_q_heads} not a multiple of kv_heads {num_kv_heads}")
     group = num_q_heads // num_kv_heads
+    quantized = k_scale is not None
+    if quantized != (v_scale is not None):
+        raise ValueError("k_scale and v_scale come together")
     block_q = block_q or default_block_q(max_q_len, group)
     rows = block_q * group
     block_kv = pages_per_block * page_size
@@ -163,16 +181,29 @@ def ragged_paged_attention(
         return pl.BlockSpec((None, page_size, head_dim), index)
 
     q_spec = pl.BlockSpec((None, rows, head_dim), lambda h, b, j, *_: (h, b, 0))
+    def scale_index(n):
+        page = page_index(n).index_map
+        def index(*args):
+            p, _, h = page(*args)
+            return p, h, 0, 0
+        return pl.BlockSpec((None, None, page_size, 1), index)
+
     page_specs = [page_index(n) for n in range(pages_per_block)]
+    kv_specs, kv_inputs = page_specs * 2, [kf] * pages_per_block + [vf] * pages_per_block
+    if quantized:
+        scale_shape = (num_pages, num_kv_heads, page_size, 1)
+        kv_specs += [scale_index(n) for n in range(pages_per_block)] * 2
+        kv_inputs += ([k_scale.astype(jnp.float32).reshape(scale_shape)] * pages_per_block
+                      + [v_scale.astype(jnp.float32).reshape(scale_shape)] * pages_per_block)
     kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size,
                                group=group, sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap)
+                               soft_cap=soft_cap, quantized=quantized)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6,
             grid=(num_kv_heads, num_q_blocks, num_kv_blocks),
-            in_specs=[q_spec] + page_specs + page_specs,
+            in_specs=[q_spec] + kv_specs,
             out_specs=q_spec,
             scratch_shapes=[
                 pltpu.VMEM((rows, 1), jnp.float32),  # running max
@@ -184,7 +215,7 @@ def ragged_paged_attention(
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(seq, lo, hi, first_pos, num_valid, pages, qb, *([kf] * pages_per_block), *([vf] * pages_per_block))
+    )(seq, lo, hi, first_pos, num_valid, pages, qb, *kv_inputs)
 
     # Back to token order: token t of sequence s sits at slot cu_blocks[s] * block_q + (t - cu_q_lens[s]).
     out = out.reshape(num_kv_heads, num_q_blocks * block_q, group, head_dim).transpose(1, 0, 2, 3)

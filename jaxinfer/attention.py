@@ -2,42 +2,100 @@
 
 Every attention type is paged. Implementations, by name:
 
-    xla        jaxinfer/attention_xla.py: plain JAX, blockwise over pages (default)
+    auto       the Pallas kernels on GPU and TPU, `xla` on the CPU (default)
+    kernels    pallas_kernels/paged_attention: the Mosaic TPU kernel on TPU, the
+               Mosaic GPU kernel on GPU, the reference elsewhere
+    xla        jaxinfer/attention_xla.py: plain JAX, blockwise over pages
     reference  pallas_kernels/paged_attention/reference.py: dense, obviously right
 
-The Pallas kernels (pallas_kernels/) plug in here as further names behind the
-same signature. Pick one with JAXINFER_ATTENTION=<name> (read at import),
-`set_implementation(name)`, or `with implementation(name): ...`. The choice is
-read when a function is traced: an already-compiled jit keeps the one it saw.
+Pick one with `EngineConfig(attention=...)` / `--attention` (the engine traces
+its step under `implementation(name)`), JAXINFER_ATTENTION=<name> (the process
+default, read at import), `set_implementation(name)`, or
+`with implementation(name): ...`. The choice is read when a function is traced:
+an already-compiled jit keeps the one it saw.
+
+A Pallas kernel is one custom call that XLA cannot split, so when the trace
+runs under `on_mesh(mesh)` (the model runner does this) and the mesh has a
+`tensor` axis, the kernels run inside `shard_map`, each device on its own heads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 
 import jax
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer import attention_xla
 from jaxinfer.batch import Batch
-from pallas_kernels.paged_attention import reference
+from pallas_kernels import paged_attention as paged_kernels
+from pallas_kernels.paged_attention import tpu as paged_tpu
+
+try:
+    from pallas_kernels.paged_attention import gpu as paged_gpu
+except ImportError:  # the GPU kernel is still being written
+    paged_gpu = None
 
 
 def _reference(q, k_pages, v_pages, batch: Batch, *, sm_scale, sliding_window, soft_cap):
-    return reference(q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens,
-                     max_q_len=batch.max_q_len, sm_scale=sm_scale,
-                     sliding_window=sliding_window, soft_cap=soft_cap)
+    return paged_kernels.reference(q, k_pages, v_pages, batch.kv_lens, batch.page_table,
+                                   batch.cu_q_lens, max_q_len=batch.max_q_len, sm_scale=sm_scale,
+                                   sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+def _kernels(q, k_pages, v_pages, batch: Batch, *, sm_scale, sliding_window, soft_cap):
+    attend = functools.partial(paged_kernels.ragged_paged_attention, max_q_len=batch.max_q_len,
+                               sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    args = (q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens)
+    mesh = _mesh
+    if mesh is None or mesh.shape.get("tensor", 1) == 1:
+        return attend(*args)
+    tp = mesh.shape["tensor"]
+    if q.shape[1] % tp or k_pages.shape[2] % tp:
+        # Heads that do not split evenly are replicated by the model's rules; so is the kernel.
+        return attend(*args)
+    heads, page_heads = P(None, "tensor", None), P(None, None, "tensor", None)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, page_heads, page_heads, P(), P(), P()),
+                         out_specs=heads, check_vma=False)(*args)
+
+
+def _auto(q, k_pages, v_pages, batch: Batch, **options):
+    kernels = functools.partial(_kernels, **options)
+    xla = functools.partial(attention_xla.paged_attention, **options)
+    # Shapes a kernel cannot take (e.g. head_dim 64 on TPU) fall back to `xla`, not the reference.
+    tpu = xla if paged_tpu.supports(q, k_pages, v_pages) else kernels
+    cuda = xla if paged_gpu is None or paged_gpu.supports(q, k_pages, v_pages) else kernels
+    return lax.platform_dependent(q, k_pages, v_pages, batch, tpu=tpu, cuda=cuda, default=xla)
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "auto": _auto,
+    "kernels": _kernels,
     "xla": attention_xla.paged_attention,
     "reference": _reference,
 }
 
-_current = os.environ.get("JAXINFER_ATTENTION", "xla")
+_current = os.environ.get("JAXINFER_ATTENTION", "auto")
 if _current not in IMPLEMENTATIONS:
     raise ValueError(f"JAXINFER_ATTENTION={_current!r}: expected one of {sorted(IMPLEMENTATIONS)}")
+
+
+_mesh: jax.sharding.Mesh | None = None
+
+
+@contextlib.contextmanager
+def on_mesh(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
+    """Traces inside the block shard the kernels over `mesh`'s tensor axis."""
+    global _mesh
+    previous, _mesh = _mesh, mesh
+    try:
+        yield
+    finally:
+        _mesh = previous
 
 
 def set_implementation(name: str) -> None:
@@ -53,9 +111,11 @@ def get_implementation() -> str:
 
 
 @contextlib.contextmanager
-def implementation(name: str) -> Iterator[None]:
+def implementation(name: str | None) -> Iterator[None]:
+    """Use `name` inside the block; None keeps the current choice."""
     previous = _current
-    set_implementation(name)
+    if name is not None:
+        set_implementation(name)
     try:
         yield
     finally:

@@ -171,6 +171,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     p.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: sized from memory)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
+    p.add_argument("--attention", choices=["auto", "kernels", "xla", "reference"], default=None,
+                   help="attention implementation (default auto: Pallas kernels on GPU/TPU, plain "
+                        "JAX on CPU; reference forces the pure-JAX reference)")
 
 
 def _load_llm(args, warmup: bool):
@@ -179,7 +182,8 @@ def _load_llm(args, warmup: bool):
     return LLM(args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel, warmup=warmup,
                page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-               num_pages=args.num_pages, enable_prefix_caching=not args.no_prefix_caching)
+               num_pages=args.num_pages, enable_prefix_caching=not args.no_prefix_caching,
+               attention=args.attention)
 
 
 def cmd_generate(args) -> int:

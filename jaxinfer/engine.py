@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from checkpoints.loader import LoadedModel
-from jaxinfer import compilations, kv_cache
+from jaxinfer import attention, compilations, kv_cache
 from jaxinfer.batch import build, next_bucket
 from jaxinfer.errors import ConfigError, InputError
 from jaxinfer.kv_cache import pages_needed
@@ -56,6 +56,7 @@ class EngineConfig:
     prompt_logprob_rows: int = 32
     decode_sizes: tuple[int, ...] = ()  # compiled decode-row counts; empty: powers of two
     prefill_sizes: tuple[int, ...] = ()  # compiled prefill-token counts; empty: block_q * 4^k
+    attention: str | None = None  # jaxinfer.attention implementation; None: the process default ("auto")
 
     def validate(self) -> None:
         problems = []
@@ -75,6 +76,9 @@ class EngineConfig:
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
                                                or self.max_model_len < 2):
             problems.append(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.attention is not None and self.attention not in attention.IMPLEMENTATIONS:
+            problems.append(f"attention must be one of {sorted(attention.IMPLEMENTATIONS)}, "
+                            f"got {self.attention!r}")
         if problems:
             raise ConfigError("invalid engine configuration: " + "; ".join(problems))
 
@@ -122,7 +126,8 @@ class Engine:
         self.scheduler = Scheduler(self.sched_config)
         self.runner = ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
                                   page_size=config.page_size, max_rows=max_rows,
-                                  penalty_slots=config.max_num_seqs, max_model_len=self.max_model_len)
+                                  penalty_slots=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  attention_impl=config.attention)
         log.info("KV cache: %d pages of %d tokens (%.2f GiB); max_model_len %d",
                  num_pages, config.page_size, num_pages * spec.bytes_per_page / 2**30, self.max_model_len)
         self.requests: dict[str, Request] = {}

@@ -19,9 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxinfer import kv_cache, sharding
+from jaxinfer import attention, kv_cache, sharding
 from jaxinfer.batch import Batch
 from jaxinfer.config import ModelConfig
+from jaxinfer.errors import ConfigError
 from jaxinfer.models import family
 from jaxinfer.sampling import MAX_LOGPROBS, PenaltyState, SampleOutput, SamplingArrays, reset_slot, sample
 
@@ -33,8 +34,13 @@ COPY_WIDTH = 8  # page copies per copy_pages call (padded with null-page copies)
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh, *,
                  num_pages: int, page_size: int = 16, cache_dtype=None, max_rows: int = 1024,
-                 penalty_slots: int = 1, max_model_len: int | None = None):
+                 penalty_slots: int = 1, max_model_len: int | None = None,
+                 attention_impl: str | None = None):
         self.cfg = cfg
+        if attention_impl is not None and attention_impl not in attention.IMPLEMENTATIONS:
+            raise ConfigError(f"unknown attention implementation {attention_impl!r}: expected one of "
+                              f"{sorted(attention.IMPLEMENTATIONS)}")
+        self.attention_impl = attention_impl  # None: the process default (jaxinfer.attention)
         self.graphdef = graphdef
         self.state = state
         self.mesh = mesh
@@ -58,7 +64,8 @@ class ModelRunner:
         # Tokens sampled by the previous step feed this one without a trip through the host.
         tokens = jnp.where(batch.feed_index >= 0, sampled[jnp.maximum(batch.feed_index, 0)], batch.tokens)
         model = nnx.merge(self.graphdef, state)
-        return model(dataclasses.replace(batch, tokens=tokens), cache)
+        with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
+            return model(dataclasses.replace(batch, tokens=tokens), cache)
 
     def _step_fn(self, state, cache, penalty, sampled, batch: Batch, sampling: SamplingArrays):
         logits, cache = self._forward(state, cache, batch, sampled)

@@ -217,20 +217,20 @@ def test_lowers_for_tpu(dtype):
     assert "stablehlo.while" in exported.mlir_module()
 
 
-def test_dispatch_defaults_to_xla_and_can_force_reference():
+def test_dispatch_defaults_to_auto_which_is_xla_on_cpu_and_can_force_reference():
     q, k, v, batch = make_step(19, decode_ctx=[7], prefill=[(2, 6)], **STANDARD)
 
-    def traced():
-        return str(jax.make_jaxpr(functools.partial(attention.paged_attention, sm_scale=0.25))(
-            q, k, v, batch))
+    def lowered():
+        return jax.jit(functools.partial(attention.paged_attention, sm_scale=0.25)).lower(
+            q, k, v, batch).as_text()
 
     if "JAXINFER_ATTENTION" not in os.environ:
-        assert attention.get_implementation() == "xla"
-    with attention.implementation("xla"):
-        assert "while" in traced()  # the blockwise loop
+        assert attention.get_implementation() == "auto"
+    with attention.implementation("auto"):
+        assert "while" in lowered()  # the blockwise loop of `xla`
         with attention.implementation("reference"):
             assert attention.get_implementation() == "reference"
-            assert "while" not in traced()
-        assert attention.get_implementation() == "xla"
+            assert "while" not in lowered()
+        assert attention.get_implementation() == "auto"
     with pytest.raises(ValueError, match="unknown attention"):
         attention.set_implementation("nope")

@@ -7,15 +7,18 @@ import pytest
 
 from checkpoints import loader
 from jaxinfer import params as params_lib
+from jaxinfer.engine import EngineConfig
+from jaxinfer.errors import ConfigError
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sharding import make_mesh
 from tests.paged_runs import teacher_forced_logits
 
 
-def run(model_dir, mesh):
+def run(model_dir, mesh, attention_impl=None):
     loaded = loader.load(model_dir, dtype=jnp.float32, mesh=mesh, progress=False)
     ref = np.load(model_dir / "reference.npz")
-    runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, mesh, num_pages=32, page_size=4)
+    runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, mesh, num_pages=32, page_size=4,
+                         attention_impl=attention_impl)
     out = teacher_forced_logits(runner, [ref["prompt_0"], ref["prompt_1"]],
                                 [ref["generated_0"][:4], ref["generated_1"][:4]])
     return loaded, runner, out
@@ -36,3 +39,23 @@ def test_tensor_parallel_logits_equal_single_device(name, tp, data_dir):
     assert len(runner.cache[0]["k"].sharding.device_set) == tp
     for a, b in zip(single, sharded):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
+def test_kernels_run_per_device_under_tensor_parallelism(data_dir, monkeypatch):
+    # A Pallas kernel cannot be split by XLA: under a tensor axis the dispatch wraps
+    # it in shard_map, each device attending over its own heads. (On the CPU the
+    # "kernels" implementation is the reference, through the same shard_map.)
+    model_dir = data_dir / "hf_tiny" / "llama_gqa"
+    _, _, single = run(model_dir, make_mesh())
+    wrapped = []
+    real = jax.shard_map
+    monkeypatch.setattr(jax, "shard_map", lambda f, **kw: wrapped.append(kw["in_specs"]) or real(f, **kw))
+    _, runner, sharded = run(model_dir, make_mesh(tensor=2), attention_impl="kernels")
+    assert runner.attention_impl == "kernels" and wrapped, "the kernel must run under shard_map"
+    for a, b in zip(single, sharded):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="unknown attention"):
+        ModelRunner(runner.cfg, runner.graphdef, runner.state, runner.mesh, num_pages=4,
+                    attention_impl="nope")
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        EngineConfig(attention="nope").validate()

@@ -1,12 +1,17 @@
-"""The whole engine step (model, paged cache writes, attention, sampling with
-penalties and logprobs) lowers for TPU, checked on the CPU with jax.export."""
+"""The whole engine step (model, paged cache writes, the Pallas ragged paged
+attention kernel, sampling with penalties and logprobs) lowers for TPU v5e and
+v6e, checked on the CPU with jax.export under an abstract TPU mesh."""
+
+import os
 
 import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
 
-from checkpoints import loader
+from jaxinfer import attention
+from jaxinfer import params as params_lib
+from jaxinfer.config import ModelConfig
 from jaxinfer.batch import SeqWork, build
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import Row, SamplingArrays, SamplingParams
@@ -14,13 +19,19 @@ from jaxinfer.scheduler import SchedulerConfig
 from jaxinfer.sharding import make_mesh
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_engine_step_lowers_for_tpu(dtype, data_dir):
+# Small, but with head_dim 128 so the Mosaic TPU attention kernel takes it.
+SMALL_128 = ModelConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-5,
+                        rope_theta=10000.0, max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("dtype,device_kind", [(jnp.float32, "TPU v5 lite"), (jnp.bfloat16, "TPU v6 lite")])
+def test_engine_step_lowers_for_tpu(dtype, device_kind):
     mesh = make_mesh()
-    model = loader.load(data_dir / "hf_tiny" / "qwen3_qknorm", dtype=dtype, mesh=mesh, progress=False)
+    graphdef, state = params_lib.dummy_params(SMALL_128, dtype, mesh)
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=16,
                           num_pages=16, block_q=16)
-    runner = ModelRunner(model.config, model.graphdef, model.state, mesh, num_pages=16, page_size=16,
+    runner = ModelRunner(SMALL_128, graphdef, state, mesh, num_pages=16, page_size=16,
                          penalty_slots=4, max_model_len=64)
     shape = cfg.shape(2, 32)
     decode = [SeqWork([0], 7, [3], feed_row=0, logit_offsets=[0])]
@@ -29,7 +40,13 @@ def test_engine_step_lowers_for_tpu(dtype, data_dir):
     params = SamplingParams(temperature=0.7, top_p=0.9, presence_penalty=0.5, logprobs=3)
     sampling = SamplingArrays.from_rows([Row(params, 1, 8, penalty_slot=0, want_top=True)] * 4,
                                         shape.num_rows, 8)
-    exported = export.export(jax.jit(runner._step_fn), platforms=["tpu"])(
-        runner.state, runner.cache, runner.penalty, runner.sampled, batch, sampling)
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
+    abstract = jax.sharding.AbstractMesh((1, 1), ("data", "tensor"), (jax.sharding.AxisType.Auto,) * 2,
+                                         abstract_device=device)
+    with jax.sharding.use_abstract_mesh(abstract):
+        exported = export.export(jax.jit(runner._step_fn), platforms=["tpu"])(
+            runner.state, runner.cache, runner.penalty, runner.sampled, batch, sampling)
     assert exported.platforms == ("tpu",)
-    assert "stablehlo" in exported.mlir_module()
+    # The default attention ("auto") is the Mosaic TPU kernel there.
+    assert attention.get_implementation() == "auto" or "JAXINFER_ATTENTION" in os.environ
+    assert "tpu_custom_call" in exported.mlir_module(), exported.mlir_module().count("tpu_custom_call")

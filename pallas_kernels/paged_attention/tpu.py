@@ -114,6 +114,20 @@ def _dequantize(page_ref, scale_ref, dtype):
     return (page_ref[...].astype(jnp.float32) * scale_ref[...]).astype(dtype)
 
 
+def supports(q, k_pages, v_pages, k_scale=None, v_scale=None) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can. One KV head
+    of a page must be whole 128-lane vregs in the [pages, page_size,
+    kv_heads * head_dim] view (or the only head), pages whole sublanes."""
+    _, page_size, kv_heads, head_dim = k_pages.shape
+    if head_dim % 128 and kv_heads > 1:
+        return f"head_dim {head_dim} is not a multiple of 128 (with {kv_heads} KV heads)"
+    if page_size % 8:
+        return f"page_size {page_size} is not a multiple of 8"
+    if (k_scale is None) != (v_scale is None):
+        return "k_scale and v_scale come together"
+    return None
+
+
 def default_block_q(max_q_len: int, group: int) -> int:
     """Query tokens per block: enough rows (`block_q * group`) to fill 16
     sublanes, at most 128 rows, no more than the longest query needs."""

@@ -1,10 +1,13 @@
 """Ragged paged attention over a paged KV cache.
 
-`reference.py` is the pure-JAX reference, `tpu.py` the Mosaic TPU kernel; a GPU
-kernel comes beside them as `gpu.py`. `ragged_paged_attention` picks by the
-platform it is lowered for (so `jax.export(..., platforms=['tpu'])` on a CPU
-host gets the TPU kernel); `interpret=` forces the TPU kernel in interpret
-mode, for tests. `reference` is the reference function itself.
+`reference.py` is the pure-JAX reference, `tpu.py` the Mosaic TPU kernel and
+`gpu.py` the Mosaic GPU (Hopper) kernel. `ragged_paged_attention` picks by the
+platform it is lowered for (so `jax.export(..., platforms=['tpu'])` or
+`platforms=['cuda']` on a CPU host gets that kernel); on CUDA the kernel is used
+only where `gpu.supports` accepts the inputs, the reference otherwise.
+`interpret=` forces a kernel in interpret mode, for tests:
+`plgpu.InterpretGPUParams` the GPU kernel, `True` or `pltpu.InterpretParams`
+the TPU kernel. `reference` is the reference function itself.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import functools
 
 import jax
 from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.paged_attention import gpu as _gpu
 from pallas_kernels.paged_attention import reference as _reference
 from pallas_kernels.paged_attention import tpu as _tpu
 
@@ -32,18 +37,33 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    interpret=None,  # None: by platform; True or pltpu.InterpretParams: TPU kernel, interpreted
+    k_scale: jax.Array | None = None,  # [num_pages, kv_heads, page_size] f32 for int8/fp8 pages
+    v_scale: jax.Array | None = None,
+    interpret=None,  # None: by platform; plgpu.InterpretGPUParams: GPU kernel; True/pltpu.InterpretParams: TPU
 ) -> jax.Array:  # [T, q_heads, head_dim], rows of padding tokens are zero
     options = dict(max_q_len=max_q_len, sm_scale=sm_scale, sliding_window=sliding_window,
                    soft_cap=soft_cap)
-    if interpret is not None and interpret is not False:
-        return _tpu.ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
+    args = (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)
+    scales = () if k_scale is None and v_scale is None else (k_scale, v_scale)
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return _gpu.ragged_paged_attention(*args, k_scale=k_scale, v_scale=v_scale,
                                            interpret=interpret, **options)
-    # No GPU kernel yet: GPU and CPU take the reference.
+    if interpret is not None and interpret is not False:
+        return _tpu.ragged_paged_attention(*args, k_scale=k_scale, v_scale=v_scale,
+                                           interpret=interpret, **options)
+
+    def with_scales(fn):
+        def call(*operands):
+            k_s, v_s = operands[6:] if scales else (None, None)
+            return fn(*operands[:6], k_scale=k_s, v_scale=v_s, **options)
+        return call
+
+    use_gpu = _gpu.supports(q, k_pages, v_pages, k_scale, v_scale) is None
     return lax.platform_dependent(
-        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-        tpu=functools.partial(_tpu.ragged_paged_attention, **options),
-        default=functools.partial(reference, **options))
+        *args, *scales,
+        tpu=with_scales(_tpu.ragged_paged_attention),
+        cuda=with_scales(_gpu.ragged_paged_attention if use_gpu else reference),
+        default=with_scales(reference))
 
 
 __all__ = ["ragged_paged_attention", "reference"]

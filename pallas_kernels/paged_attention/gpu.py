@@ -1,0 +1,359 @@
+"""Ragged paged attention over a paged KV cache: a Mosaic GPU (Hopper) kernel.
+
+Same contract as `reference.ragged_paged_attention`, plus quantized pages.
+
+Work items. Queries are regrouped on the host exactly as in `tpu.py`: every
+query block belongs to one sequence and holds `block_q = 64 // group` of its
+tokens, with rows `token * group + g` for one KV head, so one K/V page load
+serves the whole GQA group and the block is one 64-row WGMMA tile (a decode
+token fills `group` of its rows; the rest are zero padding that costs tensor
+core time, not memory traffic). For each query block the range of KV blocks
+holding a visible key (causal, inside kv_len and the sliding window) is
+computed beforehand, and split into `num_splits` contiguous chunks
+(flash-decoding), so a small batch of long decodes still fills the SMs.
+
+Grid (kv_head, q_block, split), one CTA per work item, two warpgroups:
+  * the memory warpgroup walks the chunk's KV blocks; for each it reads
+    `pages_per_block` page indices from the page table (scalar GMEM loads)
+    and issues one TMA per page and per K/V, `k_pages.at[page, :, kv_head, :]`
+    into slot `step % num_stages` of an SMEM ring, after waiting until the
+    compute warpgroup has released that slot;
+  * the compute warpgroup waits for each slot, computes S = Q K^T with WGMMA
+    (Q in SMEM, loaded once), masks (causal / window / padding rows), does the
+    online softmax in registers (base 2), writes P to SMEM and accumulates
+    P V with a second WGMMA, releasing the slot as soon as each WGMMA is done.
+  Blocks outside the precomputed range are never loaded nor computed.
+
+Quantized pages (int8 or float8_e4m3fn with per-token, per-KV-head float32
+scales `[num_pages, kv_heads, page_size]`): the scales ride on the same TMA
+barriers; the compute warpgroup converts each K/V tile in registers to f32,
+multiplies each key row by its scale, rounds to the query dtype and stores it
+to a staging SMEM tile that the WGMMA reads. HBM traffic is the int8/fp8 bytes.
+
+With `num_splits > 1` every split writes its normalized partial output (f32)
+and log-sum-exp per row, and a small XLA epilogue combines them.
+
+Limits (the public dispatcher falls back to the reference where they fail):
+q is bf16/f16; pages are q's dtype, or int8/float8_e4m3fn with scales;
+head_dim a multiple of 64 up to 256; page_size a multiple of 8 dividing the
+KV block (a multiple of 64 keys); group <= 64. Unused page-table entries and
+page slots past kv_len are read but masked, so they must hold finite values
+(0 * NaN would poison P V), the same as the TPU kernel.
+
+Interpret mode (CPU): GPU interpret mode runs WGMMA only on SMEM operands,
+which is why P goes through SMEM here rather than registers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.paged_attention.tpu import _kv_block_ranges, _query_blocks
+
+ROWS = 64  # query rows per block: one WGMMA M tile
+_LOG2E = math.log2(math.e)
+_M_INIT = -1e30  # running max before any key; finite so exp2(-inf - m) is 0, not NaN
+QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+
+
+def supports(q, k_pages, v_pages, k_scale=None, v_scale=None, *, pages_per_block=None) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can."""
+    _, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"q dtype {q.dtype} is not bf16/f16"
+    if k_pages.dtype != v_pages.dtype:
+        return "k_pages and v_pages differ in dtype"
+    quantized = jnp.dtype(k_pages.dtype) in QUANTIZED_DTYPES
+    if (k_scale is None) != (v_scale is None) or (k_scale is not None) != quantized:
+        return "scales must be given exactly for int8/fp8 pages"
+    if not quantized and k_pages.dtype != q.dtype:
+        return f"pages dtype {k_pages.dtype} differs from q dtype {q.dtype}"
+    if head_dim % 64 or head_dim > 256:
+        return f"head_dim {head_dim} is not a multiple of 64 up to 256"
+    if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > ROWS:
+        return f"group {num_q_heads}/{num_kv_heads} is not an integer up to {ROWS}"
+    ppb = pages_per_block or default_pages_per_block(page_size)
+    if page_size % 8 or (ppb * page_size) % 64:
+        return f"page_size {page_size} x {ppb} pages per block is not a multiple of 64 keys"
+    return None
+
+
+def default_pages_per_block(page_size: int) -> int:
+    """Pages per KV block: 64 keys (at least one page)."""
+    return max(1, 64 // page_size)
+
+
+def default_num_splits(num_work: int, num_kv_blocks: int, num_sms: int = 132) -> int:
+    """KV splits per query block: enough CTAs to cover the SMs twice, but
+    every split keeps at least 4 KV blocks."""
+    want = -(-2 * num_sms // max(num_work, 1))
+    return int(max(1, min(want, num_kv_blocks // 4)))
+
+
+def _kv_chunks(lo, hi, num_splits):
+    """Per (q block, split): first KV block and how many to take; [B * splits]."""
+    n = jnp.maximum(hi - lo + 1, 0)
+    chunk = -(-n // num_splits)
+    s = jnp.arange(num_splits, dtype=jnp.int32)
+    start = lo[:, None] + s[None, :] * chunk[:, None]
+    count = jnp.clip(n[:, None] - s[None, :] * chunk[:, None], 0, chunk[:, None])
+    return start.reshape(-1).astype(jnp.int32), count.reshape(-1).astype(jnp.int32)
+
+
+def _tile_transforms(dtype, cols):
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(cols * bits)
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _kernel(seq_ref, first_pos_ref, start_ref, count_ref, pages_ref,
+            q_ref, k_ref, v_ref, *refs, q_smem, p_smem, k_smem, v_smem, kd_smem, vd_smem, ks_smem,
+            vs_smem, o_smem, lse_smem, q_bar, k_full, v_full, k_free, v_free, quantized, num_splits, num_stages, pages_per_block,
+            page_size, pages_per_seq, group, sm_scale, sliding_window, soft_cap):
+    if quantized:
+        ks_ref, vs_ref, *refs = refs
+    o_ref, lse_ref = refs if num_splits > 1 else (refs[0], None)
+    block_kv = pages_per_block * page_size
+    head = lax.axis_index("kv_head")
+    blk = lax.axis_index("q_block")
+    work = blk * num_splits + lax.axis_index("split")
+    start, count = start_ref[work], count_ref[work]
+
+    @pl.when(lax.axis_index("wg") == 1)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        row = seq_ref[blk] * pages_per_seq
+
+        @pl.loop(0, count)
+        def _step(step):
+            slot = lax.rem(step, num_stages)
+            first_page = (start + step) * pages_per_block
+            pages = [pages_ref[row + jnp.minimum(first_page + i, pages_per_seq - 1)]
+                     for i in range(pages_per_block)]
+            for src, scale_ref, buf, scale_buf, full, free in (
+                    (k_ref, ks_ref if quantized else None, k_smem, ks_smem, k_full, k_free),
+                    (v_ref, vs_ref if quantized else None, v_smem, vs_smem, v_full, v_free)):
+                @pl.when(step >= num_stages)
+                def _wait_free():
+                    plgpu.barrier_wait(free.at[slot])
+                for i, page in enumerate(pages):
+                    rows = pl.ds(i * page_size, page_size)
+                    plgpu.copy_gmem_to_smem(src.at[page, :, head, :], buf.at[slot, rows],
+                                            full.at[slot])
+                    if quantized:
+                        plgpu.copy_gmem_to_smem(scale_ref.at[page, head, :], scale_buf.at[slot, rows],
+                                                full.at[slot])
+
+        # Observe the last releases too, so every barrier phase is consumed when the CTA ends.
+        @pl.loop(jnp.maximum(count - num_stages, 0), count)
+        def _drain(step):
+            slot = lax.rem(step, num_stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+    @pl.when(lax.axis_index("wg") == 0)
+    def _compute():
+        plgpu.copy_gmem_to_smem(q_ref.at[head, blk], q_smem, q_bar)
+        plgpu.barrier_wait(q_bar)
+        first_pos = first_pos_ref[blk]
+        shape = (ROWS, block_kv)
+        row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+        col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+
+        def dequantized(buf, scale_buf, out_buf, slot):
+            """Convert one K/V tile to q's dtype with per-key scales into out_buf."""
+            x = buf.at[slot][...].astype(jnp.float32)
+            scale = scale_buf.at[slot][...]
+            out_buf[...] = (x * lax.broadcast_in_dim(scale, x.shape, [0])).astype(out_buf.dtype)
+            plgpu.commit_smem()
+            return out_buf
+
+        def body(step, carry):
+            acc, m_i, l_i = carry
+            slot = lax.rem(step, num_stages)
+            plgpu.barrier_wait(k_full.at[slot])
+            k_tile = dequantized(k_smem, ks_smem, kd_smem, slot) if quantized else k_smem.at[slot]
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_tile.T)
+                return acc_ref[...]
+            s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+
+            s = s * sm_scale
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            # Key k_pos is visible to row r (query position first_pos + r // group)
+            # iff d = k_pos - first_pos satisfies d * group <= r (causal) and
+            # r < (window + d) * group (sliding window).
+            d = (start + step) * block_kv + col - first_pos
+            mask = d * group <= row  # rows past the block's tokens are discarded later
+            if sliding_window is not None:
+                mask &= row < (d + sliding_window) * group
+            s = jnp.where(mask, s * _LOG2E, -jnp.inf)
+
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            p_smem[...] = p.astype(p_smem.dtype)
+            plgpu.commit_smem()
+
+            plgpu.barrier_wait(v_full.at[slot])
+            v_tile = dequantized(v_smem, vs_smem, vd_smem, slot) if quantized else v_smem.at[slot]
+
+            def values(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_tile)
+                return acc_ref[...]
+            pv = pl.run_scoped(values, plgpu.ACC(acc.shape, jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+            return acc, m_new, l_i
+
+        head_dim = q_smem.shape[-1]
+        acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        m_i = plgpu.layout_cast(jnp.full((ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc, m_i, l_i = lax.fori_loop(0, count, body, (acc, m_i, l_i))
+
+        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+        out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+        o_smem[...] = out.astype(o_smem.dtype)
+        if lse_ref is not None:
+            # log2-sum-exp2 of the row's scaled scores; -inf-like for rows that saw no key.
+            lse_smem[...] = jnp.where(l_i == 0.0, _M_INIT, m_i + jnp.log2(l_safe))
+        plgpu.commit_smem()
+        if lse_ref is not None:
+            split = lax.axis_index("split")
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, head, blk])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, head, blk])
+        else:
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[head, blk])
+        plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "max_q_len", "sm_scale", "sliding_window", "soft_cap", "pages_per_block", "num_stages",
+    "num_splits", "interpret"))
+def ragged_paged_attention(
+    q: jax.Array,  # [T, q_heads, head_dim]
+    k_pages: jax.Array,  # [num_pages, page_size, kv_heads, head_dim]
+    v_pages: jax.Array,  # [num_pages, page_size, kv_heads, head_dim]
+    kv_lens: jax.Array,  # [S] int32
+    page_table: jax.Array,  # [S, P] int32
+    cu_q_lens: jax.Array,  # [S + 1] int32, cu_q_lens[0] == 0
+    *,
+    max_q_len: int,  # static bound on any sequence's q_len
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    k_scale: jax.Array | None = None,  # [num_pages, kv_heads, page_size] f32, int8/fp8 pages
+    v_scale: jax.Array | None = None,  # [num_pages, kv_heads, page_size] f32
+    pages_per_block: int | None = None,  # pages per KV block; 64 keys when None
+    num_stages: int = 4,  # KV blocks in flight (SMEM ring slots)
+    num_splits: int | None = None,  # KV splits per query block; default_num_splits when None
+    interpret=None,  # None or plgpu.InterpretGPUParams
+) -> jax.Array:  # [T, q_heads, head_dim], rows of padding tokens are zero
+    why = supports(q, k_pages, v_pages, k_scale, v_scale, pages_per_block=pages_per_block)
+    if why:
+        raise ValueError(f"GPU paged attention does not support these inputs: {why}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    num_seqs, pages_per_seq = page_table.shape
+    group = num_q_heads // num_kv_heads
+    quantized = k_scale is not None
+    pages_per_block = pages_per_block or default_pages_per_block(page_size)
+    block_kv = pages_per_block * page_size
+    block_q = ROWS // group
+    num_kv_blocks = -(-pages_per_seq // pages_per_block)
+    # Each sequence wastes under one block, and none has more than ceil(max_q_len / block_q).
+    num_q_blocks = max(1, min(-(-(num_tokens + num_seqs * (block_q - 1)) // block_q),
+                              num_seqs * -(-max_q_len // block_q)))
+    if num_splits is None:
+        num_splits = default_num_splits(num_kv_heads * num_q_blocks, num_kv_blocks)
+    num_stages = max(1, min(num_stages, num_kv_blocks))
+
+    cu_q_lens, kv_lens = cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32)
+    seq, q0, num_valid, first_pos, cu_blocks = _query_blocks(cu_q_lens, kv_lens, num_q_blocks, block_q)
+    lo, hi = _kv_block_ranges(first_pos, num_valid, block_kv, sliding_window)
+    start, count = _kv_chunks(lo, hi, num_splits)
+    pages = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1).reshape(-1)
+
+    # Regroup queries: block b, row i * group + g is query q0[b] + i of sequence seq[b], head g.
+    i = jnp.arange(block_q, dtype=jnp.int32)
+    token = (cu_q_lens[seq][:, None] + q0[:, None] + i[None, :]).reshape(-1)
+    slot_valid = (i[None, :] < num_valid[:, None]).reshape(-1)
+    qb = jnp.where(slot_valid[:, None, None], q[jnp.clip(token, 0, num_tokens - 1)], 0)
+    qb = qb.reshape(num_q_blocks, block_q, num_kv_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
+    qb = qb.reshape(num_kv_heads, num_q_blocks, block_q * group, head_dim)
+    qb = jnp.pad(qb, ((0, 0), (0, 0), (0, ROWS - block_q * group), (0, 0)))  # [K, B, ROWS, D]
+
+    q_tf = _tile_transforms(q.dtype, head_dim)
+    kv_tf = _tile_transforms(k_pages.dtype, head_dim)
+    p_tf = _tile_transforms(q.dtype, block_kv)
+    out_dtype = jnp.float32 if num_splits > 1 else q.dtype
+    ring = (num_stages, block_kv, head_dim)
+    copies_per_block = pages_per_block * (2 if quantized else 1)
+    scratch = dict(
+        q_smem=plgpu.SMEM((ROWS, head_dim), q.dtype, transforms=q_tf),
+        p_smem=plgpu.SMEM((ROWS, block_kv), q.dtype, transforms=p_tf),
+        k_smem=plgpu.SMEM(ring, k_pages.dtype, transforms=kv_tf),
+        v_smem=plgpu.SMEM(ring, v_pages.dtype, transforms=kv_tf),
+        kd_smem=plgpu.SMEM((block_kv, head_dim), q.dtype, transforms=q_tf) if quantized else None,
+        vd_smem=plgpu.SMEM((block_kv, head_dim), q.dtype, transforms=q_tf) if quantized else None,
+        ks_smem=plgpu.SMEM((num_stages, block_kv), jnp.float32) if quantized else None,
+        vs_smem=plgpu.SMEM((num_stages, block_kv), jnp.float32) if quantized else None,
+        o_smem=plgpu.SMEM((ROWS, head_dim), out_dtype, transforms=_tile_transforms(out_dtype, head_dim)),
+        lse_smem=plgpu.SMEM((ROWS,), jnp.float32) if num_splits > 1 else None,
+        q_bar=plgpu.Barrier(),
+        k_full=plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=num_stages),
+        v_full=plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=num_stages),
+        k_free=plgpu.Barrier(num_barriers=num_stages),
+        v_free=plgpu.Barrier(num_barriers=num_stages),
+    )
+    if num_splits > 1:
+        out_type = (jax.ShapeDtypeStruct((num_splits, num_kv_heads, num_q_blocks, ROWS, head_dim), jnp.float32),
+                    jax.ShapeDtypeStruct((num_splits, num_kv_heads, num_q_blocks, ROWS), jnp.float32))
+    else:
+        out_type = jax.ShapeDtypeStruct((num_kv_heads, num_q_blocks, ROWS, head_dim), q.dtype)
+
+    kernel = functools.partial(
+        _kernel, quantized=quantized, num_splits=num_splits, num_stages=num_stages,
+        pages_per_block=pages_per_block, page_size=page_size, pages_per_seq=pages_per_seq,
+        group=group, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    scales = (k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)) if quantized else ()
+    out = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(num_kv_heads, num_q_blocks, num_splits),
+        grid_names=("kv_head", "q_block", "split"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )(seq, first_pos, start, count, pages, qb, k_pages, v_pages, *scales)
+
+    if num_splits > 1:
+        o, lse = out  # [splits, K, B, ROWS, D], [splits, K, B, ROWS] (log2 domain)
+        weight = jnp.exp2(lse - jnp.max(lse, axis=0, keepdims=True))
+        weight = weight / jnp.sum(weight, axis=0, keepdims=True)
+        out = jnp.sum(o * weight[..., None], axis=0).astype(q.dtype)
+
+    # Back to token order: token t of sequence s sits at block cu_blocks[s] + j // block_q, row
+    # (j % block_q) * group, where j = t - cu_q_lens[s].
+    out = out[:, :, :block_q * group].reshape(num_kv_heads, num_q_blocks * block_q, group, head_dim)
+    out = out.transpose(1, 0, 2, 3).reshape(num_q_blocks * block_q, num_q_heads, head_dim)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    tseq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, num_seqs - 1)
+    slot = cu_blocks[tseq] * block_q + t - cu_q_lens[tseq]
+    real = t < cu_q_lens[-1]
+    return jnp.where(real[:, None, None], out[jnp.clip(slot, 0, num_q_blocks * block_q - 1)], 0).astype(q.dtype)

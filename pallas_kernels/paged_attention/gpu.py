@@ -83,6 +83,8 @@ def supports(q, k_pages, v_pages, k_scale=None, v_scale=None, *, pages_per_block
     ppb = pages_per_block or default_pages_per_block(page_size)
     if page_size % 8 or (ppb * page_size) % 64:
         return f"page_size {page_size} x {ppb} pages per block is not a multiple of 64 keys"
+    if max_stages(head_dim, ppb * page_size, q.dtype, k_pages.dtype, quantized, split=True) < 1:
+        return f"a KV block of {ppb * page_size} keys x head_dim {head_dim} does not fit in SMEM"
     return None
 
 
@@ -96,6 +98,19 @@ def default_num_splits(num_work: int, num_kv_blocks: int, num_sms: int = 132) ->
     every split keeps at least 4 KV blocks."""
     want = -(-2 * num_sms // max(num_work, 1))
     return int(max(1, min(want, num_kv_blocks // 4)))
+
+
+SMEM_BYTES = 220 * 1024  # of Hopper's 227 KiB per CTA, leaving room for barriers and reductions
+
+
+def max_stages(head_dim, block_kv, q_dtype, kv_dtype, quantized, split) -> int:
+    """Ring slots that fit in SMEM beside the fixed buffers."""
+    qb, kvb = jnp.dtype(q_dtype).itemsize, jnp.dtype(kv_dtype).itemsize
+    fixed = ROWS * head_dim * qb + ROWS * block_kv * qb + ROWS * head_dim * (4 if split else qb) + 4 * ROWS
+    if quantized:
+        fixed += 2 * block_kv * head_dim * qb
+    per_stage = 2 * block_kv * head_dim * kvb + (2 * block_kv * 4 if quantized else 0)
+    return (SMEM_BYTES - fixed) // per_stage
 
 
 def _kv_chunks(lo, hi, num_splits):
@@ -129,7 +144,6 @@ def _kernel(seq_ref, first_pos_ref, start_ref, count_ref, pages_ref,
 
     @pl.when(lax.axis_index("wg") == 1)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
         row = seq_ref[blk] * pages_per_seq
 
         @pl.loop(0, count)
@@ -176,29 +190,37 @@ def _kernel(seq_ref, first_pos_ref, start_ref, count_ref, pages_ref,
             plgpu.commit_smem()
             return out_buf
 
-        def body(step, carry):
+        def body(step, carry, *, masked):
             acc, m_i, l_i = carry
             slot = lax.rem(step, num_stages)
             plgpu.barrier_wait(k_full.at[slot])
-            k_tile = dequantized(k_smem, ks_smem, kd_smem, slot) if quantized else k_smem.at[slot]
+            if quantized:
+                k_tile = dequantized(k_smem, ks_smem, kd_smem, slot)
+                plgpu.barrier_arrive(k_free.at[slot])
+            else:
+                k_tile = k_smem.at[slot]
 
             def scores(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_tile.T)
                 return acc_ref[...]
             s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
+            if not quantized:
+                plgpu.barrier_arrive(k_free.at[slot])
 
-            s = s * sm_scale
+            # Scores in the log2 domain: exp2(s * log2e) == exp(s).
             if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            # Key k_pos is visible to row r (query position first_pos + r // group)
-            # iff d = k_pos - first_pos satisfies d * group <= r (causal) and
-            # r < (window + d) * group (sliding window).
-            d = (start + step) * block_kv + col - first_pos
-            mask = d * group <= row  # rows past the block's tokens are discarded later
-            if sliding_window is not None:
-                mask &= row < (d + sliding_window) * group
-            s = jnp.where(mask, s * _LOG2E, -jnp.inf)
+                s = (soft_cap * _LOG2E) * jnp.tanh(s * (sm_scale / soft_cap))
+            else:
+                s = s * (sm_scale * _LOG2E)
+            if masked:
+                # Key k_pos is visible to row r (query position first_pos + r // group)
+                # iff d = k_pos - first_pos satisfies d * group <= r (causal) and
+                # r < (window + d) * group (sliding window).
+                d = (start + step) * block_kv + col - first_pos
+                mask = d * group <= row  # rows past the block's tokens are discarded later
+                if sliding_window is not None:
+                    mask &= row < (d + sliding_window) * group
+                s = jnp.where(mask, s, -jnp.inf)
 
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
@@ -208,13 +230,18 @@ def _kernel(seq_ref, first_pos_ref, start_ref, count_ref, pages_ref,
             plgpu.commit_smem()
 
             plgpu.barrier_wait(v_full.at[slot])
-            v_tile = dequantized(v_smem, vs_smem, vd_smem, slot) if quantized else v_smem.at[slot]
+            if quantized:
+                v_tile = dequantized(v_smem, vs_smem, vd_smem, slot)
+                plgpu.barrier_arrive(v_free.at[slot])
+            else:
+                v_tile = v_smem.at[slot]
 
             def values(acc_ref):
                 plgpu.wgmma(acc_ref, p_smem, v_tile)
                 return acc_ref[...]
             pv = pl.run_scoped(values, plgpu.ACC(acc.shape, jnp.float32))
-            plgpu.barrier_arrive(v_free.at[slot])
+            if not quantized:
+                plgpu.barrier_arrive(v_free.at[slot])
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
             return acc, m_new, l_i
 
@@ -222,7 +249,12 @@ def _kernel(seq_ref, first_pos_ref, start_ref, count_ref, pages_ref,
         acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
         m_i = plgpu.layout_cast(jnp.full((ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc, m_i, l_i = lax.fori_loop(0, count, body, (acc, m_i, l_i))
+        # Blocks whose every key precedes the block's first query need no mask (no window).
+        unmasked = 0
+        if sliding_window is None:
+            unmasked = jnp.clip((first_pos + 1) // block_kv - start, 0, count)
+        carry = lax.fori_loop(0, unmasked, functools.partial(body, masked=False), (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(unmasked, count, functools.partial(body, masked=True), carry)
 
         l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
         out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
@@ -279,7 +311,10 @@ def ragged_paged_attention(
                               num_seqs * -(-max_q_len // block_q)))
     if num_splits is None:
         num_splits = default_num_splits(num_kv_heads * num_q_blocks, num_kv_blocks)
-    num_stages = max(1, min(num_stages, num_kv_blocks))
+    fit = max_stages(head_dim, block_kv, q.dtype, k_pages.dtype, quantized, num_splits > 1)
+    if fit < 1:
+        raise ValueError(f"one KV block of {block_kv} keys x head_dim {head_dim} does not fit in SMEM")
+    num_stages = max(1, min(num_stages, num_kv_blocks, fit))
 
     cu_q_lens, kv_lens = cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32)
     seq, q0, num_valid, first_pos, cu_blocks = _query_blocks(cu_q_lens, kv_lens, num_q_blocks, block_q)

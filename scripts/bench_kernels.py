@@ -231,7 +231,7 @@ def e2e(args, results: dict) -> None:
                              f"{bw / 1e9:.0f}", f"{bw / (copy / 1):.0%}", f"{sec / base:.2f}x"])
             except Exception as e:  # e.g. the dense reference out of memory
                 rows.append([batch_size, impl, "failed", str(e).splitlines()[0][:80], "-", "-", "-"])
-            del runner
+            runner = None  # free its KV cache before the next one
     table(f"end-to-end decode step: Llama-3-8B shape{' (small)' if args.small else ''}, random "
           f"{jnp.dtype(dtype).name} weights ({w_bytes / 2**30:.1f} GiB), context {ctx}, greedy "
           "(bandwidth = (weights + KV) / step; of copy = vs a measured device copy)",

@@ -22,7 +22,6 @@ Prints a table per model and PASS/FAIL; exits 1 on FAIL.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 import sys
 
@@ -119,8 +118,8 @@ def main() -> int:
         ok &= passed
         print(f"\n{name}: {cfg.num_heads} q / {cfg.num_kv_heads} kv heads, head_dim {cfg.head_dim}, "
               f"window {cfg.sliding_window}")
-        print(f"| logits max |diff| / max |logit| | identical greedy sequences | near-tie divergences | "
-              f"real divergences | result |")
+        print("| logits max |diff| / max |logit| | identical greedy sequences | near-tie divergences | "
+              "real divergences | result |")
         print("|---|---|---|---|---|")
         print(f"| {rel:.2e} (tol {LOGIT_TOL}; {diff:.3g} absolute) | {same} / {len(reqs)} | {ties} | {len(bad)} | "
               f"{'PASS' if passed else 'FAIL'} |")

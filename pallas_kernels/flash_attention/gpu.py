@@ -97,17 +97,21 @@ def _tile_metadata(cu_seqlens, num_tokens_padded, block_q, block_kv, sliding_win
     return first_key, meta.reshape(-1), order
 
 
-def _accumulate_pv(acc, p, v_smem, *, on_gpu):
-    """acc + p @ v: on the GPU a wgmma seeded with acc, p from registers.
+def _accumulate_pv(acc, p, v_smem, meanwhile, *, on_gpu):
+    """acc + p @ v: on the GPU a wgmma seeded with acc, p from registers, with
+    `meanwhile()` run while it is in flight.
 
     GPU interpret mode runs neither `pl.run_state` over a wgmma accumulator nor
     a wgmma whose A operand is in registers, so there it is a plain dot.
     """
     if not on_gpu:
-        return acc + lax.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+        acc = acc + lax.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+        meanwhile()
+        return acc
 
     def pv(acc_ref):
         plgpu.wgmma(acc_ref, p, v_smem)
+        meanwhile()
 
     return pl.run_state(pv)(plgpu.ACC.init(acc))
 
@@ -150,22 +154,26 @@ def _kernel(q_ref, k_ref, v_ref, first_key_ref, meta_ref, order_ref, out_ref, sc
         def slot_of(j):
             return lax.rem(j - lo, jnp.array(num_stages, j.dtype))
 
+        # Every step j in [lo, end) starts with K[j] already awaited: the step
+        # before waits for it while its P V wgmma runs.
+        def wait_next_k(j):
+            pl.when(j + 1 < end)(lambda: plgpu.barrier_wait(k_ready.at[slot_of(j + 1)]))
+
         def skip_step(j, carry):
             # A block none of this warpgroup's rows sees: keep barrier phases and
             # the schedule rendezvous count in step with the other warpgroup.
             slot = slot_of(j)
-            plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             schedule_rendezvous()
             schedule_rendezvous()
+            wait_next_k(j)
             return carry
 
         def step(j, carry, *, masked):
             acc, m_i, l_i = carry
             slot = slot_of(j)
-            plgpu.barrier_wait(k_ready.at[slot])
 
             def compute_qk(acc_ref):
                 plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -203,12 +211,14 @@ def _kernel(q_ref, k_ref, v_ref, first_key_ref, meta_ref, order_ref, out_ref, sc
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_wait(schedule)  # the tensor cores are ours
 
-            acc = _accumulate_pv(acc, p16, v_smem.at[slot], on_gpu=not interpreted)
+            acc = _accumulate_pv(acc, p16, v_smem.at[slot], functools.partial(wait_next_k, j),
+                                 on_gpu=not interpreted)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l_i
 
         masked_step = functools.partial(step, masked=True)
         full_step = functools.partial(step, masked=False)
+        pl.when(lo < end)(lambda: plgpu.barrier_wait(k_ready.at[0]))
         pl.when(wg == 1)(schedule_rendezvous)
         carry = (acc, m_i, l_i)
         lax.fori_loop(lo, lo_w, skip_step, None)

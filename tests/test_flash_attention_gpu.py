@@ -64,22 +64,26 @@ def test_public_interpret_override_runs_gpu_kernel_without_races():
 
 
 def test_tile_metadata_splits_blocks_into_skip_masked_full():
-    # Warpgroups of 4 rows, tiles of 8, KV blocks of 4; sequences [0, 2), [2, 13), then padding.
-    cu = jnp.array([0, 2, 13], jnp.int32)
     tile_metadata = jax.jit(fa_gpu._tile_metadata, static_argnums=(1, 2, 3, 4))
-    first_key, meta, order = tile_metadata(cu, 16, 4, 4, None)
+
+    def by_tile(meta):  # tile -> [lo, end, (lo, a, b, e) per warpgroup]; and the launch order
+        rows = meta.reshape(-1, fa_gpu.META)[:, :11].tolist()
+        return {row[0]: row[1:] for row in rows}, [row[0] for row in rows]
+
+    # Warpgroups of 4 rows, tiles of 8, KV blocks of 4; sequences [0, 2), [2, 13), then padding.
+    first_key, meta = tile_metadata(jnp.array([0, 2, 13], jnp.int32), 16, 4, 4, None)
     assert first_key.tolist() == [0, 0] + [2] * 11 + [fa_gpu.NO_KEY] * 3
-    meta = meta.reshape(-1, fa_gpu.META)[:, :10].tolist()
+    meta, order = by_tile(meta)
     # Tile 0: KV blocks [0, 2). Rows 0..3 see block 0, masked (two sequences); rows 4..7
     # (sequence from 2) see blocks 0 and 1, both masked (sequence start, causal diagonal).
     assert meta[0] == [0, 2, 0, 1, 1, 1, 0, 1, 1, 2]
     # Tile 1: rows 8..11 see blocks 0 masked (keys from 2), 1 full, 2 masked; rows 12..15
     # (12 real) the same to block 3; padding rows make their whole range masked.
     assert meta[1] == [0, 4, 0, 1, 2, 3, 0, 4, 4, 4]
-    assert order.tolist() == [1, 0]  # more KV blocks first
-    _, meta, _ = tile_metadata(jnp.array([0, 16], jnp.int32), 16, 4, 4, 3)
+    assert order == [1, 0]  # more KV blocks first
+    meta, _ = by_tile(tile_metadata(jnp.array([0, 16], jnp.int32), 16, 4, 4, 3)[1])
     # Window 3: rows 8..11 see keys 6..11: block 0 skipped, blocks 1 and 2 masked.
-    assert meta.reshape(-1, fa_gpu.META)[1, :6].tolist() == [1, 4, 1, 3, 3, 3]
+    assert meta[1][:5] == [1, 4, 1, 3, 3]
 
 
 def test_unsupported_inputs_are_rejected_with_reason():

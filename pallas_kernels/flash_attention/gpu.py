@@ -45,7 +45,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 NO_KEY = 2**30  # first visible key of a padding row: beyond every key
 COMPUTE_WGS = 2
-META = 16  # int32 metadata words per tile: lo, end, then (lo, a, b, e) per compute warpgroup
+META = 16  # int32 words per launched tile: tile, lo, end, then (lo, a, b, e) per compute warpgroup
 LOG2E = math.log2(math.e)
 
 
@@ -62,8 +62,9 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
 
 
 def _tile_metadata(cu_seqlens, num_tokens_padded, block_q, block_kv, sliding_window):
-    """Per token its first visible key ([T_pad] int32, NO_KEY for padding), per
-    tile its META words, and the launch order of tiles (most KV blocks first).
+    """Per token its first visible key ([T_pad] int32, NO_KEY for padding), and
+    META words per tile ([num_tiles * META] int32), rows in launch order: tiles
+    with the most KV blocks first.
 
     A compute warpgroup's blocks [lo_w, e) split at a <= b: [lo_w, a) and
     [b, e) need the mask, [a, b) is seen whole by every row of the warpgroup.
@@ -91,10 +92,11 @@ def _tile_metadata(cu_seqlens, num_tokens_padded, block_q, block_kv, sliding_win
     tile_end = jnp.maximum(jnp.max(e, axis=1), tile_lo)
     lo_w, a, b, e = (jnp.where(real, x, tile_end[:, None]) for x in (lo_w, a, b, e))
     per_wg = jnp.stack([lo_w, a, b, e], axis=-1).reshape(-1, 4 * COMPUTE_WGS)
-    meta = jnp.concatenate([tile_lo[:, None], tile_end[:, None], per_wg], axis=1)
+    tile = jnp.arange(tile_lo.shape[0], dtype=jnp.int32)
+    meta = jnp.concatenate([tile[:, None], tile_lo[:, None], tile_end[:, None], per_wg], axis=1)
     meta = jnp.pad(meta, ((0, 0), (0, META - meta.shape[1]))).astype(jnp.int32)
-    order = jnp.argsort(tile_lo - tile_end, stable=True).astype(jnp.int32)
-    return first_key, meta.reshape(-1), order
+    order = jnp.argsort(tile_lo - tile_end, stable=True)
+    return first_key, meta[order].reshape(-1)
 
 
 def _accumulate_pv(acc, p, v_smem, meanwhile, *, on_gpu):
@@ -116,17 +118,16 @@ def _accumulate_pv(acc, p, v_smem, meanwhile, *, on_gpu):
     return pl.run_state(pv)(plgpu.ACC.init(acc))
 
 
-def _kernel(q_ref, k_ref, v_ref, first_key_ref, meta_ref, order_ref, out_ref, scoped, *,
+def _kernel(q_ref, k_ref, v_ref, first_key_ref, meta_ref, out_ref, scoped, *,
             sm_scale, soft_cap, block_q, block_kv, num_stages, group, interpreted):
     (qo_smem2, first_key_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready, first_key_ready), \
         (k_free, v_free), schedule = scoped
     dtype = q_ref.dtype
     head_dim = q_ref.shape[-1]
     q_head = lax.axis_index("heads")
-    tile = order_ref[lax.axis_index("tiles")]
+    meta = lax.axis_index("tiles") * META
+    tile, lo, end = meta_ref[meta], meta_ref[meta + 1], meta_ref[meta + 2]
     wg = lax.axis_index("wg")
-    lo = meta_ref[tile * META]
-    end = meta_ref[tile * META + 1]
 
     def schedule_rendezvous():
         plgpu.barrier_arrive(schedule)
@@ -137,7 +138,7 @@ def _kernel(q_ref, k_ref, v_ref, first_key_ref, meta_ref, order_ref, out_ref, sc
         plgpu.set_max_registers(232, action="increase")
         qo_smem = qo_smem2.at[wg]
         row0 = tile * (COMPUTE_WGS * block_q) + wg * block_q
-        wg_meta = tile * META + 2 + 4 * wg
+        wg_meta = meta + 3 + 4 * wg
         lo_w, a, b, e = (meta_ref[wg_meta + i] for i in range(4))
 
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, block_q), q_head], qo_smem, q_ready.at[wg])
@@ -185,10 +186,10 @@ def _kernel(q_ref, k_ref, v_ref, first_key_ref, meta_ref, order_ref, out_ref, sc
 
             # Scores in base-2 units: s = log2(e) * (capped) sm_scale * q.k
             if soft_cap is not None:
-                s = (soft_cap * LOG2E) * jnp.tanh(qk * (sm_scale / soft_cap))
-                scale = 1.0
+                s, scale = (soft_cap * LOG2E) * jnp.tanh(qk * (sm_scale / soft_cap)), None
             else:
                 s, scale = qk, sm_scale * LOG2E  # folded into the exp2 FMA below
+            scaled = (lambda x: x) if scale is None else (lambda x: x * scale)
             if masked:  # key j*block_kv + c visible to row row0 + r: first_key[r] <= key <= row
                 shape, layout = (block_q, block_kv), plgpu.Layout.WGMMA
                 r = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=layout)
@@ -196,13 +197,13 @@ def _kernel(q_ref, k_ref, v_ref, first_key_ref, meta_ref, order_ref, out_ref, sc
                 first = lax.broadcast_in_dim(row_first_key - j * block_kv, shape, [0])
                 visible = (c >= first) & (c <= r + (row0 - j * block_kv))
                 s = jnp.where(visible, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+            m_new = jnp.maximum(m_i, scaled(s.max(axis=1)))
             if masked:  # a row with no visible key yet: subtract 0, not -inf (no NaN)
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             else:
                 m_use = m_new
             alpha = jnp.exp2(m_i - m_use)
-            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
+            p = jnp.exp2(scaled(s) - lax.broadcast_in_dim(m_use, s.shape, [0]))
             acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
@@ -300,14 +301,14 @@ def flash_attention(
         pad = ((0, padded - num_tokens), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     num_tiles = padded // tile_rows
-    first_key, meta, order = _tile_metadata(cu_seqlens.astype(jnp.int32), padded, block_q, block_kv,
+    first_key, meta = _tile_metadata(cu_seqlens.astype(jnp.int32), padded, block_q, block_kv,
                                             sliding_window)
 
-    def entry(q_ref, k_ref, v_ref, first_key_ref, meta_ref, order_ref, out_ref):
+    def entry(q_ref, k_ref, v_ref, first_key_ref, meta_ref, out_ref):
         smem = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
         pl.run_scoped(
             lambda *scoped: _kernel(
-                q_ref, k_ref, v_ref, first_key_ref, meta_ref, order_ref, out_ref, scoped,
+                q_ref, k_ref, v_ref, first_key_ref, meta_ref, out_ref, scoped,
                 sm_scale=sm_scale, soft_cap=soft_cap, block_q=block_q, block_kv=block_kv,
                 num_stages=num_stages, group=group, interpreted=interpret not in (None, False)),
             (plgpu.SMEM((COMPUTE_WGS, block_q, head_dim), q.dtype, **smem),
@@ -332,5 +333,5 @@ def flash_attention(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
-    )(q, k, v, first_key, meta, order)
+    )(q, k, v, first_key, meta)
     return out[:num_tokens]

@@ -8,7 +8,8 @@ FlashAttention-3 structure. One CUDA block per (q_head, q tile of
   O += P V are `wgmma`s with the accumulators in registers (WGMMA layout),
   online softmax in base 2 with `sm_scale * log2(e)` folded into one FMA;
   a shared "schedule" barrier staggers the two warpgroups by half a step so
-  one's softmax overlaps the other's matmuls;
+  one's softmax overlaps the other's matmuls; the next K block is awaited
+  while the P V wgmma runs;
 * one memory warpgroup (40 registers) streams K/V blocks of `block_kv` rows of
   KV head `q_head // group` through a `num_stages`-deep SMEM ring with TMA,
   refilling a slot once both compute warpgroups have released it.
@@ -20,16 +21,24 @@ warpgroup loads exactly that range. Each compute warpgroup splits it into
 `skip | masked | full | masked | skip`: blocks none of its rows see (only
 barrier bookkeeping), blocks that need the per-element mask, and blocks every
 row sees entirely (no mask at all). The mask compares each key against the
-row's first visible key (`max(sequence start, row - window + 1)`, from GMEM)
-and the row itself. Padding rows (at/after `cu_seqlens[-1]`) see no key and
-come out zero. Tiles are launched longest-first.
+row's first visible key (`max(sequence start, row - window + 1)`, TMA'd from
+GMEM) and the row itself. Padding rows (at/after `cu_seqlens[-1]`) see no key
+and come out zero.
+
+Launch order: the tile axis is the fastest grid axis, so the CUDA blocks in
+flight share one KV head (its K/V stays in L2), and within a head tiles run
+longest-first (metadata rows are sorted by KV block count), so the short
+tiles fill the tail.
 
 Limits: bf16/f16, head_dim a multiple of 64 (256 needs `block_kv=64` to fit
 SMEM, chosen by default), `block_q` and `block_kv` multiples of 64,
-`q_heads % kv_heads == 0`. The token axis is zero-padded to a multiple of
-`lcm(2 * block_q, block_kv)` when it is not one already (a copy of q/k/v).
-Needs a Hopper GPU (wgmma); `interpret=plgpu.InterpretGPUParams()` runs it on
-the CPU.
+`q_heads % kv_heads == 0`. SMEM holds Q (2 * block_q rows) and num_stages K and
+V blocks: 160 KiB at head_dim 128 with the defaults; H100 allows 227 KiB. The
+token axis is zero-padded to a multiple of `lcm(2 * block_q, block_kv)` when it
+is not one already (a copy of q/k/v). Needs a Hopper GPU (wgmma).
+`interpret=plgpu.InterpretGPUParams()` runs it on the CPU; there P V is a
+plain dot, since GPU interpret mode cannot run a wgmma with its A operand in
+registers or `pl.run_state` over an accumulator.
 """
 
 from __future__ import annotations

@@ -105,6 +105,10 @@ RAGGED = {
         ([(1, 16384), (1, 333)], 2, 2, 32, 8, 128, 16, 1024, {}, {}),
     "pages_per_block_8_stages_2":
         ([(1, 1000), (20, 700)], 24, 3, 32, 8, 128, 16, 64, dict(pages_per_block=8, num_stages=2), {}),
+    "one_compute_warpgroup_stages_3":
+        ([(1, 1000), (20, 700), (1, 64)], 24, 3, 32, 8, 128, 16, 64, dict(num_compute=1, num_stages=3), {}),
+    "head_dim_256_falls_back_to_one_slot":
+        ([(1, 300), (5, 200)], 8, 2, 8, 2, 256, 16, 20, {}, {}),
 }
 
 BENCH = dict(batch=64, context=4096, q_heads=32, kv_heads=8, head_dim=128, page_size=16)
@@ -147,8 +151,9 @@ def benchmark(sweep: bool):
     print(f"{'impl':44s} {'kv':6s} {'us':>9s} {'GB/s':>8s} {'% copy bw':>9s}")
     configs = [dict()]
     if sweep:
-        configs += [dict(num_stages=s, pages_per_block=p, num_splits=n)
-                    for s in (2, 3, 4, 6) for p in (4, 8) for n in (1, 2)]
+        configs += [dict(num_compute=c, num_stages=s, pages_per_block=p)
+                    for c in (1, 2) for s in (2, 4) for p in (4, 8)]
+        configs += [dict(num_splits=2), dict(num_compute=1, num_stages=6)]
     for kv_dtype in (jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn):
         kv_name = jnp.dtype(kv_dtype).name
         try:
@@ -195,7 +200,8 @@ def benchmark(sweep: bool):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="correctness checks only")
-    parser.add_argument("--sweep", action="store_true", help="also sweep num_stages/pages_per_block/num_splits")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep num_compute/num_stages/pages_per_block/num_splits")
     flags = parser.parse_args()
     print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
 

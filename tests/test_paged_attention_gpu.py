@@ -45,18 +45,20 @@ def _check(got, want, num_real_tokens, tol=2e-2):
 
 
 # Keys per KV block are 64 (page_size * pages_per_block); head_dim 64 keeps interpret mode quick.
+# Interpret mode costs ~0.5 s per CTA (kv_heads x query blocks x splits): keep few of each.
 CASES = {
     # name: (seqs, T, S, q_heads, kv_heads, page_size, P, kernel options, attention options)
-    "decode_only_gqa_kv_len_1_and_page_and_block_edges":
-        ([(1, 1), (1, 8), (1, 16), (1, 64), (1, 65), (1, 5)], 6, 6, 8, 2, 8, 9, {}, {}),
-    "prefill_chunk_mid_context_decodes_empty_slots_padding":
-        ([(1, 9), (7, 20), (1, 1), (0, 0), (8, 16), (3, 3)], 24, 6, 4, 1, 16, 2, {}, {}),
-    "many_short_one_long_prefill_mqa":
-        ([(1, 3), (2, 2), (1, 9), (1, 4), (30, 100)], 40, 5, 4, 1, 16, 7, {}, {}),
-    "sliding_window_soft_cap_skips_early_blocks":
-        ([(1, 150), (9, 140), (1, 6)], 12, 4, 4, 2, 16, 10, {}, dict(sliding_window=20, soft_cap=5.0)),
+    "mixed_batch_decode_edges_prefill_chunks_empty_slots_padding":
+        # kv_len 1, one page, one KV block, one past it; a prefill chunk mid-context; an empty
+        # slot in the middle and one at the end; one long prefill over two query blocks.
+        ([(1, 1), (1, 16), (1, 64), (1, 65), (0, 0), (7, 20), (20, 100)], 32, 8, 4, 1, 16, 7, {}, {}),
+    "gqa8_pages_of_8_one_compute_warpgroup":
+        ([(1, 9), (12, 40), (1, 64)], 16, 3, 16, 2, 8, 8, dict(num_compute=1), {}),
+    "sliding_window_soft_cap_skips_early_blocks_gqa":
+        ([(1, 150), (9, 140), (1, 6)], 12, 3, 4, 2, 16, 10, dict(num_stages=3),
+         dict(sliding_window=20, soft_cap=5.0)),
     "split_kv_decode_combines_partials":
-        ([(1, 200), (1, 3), (2, 130)], 4, 3, 8, 1, 16, 13, dict(num_splits=3, num_stages=2), {}),
+        ([(1, 200), (2, 130)], 4, 2, 8, 1, 16, 13, dict(num_splits=2, num_stages=2), {}),
 }
 
 
@@ -78,7 +80,7 @@ def test_kernel_matches_reference_in_gpu_interpret_mode(name):
 def test_quantized_pages_match_reference_with_scales_without_races(kv_dtype, kv_len, detect_races):
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
-    args, max_q_len = _inputs([(1, kv_len), (6, 14)], 8, 2, 4, 2, 64, 16, -(-kv_len // 16), seed=2)
+    args, max_q_len = _inputs([(6, kv_len)], 8, 1, 4, 2, 64, 16, -(-kv_len // 16), seed=2)
     q, k_pages, v_pages, *rest = args
     (kq, ks), (vq, vs) = kv_quantization.quantize(k_pages, kv_dtype), kv_quantization.quantize(v_pages, kv_dtype)
     want = reference(q, kq, vq, *rest, max_q_len=max_q_len, sm_scale=0.125, k_scale=ks, v_scale=vs)
@@ -93,7 +95,7 @@ def test_public_gpu_interpret_override_runs_the_kernel_without_races():
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
     # 5 KV blocks through a ring of 4 slots: the memory warpgroup waits for freed slots.
-    args, max_q_len = _inputs([(1, 7), (5, 300), (1, 4)], 8, 3, 4, 2, 64, 16, 19, seed=1)
+    args, max_q_len = _inputs([(5, 300), (1, 4)], 8, 2, 4, 2, 64, 16, 19, seed=1)
     want = reference(*args, max_q_len=max_q_len, sm_scale=0.2)
     got = ragged_paged_attention(*args, max_q_len=max_q_len, sm_scale=0.2,
                                  interpret=plgpu.InterpretGPUParams(detect_races=True))

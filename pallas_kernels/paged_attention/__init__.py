@@ -12,8 +12,6 @@ the TPU kernel. `reference` is the reference function itself.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu

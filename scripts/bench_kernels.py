@@ -145,7 +145,8 @@ def decode(args, results: dict) -> None:
     seqs, ctx, hq, hkv, d, ps = (4, 256, 4, 2, 64, 16) if args.small else (64, 4096, 32, 8, 128, 16)
     scale = d ** -0.5
     rows = []
-    for dtype in (jnp.bfloat16, jnp.int8):
+    # The GPU kernel takes int8/fp8 pages of 32 tokens or more (pallas_kernels/paged_attention/gpu.py).
+    for dtype, ps in ((jnp.bfloat16, ps), (jnp.bfloat16, 2 * ps), (jnp.int8, 2 * ps)):
         q, k_pages, v_pages, kv_lens, table_, cu, scales = _paged_inputs(seqs, ctx, hq, hkv, d, ps, dtype)
         kv_bytes = 2 * seqs * ctx * hkv * d * jnp.dtype(dtype).itemsize
         if scales:
@@ -175,18 +176,18 @@ def decode(args, results: dict) -> None:
                 sec = timeit(fn, *call_args)
                 timings[name] = sec
                 bw = kv_bytes / sec
-                rows.append([jnp.dtype(dtype).name, name, custom_call(fn, *call_args), f"{sec * 1e6:.0f}",
+                rows.append([jnp.dtype(dtype).name, ps, name, custom_call(fn, *call_args), f"{sec * 1e6:.0f}",
                              f"{bw / 1e9:.0f}", f"{bw / copy:.0%}", f"{copy / 1e9:.0f}",
-                             f"{err:.3g}" if name.startswith("jaxinfer") else "-"])
+                             f"{err:.3g}" if name.startswith("jaxinfer") else "-", ""])
             except Exception as e:
-                rows.append([jnp.dtype(dtype).name, name, "-", "failed", str(e).splitlines()[0][:80],
-                             "-", "-", "-"])
+                rows.append([jnp.dtype(dtype).name, ps, name, "-", "failed", str(e).splitlines()[0][:80],
+                             "-", "-", "-", ""])
         mine, theirs_t = timings.get(entries[0][0]), timings.get(entries[-1][0]) if len(entries) > 1 else None
         if mine and theirs_t:
-            rows[-1].append(f"ours {theirs_t / mine:.2f}x faster")
-    table(f"paged decode attention: {seqs} seqs x {ctx} context, page {ps}, {hq} q / {hkv} kv heads, d {d} "
+            rows[-1][-1] = f"ours {theirs_t / mine:.2f}x faster"
+    table(f"paged decode attention: {seqs} seqs x {ctx} context, {hq} q / {hkv} kv heads, d {d} "
           "(bandwidth = KV bytes read / time; copy = read + write of the same bytes)",
-          ["kv", "implementation", "kernel", "us", "GB/s", "of copy", "copy GB/s", "max |diff|", ""], rows)
+          ["kv", "page", "implementation", "kernel", "us", "GB/s", "of copy", "copy GB/s", "max |diff|", ""], rows)
     results["decode"] = {"rows": rows}
 
 

@@ -76,7 +76,9 @@ def logits_diff(cfg, state, graphdef, mesh, impls) -> float:
 
 
 def generate(loaded, mesh, impl, reqs):
-    llm = LLM.from_loaded(loaded, mesh, attention=impl, max_num_seqs=16, max_num_batched_tokens=512,
+    # One decode size and one prefill size: two compiled step shapes, compiled on first use.
+    llm = LLM.from_loaded(loaded, mesh, warmup=False, attention=impl, max_num_seqs=16,
+                          max_num_batched_tokens=512, decode_sizes=(16,), prefill_sizes=(512,),
                           num_pages=1024, max_model_len=1024)
     sp = SamplingParams(temperature=0.0, max_tokens=32, logprobs=2, ignore_eos=True)
     outs = llm.generate(reqs, sp, use_tqdm=False)

@@ -73,14 +73,15 @@ def test_kernel_matches_reference_in_gpu_interpret_mode(name):
 
 
 @pytest.mark.parametrize("kv_dtype,kv_len,detect_races", [
-    # 6 KV blocks split in 2, each through 2 ring slots: slots are reused within a split.
+    # Pages of 32 (quantized pages need it). 6 KV blocks split in 2, each through 2 ring
+    # slots: slots are reused within a split.
     (jnp.int8, 380, True),
     (jnp.float8_e4m3fn, 70, False),
 ])
 def test_quantized_pages_match_reference_with_scales_without_races(kv_dtype, kv_len, detect_races):
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
-    args, max_q_len = _inputs([(6, kv_len)], 8, 1, 4, 2, 64, 16, -(-kv_len // 16), seed=2)
+    args, max_q_len = _inputs([(6, kv_len)], 8, 1, 4, 2, 64, 32, -(-kv_len // 32), seed=2)
     q, k_pages, v_pages, *rest = args
     (kq, ks), (vq, vs) = kv_quantization.quantize(k_pages, kv_dtype), kv_quantization.quantize(v_pages, kv_dtype)
     want = reference(q, kq, vq, *rest, max_q_len=max_q_len, sm_scale=0.125, k_scale=ks, v_scale=vs)
@@ -118,6 +119,9 @@ def test_support_check_names_what_the_kernel_cannot_take():
     assert "q dtype" in pa_gpu.supports(q.astype(jnp.float32), pages, pages)
     assert "head_dim" in pa_gpu.supports(q[..., :96], pages[..., :96], pages[..., :96])
     assert "scales" in pa_gpu.supports(q, pages.astype(jnp.int8), pages.astype(jnp.int8))
+    scale = jnp.ones((pages.shape[0], pages.shape[2], pages.shape[1]), jnp.float32)
+    if pages.shape[1] % 32:
+        assert "page_size" in pa_gpu.supports(q, pages.astype(jnp.int8), pages.astype(jnp.int8), scale, scale)
 
 
 @pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, jnp.int8])
@@ -125,8 +129,9 @@ def test_support_check_names_what_the_kernel_cannot_take():
 def test_public_function_lowers_to_mosaic_gpu_for_cuda(kv_dtype, max_q_len):
     """Benchmark shape: batch 64 decode over 4096 tokens, 32/8 heads, head_dim 128, pages of 16
     (max_q_len 1), and a mixed batch (max_q_len 128)."""
-    tokens, seqs, q_heads, kv_heads, head_dim, page_size, pages_per_seq = 64, 64, 32, 8, 128, 16, 256
     quantized = kv_dtype != jnp.bfloat16
+    page_size = 32 if quantized else 16
+    tokens, seqs, q_heads, kv_heads, head_dim, pages_per_seq = 64, 64, 32, 8, 128, 4096 // page_size
 
     def attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, *scales):
         kw = dict(k_scale=scales[0], v_scale=scales[1]) if quantized else {}

@@ -95,6 +95,10 @@ def supports(q, k_pages, v_pages, k_scale=None, v_scale=None, *, pages_per_block
         return f"head_dim {head_dim} is not a multiple of 64 up to 256"
     if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > ROWS:
         return f"group {num_q_heads}/{num_kv_heads} is not an integer up to {ROWS}"
+    if quantized and (page_size * 4) % 128:
+        # Each page's scales come by TMA into their place in a [block_kv] row of shared
+        # memory; TMA destinations must be 128-byte aligned, so a page's scales must be.
+        return f"int8/fp8 pages need page_size a multiple of 32, got {page_size}"
     ppb = pages_per_block or default_pages_per_block(page_size)
     if page_size % 8 or (ppb * page_size) % 64:
         return f"page_size {page_size} x {ppb} pages per block is not a multiple of 64 keys"

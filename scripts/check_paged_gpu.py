@@ -28,6 +28,7 @@ from pallas_kernels import kv_quantization  # noqa: E402
 from pallas_kernels.paged_attention import gpu as pa_gpu  # noqa: E402
 from pallas_kernels.paged_attention import ragged_paged_attention  # noqa: E402
 from pallas_kernels.paged_attention import reference as _reference  # noqa: E402
+from tests.paged_inputs import ragged_paged_inputs  # noqa: E402
 
 reference = jax.jit(_reference, static_argnames=("max_q_len", "sm_scale", "sliding_window", "soft_cap"))
 RESULTS: list[tuple[str, str]] = []
@@ -35,28 +36,16 @@ RESULTS: list[tuple[str, str]] = []
 
 def make_inputs(seqs, num_tokens, num_seqs, q_heads, kv_heads, head_dim, page_size, pages_per_seq,
                 kv_dtype=jnp.bfloat16, seed=0):
-    """seqs: (q_len, kv_len) per sequence; other rows/tokens are padding. Pages are
-    a shuffled pool; quantized pages come with per-token scales."""
-    rng = np.random.default_rng(seed)
-    num_pages = num_seqs * pages_per_seq + 3
-    q_lens = [ql for ql, _ in seqs] + [0] * (num_seqs - len(seqs))
-    kv_lens = [kl for _, kl in seqs] + [0] * (num_seqs - len(seqs))
-    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    assert cu[-1] <= num_tokens and max(-(-k // page_size) for k in kv_lens) <= pages_per_seq
-    table = rng.permutation(num_pages)[:num_seqs * pages_per_seq].reshape(num_seqs, pages_per_seq)
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (num_tokens, q_heads, head_dim), jnp.bfloat16)
-    shape = (num_pages, page_size, kv_heads, head_dim)
-    k_pages = jax.random.normal(kk, shape, jnp.bfloat16)
-    v_pages = jax.random.normal(kv, shape, jnp.bfloat16)
+    """tests/paged_inputs.py's ragged batch; quantized pages come with per-token scales."""
+    args, max_q_len = ragged_paged_inputs(seqs, num_tokens, num_seqs, q_heads, kv_heads, head_dim,
+                                          page_size, pages_per_seq, seed=seed)
     scales = {}
     if jnp.dtype(kv_dtype) != jnp.dtype(jnp.bfloat16):
+        q, k_pages, v_pages, *rest = args
         k_pages, ks = kv_quantization.quantize(k_pages, kv_dtype)
         v_pages, vs = kv_quantization.quantize(v_pages, kv_dtype)
-        scales = dict(k_scale=ks, v_scale=vs)
-    args = (q, k_pages, v_pages, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(table, jnp.int32),
-            jnp.asarray(cu))
-    return args, scales, max(1, max(q_lens))
+        args, scales = (q, k_pages, v_pages, *rest), dict(k_scale=ks, v_scale=vs)
+    return args, scales, max_q_len
 
 
 def record(name, ok, detail):

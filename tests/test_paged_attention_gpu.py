@@ -14,28 +14,10 @@ from pallas_kernels import kv_quantization
 from pallas_kernels.paged_attention import gpu as pa_gpu
 from pallas_kernels.paged_attention import ragged_paged_attention
 from pallas_kernels.paged_attention import reference as _reference
+from tests.paged_inputs import ragged_paged_inputs
 
 # Jitted: eager op-by-op dispatch of the reference costs seconds on the CPU.
 reference = jax.jit(_reference, static_argnames=("max_q_len", "sm_scale", "sliding_window", "soft_cap"))
-
-
-def _inputs(seqs, num_tokens, num_seqs, q_heads, kv_heads, head_dim, page_size, pages_per_seq,
-            dtype=jnp.bfloat16, seed=0):
-    """seqs: (q_len, kv_len) per sequence; the rest of the num_seqs rows and of
-    the num_tokens tokens are padding. Pages are scattered over a shuffled pool;
-    unused page-table entries and unused page slots hold garbage."""
-    rng = np.random.default_rng(seed)
-    num_pages = num_seqs * pages_per_seq + 3
-    q_lens = [ql for ql, _ in seqs] + [0] * (num_seqs - len(seqs))
-    kv_lens = [kl for _, kl in seqs] + [0] * (num_seqs - len(seqs))
-    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    assert cu[-1] <= num_tokens and max(-(-k // page_size) for k in kv_lens) <= pages_per_seq
-    table = rng.permutation(num_pages)[:num_seqs * pages_per_seq].reshape(num_seqs, pages_per_seq)
-    shape = (num_pages, page_size, kv_heads, head_dim)
-    q, k_pages, v_pages = (jnp.asarray(rng.standard_normal(sh, np.float32), dtype)
-                           for sh in ((num_tokens, q_heads, head_dim), shape, shape))
-    return (q, k_pages, v_pages, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(table, jnp.int32),
-            jnp.asarray(cu)), max(1, max(q_lens))
 
 
 def _check(got, want, num_real_tokens, tol=2e-2):
@@ -65,7 +47,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference_in_gpu_interpret_mode(name):
     seqs, t, s, hq, hkv, ps, p, kernel_options, options = CASES[name]
-    args, max_q_len = _inputs(seqs, t, s, hq, hkv, 64, ps, p)
+    args, max_q_len = ragged_paged_inputs(seqs, t, s, hq, hkv, 64, ps, p)
     want = reference(*args, max_q_len=max_q_len, sm_scale=0.125, **options)
     got = pa_gpu.ragged_paged_attention(*args, max_q_len=max_q_len, sm_scale=0.125,
                                         interpret=plgpu.InterpretGPUParams(), **kernel_options, **options)
@@ -81,7 +63,7 @@ def test_kernel_matches_reference_in_gpu_interpret_mode(name):
 def test_quantized_pages_match_reference_with_scales_without_races(kv_dtype, kv_len, detect_races):
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
-    args, max_q_len = _inputs([(6, kv_len)], 8, 1, 4, 2, 64, 32, -(-kv_len // 32), seed=2)
+    args, max_q_len = ragged_paged_inputs([(6, kv_len)], 8, 1, 4, 2, 64, 32, -(-kv_len // 32), seed=2)
     q, k_pages, v_pages, *rest = args
     (kq, ks), (vq, vs) = kv_quantization.quantize(k_pages, kv_dtype), kv_quantization.quantize(v_pages, kv_dtype)
     want = reference(q, kq, vq, *rest, max_q_len=max_q_len, sm_scale=0.125, k_scale=ks, v_scale=vs)
@@ -96,7 +78,7 @@ def test_public_gpu_interpret_override_runs_the_kernel_without_races():
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
     # 5 KV blocks through a ring of 4 slots: the memory warpgroup waits for freed slots.
-    args, max_q_len = _inputs([(5, 300), (1, 4)], 8, 2, 4, 2, 64, 16, 19, seed=1)
+    args, max_q_len = ragged_paged_inputs([(5, 300), (1, 4)], 8, 2, 4, 2, 64, 16, 19, seed=1)
     want = reference(*args, max_q_len=max_q_len, sm_scale=0.2)
     got = ragged_paged_attention(*args, max_q_len=max_q_len, sm_scale=0.2,
                                  interpret=plgpu.InterpretGPUParams(detect_races=True))

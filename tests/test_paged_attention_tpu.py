@@ -12,27 +12,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.paged_attention import ragged_paged_attention, reference
 from pallas_kernels.paged_attention import tpu as pa_tpu
 from pallas_kernels import kv_quantization
-
-
-def _inputs(seqs, num_tokens, num_seqs, q_heads, kv_heads, head_dim, page_size, pages_per_seq,
-            dtype, seed=0):
-    """seqs: (q_len, kv_len) per sequence; the rest of the num_seqs rows and of
-    the num_tokens tokens are padding. Pages are scattered over a shuffled pool;
-    unused page-table entries and unused page slots hold garbage."""
-    rng = np.random.default_rng(seed)
-    num_pages = num_seqs * pages_per_seq + 3
-    q_lens = [ql for ql, _ in seqs] + [0] * (num_seqs - len(seqs))
-    kv_lens = [kl for _, kl in seqs] + [0] * (num_seqs - len(seqs))
-    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    assert cu[-1] <= num_tokens and max(-(-k // page_size) for k in kv_lens) <= pages_per_seq
-    table = rng.permutation(num_pages)[:num_seqs * pages_per_seq].reshape(num_seqs, pages_per_seq)
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (num_tokens, q_heads, head_dim), jnp.float32).astype(dtype)
-    shape = (num_pages, page_size, kv_heads, head_dim)
-    k_pages = jax.random.normal(kk, shape, jnp.float32).astype(dtype)
-    v_pages = jax.random.normal(kv, shape, jnp.float32).astype(dtype)
-    return (q, k_pages, v_pages, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(table, jnp.int32),
-            jnp.asarray(cu)), max(1, max(q_lens))
+from tests.paged_inputs import ragged_paged_inputs
 
 
 CASES = {
@@ -52,7 +32,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference_in_interpret_mode(name):
     seqs, t, s, hq, hkv, d, ps, p, dtype, bq, ppb, options = CASES[name]
-    args, max_q_len = _inputs(seqs, t, s, hq, hkv, d, ps, p, dtype)
+    args, max_q_len = ragged_paged_inputs(seqs, t, s, hq, hkv, d, ps, p, dtype)
     scale = d ** -0.5
     want = reference(*args, max_q_len=max_q_len, sm_scale=scale, **options)
     got = pa_tpu.ragged_paged_attention(*args, max_q_len=max_q_len, sm_scale=scale, block_q=bq,
@@ -65,7 +45,7 @@ def test_kernel_matches_reference_in_interpret_mode(name):
 
 @pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
 def test_quantized_pages_match_reference_on_the_same_pages(kv_dtype):
-    args, max_q_len = _inputs([(1, 9), (6, 14), (1, 4)], 10, 4, 4, 2, 32, 4, 4, jnp.bfloat16, seed=2)
+    args, max_q_len = ragged_paged_inputs([(1, 9), (6, 14), (1, 4)], 10, 4, 4, 2, 32, 4, 4, jnp.bfloat16, seed=2)
     q, k_pages, v_pages, *rest = args
     (kq, ks), (vq, vs) = kv_quantization.quantize(k_pages, kv_dtype), kv_quantization.quantize(v_pages, kv_dtype)
     want = reference(q, kq, vq, *rest, max_q_len=max_q_len, sm_scale=0.2, k_scale=ks, v_scale=vs)
@@ -83,7 +63,7 @@ def test_quantized_pages_match_reference_on_the_same_pages(kv_dtype):
 def test_kernel_has_no_races_and_public_interpret_override_uses_it():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 
-    args, max_q_len = _inputs([(1, 7), (5, 12), (1, 4)], 8, 4, 4, 2, 32, 4, 4, jnp.float32, seed=1)
+    args, max_q_len = ragged_paged_inputs([(1, 7), (5, 12), (1, 4)], 8, 4, 4, 2, 32, 4, 4, jnp.float32, seed=1)
     want = reference(*args, max_q_len=max_q_len, sm_scale=0.2)
     got = ragged_paged_attention(*args, max_q_len=max_q_len, sm_scale=0.2,
                                  interpret=pltpu.InterpretParams(detect_races=True))

@@ -33,12 +33,8 @@ from jax.sharding import PartitionSpec as P
 from jaxinfer import attention_xla
 from jaxinfer.batch import Batch
 from pallas_kernels import paged_attention as paged_kernels
+from pallas_kernels.paged_attention import gpu as paged_gpu
 from pallas_kernels.paged_attention import tpu as paged_tpu
-
-try:
-    from pallas_kernels.paged_attention import gpu as paged_gpu
-except ImportError:  # the GPU kernel is still being written
-    paged_gpu = None
 
 
 def _reference(q, k_pages, v_pages, batch: Batch, *, sm_scale, sliding_window, soft_cap):
@@ -68,7 +64,7 @@ def _auto(q, k_pages, v_pages, batch: Batch, **options):
     xla = functools.partial(attention_xla.paged_attention, **options)
     # Shapes a kernel cannot take (e.g. head_dim 64 on TPU) fall back to `xla`, not the reference.
     tpu = xla if paged_tpu.supports(q, k_pages, v_pages) else kernels
-    cuda = xla if paged_gpu is None or paged_gpu.supports(q, k_pages, v_pages) else kernels
+    cuda = xla if paged_gpu.supports(q, k_pages, v_pages) else kernels
     return lax.platform_dependent(q, k_pages, v_pages, batch, tpu=tpu, cuda=cuda, default=xla)
 
 

@@ -10,6 +10,7 @@ from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.paged_attention import ragged_paged_attention, reference
+from pallas_kernels.paged_attention import plan as pa_plan
 from pallas_kernels.paged_attention import tpu as pa_tpu
 from pallas_kernels import kv_quantization
 from tests.paged_inputs import ragged_paged_inputs
@@ -75,13 +76,13 @@ def test_query_blocks_keep_one_sequence_per_block_and_skip_invisible_pages():
     # q_lens 1, 5, 0, 2 with blocks of 2 tokens: sequence 1 takes blocks 1..3, sequence 3 block 4.
     cu = jnp.array([0, 1, 6, 6, 8], jnp.int32)
     kv_lens = jnp.array([3, 9, 0, 2], jnp.int32)
-    seq, q0, num_valid, first_pos, cu_blocks = pa_tpu._query_blocks(cu, kv_lens, 6, 2)
+    seq, q0, num_valid, first_pos, cu_blocks = pa_plan.query_blocks(cu, kv_lens, 6, 2)
     assert seq.tolist()[:5] == [0, 1, 1, 1, 3] and q0.tolist()[:5] == [0, 0, 2, 4, 0]
     assert num_valid.tolist() == [1, 2, 2, 1, 2, 0] and cu_blocks.tolist() == [0, 1, 4, 4, 5]
     assert first_pos.tolist()[:5] == [2, 4, 6, 8, 0]
-    lo, hi = pa_tpu._kv_block_ranges(first_pos, num_valid, 4, None)
+    lo, hi = pa_plan.kv_block_ranges(first_pos, num_valid, 4, None)
     assert lo.tolist() == [0] * 5 + [0] and hi.tolist() == [0, 1, 1, 2, 0, -1]
-    lo, _ = pa_tpu._kv_block_ranges(first_pos, num_valid, 4, 3)  # window 3: keys from first_pos - 2
+    lo, _ = pa_plan.kv_block_ranges(first_pos, num_valid, 4, 3)  # window 3: keys from first_pos - 2
     assert lo.tolist()[:5] == [0, 0, 1, 1, 0]
 
 

@@ -3,8 +3,8 @@
 `reference.py` is the pure-JAX reference, `tpu.py` the Mosaic TPU kernel and
 `gpu.py` the Mosaic GPU (Hopper) kernel. `ragged_paged_attention` picks by the
 platform it is lowered for (so `jax.export(..., platforms=['tpu'])` or
-`platforms=['cuda']` on a CPU host gets that kernel); on CUDA the kernel is used
-only where `gpu.supports` accepts the inputs, the reference otherwise.
+`platforms=['cuda']` on a CPU host gets that kernel); each kernel is used only
+where its `supports` accepts the inputs, the reference otherwise.
 `interpret=` forces a kernel in interpret mode, for tests:
 `plgpu.InterpretGPUParams` the GPU kernel, `True` or `pltpu.InterpretParams`
 the TPU kernel. `reference` is the reference function itself.
@@ -57,9 +57,10 @@ def ragged_paged_attention(
         return call
 
     use_gpu = _gpu.supports(q, k_pages, v_pages, k_scale, v_scale) is None
+    use_tpu = _tpu.supports(q, k_pages, v_pages, k_scale, v_scale) is None
     return lax.platform_dependent(
         *args, *scales,
-        tpu=with_scales(_tpu.ragged_paged_attention),
+        tpu=with_scales(_tpu.ragged_paged_attention if use_tpu else reference),
         cuda=with_scales(_gpu.ragged_paged_attention if use_gpu else reference),
         default=with_scales(reference))
 

@@ -70,7 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.paged_attention.tpu import _kv_block_ranges, _query_blocks
+from pallas_kernels.paged_attention.plan import kv_block_ranges, query_blocks
 
 ROWS = 64  # query rows per block: one WGMMA M tile
 _LOG2E = math.log2(math.e)
@@ -399,8 +399,8 @@ def ragged_paged_attention(
     num_stages = max(num_compute, num_stages // num_compute * num_compute)
 
     cu_q_lens, kv_lens = cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32)
-    seq, q0, num_valid, first_pos, cu_blocks = _query_blocks(cu_q_lens, kv_lens, num_q_blocks, block_q)
-    lo, hi = _kv_block_ranges(first_pos, num_valid, block_kv, sliding_window)
+    seq, q0, num_valid, first_pos, cu_blocks = query_blocks(cu_q_lens, kv_lens, num_q_blocks, block_q)
+    lo, hi = kv_block_ranges(first_pos, num_valid, block_kv, sliding_window)
     start, count = _kv_chunks(lo, hi, num_splits)
     pages = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1).reshape(-1)
 

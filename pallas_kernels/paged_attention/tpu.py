@@ -38,36 +38,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
 from pallas_kernels.online_softmax import MASK_VALUE
-
-
-
-def _query_blocks(cu_q_lens, kv_lens, num_blocks, block_q):
-    """Per q block: its sequence, the position of its first query, how many of
-    its tokens are real, and the first slot of every sequence's blocks."""
-    num_seqs = kv_lens.shape[0]
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
-    seq_blocks = -(-q_lens // block_q)
-    cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_blocks)]).astype(jnp.int32)
-    b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_blocks, b, side="right") - 1, 0, num_seqs - 1).astype(jnp.int32)
-    used = b < cu_blocks[-1]
-    q0 = (b - cu_blocks[seq]) * block_q  # index of the block's first query within its sequence
-    num_valid = jnp.where(used, jnp.clip(q_lens[seq] - q0, 0, block_q), 0).astype(jnp.int32)
-    first_pos = (kv_lens[seq] - q_lens[seq] + q0).astype(jnp.int32)
-    return seq, q0, num_valid, first_pos, cu_blocks
-
-
-def _kv_block_ranges(first_pos, num_valid, block_kv, sliding_window):
-    """First and last KV block (inclusive) holding a key some query of the block
-    sees; (0, -1) for blocks without queries."""
-    last_pos = first_pos + num_valid - 1
-    lo_pos = jnp.zeros_like(first_pos)
-    if sliding_window is not None:
-        lo_pos = jnp.maximum(first_pos - sliding_window + 1, 0)
-    empty = (num_valid == 0) | (last_pos < 0)
-    lo = jnp.where(empty, 0, lo_pos // block_kv).astype(jnp.int32)
-    hi = jnp.where(empty, -1, last_pos // block_kv).astype(jnp.int32)
-    return lo, hi
+from pallas_kernels.paged_attention.plan import kv_block_ranges, query_blocks
 
 
 def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_ref, *refs,
@@ -173,8 +144,8 @@ def ragged_paged_attention(
                               num_seqs * -(-max_q_len // block_q)))
 
     cu_q_lens, kv_lens = cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32)
-    seq, q0, num_valid, first_pos, cu_blocks = _query_blocks(cu_q_lens, kv_lens, num_q_blocks, block_q)
-    lo, hi = _kv_block_ranges(first_pos, num_valid, block_kv, sliding_window)
+    seq, q0, num_valid, first_pos, cu_blocks = query_blocks(cu_q_lens, kv_lens, num_q_blocks, block_q)
+    lo, hi = kv_block_ranges(first_pos, num_valid, block_kv, sliding_window)
     pages = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1).reshape(-1)
 
     # Regroup queries: slot b * block_q + i holds query q0[b] + i of sequence seq[b].

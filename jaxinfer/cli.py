@@ -113,7 +113,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-message-bytes", type=int, default=None, metavar="N")
     g = p.add_argument_group("security")
     g.add_argument("--token-file", default=None, metavar="FILE",
-                   help=f"clients must send this file's bearer token (default: ${TOKEN_ENV} if set, else none)")
+                   help=f"bearer tokens clients must send, one per line, each its own client identity "
+                        f"(default: ${TOKEN_ENV} if set, else none)")
     g.add_argument("--tls-cert", default=None, metavar="PEM", help="TLS certificate chain (with --tls-key)")
     g.add_argument("--tls-key", default=None, metavar="PEM", help="TLS private key")
     g.add_argument("--tls-client-ca", default=None, metavar="PEM",
@@ -132,8 +133,9 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", default=None, metavar="PEM", help="mutual TLS: client private key")
 
 
-def _read_token(token_file: str | None) -> str | None:
-    """The bearer token from `token_file`, else $JAXINFER_TOKEN, else None. Never logged."""
+def _read_tokens(token_file: str | None) -> tuple[str, ...]:
+    """Bearer tokens: one per line of `token_file` (blank lines and # comments skipped), else
+    $JAXINFER_TOKEN, else none. Never logged."""
     import os
 
     from jaxinfer.errors import ConfigError
@@ -142,16 +144,29 @@ def _read_token(token_file: str | None) -> str | None:
         token = os.environ.get(TOKEN_ENV)
         if token is not None and not token.strip():
             raise ConfigError(f"${TOKEN_ENV} is set but empty")
-        return token.strip() if token else None
+        return (token.strip(),) if token else ()
     try:
         with open(token_file, encoding="utf-8") as f:
-            token = f.read().strip()
+            lines = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read the token file {token_file!r}: {getattr(e, 'strerror', None) or e}") \
             from None
-    if not token:
-        raise ConfigError(f"the token file {token_file!r} is empty")
-    return token
+    tokens = tuple(t for t in lines if t and not t.startswith("#"))
+    if not tokens:
+        raise ConfigError(f"the token file {token_file!r} holds no token")
+    if any(any(c.isspace() for c in t) for t in tokens):
+        raise ConfigError(f"the token file {token_file!r} has a line with spaces inside: one token per line")
+    return tokens
+
+
+def _read_token(token_file: str | None) -> str | None:
+    """The one bearer token a client sends (see `_read_tokens`)."""
+    from jaxinfer.errors import ConfigError
+
+    tokens = _read_tokens(token_file)
+    if len(tokens) > 1:
+        raise ConfigError(f"the token file {token_file!r} holds {len(tokens)} tokens; a client sends one")
+    return tokens[0] if tokens else None
 
 
 def _sampling_params(args):
@@ -176,10 +191,11 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "JAX on CPU; reference forces the pure-JAX reference)")
 
 
-def _load_llm(args, warmup: bool):
+def _load_llm(args, warmup: bool, progress: bool = True):
     from jaxinfer.llm import LLM
 
     return LLM(args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel, warmup=warmup,
+               progress=progress,
                page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                num_pages=args.num_pages, enable_prefix_caching=not args.no_prefix_caching,
@@ -273,17 +289,18 @@ def cmd_serve(args) -> int:
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
-    security = Security(token=_read_token(args.token_file), cert_file=args.tls_cert, key_file=args.tls_key,
+    security = Security(tokens=_read_tokens(args.token_file), cert_file=args.tls_cert, key_file=args.tls_key,
                         client_ca_file=args.tls_client_ca)
     if security.cert_file:  # fail on unusable PEM files before the model loads
         from serving.security import server_credentials
         server_credentials(security.cert_file, security.key_file, security.client_ca_file)
     limits = Limits(**{k: getattr(args, k) for k in _LIMITS if getattr(args, k) is not None})
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not (security.token and security.cert_file):
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (security.tokens and security.cert_file):
         log.warning("listening on %s without both a bearer token and TLS: anyone who can reach this port "
                     "can use the model", args.host)
 
-    llm = _load_llm(args, warmup=False)  # the server warms up after it starts listening
+    # The server warms up after it starts listening; its stderr holds JSON lines only, so no bars.
+    llm = _load_llm(args, warmup=False, progress=False)
     server = Server(llm.engine, host=args.host, port=args.port, limits=limits, security=security,
                     metrics_port=args.metrics_port, warmup=True)
     stop = threading.Event()
@@ -300,7 +317,7 @@ def cmd_serve(args) -> int:
     except RuntimeError as e:  # grpc cannot bind the address
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     log.info("serving %s on %s:%d (gRPC%s%s)", llm.model.source, args.host, port,
-             ", TLS" if security.cert_file else "", ", bearer token" if security.token else "",
+             ", TLS" if security.cert_file else "", f", {len(security.tokens)} bearer token(s)" if security.tokens else "",
              extra={"limits": dataclasses.asdict(limits)})
     announced = False
     while not stop.wait(0.2):

@@ -179,7 +179,9 @@ class Engine:
     def _make_request(self, request_id, prompt_token_ids, params, prompt, priority) -> Request:
         if not isinstance(request_id, str) or not request_id:
             raise InputError(f"request id must be a non-empty string, got {request_id!r}")
-        if request_id in self.requests:
+        # An aborted request's last output is still to come from the next step(): its id stays
+        # taken until then, so that output can never be mistaken for a newcomer's.
+        if request_id in self.requests or any(o.request_id == request_id for o in self._aborted):
             raise InputError(f"request id {request_id!r} is already in use")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InputError(f"priority must be an integer, got {priority!r}")

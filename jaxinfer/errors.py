@@ -25,3 +25,12 @@ class InputError(JaxinferError):
 
 class ModelFetchError(JaxinferError):
     """The default model could not be obtained."""
+
+
+def summarize(problems: list[str], first: int = 5, max_chars: int = 160) -> str:
+    """`problems` joined for an error message of bounded size: the first few, each cut to
+    `max_chars`, then how many more there were. A client that sends 200 bad values gets a
+    short message it can read (and that fits in a gRPC status), not all 200."""
+    shown = [p if len(p) <= max_chars else p[:max_chars - 3] + "..." for p in problems[:first]]
+    rest = len(problems) - len(shown)
+    return "; ".join(shown) + (f"; and {rest} more problem{'s' * (rest > 1)}" if rest > 0 else "")

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.errors import InputError
+from jaxinfer.errors import InputError, summarize
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -46,6 +46,13 @@ MAX_STOP_TOKEN_IDS = 64
 # Temperatures below this sample greedily (as in vLLM): dividing logits by them
 # overflows float32.
 GREEDY_TEMPERATURE = 1e-5
+# The device computes in float32: logits / temperature and logits * or / the repetition
+# penalty must stay finite, and the values themselves must survive the cast (1e308 does
+# not). Past these bounds sampling is uniform (temperature) or the penalty is total
+# anyway, so nothing a user could want is refused.
+MAX_TEMPERATURE = 1e4
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)
+MAX_TOP_K = 2**31 - 1  # an int32 on the device
 _U64 = 2**64 - 1
 
 
@@ -106,9 +113,10 @@ class SamplingParams:
             return False
 
         integer("n", lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]")
-        real("temperature", lambda v: v >= 0, "a finite number >= 0")
+        real("temperature", lambda v: 0 <= v <= MAX_TEMPERATURE, f"a number in [0, {MAX_TEMPERATURE:g}]")
         real("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
-        if integer("top_k", lambda v: v >= -1, "an integer >= 0, or -1 or 0 to disable it"):
+        if integer("top_k", lambda v: -1 <= v <= MAX_TOP_K,
+                   f"an integer in [1, {MAX_TOP_K}], or -1 or 0 to disable it"):
             set_("top_k", max(self.top_k, 0))
         real("min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]")
         integer("seed", lambda v: -2**63 <= v < 2**64, "None or an integer in [-2**63, 2**64)",
@@ -125,12 +133,13 @@ class SamplingParams:
                     f"None or an integer in [0, {MAX_LOGPROBS}]", optional=True)
         for name in ("presence_penalty", "frequency_penalty"):
             real(name, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
-        real("repetition_penalty", lambda v: v > 0, "a finite number > 0")
+        lo, hi = REPETITION_PENALTY_RANGE
+        real("repetition_penalty", lambda v: lo <= v <= hi, f"a number in [{lo:g}, {hi:g}]")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:
-            raise InputError("invalid sampling parameters: " + "; ".join(problems))
+            raise InputError("invalid sampling parameters: " + summarize(problems))
 
     def _check_stop(self, problems: list[str]) -> None:
         stop = self.stop

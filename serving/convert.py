@@ -88,7 +88,8 @@ class DeltaTracker:
     string is held back, so a client never receives text that the stop string
     later cuts away."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, request_id: str):
+        self.request_id = request_id  # the client's id (the engine's own id never goes out)
         self.hold = max((len(s) for s in params.stop), default=1) - 1
         self.sent_tokens: dict[int, int] = {}
         self.sent_text: dict[int, int] = {}
@@ -96,7 +97,7 @@ class DeltaTracker:
         self.finished: set[int] = set()  # samples whose final delta went out
 
     def response(self, out: RequestOutput) -> pb.GenerateResponse:
-        resp = pb.GenerateResponse(request_id=out.request_id, finished=out.finished)
+        resp = pb.GenerateResponse(request_id=self.request_id, finished=out.finished)
         if out.prompt_logprobs is not None and not self.sent_prompt_logprobs:
             resp.prompt_logprobs.extend(pb.PositionLogprobs() if e is None else logprobs(e)
                                         for e in out.prompt_logprobs)

@@ -5,10 +5,15 @@ The engine is not thread-safe; only this thread touches it. Other threads
 steps, and get outputs back through per-request callbacks (the server's
 callbacks hop onto its asyncio loop). When nothing is queued or running the
 thread sleeps on a condition variable instead of spinning.
+
+`submit` names each request itself: outputs are routed by that id, which no
+client chooses, so a client reusing another's request id can never receive its
+output (a client's own id is only a label the server keeps beside it).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -31,6 +36,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._commands: list[tuple] = []
         self._sinks: dict[str, Sink] = {}
+        self._ids = itertools.count(1)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
         self.snapshot: dict = self._snapshot()  # read by other threads; replaced, never mutated
@@ -44,14 +50,18 @@ class EngineLoop:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def submit(self, request_id: str, token_ids: list[int], params: SamplingParams, sink: Sink, *,
-               prompt: str | None = None, priority: int = 0) -> None:
-        """Queue a request; its outputs (or the exception that refused it) go to `sink`."""
+    def submit(self, token_ids: list[int], params: SamplingParams, sink: Sink, *,
+               prompt: str | None = None, priority: int = 0) -> str:
+        """Queue a request; its outputs (or the exception that refused it) go to `sink`.
+        Returns the engine's id for it, unique for the life of this loop."""
         with self._cond:
+            request_id = f"req-{next(self._ids)}"
             self._commands.append(("add", request_id, token_ids, params, sink, prompt, priority))
             self._cond.notify()
+        return request_id
 
     def abort(self, request_id: str) -> None:
+        """Abort a request by the id `submit` returned; its last output still reaches its sink."""
         with self._cond:
             self._commands.append(("abort", request_id))
             self._cond.notify()

@@ -108,5 +108,6 @@ def configure(json: bool = True, level: str | int = "INFO", stream=None) -> logg
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    logging.captureWarnings(True)  # Python warnings become records too, not raw stderr text
     _handler = handler
     return handler

@@ -1,8 +1,10 @@
 """Authentication for the gRPC server: a bearer-token interceptor and TLS credentials.
 
 - `BearerTokenInterceptor`: every method except the exempt ones (health checks by
-  default) needs the metadata `authorization: Bearer <token>`; other calls fail with
-  UNAUTHENTICATED before the servicer runs.
+  default) needs the metadata `authorization: Bearer <token>` with one of the server's
+  tokens; other calls fail with UNAUTHENTICATED before the servicer runs.
+- `principal`: who sent a call (token, client certificate or connection), the scope of
+  client-chosen request ids.
 - `server_credentials` / `channel_credentials`: TLS from PEM files, mutual TLS when the
   server is given a client CA.
 - `make_test_certificates`: a throwaway CA, server and client certificate (openssl CLI),
@@ -14,6 +16,7 @@ Secrets (the token, key files) are never logged or put in error messages.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import logging
 import os
@@ -32,39 +35,67 @@ UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every method not in `exempt`.
+    """Requires `authorization: Bearer <token>`, with one of `tokens`, on every method not in
+    `exempt`.
 
     A call without it (or with another token) gets UNAUTHENTICATED; the servicer is never
     invoked. Methods are full names, "/package.Service/Method". Works for all four RPC
-    kinds: the refusing handler has the same streaming shape as the real one.
+    kinds: the refusing handler has the same streaming shape as the real one. Each token is
+    its own client identity (see `principal`).
     """
 
-    def __init__(self, token: str, exempt: set[str] | frozenset[str] = HEALTH_METHODS):
-        if not token:
-            raise ConfigError("the bearer token is empty; give a non-empty token or turn authentication off")
-        self._token = token.encode()
+    def __init__(self, *tokens: str, exempt: set[str] | frozenset[str] = HEALTH_METHODS):
+        if not tokens or not all(tokens):
+            raise ConfigError("a bearer token is empty; give non-empty tokens or turn authentication off")
+        self._tokens = tuple(t.encode() for t in tokens)
         self._exempt = frozenset(exempt)
-
-    def _authorized(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key != "authorization" or not isinstance(value, str):
-                continue
-            scheme, _, credential = value.strip().partition(" ")
-            # Compare even on a wrong scheme, so timing says nothing about which part failed.
-            ok = hmac.compare_digest(credential.strip().encode(), self._token)
-            if ok and scheme.lower() == "bearer":
-                return True
-        return False
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method in self._exempt or self._authorized(handler_call_details.invocation_metadata):
+        if method in self._exempt or token_index(handler_call_details.invocation_metadata,
+                                                 self._tokens) is not None:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
             return None
         log.info("rejected unauthenticated call", extra={"method": method})
         return _refusing_handler(handler)
+
+
+def token_index(metadata, tokens: tuple[bytes, ...]) -> int | None:
+    """Which of `tokens` the call's `authorization: Bearer` header carries, or None."""
+    found = None
+    for key, value in metadata or ():
+        if key != "authorization" or not isinstance(value, str):
+            continue
+        scheme, _, credential = value.strip().partition(" ")
+        credential = credential.strip().encode()
+        # Compare with every token, even on a wrong scheme, so timing says nothing about
+        # which part failed or which token came close.
+        for i, token in enumerate(tokens):
+            if hmac.compare_digest(credential, token) and scheme.lower() == "bearer" and found is None:
+                found = i
+    return found
+
+
+def principal(context, tokens: tuple[bytes, ...] = ()) -> str:
+    """Who sent a call: the scope of the request ids a client chooses.
+
+    With bearer tokens, the token ("token#2": the second one configured); else with mutual
+    TLS, the client certificate (its common name and a digest of the certificate); else
+    the connection ("peer:ipv4:127.0.0.1:50312"), since nothing else tells clients apart.
+    A client may look up or abort only requests of its own principal.
+    """
+    if tokens:
+        index = token_index(context.invocation_metadata(), tokens)
+        if index is not None:
+            return f"token#{index + 1}"
+    auth = context.auth_context() or {}
+    pem = auth.get("x509_pem_cert")
+    if pem:
+        name = (auth.get("x509_common_name") or [b"?"])[0].decode("utf-8", "replace")
+        return f"cert:{name}/{hashlib.sha256(pem[0]).hexdigest()[:16]}"
+    return f"peer:{context.peer()}"
 
 
 async def _refuse(request_or_iterator, context: grpc.aio.ServicerContext):

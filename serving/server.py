@@ -14,6 +14,7 @@ RESOURCE_EXHAUSTED with the limit's name instead of running out of memory.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -30,6 +31,7 @@ from jaxinfer.engine import Engine
 from jaxinfer.errors import InputError, JaxinferError
 from jaxinfer.sampling import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from serving import convert
+from serving import security as security_lib
 from serving.engine_loop import EngineLoop
 from serving.gen.jaxinfer.v1 import inference_pb2 as pb
 from serving.gen.jaxinfer.v1 import inference_pb2_grpc as pb_grpc
@@ -37,6 +39,7 @@ from serving.gen.jaxinfer.v1 import inference_pb2_grpc as pb_grpc
 log = logging.getLogger("jaxinfer.serve")
 
 SERVICE = "jaxinfer.v1.Inference"
+INPUT_THREADS = 4
 VERSION = "0.1.0"
 
 
@@ -51,78 +54,140 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class Security:
-    token: str | None = None  # bearer token clients must send
+    tokens: tuple[str, ...] = ()  # bearer tokens clients may send; each is its own client identity
     cert_file: str | None = None  # TLS server certificate (PEM) ...
     key_file: str | None = None  # ... and key
     client_ca_file: str | None = None  # mutual TLS: clients need a certificate from this CA
 
 
+MAX_STATUS_BYTES = 1024  # status messages travel in trailers, which gRPC caps at a few KB
+
+
+async def refuse(context, code: grpc.StatusCode, message: str):
+    """End the call with `code` and `message`, cut to MAX_STATUS_BYTES (never a transport error
+    because a message was too long)."""
+    data = message.encode("utf-8", "replace")
+    if len(data) > MAX_STATUS_BYTES:
+        message = data[:MAX_STATUS_BYTES - 40].decode("utf-8", "ignore") + f"... ({len(data)} bytes in all)"
+    await context.abort(code, message)
+
+
+@dataclasses.dataclass(eq=False)
+class _Stream:
+    """A Generate stream, found by (principal, the client's request id)."""
+    context: object  # its grpc.aio.ServicerContext
+    engine_id: str | None = None  # the engine's own id, once submitted
+    abort_requested: bool = False  # Abort arrived before it was submitted
+    finished: bool = False  # the engine is done with it
+    released: bool = False
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
+    """The RPCs. Everything that may take long on a large request (template rendering,
+    tokenization, validation) runs on the server's input threads, never on the event loop.
+
+    A client's request id is a label scoped to its principal (see `security.principal`):
+    two clients may use the same id, and Abort reaches only the caller's own requests.
+    The engine knows each request by an id the engine loop makes, so outputs can only
+    reach the stream that submitted them."""
+
     def __init__(self, server: "Server"):
         self.server = server
         self.engine = server.engine
         self.tokenizer = server.engine.tokenizer
-        self.streams: set[str] = set()
+        self.streams: dict[tuple[str, str], _Stream] = {}
+
+    async def _reject(self, context, code: grpc.StatusCode, message: str):
+        self.server.count("rejected")
+        await refuse(context, code, message)
 
     async def Generate(self, request, context):
-        server = self.server
+        server, limits = self.server, self.server.limits
         if not server.ready.is_set():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is warming up")
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is warming up")
         if server.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining; try another replica")
-        limits = server.limits
-        if len(self.streams) >= limits.max_concurrent_streams:
-            server.count("rejected")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"max_concurrent_streams ({limits.max_concurrent_streams}) reached")
-        if server.loop.snapshot["waiting"] >= limits.max_queued_requests:
-            server.count("rejected")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"max_queued_requests ({limits.max_queued_requests}) reached")
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is draining; try another replica")
         try:
-            request_id = convert.request_id(request.request_id) or uuid.uuid4().hex
-            params = convert.sampling_params(request.sampling)
-            prompt = convert.prompt(request, self.tokenizer, self.engine)
-            self._check_limits(prompt.token_ids, params)
-            self.engine.check_request(prompt.token_ids, params)
-            priority = request.priority if request.HasField("priority") else 0
+            label = convert.request_id(request.request_id) or uuid.uuid4().hex
         except InputError as e:
-            server.count("rejected")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if request_id in self.streams:
-            server.count("rejected")
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is running")
-
-        aloop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        tracker = convert.DeltaTracker(params)
-        self.streams.add(request_id)
-        finished = False
-        server.loop.submit(request_id, prompt.token_ids, params,
-                           lambda out: aloop.call_soon_threadsafe(queue.put_nowait, out),
-                           prompt=prompt.text, priority=priority)
-        log.info("request accepted", extra={"request_id": request_id, "prompt_tokens": len(prompt.token_ids)})
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        key = (server.principal(context), label)
+        old = self.streams.get(key)
+        if old is not None and old.context.done():  # cancelled, its handler not yet unwound
+            self._release(key, old)
+        elif old is not None:
+            await self._reject(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id {label!r} is running")
+        if len(self.streams) >= limits.max_concurrent_streams:
+            await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"max_concurrent_streams ({limits.max_concurrent_streams}) reached")
+        if server.loop.snapshot["waiting"] >= limits.max_queued_requests:
+            await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"max_queued_requests ({limits.max_queued_requests}) reached")
+        stream = self.streams[key] = _Stream(context)  # taken while the input is prepared
+        # A cancelled call frees its id and its pages at once, not when its handler unwinds.
+        context.add_done_callback(lambda _: self._release(key, stream))
         try:
+            try:
+                params, prompt, priority = await server.off_loop(self._prepare, request)
+            except InputError as e:
+                await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except JaxinferError as e:  # the model cannot serve this kind of request (no chat template)
+                await self._reject(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            if stream.released:  # the client left while its input was prepared
+                return
+            aloop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+            tracker = convert.DeltaTracker(params, label)
+            stream.engine_id = server.loop.submit(
+                prompt.token_ids, params, lambda out: aloop.call_soon_threadsafe(queue.put_nowait, out),
+                prompt=prompt.text, priority=priority)
+            if stream.abort_requested:
+                server.loop.abort(stream.engine_id)
+            log.info("request accepted", extra={"request_id": stream.engine_id, "client_request_id": label,
+                                                "client": key[0], "prompt_tokens": len(prompt.token_ids)})
             while True:
                 out = await queue.get()
-                if isinstance(out, JaxinferError):
-                    finished = True
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(out))
+                if isinstance(out, JaxinferError):  # the engine refused it
+                    stream.finished = True
+                    await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(out))
                 if isinstance(out, BaseException):
-                    finished = True
-                    await context.abort(grpc.StatusCode.INTERNAL, f"engine failure: {out}")
+                    stream.finished = True
+                    server.count("error")
+                    await refuse(context, grpc.StatusCode.INTERNAL, f"engine failure: {out}")
                 response = tracker.response(out)
-                finished = out.finished
+                stream.finished = out.finished
                 if response.outputs or response.finished or response.prompt_logprobs:
+                    size = response.ByteSize()
+                    if size > limits.max_message_bytes:
+                        await refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"a reply of {size} bytes would exceed max_message_bytes "
+                                     f"({limits.max_message_bytes}); ask for fewer prompt_logprobs")
                     yield response
-                if finished:
+                if stream.finished:
                     break
         finally:
-            self.streams.discard(request_id)
-            if not finished:  # cancelled, deadline passed or client gone
-                server.loop.abort(request_id)
-                log.info("request cancelled", extra={"request_id": request_id})
-            server.stream_ended()
+            self._release(key, stream)
+
+    def _release(self, key: tuple[str, str], stream: _Stream) -> None:
+        """Forget a stream (once); abort its request if the engine is not done with it."""
+        if self.streams.get(key) is stream:
+            del self.streams[key]
+        if stream.released:
+            return
+        stream.released = True
+        if stream.engine_id is not None and not stream.finished:  # cancelled, deadline passed or client gone
+            self.server.loop.abort(stream.engine_id)
+            log.info("request cancelled", extra={"request_id": stream.engine_id})
+        self.server.stream_ended()
+
+    def _prepare(self, request):
+        """(SamplingParams, PromptInput, priority) of a Generate request; InputError if it cannot
+        be served. Runs on an input thread."""
+        params = convert.sampling_params(request.sampling)
+        prompt = convert.prompt(request, self.tokenizer, self.engine)
+        self._check_limits(prompt.token_ids, params)
+        self.engine.check_request(prompt.token_ids, params)
+        return params, prompt, request.priority if request.HasField("priority") else 0
 
     def _check_limits(self, token_ids: list[int], params) -> None:
         limits, n = self.server.limits, len(token_ids)
@@ -134,27 +199,42 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                              f"({limits.max_total_tokens})")
 
     async def Abort(self, request, context):
-        found = request.request_id in self.streams
-        if found:
-            self.server.loop.abort(request.request_id)
-        return pb.AbortResponse(found=found)
+        """Abort the caller's own request with this id; another client's stays untouched."""
+        stream = self.streams.get((self.server.principal(context), request.request_id))
+        if stream is None:
+            return pb.AbortResponse(found=False)
+        if stream.engine_id is None:
+            stream.abort_requested = True
+        else:
+            self.server.loop.abort(stream.engine_id)
+        return pb.AbortResponse(found=True)
 
     async def Tokenize(self, request, context):
         if self.tokenizer is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
+            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer")
         try:
-            kind = request.WhichOneof("input")
-            if kind == "messages":
-                text = self.tokenizer.apply_chat_template(convert.messages(request.messages))
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-            elif kind == "text":
-                add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-                ids = self.tokenizer.encode(request.text, add_special_tokens=add)
-            else:
-                raise InputError("set one of text or messages")
+            ids = await self.server.off_loop(self._tokenize, request)
         except InputError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return pb.TokenizeResponse(token_ids=ids)
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except JaxinferError as e:
+            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        response = pb.TokenizeResponse(token_ids=ids)
+        size, limit = response.ByteSize(), self.server.limits.max_message_bytes
+        if size > limit:
+            await refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"the reply ({len(ids)} token ids, {size} bytes) would exceed max_message_bytes "
+                         f"({limit}); tokenize the text in parts")
+        return response
+
+    def _tokenize(self, request) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "messages":
+            text = self.tokenizer.apply_chat_template(convert.messages(request.messages))
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if kind == "text":
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            return self.tokenizer.encode(request.text, add_special_tokens=add)
+        raise InputError("set one of text or messages")
 
     async def GetModelInfo(self, request, context):
         return self.server.model_info()
@@ -182,6 +262,10 @@ class Server:
         self.do_warmup = warmup
         self.metrics = None
         self.loop = EngineLoop(engine, on_finished=self._finished)
+        self._tokens = tuple(t.encode() for t in security.tokens)
+        # Tokenization, template rendering and validation of large requests run here, so the
+        # event loop keeps answering (health checks, other streams) meanwhile.
+        self.input_pool = concurrent.futures.ThreadPoolExecutor(INPUT_THREADS, thread_name_prefix="jaxinfer-input")
         self.ready = threading.Event()  # warmed up and serving
         self.listening = threading.Event()
         self.stopped = threading.Event()
@@ -227,6 +311,7 @@ class Server:
             raise
         finally:
             self.loop.stop(timeout=30)
+            self.input_pool.shutdown(wait=False, cancel_futures=True)
             self.stopped.set()
 
     async def _serve(self) -> None:
@@ -238,9 +323,8 @@ class Server:
                    ("grpc.max_send_message_length", self.limits.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         interceptors = []
-        if self.security.token:
-            from serving.security import BearerTokenInterceptor
-            interceptors.append(BearerTokenInterceptor(self.security.token))
+        if self.security.tokens:
+            interceptors.append(security_lib.BearerTokenInterceptor(*self.security.tokens))
         self.grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
         self.servicer = InferenceServicer(self)
         _add_servicer(self.servicer, self.grpc_server)
@@ -252,9 +336,8 @@ class Server:
         reflection.enable_server_reflection(names, self.grpc_server)
         address = f"{self.host}:{self.port}"
         if self.security.cert_file:
-            from serving.security import server_credentials
-            creds = server_credentials(self.security.cert_file, self.security.key_file,
-                                       self.security.client_ca_file)
+            creds = security_lib.server_credentials(self.security.cert_file, self.security.key_file,
+                                                    self.security.client_ca_file)
             self.port = self.grpc_server.add_secure_port(address, creds)
         else:
             self.port = self.grpc_server.add_insecure_port(address)
@@ -317,6 +400,13 @@ class Server:
             "completion_tokens": sum(len(x.token_ids) for x in out.outputs),
             "ttft": out.metrics.time_to_first_token})
 
+    def principal(self, context) -> str:
+        return security_lib.principal(context, self._tokens)
+
+    async def off_loop(self, fn, *args):
+        """fn(*args) on an input thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.input_pool, fn, *args)
+
     def count(self, status: str) -> None:
         if self.metrics is not None:
             self.metrics.count(status)
@@ -360,19 +450,19 @@ def _parser(message_type):
 def _add_servicer(servicer: InferenceServicer, server) -> None:
     """Register the service like the generated helper does, except that a request that
     does not parse gets INVALID_ARGUMENT (grpc's own answer would be INTERNAL)."""
-    async def malformed(context, request):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+    def malformed(request) -> str:
+        return f"malformed request: {request.error}"
 
     def unary(method):
         async def handler(request, context):
             if isinstance(request, _Malformed):
-                await malformed(context, request)
+                await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, malformed(request))
             return await method(request, context)
         return handler
 
     async def generate(request, context):
         if isinstance(request, _Malformed):
-            await malformed(context, request)
+            await servicer._reject(context, grpc.StatusCode.INVALID_ARGUMENT, malformed(request))
         async for response in servicer.Generate(request, context):
             yield response
 

@@ -75,6 +75,9 @@ def test_defaults_are_vllms():
     (dict(frequency_penalty=float("nan")), "frequency_penalty"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    # Finite, but not what float32 on the device can compute with.
+    (dict(temperature=1e308), "temperature"), (dict(repetition_penalty=1e30), "repetition_penalty"),
+    (dict(repetition_penalty=1e-30), "repetition_penalty"), (dict(top_k=2**31), "top_k"),
     (dict(ignore_eos="yes"), "ignore_eos"), (dict(skip_special_tokens=1), "skip_special_tokens"),
 ])
 def test_each_invalid_value_is_refused_by_name(kwargs, field):
@@ -87,6 +90,13 @@ def test_every_problem_is_reported_at_once():
         SamplingParams(temperature=-1, top_p=2, seed="x", stop=[""], logprobs=99)
     for field in ("temperature", "top_p", "seed", "stop string", "logprobs"):
         assert field in str(e.value)
+
+
+def test_many_problems_give_a_short_message_naming_the_first_and_counting_the_rest():
+    with pytest.raises(InputError) as e:
+        SamplingParams(stop=["x" * 300] * 200, temperature=-1)
+    message = str(e.value)
+    assert len(message) < 1000 and "temperature" in message and "and 197 more problems" in message
 
 
 @pytest.mark.parametrize("field", ["temperature", "top_k", "n", "max_tokens", "min_tokens", "seed",

@@ -265,7 +265,7 @@ def test_a_bearer_token_is_required_and_tls_works_end_to_end(data_dir, tmp_path)
 
     certs = make_test_certificates(tmp_path)
     srv = Server(tiny_llm(data_dir, warmup=False).engine, warmup=False,
-                 security=Security(token="s3cret-token-value", cert_file=str(certs.server_cert),
+                 security=Security(tokens=("s3cret-token-value",), cert_file=str(certs.server_cert),
                                    key_file=str(certs.server_key)))
     srv.start()
     srv.wait_ready(60)

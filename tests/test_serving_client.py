@@ -159,7 +159,7 @@ def test_token_and_tls_reach_a_guarded_server(offline, tmp_path):
         pytest.skip(f"no test certificates: {e}")
     token = "client-test-token-0123456789"
     srv = Server(offline.engine, warmup=False, security=Security(
-        token=token, cert_file=str(certs.server_cert), key_file=str(certs.server_key)))
+        tokens=(token,), cert_file=str(certs.server_cert), key_file=str(certs.server_key)))
     srv.start()
     try:
         assert srv.wait_ready(60)

@@ -74,7 +74,8 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Abort a running request by id (the stream ends with finish reason ABORT).
+        """Abort one of the caller's own running requests by id (the stream ends with
+        finish reason ABORT). Another client's request with the same id is untouched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

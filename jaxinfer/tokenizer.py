@@ -5,24 +5,26 @@ the vocabulary a GGUF embeds: byte-level BPE (`tokenizer.ggml.model = "gpt2"`)
 or SentencePiece-style BPE with byte fallback (`"llama"`). Encoding runs in the
 `tokenizers` library. Decoding maps every id to its bytes and decodes UTF-8
 once, so that `StreamDecoder` can emit text incrementally and still agree
-exactly with `decode`.
+exactly with `decode`. Chat templates compile here, at load, and render in
+`jaxinfer.chat_template`.
 """
 
 from __future__ import annotations
 
 import codecs
-import datetime
+import contextlib
 import json
+import logging
 import pathlib
 from collections.abc import Mapping, Sequence
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from jaxinfer.errors import CheckpointError, InputError
+from jaxinfer.chat_template import TemplateCompileError, compile_template, render
+from jaxinfer.errors import CheckpointError, InputError, JaxinferError
+
+log = logging.getLogger(__name__)
 
 # GGUF token types (llama.cpp's `llama_token_type`).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -96,7 +98,14 @@ class Tokenizer:
             to_bytes = _byte_level_bytes if self._scheme == "byte_level" else (
                 lambda t: _sentencepiece_bytes(t, byte_fallback))
             self._token_bytes = [to_bytes(backend.id_to_token(i) or "") for i in range(self.vocab_size)]
-        self._compiled_template = None
+        # Compiled now so that a broken template shows at load; the model still serves text and ids.
+        self._compiled_template, self.chat_template_error = None, None
+        try:
+            self._compiled_template = compile_template(chat_template or CHATML_TEMPLATE)
+        except TemplateCompileError as e:
+            self.chat_template_error = str(e)
+            log.warning("the model's chat template does not compile (%s): chat requests will be refused; "
+                        "text and token-id prompts work", e)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -109,10 +118,8 @@ class Tokenizer:
         file = root / "tokenizer.json"
         if not file.is_file():
             raise CheckpointError(f"{file}: tokenizer.json not found")
-        try:
+        with _tokenizers_errors(f"{file}: not a valid tokenizer.json"):
             backend = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises plain Exception on bad JSON
-            raise CheckpointError(f"{file}: not a valid tokenizer.json ({e})") from e
         config = _read_json(root / "tokenizer_config.json")
         special_map = _read_json(root / "special_tokens_map.json")
         generation = _read_json(root / "generation_config.json")
@@ -153,10 +160,11 @@ class Tokenizer:
         else:
             raise CheckpointError(f"GGUF tokenizer.ggml.model {kind!r} is not supported "
                                   "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+        with _tokenizers_errors("GGUF tokenizer.ggml.tokens: cannot add its control and user-defined tokens"):
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                        for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
+            backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == USER_DEFINED])
 
         def token_id(key: str) -> int | None:
             value = metadata.get(f"tokenizer.ggml.{key}")
@@ -172,9 +180,10 @@ class Tokenizer:
         template_end = [(tokens[eos], eos)] if add_eos and eos is not None else []
         if template or template_end:
             single = " ".join([t for t, _ in template] + ["$A"] + [t for t, _ in template_end])
-            backend.post_processor = processors.TemplateProcessing(
-                single=single, pair=f"{single} {single.replace('$A', '$B')}",
-                special_tokens=sorted(set(template + template_end)))
+            with _tokenizers_errors("GGUF tokenizer.ggml.bos_token_id/eos_token_id: cannot add them to the text"):
+                backend.post_processor = processors.TemplateProcessing(
+                    single=single, pair=f"{single} {single.replace('$A', '$B')}",
+                    special_tokens=sorted(set(template + template_end)))
         return cls(backend, bos_token_id=bos, eos_token_id=eos, add_bos_token=add_bos, add_eos_token=add_eos,
                    chat_template=metadata.get("tokenizer.chat_template"))
 
@@ -210,7 +219,8 @@ class Tokenizer:
         """Token ids of `text`; special tokens written in the text map to their ids."""
         if not isinstance(text, str):
             raise InputError(f"text to encode must be a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it: seconds for megabytes)
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; invalid UTF-8 becomes U+FFFD."""
@@ -244,21 +254,17 @@ class Tokenizer:
                             **kwargs) -> str:
         """Render `messages` ([{"role", "content"}, ...]) with the model's jinja template, as HF does.
 
-        Models without a template get ChatML. Extra keyword arguments reach the template."""
+        Models without a template get ChatML. Extra keyword arguments reach the template.
+        CheckpointError when the template does not compile; InputError when it rejects the
+        messages or crosses the size or time bound of `jaxinfer.chat_template`."""
+        if self.chat_template_error is not None:
+            raise CheckpointError(f"this model's chat template does not compile ({self.chat_template_error}); "
+                                  "send text or token ids instead")
         _check_messages(messages)
-        if self._compiled_template is None:
-            try:
-                self._compiled_template = _jinja_env().from_string(self.chat_template or CHATML_TEMPLATE)
-            except jinja2.TemplateError as e:
-                raise CheckpointError(f"the model's chat template does not compile: {e}") from e
         names = {"bos_token": self.bos_token_id, "eos_token": self.eos_token_id}
         names = {k: self.id_to_token(v) if v is not None else "" for k, v in names.items()}
-        try:
-            return self._compiled_template.render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                **names, **kwargs)
-        except Exception as e:  # raise_exception() in the template, or the template tripping on input
-            raise InputError(f"chat template rejected the messages: {e}") from e
+        return render(self._compiled_template, messages=[dict(m) for m in messages],
+                      add_generation_prompt=add_generation_prompt, **names, **kwargs)
 
 
 class StreamDecoder:
@@ -313,28 +319,31 @@ def _byte_level_bpe(metadata: Mapping[str, object], tokens: list[str]) -> tokeni
         raise CheckpointError(f"GGUF tokenizer.ggml.pre {pre!r} is not a known pre-tokenizer "
                               f"(known: {', '.join(sorted(_PRE_TOKENIZERS))})")
     splits, ignore_merges = _PRE_TOKENIZERS[pre]
-    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
-    backend = tokenizers.Tokenizer(models.BPE(_first_ids(tokens), merges, ignore_merges=ignore_merges))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=bool(metadata.get("tokenizer.ggml.add_space_prefix", False)),
-                                    use_regex=False)])
+    vocab = _first_ids(tokens)
+    merges = _gguf_merges(metadata.get("tokenizer.ggml.merges") or [], vocab)
+    with _tokenizers_errors("GGUF tokenizer.ggml.tokens/merges: cannot build the BPE model"):
+        backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    with _tokenizers_errors(f"GGUF tokenizer.ggml.pre {pre!r}: cannot build the pre-tokenizer"):
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=bool(metadata.get("tokenizer.ggml.add_space_prefix", False)),
+                                        use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     return backend
 
 
 def _sentencepiece_bpe(metadata: Mapping[str, object], tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
-    scores = metadata.get("tokenizer.ggml.scores")
+    scores, vocab = metadata.get("tokenizer.ggml.scores"), _first_ids(tokens)
     if metadata.get("tokenizer.ggml.merges"):
-        merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+        merges = _gguf_merges(metadata["tokenizer.ggml.merges"], vocab)
     elif scores is not None and len(scores) == len(tokens):
         merges = _merges_from_scores(tokens, scores, types)
     else:
         raise CheckpointError("GGUF SentencePiece tokenizer has neither merges nor one score per token")
-    vocab = _first_ids(tokens)
     unk = metadata.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else ("<unk>" if "<unk>" in vocab else None)
-    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    with _tokenizers_errors("GGUF tokenizer.ggml.tokens/merges: cannot build the BPE model"):
+        backend = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
     # "first": only text at the very start gets the prefix space, as transformers does (llama.cpp also
     # adds one after every special token).
@@ -343,6 +352,42 @@ def _sentencepiece_bpe(metadata: Mapping[str, object], tokens: list[str], types:
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return backend
+
+
+def _gguf_merges(merges: Sequence[object], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """`tokenizer.ggml.merges` ("left right" strings) as pairs, checked the way tokenizers' BPE
+    would fail on them: a missing part raises, a merged token missing from the vocabulary panics.
+    Split at the first space after the first character, as llama.cpp does."""
+    parts = [(m[:i], m[i + 1:]) if isinstance(m, str) and (i := m.find(" ", 1)) > 0 else () for m in merges]
+    bad = [i for i, p in enumerate(parts)
+           if len(p) != 2 or p[0] not in vocab or p[1] not in vocab or p[0] + p[1] not in vocab]
+    if not bad:
+        return [(left, right) for left, right in parts]
+    merge, first = merges[bad[0]], parts[bad[0]]
+    if not isinstance(merge, str):
+        why = f"has type {type(merge).__name__}, not str"
+    elif len(first) != 2:
+        why = "is not two tokens separated by a space"
+    else:
+        missing = [p for p in first if p not in vocab]
+        why = f"names {missing[0]!r}, which" if missing else f"makes {first[0] + first[1]!r}, which"
+        why += " is not in tokenizer.ggml.tokens"
+    raise CheckpointError(f"GGUF tokenizer.ggml.merges[{bad[0]}] = {merge!r:.200} {why} "
+                          f"({len(bad)} of {len(merges)} merges are bad)")
+
+
+@contextlib.contextmanager
+def _tokenizers_errors(problem: str):
+    """Any failure of the tokenizers calls inside becomes CheckpointError(f"{problem} (...)").
+
+    tokenizers raises plain Exception on bad input, and pyo3's PanicException, a BaseException
+    that `except Exception` misses, where Rust panics."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, JaxinferError):
+        raise
+    except BaseException as e:
+        raise CheckpointError(f"{problem} ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def _merges_from_scores(tokens: list[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
@@ -423,36 +468,3 @@ def _check_messages(messages: object) -> None:
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise InputError(f"chat message {n} needs a string {key!r}, got {message.get(key)!r:.80}")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (HF's assistant-mask marker) renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-def _raise_exception(message: str):
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-_ENV = None
-
-
-def _jinja_env() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    """The environment HF renders chat templates in."""
-    global _ENV
-    if _ENV is None:
-        _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-        _ENV.filters["tojson"] = _tojson
-        _ENV.globals["raise_exception"] = _raise_exception
-        _ENV.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return _ENV

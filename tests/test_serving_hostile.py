@@ -200,6 +200,22 @@ def test_a_chat_template_that_does_not_compile_is_a_failed_precondition(broken_t
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
+def test_a_template_that_renders_a_huge_text_is_refused_quickly(data_dir):
+    tokenizer = Tokenizer(byte_level_backend(), eos_token_id=2, chat_template="{{ 'a ' * 25000000 }}")
+    srv = start(data_dir, tokenizer=tokenizer)
+    try:
+        client = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
+        messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")])
+        for call in (lambda: client.Tokenize(pb.TokenizeRequest(messages=messages), timeout=30),
+                     lambda: list(client.Generate(pb.GenerateRequest(messages=messages), timeout=30))):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert "chat template" in e.value.details()
+    finally:
+        srv.drain(10)
+
+
 def test_a_tokenize_reply_over_the_message_limit_names_the_limit(data_dir, caplog):
     srv = start(data_dir, limits=Limits(max_message_bytes=4000))
     try:
@@ -236,6 +252,35 @@ def test_values_the_device_cannot_represent_are_invalid_arguments(server, field,
     with pytest.raises(grpc.RpcError) as e:
         list(client.Generate(pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(**{field: value}))))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.value.details()
+
+
+def test_a_large_tokenize_does_not_stall_the_event_loop(server):
+    """Health checks keep being answered while a megabyte of text is tokenized."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    client = pb_grpc.InferenceStub(channel)
+    latencies, done = [], threading.Event()
+
+    def probe():
+        while not done.is_set():
+            t = time.perf_counter()
+            health.Check(health_pb2.HealthCheckRequest(), timeout=60)
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    time.sleep(0.2)
+    t = time.perf_counter()
+    try:
+        client.Tokenize(pb.TokenizeRequest(text="ab " * 400_000), timeout=120)
+    except grpc.RpcError as e:  # the reply may be over the message limit; the work was done either way
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    took = time.perf_counter() - t
+    done.set()
+    prober.join()
+    # Before the fix, one health check waited for the whole tokenization.
+    assert max(latencies) < 0.5 * took, (max(latencies), took)
 
 
 def test_serve_writes_only_json_lines_to_stderr(data_dir, tmp_path):

@@ -8,6 +8,9 @@ true and transformers prepends <s>; so do we (llama.cpp agrees on both).
 
 import json
 import pathlib
+import re
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -254,3 +257,161 @@ def test_chat_template_gets_hf_helpers(spm):
         "{{ strftime_now('%Y') | length }}{{ bos_token }}{{ eos_token }}{{ extra }}"))
     text = spm_with.apply_chat_template([{"role": "user", "content": "é\n"}], extra="!")
     assert text == '{"role": "user", "content": "é\\n"}4<s></s>!'
+
+
+# ---- broken model files (issue 10) -------------------------------------------------------------
+
+@pytest.mark.parametrize("template, reason", [("{% for %}", r"line 1: .+"), ("{{ 1 }}\n{{ x | }}", r"line 2: .+"),
+                                              (7, "its type is int, not str")])
+def test_a_chat_template_that_does_not_compile_is_reported_at_load_and_refused_per_chat(spm, caplog, template,
+                                                                                         reason):
+    with caplog.at_level("WARNING", logger="jaxinfer.tokenizer"):
+        tok = Tokenizer(spm.backend, bos_token_id=1, eos_token_id=2, chat_template=template)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "chat template does not compile" in caplog.records[0].getMessage()
+    assert re.fullmatch(reason, tok.chat_template_error)
+    assert tok.encode("still works") == spm.encode("still works")  # text prompts are unaffected
+    with pytest.raises(CheckpointError, match=r"this model's chat template does not compile \(" + reason
+                       + r"\); send text or token ids instead"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_a_chat_template_that_compiles_reports_no_error(spm, caplog):
+    with caplog.at_level("WARNING", logger="jaxinfer.tokenizer"):
+        tok = Tokenizer.from_gguf_metadata(SPM["metadata"])
+    assert tok.chat_template_error is None and not caplog.records
+
+
+# Merges tokenizers cannot build: "q x" makes "qx", not a token (an Exception here; a Rust panic with
+# other vocabularies, as in the GGUF file below); "q zz" names "zz", not a token ("Token `zz` out of
+# vocabulary"); "qx" has no space (a 1-tuple: TypeError); 7 is no string (AttributeError).
+BAD_MERGES = [("q x", "makes 'qx', which is not in tokenizer.ggml.tokens"),
+              ("q zz", "names 'zz', which is not in tokenizer.ggml.tokens"),
+              ("qx", "is not two tokens separated by a space"), (7, "has type int, not str")]
+
+
+def _merges_metadata(kind: str, merges: list) -> dict:
+    if kind == "llama":
+        return {**SPM["metadata"], "tokenizer.ggml.merges": merges}
+    metadata = _byte_vocab_metadata("default")
+    return {**metadata, "tokenizer.ggml.merges": merges, "tokenizer.ggml.tokens": metadata["tokenizer.ggml.tokens"]
+            + ["qq"], "tokenizer.ggml.token_type": metadata["tokenizer.ggml.token_type"] + [1]}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("bad, why", BAD_MERGES, ids=[repr(b) for b, _ in BAD_MERGES])
+def test_gguf_merges_tokenizers_cannot_build_are_checkpoint_errors_naming_the_first(kind, bad, why):
+    good = "q q" if kind == "gpt2" else "▁ t"
+    assert Tokenizer.from_gguf_metadata(_merges_metadata(kind, [good]))
+    with pytest.raises(CheckpointError, match=re.escape(f"GGUF tokenizer.ggml.merges[1] = {bad!r} {why} "
+                                                        "(2 of 4 merges are bad)")):
+        Tokenizer.from_gguf_metadata(_merges_metadata(kind, [good, bad, good, bad]))
+
+
+def test_gguf_tokens_tokenizers_rejects_are_checkpoint_errors_naming_the_metadata():
+    tokens = list(SPM["metadata"]["tokenizer.ggml.tokens"])
+    tokens[1] = "<s> x"  # the BOS token cannot be spelled in a TemplateProcessing template
+    with pytest.raises(CheckpointError, match="GGUF tokenizer.ggml.bos_token_id/eos_token_id"):
+        Tokenizer.from_gguf_metadata({**SPM["metadata"], "tokenizer.ggml.tokens": tokens})
+
+
+def test_a_tokenizer_json_tokenizers_panics_on_is_a_checkpoint_error_naming_it(tmp_path):
+    import tokenizers
+
+    tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")])).save(
+        str(tmp_path / "tokenizer.json"))
+    spec = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    del spec["model"]["vocab"]["ab"]  # the merge "a b" now makes a token outside the vocabulary: a Rust panic
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: not a valid tokenizer.json \(PanicException"):
+        Tokenizer.from_hf_dir(tmp_path)
+
+
+def test_a_panic_building_the_bpe_model_is_a_checkpoint_error_but_interrupts_pass(monkeypatch):
+    panic = _panic_exception_type()
+    assert not issubclass(panic, Exception)  # why `except Exception` is not enough
+
+    def failing_bpe(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("jaxinfer.tokenizer.models.BPE", failing_bpe)
+    failure = panic("boom")
+    with pytest.raises(CheckpointError, match=r"GGUF tokenizer.ggml.tokens/merges: cannot build the BPE model "
+                                              r"\(PanicException: boom\)"):
+        Tokenizer.from_gguf_metadata(SPM["metadata"])
+    failure = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        Tokenizer.from_gguf_metadata(SPM["metadata"])
+
+
+def _panic_exception_type() -> type:
+    import tokenizers
+
+    try:
+        tokenizers.models.BPE({"a": 0, "b": 1}, [("a", "b")])  # "ab" is not in the vocabulary
+    except BaseException as e:
+        return type(e)
+    raise AssertionError("tokenizers no longer panics on a merge outside the vocabulary")
+
+
+@pytest.fixture(scope="module")
+def gguf_with_bad_merge(tmp_path_factory):
+    """A small llama GGUF whose weights load but whose merges tokenizers cannot build."""
+    import numpy as np
+    from test_gguf_loader import hf_weights, write_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "bad_merges.gguf"
+    # write_gguf names the tokens t0..t63; "t1t2" is not one of them
+    return write_gguf(path, "llama", hf_weights(np.random.default_rng(0)),
+                      extra={"add_tokenizer_model": "gpt2", "add_token_merges": ["t1 t2"]})
+
+
+BAD_MERGE_MESSAGE = ("GGUF tokenizer.ggml.merges[0] = 't1 t2' makes 't1t2', which is not in tokenizer.ggml.tokens "
+                     "(1 of 1 merges are bad)")
+
+
+def test_a_gguf_file_with_a_bad_merge_fails_to_load_with_a_checkpoint_error(gguf_with_bad_merge):
+    import jax.numpy as jnp
+
+    from checkpoints import loader
+    from jaxinfer.sharding import make_mesh
+
+    with pytest.raises(CheckpointError, match=re.escape(BAD_MERGE_MESSAGE)):
+        loader.load(gguf_with_bad_merge, dtype=jnp.float32, mesh=make_mesh(), progress=False)
+
+
+def test_the_cli_reports_a_bad_gguf_merge_in_one_error_line(gguf_with_bad_merge, capsys):
+    from jaxinfer import cli
+
+    assert cli.main(["generate", "hi", "--model", str(gguf_with_bad_merge), "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("jaxinfer: error:")] == [
+        f"jaxinfer: error: {BAD_MERGE_MESSAGE}"]
+    assert "Traceback" not in err and "panicked" not in err
+
+
+# ---- encoding on a worker thread ---------------------------------------------------------------
+
+def test_encoding_a_large_text_lets_other_threads_run(spm):
+    """A server encodes on a worker thread; its event loop must keep running meanwhile."""
+    text = "The quick brown fox jumps over the lazy dog. Ünïcödé 你好 😀 1234567\n" * 8000  # 550 kB
+    ticks, done = [], threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    time.sleep(0.02)
+    start = time.perf_counter()
+    ids = spm.encode(text)
+    end = time.perf_counter()
+    done.set()
+    thread.join()
+    assert ids == spm.backend.encode(text).ids  # the same ids as the plain call
+    during = [t for t in ticks if start <= t <= end] + [end]
+    stall = max(b - a for a, b in zip([start] + during, during))
+    assert end - start > 0.1, "the text is too small to measure a stall"
+    assert stall < 0.25 * (end - start), f"longest stall {stall:.3f} s of a {end - start:.3f} s encode"

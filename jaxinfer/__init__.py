@@ -9,6 +9,6 @@ def __getattr__(name):
         from jaxinfer.llm import LLM
         return LLM
     if name == "SamplingParams":
-        from jaxinfer.sampling import SamplingParams
+        from jaxinfer.core.sampling_params import SamplingParams
         return SamplingParams
     raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")

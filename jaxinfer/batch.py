@@ -33,50 +33,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-NULL_PAGE = 0  # scratch page for padding writes; never allocated to a sequence
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class BatchShape:
-    """One compiled shape. Every array size of a Batch follows from these numbers."""
-
-    decode_rows: int  # D >= 1
-    prefill_tokens: int  # Tp: 0 (decode only) or a multiple of block_q
-    block_q: int  # prefill query block
-    pages_per_seq: int  # P: page-table width, fixed by the longest context
-    prompt_logprob_rows: int = 0  # most prefill logit rows beyond one per completed prompt
-
-    def __post_init__(self):
-        if self.decode_rows < 1 or self.prefill_tokens < 0 or self.prefill_tokens % self.block_q:
-            raise ValueError(f"bad batch shape {self}: decode_rows >= 1 and prefill_tokens a "
-                             "multiple of block_q are required")
-
-    @property
-    def prefill_seqs(self) -> int:  # M: most prefill sequences in one step
-        return self.prefill_tokens // self.block_q
-
-    @property
-    def num_blocks(self) -> int:  # M sequences of Tp tokens fit in Tp/Bq + M blocks
-        return 2 * self.prefill_seqs
-
-    @property
-    def num_tokens(self) -> int:
-        return self.decode_rows + self.prefill_tokens
-
-    @property
-    def num_seqs(self) -> int:
-        return self.decode_rows + self.prefill_seqs
-
-    @property
-    def prefill_rows(self) -> int:
-        if not self.prefill_tokens:
-            return 0
-        return self.prefill_seqs + min(self.prefill_tokens, self.prompt_logprob_rows)
-
-    @property
-    def num_rows(self) -> int:
-        return self.decode_rows + self.prefill_rows
-
+from jaxinfer.core.shapes import NULL_PAGE, BatchShape, SeqWork
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -101,23 +58,6 @@ class Batch:
     @property
     def num_seqs(self) -> int:
         return self.kv_lens.shape[0]
-
-
-@dataclasses.dataclass
-class SeqWork:
-    """One sequence's part of a step: tokens for positions start, start+1, ..."""
-
-    token_ids: Sequence[int]  # host-known ids; the entry at `feed_row`'s position is ignored
-    start: int  # position of token_ids[0]
-    pages: Sequence[int]  # the sequence's page table (covering start + len(token_ids) positions)
-    feed_row: int = -1  # >= 0: the last token comes from this row of the previous step's samples
-    logit_offsets: Sequence[int] = ()  # offsets into token_ids whose logits are wanted, in order
-
-
-def next_bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    n = max(int(n), minimum, 1)
-    return 1 << (n - 1).bit_length()
 
 
 def build(shape: BatchShape, decode: Sequence[SeqWork], prefill: Sequence[SeqWork],

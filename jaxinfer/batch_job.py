@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from jaxinfer.errors import InputError
 from jaxinfer.outputs import PositionLogprobs, RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -170,7 +170,7 @@ def _read_token(token_file: str | None) -> str | None:
 
 
 def _sampling_params(args):
-    from jaxinfer.sampling import SamplingParams
+    from jaxinfer.core.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop,
@@ -264,7 +264,7 @@ def _batch_defaults(args) -> dict:
 
 def cmd_batch(args) -> int:
     from jaxinfer.batch_job import check_paths, run_batch
-    from jaxinfer.sampling import SamplingParams
+    from jaxinfer.core.sampling_params import SamplingParams
 
     defaults = _batch_defaults(args)
     SamplingParams.from_dict(defaults)  # bad flags fail before the model loads

@@ -26,16 +26,18 @@ from jax.sharding import Mesh
 
 from checkpoints.loader import LoadedModel
 from jaxinfer import attention, compilations, kv_cache
-from jaxinfer.batch import build, next_bucket
+from jaxinfer.core.shapes import next_bucket
+from jaxinfer.batch import build
 from jaxinfer.errors import ConfigError, InputError
-from jaxinfer.kv_cache import pages_needed
+from jaxinfer.core.shapes import pages_needed
 from jaxinfer.metrics import EngineMetrics, percentiles
 from jaxinfer.models import family
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxinfer.request import Request, Sequence, Status
+from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.runner import ModelRunner
-from jaxinfer.sampling import MAX_STOP_TOKEN_IDS, Row, SamplingArrays, SamplingParams
-from jaxinfer.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
+from jaxinfer.sampling import Row, SamplingArrays
+from jaxinfer.core.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +255,8 @@ class Engine:
             raise RuntimeError("prefix caching can only be switched while the engine is idle")
         self.sched_config = dataclasses.replace(self.sched_config, enable_prefix_caching=enabled)
         self.scheduler.cfg = self.sched_config
-        self.scheduler.blocks.reset_prefix_cache()
-        self.scheduler.blocks.enable_prefix_caching = enabled
+        self.scheduler.pool.reset_prefix_cache()
+        self.scheduler.pool.enable_prefix_caching = enabled
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._inflight is not None or bool(self._aborted)
@@ -269,22 +271,22 @@ class Engine:
 
     @property
     def kv_usage(self) -> float:
-        return self.scheduler.blocks.usage
+        return self.scheduler.pool.usage
 
     def gauges(self) -> dict:
         """The engine's current state, cheap enough to read every step."""
-        blocks = self.scheduler.blocks
-        return {"running": self.num_running, "waiting": self.num_waiting, "kv_usage": blocks.usage,
-                "kv_pages": blocks.num_pages - 1, "prefix_cache_hit_rate": blocks.prefix_hit_rate,
+        pool = self.scheduler.pool
+        return {"running": self.num_running, "waiting": self.num_waiting, "kv_usage": pool.usage,
+                "kv_pages": pool.num_pages - 1, "prefix_cache_hit_rate": pool.prefix_hit_rate,
                 "preemptions": self.scheduler.num_preemptions}
 
     def stats(self) -> dict:
         """Everything the engine measures, as plain numbers (for export and benchmarks)."""
-        m, blocks = self.metrics, self.scheduler.blocks
+        m, pool = self.metrics, self.scheduler.pool
         return {
             **self.gauges(),
-            "prefix_cache_queried_tokens": blocks.prefix_queried_tokens,
-            "prefix_cache_hit_tokens": blocks.prefix_hit_tokens,
+            "prefix_cache_queried_tokens": pool.prefix_queried_tokens,
+            "prefix_cache_hit_tokens": pool.prefix_hit_tokens,
             "steps": m.steps, "prompt_tokens": m.prompt_tokens, "generation_tokens": m.generation_tokens,
             "requests": dict(m.requests), "rejected": m.rejected,
             "compilations": compilations.count(),

@@ -1,4 +1,4 @@
-"""Paged KV cache: device page pools and the host-side page allocator.
+"""Paged KV cache: the device page pools (the host side is `jaxinfer.core.page_pool`).
 
 Each layer owns one array per cache entry, shaped [num_pages, page_size, *entry].
 A GQA layer has entries `k` and `v` ([kv_heads, head_dim] per token); an MLA
@@ -18,8 +18,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxinfer import sharding
-from jaxinfer.batch import NULL_PAGE
-from jaxinfer.errors import InputError
 
 KVCache = list[dict[str, jax.Array]]  # per layer: entry name -> [num_pages, page_size, ...]
 
@@ -73,35 +71,3 @@ def write(pages: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
     flat = pages.reshape(num_pages * page_size, *pages.shape[2:])
     flat = flat.at[slots].set(values.astype(pages.dtype), mode="drop")
     return flat.reshape(pages.shape)
-
-
-class PageAllocator:
-    """Hands out page ids from a free list. Page 0 (NULL_PAGE) is never handed out."""
-
-    def __init__(self, num_pages: int):
-        if num_pages < 2:
-            raise ValueError("a KV cache needs at least 2 pages (page 0 is reserved)")
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, NULL_PAGE, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise InputError(f"the KV cache has {len(self._free)} free pages but {n} are needed; "
-                             "use fewer or shorter requests, or a larger cache")
-        pages = [self._free.pop() for _ in range(n)]
-        return pages
-
-    def free(self, pages: list[int]) -> None:
-        for p in pages:
-            if p == NULL_PAGE or p >= self.num_pages:
-                raise ValueError(f"page {p} was not allocated from this pool")
-        self._free.extend(reversed(pages))
-
-
-def pages_needed(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
-

@@ -24,7 +24,7 @@ from checkpoints import loader
 from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.errors import InputError
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.sharding import make_mesh
 
 log = logging.getLogger(__name__)

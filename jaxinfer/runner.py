@@ -24,7 +24,8 @@ from jaxinfer.batch import Batch
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
 from jaxinfer.models import family
-from jaxinfer.sampling import MAX_LOGPROBS, PenaltyState, SampleOutput, SamplingArrays, reset_slot, sample
+from jaxinfer.core.sampling_params import MAX_LOGPROBS
+from jaxinfer.sampling import PenaltyState, SampleOutput, SamplingArrays, reset_slot, sample
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from jaxinfer import params as params_lib  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.llm import DTYPES, LLM, default_dtype_name  # noqa: E402
 from jaxinfer.metrics import percentiles  # noqa: E402
-from jaxinfer.sampling import SamplingParams  # noqa: E402
+from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 
 LLAMA3_8B = ModelConfig(
@@ -80,8 +80,8 @@ def workload(name: str, args, rng: np.random.Generator, vocab: int):
 
 def run(llm: LLM, requests, label: str, peak: float, num_params: int) -> dict:
     engine = llm.engine
-    blocks = engine.scheduler.blocks
-    pre_q, pre_h = blocks.prefix_queried_tokens, blocks.prefix_hit_tokens
+    pool = engine.scheduler.pool
+    pre_q, pre_h = pool.prefix_queried_tokens, pool.prefix_hit_tokens
     pre_preempt, pre_computed = engine.scheduler.num_preemptions, engine.metrics.computed_tokens
     prompts = [r[0] for r in requests]
     params = [SamplingParams(max_tokens=o, temperature=1.0, seed=i, ignore_eos=True)
@@ -93,13 +93,13 @@ def run(llm: LLM, requests, label: str, peak: float, num_params: int) -> dict:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = percentiles([o.metrics.time_to_first_token for o in outs])
     tpot = percentiles([o.time_per_output_token for o in outs if o.time_per_output_token])
-    queried = blocks.prefix_queried_tokens - pre_q
+    queried = pool.prefix_queried_tokens - pre_q
     computed = engine.metrics.computed_tokens - pre_computed
     return dict(
         workload=label, requests=len(outs), seconds=wall, req_s=len(outs) / wall,
         in_tok_s=n_in / wall, out_tok_s=n_out / wall, total_tok_s=(n_in + n_out) / wall,
         ttft=ttft, tpot=tpot, preemptions=engine.scheduler.num_preemptions - pre_preempt,
-        hit_rate=(blocks.prefix_hit_tokens - pre_h) / queried if queried else 0.0,
+        hit_rate=(pool.prefix_hit_tokens - pre_h) / queried if queried else 0.0,
         mfu=2 * num_params * computed / wall / peak)
 
 

@@ -19,9 +19,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxinfer import attention, params as params_lib  # noqa: E402
-from jaxinfer.batch import BatchShape, SeqWork, build  # noqa: E402
+from jaxinfer.core.shapes import BatchShape, SeqWork  # noqa: E402
+from jaxinfer.batch import build  # noqa: E402
 from jaxinfer.runner import ModelRunner  # noqa: E402
-from jaxinfer.sampling import Row, SamplingArrays, SamplingParams  # noqa: E402
+from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
+from jaxinfer.sampling import Row, SamplingArrays  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 from scripts.bench_throughput import LLAMA3_8B  # noqa: E402
 

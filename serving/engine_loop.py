@@ -22,7 +22,7 @@ from collections.abc import Callable
 from jaxinfer.engine import Engine
 from jaxinfer.errors import JaxinferError
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer.batch import BatchShape, SeqWork, build, next_bucket
-from jaxinfer.block_manager import BlockManager
-from jaxinfer.kv_cache import pages_needed
+from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket
+from jaxinfer.batch import build
+from jaxinfer.core.page_pool import PagePool
+from jaxinfer.core.shapes import pages_needed
 from jaxinfer.runner import ModelRunner
 
 
@@ -20,8 +21,8 @@ def teacher_forced_logits(runner: ModelRunner, prompts: list[np.ndarray],
     the decode region), so positions cross pages.
     """
     n, ps = len(prompts), runner.page_size
-    blocks = BlockManager(runner.cache_spec.num_pages, ps)
-    tables = [blocks.allocate(pages_needed(len(p) + len(c), ps)) for p, c in zip(prompts, continuations)]
+    pool = PagePool(runner.cache_spec.num_pages, ps)
+    tables = [pool.allocate(pages_needed(len(p) + len(c), ps)) for p, c in zip(prompts, continuations)]
     width = next_bucket(max(len(t) for t in tables))
     chunks = sum(-(-len(p) // block_q) for p in prompts)
     tokens = max(chunks * block_q, n * block_q)
@@ -43,5 +44,5 @@ def teacher_forced_logits(runner: ModelRunner, prompts: list[np.ndarray],
         for s, r in zip(live, rows):
             out[s].append(step_logits[r])
     for t in tables:
-        blocks.release(t)
+        pool.release(t)
     return [np.concatenate(o) for o in out]

@@ -13,7 +13,7 @@ import pytest
 from checkpoints import loader
 from engine_fixtures import byte_level_backend
 from jaxinfer.llm import LLM
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.sharding import make_mesh
 
 

@@ -8,7 +8,7 @@ import pytest
 from engine_fixtures import random_prompts, run_alone, run_arriving, tiny_llm
 from jaxinfer import compilations
 from jaxinfer.errors import InputError
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_greedy_outputs_of_64_requests_arriving_at_random_steps_equal_single_run
         assert tokens(outputs[i]) == tokens(alone), f"request {i}"
         assert len(outputs[i].outputs[0].token_ids) == sp.max_tokens
         assert outputs[i].outputs[0].finish_reason == "length"
-    assert llm.engine.scheduler.blocks.num_used_pages == 0
+    assert llm.engine.scheduler.pool.num_used_pages == 0
 
 
 def test_seeded_sampling_does_not_depend_on_batch_mates(llm):
@@ -61,18 +61,18 @@ def test_prefix_cache_prefills_a_shared_system_prompt_once_and_changes_no_output
     system = rng.integers(3, 256, 48).tolist()  # 12 full pages
     prompts = [system + s for s in random_prompts(rng, 16, 1, 10)]
     params = [greedy(int(rng.integers(1, 12))) for _ in prompts]
-    blocks = llm.engine.scheduler.blocks
-    hits_before = blocks.prefix_hit_tokens
+    pool = llm.engine.scheduler.pool
+    hits_before = pool.prefix_hit_tokens
     llm.generate(prompts[:1], params[:1], use_tqdm=False)  # the first prefills the system prompt
     cached = llm.generate(prompts, params, use_tqdm=False)
-    hit = blocks.prefix_hit_tokens - hits_before
+    hit = pool.prefix_hit_tokens - hits_before
     assert hit >= 16 * 48  # every request found the 12 pages already there
     assert all(out.num_cached_tokens >= 48 for out in cached)
 
     plain = tiny_llm(data_dir, enable_prefix_caching=False)
     uncached = plain.generate(prompts, params, use_tqdm=False)
     assert [tokens(o) for o in cached] == [tokens(o) for o in uncached]
-    assert plain.engine.scheduler.blocks.prefix_hit_tokens == 0
+    assert plain.engine.scheduler.pool.prefix_hit_tokens == 0
 
 
 def test_a_small_kv_pool_preempts_yet_every_output_is_unchanged_and_every_page_comes_back(llm, data_dir):
@@ -87,16 +87,16 @@ def test_a_small_kv_pool_preempts_yet_every_output_is_unchanged_and_every_page_c
     got = small.generate(prompts, params, use_tqdm=False)
     assert small.engine.scheduler.num_preemptions > 0
     assert [tokens(o) for o in got] == [tokens(o) for o in expected]
-    blocks = small.engine.scheduler.blocks
-    assert blocks.num_used_pages == 0 and blocks.num_free_pages == blocks.num_pages - 1
-    blocks.check()
+    pool = small.engine.scheduler.pool
+    assert pool.num_used_pages == 0 and pool.num_free_pages == pool.num_pages - 1
+    pool.check()
 
     # Aborts at random points: the rest are unharmed, every page comes back.
     outputs, aborted = run_arriving(small, prompts, params, rng, arrive_prob=0.5, abort_prob=0.05)
     assert aborted and len(outputs) + len(aborted) >= len(prompts) - 0
     for i, out in outputs.items():
         assert tokens(out) == tokens(expected[i]), f"request {i}"
-    assert blocks.num_used_pages == 0
+    assert pool.num_used_pages == 0
     assert len(small.engine.scheduler.free_slots) == small.engine.config.max_num_seqs
     assert not small.engine.requests
 

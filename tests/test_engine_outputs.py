@@ -9,7 +9,7 @@ import pytest
 
 from engine_fixtures import random_prompts, tiny_llm
 from jaxinfer.errors import InputError
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

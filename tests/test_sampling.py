@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jaxinfer.errors import InputError
-from jaxinfer.sampling import (MAX_LOGPROBS, PenaltyState, Row, SamplingArrays, SamplingParams,
-                               apply_penalties, reset_slot, sample, seed_for)
+from jaxinfer.core.sampling_params import MAX_LOGPROBS, SamplingParams, seed_for
+from jaxinfer.sampling import PenaltyState, Row, SamplingArrays, apply_penalties, reset_slot, sample
 
 # One shape for every device test, so each function compiles once.
 R, V, B, SLOTS = 64, 32, 4, 4

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jaxinfer.batch import build
-from jaxinfer.request import Request, Status
-from jaxinfer.sampling import SamplingParams
-from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.core.request import Request, Status
+from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.core.scheduler import Scheduler, SchedulerConfig
 
 
 def make_request(i, prompt_len, max_tokens=4, n=1, priority=0, prompt=None, **kw):
@@ -49,7 +49,7 @@ class Sim:
                 if seq.num_output_tokens >= seq.request.max_tokens:
                     self.s.finish(seq)
         self.inflight = step
-        self.s.blocks.check()
+        self.s.pool.check()
         return step
 
     def run(self, limit=10_000):
@@ -71,7 +71,7 @@ def test_every_step_respects_the_token_budget_and_rows():
         assert step.num_tokens <= 32
         assert len(step.decode) <= step.shape.decode_rows
         assert len(step.prefill) <= step.shape.prefill_seqs
-    assert sim.s.blocks.num_used_pages == 0
+    assert sim.s.pool.num_used_pages == 0
 
 
 def test_a_long_prompt_is_chunked_and_never_stalls_running_decodes():
@@ -106,7 +106,7 @@ def test_preemption_takes_the_newest_and_the_oldest_keeps_its_progress():
     assert sim.s.num_preemptions > 0
     assert reqs[2].sequences[0].num_preemptions > 0
     assert all(len(r.sequences[0].output_token_ids) == 12 for r in reqs)
-    assert sim.s.blocks.num_used_pages == 0
+    assert sim.s.pool.num_used_pages == 0
 
 
 def test_priority_orders_admission_and_preemption():
@@ -133,9 +133,9 @@ def test_prefix_cache_hits_skip_the_shared_pages():
     (item,) = list(step.items)
     assert item.work.start == 24 and list(item.work.token_ids) == [4, 5]
     assert second.num_cached_tokens == 24
-    assert sim.s.blocks.prefix_hit_tokens == 24
+    assert sim.s.pool.prefix_hit_tokens == 24
     sim.run()
-    assert sim.s.blocks.num_used_pages == 0
+    assert sim.s.pool.num_used_pages == 0
 
 
 def test_without_prefix_caching_nothing_is_reused():
@@ -167,7 +167,7 @@ def test_n_samples_fork_after_the_prompt_and_share_its_full_pages():
     assert all(i.samples for i in second.decode)
     sim.run()
     assert all(len(s.output_token_ids) == 3 for s in req.sequences)
-    assert sim.s.blocks.num_used_pages == 0
+    assert sim.s.pool.num_used_pages == 0
 
 
 def test_a_waiting_request_is_not_admitted_without_pages():
@@ -180,7 +180,7 @@ def test_a_waiting_request_is_not_admitted_without_pages():
     step = sim.step()
     assert all(i.seq.request is big for i in step.items) or step is None or not list(step.items)
     sim.run()
-    assert sim.s.blocks.num_used_pages == 0
+    assert sim.s.pool.num_used_pages == 0
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -205,5 +205,5 @@ def test_random_workloads_finish_and_free_everything(seed):
     for r in reqs:
         assert len(r.sequences) == r.n
         assert all(len(s.output_token_ids) == r.max_tokens for s in r.sequences)
-    assert sim.s.blocks.num_used_pages == 0
+    assert sim.s.pool.num_used_pages == 0
     assert len(sim.s.free_slots) == sim.cfg.max_num_seqs

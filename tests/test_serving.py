@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine_fixtures import random_prompts, tiny_llm
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 from serving.gen.jaxinfer.v1 import inference_pb2 as pb
 from serving.gen.jaxinfer.v1 import inference_pb2_grpc as pb_grpc
 from serving.server import Limits, Security, Server
@@ -87,7 +87,7 @@ def test_64_concurrent_streams_equal_the_offline_api(server, offline):
     got = asyncio.run(main())
     assert got == expected
     wait_idle(server)
-    assert server.engine.scheduler.blocks.num_used_pages == 0
+    assert server.engine.scheduler.pool.num_used_pages == 0
 
 
 def test_cancelled_streams_and_passed_deadlines_free_everything_and_harm_no_one(server, offline):
@@ -118,8 +118,8 @@ def test_cancelled_streams_and_passed_deadlines_free_everything_and_harm_no_one(
     timed_out = [r for i, r in enumerate(results) if i not in keep and isinstance(r, grpc.aio.AioRpcError)]
     assert timed_out and all(r.code() == grpc.StatusCode.DEADLINE_EXCEEDED for r in timed_out)
     wait_idle(server)
-    blocks = server.engine.scheduler.blocks
-    assert blocks.num_used_pages == 0 and blocks.num_free_pages == blocks.num_pages - 1
+    pool = server.engine.scheduler.pool
+    assert pool.num_used_pages == 0 and pool.num_free_pages == pool.num_pages - 1
     assert not server.engine.requests
 
 
@@ -221,7 +221,7 @@ def test_a_thousand_hostile_requests_get_proper_codes_and_leak_nothing(server, o
     send()
     assert sum(codes.values()) >= 1000 and codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100
     wait_idle(server)
-    assert server.engine.scheduler.blocks.num_used_pages == 0 and not server.engine.requests
+    assert server.engine.scheduler.pool.num_used_pages == 0 and not server.engine.requests
     # Still serving, and serving right.
     stub = pb_grpc.InferenceStub(channel)
     got = [t for r in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]),

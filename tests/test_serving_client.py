@@ -12,7 +12,7 @@ import pytest
 
 from engine_fixtures import tiny_llm
 from jaxinfer import cli
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 from serving.client import AsyncClient, Client
 from serving.gen.jaxinfer.v1 import inference_pb2 as pb
 from serving.server import SERVICE, VERSION, Security, Server
@@ -113,7 +113,7 @@ def test_model_and_server_info_describe_the_served_engine(client, server, offlin
     assert info.limits.max_prompt_tokens == 127 and info.limits.max_total_tokens == 128
     s = client.server_info()
     assert s.version == VERSION and not s.draining and s.uptime_seconds > 0
-    assert s.kv_cache_pages == server.engine.scheduler.blocks.num_pages - 1
+    assert s.kv_cache_pages == server.engine.scheduler.pool.num_pages - 1
 
 
 def test_health_reports_serving(client):

@@ -12,10 +12,12 @@ from jax import export
 from jaxinfer import attention
 from jaxinfer import params as params_lib
 from jaxinfer.config import ModelConfig
-from jaxinfer.batch import SeqWork, build
+from jaxinfer.core.shapes import SeqWork
+from jaxinfer.batch import build
 from jaxinfer.runner import ModelRunner
-from jaxinfer.sampling import Row, SamplingArrays, SamplingParams
-from jaxinfer.scheduler import SchedulerConfig
+from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.sampling import Row, SamplingArrays
+from jaxinfer.core.scheduler import SchedulerConfig
 from jaxinfer.sharding import make_mesh
 
 

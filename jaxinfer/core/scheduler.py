@@ -20,11 +20,11 @@ import dataclasses
 import time
 from collections.abc import Iterator
 
-from jaxinfer.batch import BatchShape, SeqWork, next_bucket
-from jaxinfer.block_manager import BlockManager, chain_hashes
-from jaxinfer.kv_cache import pages_needed
-from jaxinfer.request import Request, Sequence, Status
-from jaxinfer.sampling import seed_for
+from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket
+from jaxinfer.core.page_pool import PagePool, chain_hashes
+from jaxinfer.core.shapes import pages_needed
+from jaxinfer.core.request import Request, Sequence, Status
+from jaxinfer.core.sampling_params import seed_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,7 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
-        self.blocks = BlockManager(cfg.num_pages, cfg.page_size, cfg.enable_prefix_caching)
+        self.pool = PagePool(cfg.num_pages, cfg.page_size, cfg.enable_prefix_caching)
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
         self.free_slots = list(range(cfg.max_num_seqs - 1, -1, -1))  # penalty-state rows
@@ -208,9 +208,9 @@ class Scheduler:
             # Leave at least one token to compute: its logits give the first sample.
             usable = seq.target_len - (0 if seq.is_unforked_parent else 1)
             chain_hashes(seq.tokens[:usable - usable % cfg.page_size], cfg.page_size, seq.hashes)
-            hits = self.blocks.lookup(seq.hashes[:usable // cfg.page_size])
-            self.blocks.record_lookup(max(usable, 0), len(hits) * cfg.page_size)
-        self.blocks.acquire(hits)
+            hits = self.pool.lookup(seq.hashes[:usable // cfg.page_size])
+            self.pool.record_lookup(max(usable, 0), len(hits) * cfg.page_size)
+        self.pool.acquire(hits)
         seq.pages = list(hits)
         seq.num_computed = len(hits) * cfg.page_size
         seq.num_registered = len(hits)
@@ -260,7 +260,7 @@ class Scheduler:
         if need > 0:
             if not self._make_room(need, seq, may_preempt):
                 return None
-            seq.pages += self.blocks.allocate(need)
+            seq.pages += self.pool.allocate(need)
 
         start = seq.num_computed
         samples = not seq.is_unforked_parent and start + chunk == seq.num_tokens
@@ -317,7 +317,7 @@ class Scheduler:
         """Free pages until `pages` are available, preempting from the back of the running
         list. False when `seq` itself is the one to go (it is then preempted) or when
         preemption is not allowed."""
-        while self.blocks.num_free_pages < pages:
+        while self.pool.num_free_pages < pages:
             if not may_preempt:
                 return False
             victim = self.running[-1]
@@ -333,7 +333,7 @@ class Scheduler:
         if not self._make_room((req.n - 1) if partial else 0, parent, may_preempt):
             return False
         for index in range(1, req.n):
-            pages, copy = self.blocks.fork(parent.pages, parent.num_computed)
+            pages, copy = self.pool.fork(parent.pages, parent.num_computed)
             child = Sequence(req, index, seed_for(req.params.seed, index))
             child.pages = pages
             child.num_computed = parent.num_computed
@@ -360,7 +360,7 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
     def _free(self, seq: Sequence) -> None:
-        self.blocks.release(seq.pages)
+        self.pool.release(seq.pages)
         seq.pages = []
         seq.num_computed = 0
         seq.num_registered = 0
@@ -384,5 +384,5 @@ class Scheduler:
             return
         chain_hashes(seq.tokens[:full * ps], ps, seq.hashes)
         for i in range(seq.num_registered, full):
-            self.blocks.register(seq.pages[i], seq.hashes[i])
+            self.pool.register(seq.pages[i], seq.hashes[i])
         seq.num_registered = full

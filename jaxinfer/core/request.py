@@ -19,7 +19,7 @@ import dataclasses
 import enum
 import time
 
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxinfer.batch import NULL_PAGE
+from jaxinfer.core.shapes import NULL_PAGE
 
 HASH_BYTES = 16
 
@@ -65,7 +65,7 @@ def chain_hashes(token_ids: Sequence[int], page_size: int, known: list[bytes]) -
     return known
 
 
-class BlockManager:
+class PagePool:
     """The page pool of one KV cache: who holds which page, and which pages are cached."""
 
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):

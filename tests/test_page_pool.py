@@ -1,4 +1,4 @@
-"""BlockManager: refcounts, prefix caching, LRU eviction and copy-on-write forks.
+"""PagePool: refcounts, prefix caching, LRU eviction and copy-on-write forks.
 
 The unit tests pin each policy on a tiny pool; the state machine at the end
 drives random request lifecycles against a model that tracks, independently of
@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from jaxinfer.batch import NULL_PAGE
-from jaxinfer.block_manager import BlockManager, chain_hashes
+from jaxinfer.core.shapes import NULL_PAGE
+from jaxinfer.core.page_pool import PagePool, chain_hashes
 
 PS = 4  # page size for the unit tests
 
@@ -30,19 +30,19 @@ def reference_hashes(tokens, page_size):
     return out
 
 
-def cached_sequence(bm, tokens):
+def cached_sequence(pool, tokens):
     """Allocate, register and release a sequence, leaving its full pages cached; return its pages."""
-    hashes = chain_hashes(tokens, bm.page_size, [])
-    pages = bm.allocate(-(-len(tokens) // bm.page_size))
+    hashes = chain_hashes(tokens, pool.page_size, [])
+    pages = pool.allocate(-(-len(tokens) // pool.page_size))
     for page, h in zip(pages, hashes):
-        assert bm.register(page, h)
-    bm.release(pages)
+        assert pool.register(page, h)
+    pool.release(pages)
     return pages
 
 
-def state(bm):
-    return (bm.num_free_pages, bm.num_used_pages, bm.num_cached_pages,
-            [bm.ref_count(p) for p in range(1, bm.num_pages)])
+def state(pool):
+    return (pool.num_free_pages, pool.num_used_pages, pool.num_cached_pages,
+            [pool.ref_count(p) for p in range(1, pool.num_pages)])
 
 
 # -- chain_hashes ------------------------------------------------------------
@@ -74,257 +74,257 @@ def test_chain_hash_of_a_page_depends_on_earlier_pages():
 # -- allocation and references -----------------------------------------------
 
 def test_fresh_pool_is_all_free_and_never_hands_out_the_null_page():
-    bm = BlockManager(num_pages=6, page_size=PS)
-    assert (bm.num_free_pages, bm.num_used_pages, bm.usage) == (5, 0, 0.0)
-    pages = bm.allocate(5)
+    pool = PagePool(num_pages=6, page_size=PS)
+    assert (pool.num_free_pages, pool.num_used_pages, pool.usage) == (5, 0, 0.0)
+    pages = pool.allocate(5)
     assert sorted(pages) == [1, 2, 3, 4, 5] and NULL_PAGE not in pages
-    assert (bm.num_free_pages, bm.num_used_pages, bm.usage) == (0, 5, 1.0)
-    bm.check()
+    assert (pool.num_free_pages, pool.num_used_pages, pool.usage) == (0, 5, 1.0)
+    pool.check()
 
 
 def test_allocate_beyond_free_returns_none_and_changes_nothing():
-    bm = BlockManager(num_pages=6, page_size=PS)
-    cached = cached_sequence(bm, list(range(8)))  # two evictable pages
-    held = bm.allocate(1)
-    before = state(bm)
-    assert bm.allocate(bm.num_free_pages + 1) is None
-    assert state(bm) == before
-    assert bm.lookup(chain_hashes(list(range(8)), PS, [])) == cached  # nothing evicted
-    assert bm.allocate(0) == []
+    pool = PagePool(num_pages=6, page_size=PS)
+    cached = cached_sequence(pool, list(range(8)))  # two evictable pages
+    held = pool.allocate(1)
+    before = state(pool)
+    assert pool.allocate(pool.num_free_pages + 1) is None
+    assert state(pool) == before
+    assert pool.lookup(chain_hashes(list(range(8)), PS, [])) == cached  # nothing evicted
+    assert pool.allocate(0) == []
     with pytest.raises(ValueError):
-        bm.allocate(-1)
-    assert len(bm.allocate(bm.num_free_pages)) == 4 and bm.num_free_pages == 0
-    assert bm.allocate(1) is None
-    bm.release(held)
-    bm.check()
+        pool.allocate(-1)
+    assert len(pool.allocate(pool.num_free_pages)) == 4 and pool.num_free_pages == 0
+    assert pool.allocate(1) is None
+    pool.release(held)
+    pool.check()
 
 
 def test_acquire_and_release_count_references():
-    bm = BlockManager(num_pages=4, page_size=PS, enable_prefix_caching=False)
-    [p] = bm.allocate(1)
-    bm.acquire([p, p])
-    assert bm.ref_count(p) == 3 and bm.num_used_pages == 1
-    bm.release([p])
-    bm.release([p])
-    assert bm.ref_count(p) == 1 and bm.num_free_pages == 2
-    bm.release([p])
-    assert bm.ref_count(p) == 0 and bm.num_free_pages == 3 and bm.num_used_pages == 0
-    bm.check()
+    pool = PagePool(num_pages=4, page_size=PS, enable_prefix_caching=False)
+    [p] = pool.allocate(1)
+    pool.acquire([p, p])
+    assert pool.ref_count(p) == 3 and pool.num_used_pages == 1
+    pool.release([p])
+    pool.release([p])
+    assert pool.ref_count(p) == 1 and pool.num_free_pages == 2
+    pool.release([p])
+    assert pool.ref_count(p) == 0 and pool.num_free_pages == 3 and pool.num_used_pages == 0
+    pool.check()
 
 
 def test_misuse_raises_and_changes_nothing():
-    bm = BlockManager(num_pages=4, page_size=PS)
-    a, b = bm.allocate(2)
-    before = state(bm)
+    pool = PagePool(num_pages=4, page_size=PS)
+    a, b = pool.allocate(2)
+    before = state(pool)
     with pytest.raises(ValueError):
-        bm.release([a, a])  # only one reference
+        pool.release([a, a])  # only one reference
     with pytest.raises(ValueError):
-        bm.acquire([a, 3])  # page 3 is free: fresh pages come from allocate
+        pool.acquire([a, 3])  # page 3 is free: fresh pages come from allocate
     for bad in (NULL_PAGE, 4, -1):
         with pytest.raises(ValueError):
-            bm.release([bad])
+            pool.release([bad])
         with pytest.raises(ValueError):
-            bm.acquire([bad])
-    assert state(bm) == before
-    bm.release([a, b])
+            pool.acquire([bad])
+    assert state(pool) == before
+    pool.release([a, b])
     with pytest.raises(ValueError):
-        bm.release([a])
+        pool.release([a])
     with pytest.raises(ValueError):
-        bm.register(a, b"x" * 16)  # nobody holds it
-    bm.check()
+        pool.register(a, b"x" * 16)  # nobody holds it
+    pool.check()
 
 
 # -- prefix cache ------------------------------------------------------------
 
 def test_lookup_returns_longest_cached_prefix_and_stops_at_first_miss():
-    bm = BlockManager(num_pages=8, page_size=PS)
+    pool = PagePool(num_pages=8, page_size=PS)
     tokens = list(range(12))
     hashes = chain_hashes(tokens, PS, [])
-    p0, p1, p2 = bm.allocate(3)
-    assert bm.register(p0, hashes[0]) and bm.register(p2, hashes[2])  # page 1 not cached
-    assert bm.lookup(hashes) == [p0]  # page 2 is cached but useless without page 1
-    assert bm.register(p1, hashes[1])
-    assert bm.lookup(hashes) == [p0, p1, p2]
-    assert bm.lookup(chain_hashes([99] + tokens[1:], PS, [])) == []
-    assert bm.lookup([]) == []
-    bm.check()
+    p0, p1, p2 = pool.allocate(3)
+    assert pool.register(p0, hashes[0]) and pool.register(p2, hashes[2])  # page 1 not cached
+    assert pool.lookup(hashes) == [p0]  # page 2 is cached but useless without page 1
+    assert pool.register(p1, hashes[1])
+    assert pool.lookup(hashes) == [p0, p1, p2]
+    assert pool.lookup(chain_hashes([99] + tokens[1:], PS, [])) == []
+    assert pool.lookup([]) == []
+    pool.check()
 
 
 def test_lookup_takes_no_references():
-    bm = BlockManager(num_pages=4, page_size=PS)
-    pages = cached_sequence(bm, list(range(8)))
-    before = state(bm)
-    assert bm.lookup(chain_hashes(list(range(8)), PS, [])) == pages
-    assert state(bm) == before
+    pool = PagePool(num_pages=4, page_size=PS)
+    pages = cached_sequence(pool, list(range(8)))
+    before = state(pool)
+    assert pool.lookup(chain_hashes(list(range(8)), PS, [])) == pages
+    assert state(pool) == before
 
 
 def test_cache_hit_after_release_reuses_pages():
-    bm = BlockManager(num_pages=8, page_size=PS)
+    pool = PagePool(num_pages=8, page_size=PS)
     tokens = list(range(10))
-    pages = cached_sequence(bm, tokens)  # 2 full pages cached, the partial one freed
-    assert bm.num_cached_pages == 2 and bm.num_free_pages == 7
-    hits = bm.lookup(chain_hashes(tokens + [5, 5], PS, []))
+    pages = cached_sequence(pool, tokens)  # 2 full pages cached, the partial one freed
+    assert pool.num_cached_pages == 2 and pool.num_free_pages == 7
+    hits = pool.lookup(chain_hashes(tokens + [5, 5], PS, []))
     assert hits == pages[:2]
-    bm.acquire(hits)
-    assert [bm.ref_count(p) for p in hits] == [1, 1] and bm.num_free_pages == 5
-    bm.release(hits)
-    bm.check()
+    pool.acquire(hits)
+    assert [pool.ref_count(p) for p in hits] == [1, 1] and pool.num_free_pages == 5
+    pool.release(hits)
+    pool.check()
 
 
 def test_register_dedups_second_page_with_same_hash_stays_private():
-    bm = BlockManager(num_pages=4, page_size=PS)
+    pool = PagePool(num_pages=4, page_size=PS)
     [h] = chain_hashes([1, 2, 3, 4], PS, [])
-    a, b = bm.allocate(2)  # two requests computed the same page concurrently
-    assert bm.register(a, h)
-    assert not bm.register(b, h)
-    assert bm.page_hash(b) is None and bm.lookup([h]) == [a]
-    bm.release([b])
-    assert b not in bm._evictable and bm.num_cached_pages == 1  # freed, not cached
-    bm.release([a])
-    assert bm.lookup([h]) == [a]
-    bm.check()
+    a, b = pool.allocate(2)  # two requests computed the same page concurrently
+    assert pool.register(a, h)
+    assert not pool.register(b, h)
+    assert pool.page_hash(b) is None and pool.lookup([h]) == [a]
+    pool.release([b])
+    assert b not in pool._evictable and pool.num_cached_pages == 1  # freed, not cached
+    pool.release([a])
+    assert pool.lookup([h]) == [a]
+    pool.check()
 
 
 def test_register_keeps_first_hash_of_a_page():
-    bm = BlockManager(num_pages=4, page_size=PS)
+    pool = PagePool(num_pages=4, page_size=PS)
     h1, h2 = chain_hashes(list(range(8)), PS, [])
-    [a] = bm.allocate(1)
-    assert bm.register(a, h1)
-    assert not bm.register(a, h1) and not bm.register(a, h2)
-    assert bm.page_hash(a) == h1 and bm.lookup([h2]) == []
-    bm.check()
+    [a] = pool.allocate(1)
+    assert pool.register(a, h1)
+    assert not pool.register(a, h1) and not pool.register(a, h2)
+    assert pool.page_hash(a) == h1 and pool.lookup([h2]) == []
+    pool.check()
 
 
 def test_prefix_caching_off_never_caches():
-    bm = BlockManager(num_pages=4, page_size=PS, enable_prefix_caching=False)
+    pool = PagePool(num_pages=4, page_size=PS, enable_prefix_caching=False)
     hashes = chain_hashes(list(range(8)), PS, [])
-    pages = bm.allocate(2)
-    assert not any(bm.register(p, h) for p, h in zip(pages, hashes))
-    assert bm.lookup(hashes) == [] and bm.num_cached_pages == 0
-    bm.release(pages)
-    assert bm.num_free_pages == 3 and bm.lookup(hashes) == []
-    bm.check()
+    pages = pool.allocate(2)
+    assert not any(pool.register(p, h) for p, h in zip(pages, hashes))
+    assert pool.lookup(hashes) == [] and pool.num_cached_pages == 0
+    pool.release(pages)
+    assert pool.num_free_pages == 3 and pool.lookup(hashes) == []
+    pool.check()
 
 
 def test_hit_statistics():
-    bm = BlockManager(num_pages=4, page_size=PS)
-    assert bm.prefix_hit_rate == 0.0
-    bm.record_lookup(queried_tokens=10, hit_tokens=8)
-    bm.record_lookup(queried_tokens=6, hit_tokens=0)
-    assert (bm.prefix_queried_tokens, bm.prefix_hit_tokens) == (16, 8)
-    assert bm.prefix_hit_rate == 0.5
+    pool = PagePool(num_pages=4, page_size=PS)
+    assert pool.prefix_hit_rate == 0.0
+    pool.record_lookup(queried_tokens=10, hit_tokens=8)
+    pool.record_lookup(queried_tokens=6, hit_tokens=0)
+    assert (pool.prefix_queried_tokens, pool.prefix_hit_tokens) == (16, 8)
+    assert pool.prefix_hit_rate == 0.5
     with pytest.raises(ValueError):
-        bm.record_lookup(queried_tokens=4, hit_tokens=5)
+        pool.record_lookup(queried_tokens=4, hit_tokens=5)
 
 
 def test_reset_prefix_cache_forgets_everything_and_frees_unreferenced_pages():
-    bm = BlockManager(num_pages=8, page_size=PS)
-    old = cached_sequence(bm, list(range(8)))
+    pool = PagePool(num_pages=8, page_size=PS)
+    old = cached_sequence(pool, list(range(8)))
     held_tokens = [7] * 8
-    held = bm.allocate(2)
+    held = pool.allocate(2)
     for p, h in zip(held, chain_hashes(held_tokens, PS, [])):
-        bm.register(p, h)
-    assert not bm.reset_prefix_cache()  # `held` were still referenced
-    assert bm.lookup(chain_hashes(list(range(8)), PS, [])) == []
-    assert bm.lookup(chain_hashes(held_tokens, PS, [])) == []
-    assert bm.num_cached_pages == 0 and bm.num_free_pages == 5 and set(old) <= set(bm._free)
-    bm.release(held)  # now private: freed, not cached
-    assert bm.num_free_pages == 7 and bm.num_cached_pages == 0
-    bm.check()
-    cached_sequence(bm, list(range(8)))
-    assert bm.reset_prefix_cache() and bm.num_cached_pages == 0
-    bm.check()
+        pool.register(p, h)
+    assert not pool.reset_prefix_cache()  # `held` were still referenced
+    assert pool.lookup(chain_hashes(list(range(8)), PS, [])) == []
+    assert pool.lookup(chain_hashes(held_tokens, PS, [])) == []
+    assert pool.num_cached_pages == 0 and pool.num_free_pages == 5 and set(old) <= set(pool._free)
+    pool.release(held)  # now private: freed, not cached
+    assert pool.num_free_pages == 7 and pool.num_cached_pages == 0
+    pool.check()
+    cached_sequence(pool, list(range(8)))
+    assert pool.reset_prefix_cache() and pool.num_cached_pages == 0
+    pool.check()
 
 
 # -- eviction ----------------------------------------------------------------
 
 def test_allocate_takes_never_cached_pages_before_evicting():
-    bm = BlockManager(num_pages=6, page_size=PS)
+    pool = PagePool(num_pages=6, page_size=PS)
     tokens = list(range(8))
-    cached = cached_sequence(bm, tokens)
-    fresh = bm.allocate(3)
+    cached = cached_sequence(pool, tokens)
+    fresh = pool.allocate(3)
     assert not set(fresh) & set(cached)
-    assert bm.lookup(chain_hashes(tokens, PS, [])) == cached
+    assert pool.lookup(chain_hashes(tokens, PS, [])) == cached
 
 
 def test_lru_evicts_least_recently_released_first_and_drops_its_hash():
-    bm = BlockManager(num_pages=4, page_size=PS)
+    pool = PagePool(num_pages=4, page_size=PS)
     hashes = [chain_hashes([i] * PS, PS, [])[0] for i in range(3)]
-    pages = bm.allocate(3)
+    pages = pool.allocate(3)
     for p, h in zip(pages, hashes):
-        bm.register(p, h)
+        pool.register(p, h)
     for i in (1, 0, 2):  # release order, oldest first
-        bm.release([pages[i]])
-    assert bm.allocate(1) == [pages[1]]
-    assert bm.lookup(hashes[1:2]) == [] and bm.page_hash(pages[1]) is None
-    assert bm.allocate(1) == [pages[0]]
-    assert bm.allocate(1) == [pages[2]]
-    bm.check()
+        pool.release([pages[i]])
+    assert pool.allocate(1) == [pages[1]]
+    assert pool.lookup(hashes[1:2]) == [] and pool.page_hash(pages[1]) is None
+    assert pool.allocate(1) == [pages[0]]
+    assert pool.allocate(1) == [pages[2]]
+    pool.check()
 
 
 def test_acquired_evictable_page_leaves_lru_and_is_not_evicted():
-    bm = BlockManager(num_pages=4, page_size=PS)
+    pool = PagePool(num_pages=4, page_size=PS)
     hashes = [chain_hashes([i] * PS, PS, [])[0] for i in range(3)]
-    pages = bm.allocate(3)
+    pages = pool.allocate(3)
     for p, h in zip(pages, hashes):
-        bm.register(p, h)
+        pool.register(p, h)
     for p in pages:
-        bm.release([p])
-    hit = bm.lookup(hashes[:1])  # the oldest: next in line for eviction
+        pool.release([p])
+    hit = pool.lookup(hashes[:1])  # the oldest: next in line for eviction
     assert hit == [pages[0]]
-    bm.acquire(hit)
-    assert bm.num_free_pages == 2
-    assert bm.allocate(2) == pages[1:]
-    assert bm.allocate(1) is None
-    assert bm.lookup(hashes[:1]) == hit and bm.ref_count(hit[0]) == 1
-    bm.check()
+    pool.acquire(hit)
+    assert pool.num_free_pages == 2
+    assert pool.allocate(2) == pages[1:]
+    assert pool.allocate(1) is None
+    assert pool.lookup(hashes[:1]) == hit and pool.ref_count(hit[0]) == 1
+    pool.check()
 
 
 def test_released_sequence_tail_is_evicted_before_head():
-    bm = BlockManager(num_pages=4, page_size=PS)
+    pool = PagePool(num_pages=4, page_size=PS)
     tokens = list(range(3 * PS))
-    head, mid, tail = cached_sequence(bm, tokens)  # released head-first as one list
-    assert bm.allocate(1) == [tail]
-    assert bm.allocate(1) == [mid]
-    assert bm.lookup(chain_hashes(tokens, PS, [])) == [head]  # the shared prefix survives longest
-    bm.check()
+    head, mid, tail = cached_sequence(pool, tokens)  # released head-first as one list
+    assert pool.allocate(1) == [tail]
+    assert pool.allocate(1) == [mid]
+    assert pool.lookup(chain_hashes(tokens, PS, [])) == [head]  # the shared prefix survives longest
+    pool.check()
 
 
 # -- fork --------------------------------------------------------------------
 
 def test_fork_shares_full_pages_and_copies_partial_last_page():
-    bm = BlockManager(num_pages=8, page_size=PS)
-    parent = bm.allocate(3)
-    child, copy = bm.fork(parent, num_tokens=2 * PS + 1)
+    pool = PagePool(num_pages=8, page_size=PS)
+    parent = pool.allocate(3)
+    child, copy = pool.fork(parent, num_tokens=2 * PS + 1)
     assert child[:2] == parent[:2]
     assert copy == (parent[2], child[2]) and child[2] not in parent
-    assert [bm.ref_count(p) for p in parent] == [2, 2, 1] and bm.ref_count(child[2]) == 1
-    bm.release(parent)
-    bm.release(child)
-    assert bm.num_free_pages == 7
-    bm.check()
+    assert [pool.ref_count(p) for p in parent] == [2, 2, 1] and pool.ref_count(child[2]) == 1
+    pool.release(parent)
+    pool.release(child)
+    assert pool.num_free_pages == 7
+    pool.check()
 
 
 def test_fork_on_page_boundary_copies_nothing():
-    bm = BlockManager(num_pages=4, page_size=PS)
-    parent = bm.allocate(2)
-    assert bm.fork(parent, num_tokens=2 * PS) == (parent, None)
-    assert bm.fork(parent, num_tokens=PS) == (parent[:1], None)  # a page reserved ahead is not shared
-    assert [bm.ref_count(p) for p in parent] == [3, 2]
-    assert bm.fork([], num_tokens=0) == ([], None)
+    pool = PagePool(num_pages=4, page_size=PS)
+    parent = pool.allocate(2)
+    assert pool.fork(parent, num_tokens=2 * PS) == (parent, None)
+    assert pool.fork(parent, num_tokens=PS) == (parent[:1], None)  # a page reserved ahead is not shared
+    assert [pool.ref_count(p) for p in parent] == [3, 2]
+    assert pool.fork([], num_tokens=0) == ([], None)
     with pytest.raises(ValueError):
-        bm.fork(parent, num_tokens=2 * PS + 1)  # more tokens than the pages hold
-    bm.check()
+        pool.fork(parent, num_tokens=2 * PS + 1)  # more tokens than the pages hold
+    pool.check()
 
 
 def test_fork_without_a_free_page_returns_none_and_changes_nothing():
-    bm = BlockManager(num_pages=3, page_size=PS)
-    parent = bm.allocate(2)
-    before = state(bm)
-    assert bm.fork(parent, num_tokens=PS + 1) is None
-    assert state(bm) == before
-    assert bm.fork(parent, num_tokens=2 * PS) == (parent, None)  # no copy needed: still works
-    bm.check()
+    pool = PagePool(num_pages=3, page_size=PS)
+    parent = pool.allocate(2)
+    before = state(pool)
+    assert pool.fork(parent, num_tokens=PS + 1) is None
+    assert state(pool) == before
+    assert pool.fork(parent, num_tokens=2 * PS) == (parent, None)  # no copy needed: still works
+    pool.check()
 
 
 # -- randomized lifecycles against a model -----------------------------------
@@ -351,7 +351,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @initialize(caching=st.booleans())
     def setup(self, caching):
-        self.bm = BlockManager(SM_NUM_PAGES, SM_PAGE_SIZE, enable_prefix_caching=caching)
+        self.pool = PagePool(SM_NUM_PAGES, SM_PAGE_SIZE, enable_prefix_caching=caching)
         self.seqs: dict[int, tuple[list[int], list[int], list[bytes]]] = {}  # id -> tokens, pages, hashes
         self.content: dict[int, tuple[int, ...]] = {}
         self.next_id = 0
@@ -363,34 +363,34 @@ class BlockManagerMachine(RuleBasedStateMachine):
         """Model the device writing tokens[start:] into their pages."""
         ps = SM_PAGE_SIZE
         for i in range(start // ps, len(pages)):
-            assert self.bm.ref_count(pages[i]) == 1, "writing into a shared page"
+            assert self.pool.ref_count(pages[i]) == 1, "writing into a shared page"
             self.content[pages[i]] = tuple(tokens[:min(len(tokens), (i + 1) * ps)])
 
     def register_full(self, tokens, pages, hashes, start_page):
         for i in range(start_page, len(hashes)):
-            registered = self.bm.register(pages[i], hashes[i])
-            assert registered <= self.bm.enable_prefix_caching
+            registered = self.pool.register(pages[i], hashes[i])
+            assert registered <= self.pool.enable_prefix_caching
 
     @precondition(lambda self: len(self.seqs) < SM_MAX_SEQS)
     @rule(tokens=tokens_st)
     def new_request(self, tokens):
         ps = SM_PAGE_SIZE
         hashes = chain_hashes(tokens, ps, [])
-        hits = self.bm.lookup(hashes)
-        if not self.bm.enable_prefix_caching:
+        hits = self.pool.lookup(hashes)
+        if not self.pool.enable_prefix_caching:
             assert hits == []
         for i, page in enumerate(hits):
             assert self.content[page] == tuple(tokens[:(i + 1) * ps]), "cache hit serves the wrong tokens"
         need = -(-len(tokens) // ps) - len(hits)
-        self.bm.acquire(hits)  # before allocate, which could otherwise evict the hits
-        fresh = self.bm.allocate(need)
+        self.pool.acquire(hits)  # before allocate, which could otherwise evict the hits
+        fresh = self.pool.allocate(need)
         if fresh is None:
             held = {p for _, pages, _ in self.seqs.values() for p in pages}
             assert self.model_free() - len(set(hits) - held) < need
-            self.bm.release(hits)  # the scheduler backs out and preempts
+            self.pool.release(hits)  # the scheduler backs out and preempts
             return
         pages = hits + fresh
-        self.bm.record_lookup(len(tokens), len(hits) * ps)
+        self.pool.record_lookup(len(tokens), len(hits) * ps)
         self.write(tokens, pages, len(hits) * ps)
         self.register_full(tokens, pages, hashes, len(hits))
         self.seqs[self.next_id] = (list(tokens), pages, hashes)
@@ -406,7 +406,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         ps = SM_PAGE_SIZE
         old_len, new_tokens = len(tokens), tokens + more
         need = -(-len(new_tokens) // ps) - len(pages)
-        fresh = self.bm.allocate(need)
+        fresh = self.pool.allocate(need)
         if fresh is None:
             assert self.model_free() < need
             return
@@ -423,7 +423,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         sid = data.draw(st.sampled_from(sorted(self.seqs)))
         tokens, pages, hashes = self.seqs[sid]
         free_before = self.model_free()
-        out = self.bm.fork(pages, len(tokens))
+        out = self.pool.fork(pages, len(tokens))
         partial = len(tokens) % SM_PAGE_SIZE != 0
         if out is None:
             assert partial and free_before == 0
@@ -443,36 +443,36 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def finish(self, data):
         sid = data.draw(st.sampled_from(sorted(self.seqs)))
-        self.bm.release(self.seqs.pop(sid)[1])
+        self.pool.release(self.seqs.pop(sid)[1])
 
     @rule(roll=st.integers(0, 7))
     def reset_cache(self, roll):
         if roll == 0:  # rarely, or the cache is empty too often to test hits
-            self.bm.reset_prefix_cache()
-            assert self.bm.num_cached_pages == 0
+            self.pool.reset_prefix_cache()
+            assert self.pool.num_cached_pages == 0
 
     @invariant()
     def consistent(self):
-        if not hasattr(self, "bm"):
+        if not hasattr(self, "pool"):
             return
-        self.bm.check()
+        self.pool.check()
         refs = {}
         for _, pages, _ in self.seqs.values():
             for p in pages:
                 refs[p] = refs.get(p, 0) + 1
         for p in range(1, SM_NUM_PAGES):
-            assert self.bm.ref_count(p) == refs.get(p, 0)
-        assert self.bm.num_used_pages == len(refs)
-        assert self.bm.num_free_pages == self.model_free()
+            assert self.pool.ref_count(p) == refs.get(p, 0)
+        assert self.pool.num_used_pages == len(refs)
+        assert self.pool.num_free_pages == self.model_free()
 
     def teardown(self):
-        if not hasattr(self, "bm"):
+        if not hasattr(self, "pool"):
             return
         for sid in list(self.seqs):
-            self.bm.release(self.seqs.pop(sid)[1])
-            self.bm.check()
-        assert self.bm.num_used_pages == 0
-        assert self.bm.num_free_pages == SM_NUM_PAGES - 1
+            self.pool.release(self.seqs.pop(sid)[1])
+            self.pool.check()
+        assert self.pool.num_used_pages == 0
+        assert self.pool.num_free_pages == SM_NUM_PAGES - 1
 
 
 BlockManagerMachine.TestCase.settings = settings(

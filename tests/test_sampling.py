@@ -143,8 +143,16 @@ def test_seed_for_keeps_the_seed_for_sample_zero_and_mixes_the_rest():
     assert siblings == [seed_for(1234, i) for i in range(1, 50)]  # deterministic
     assert len(set(siblings + [1234, seed_for(1235, 1)])) == 51
     assert all(0 <= s < 2**64 for s in siblings)
-    fresh = {seed_for(None, 0) for _ in range(8)}
-    assert len(fresh) == 8 and all(0 <= s < 2**64 for s in fresh)
+
+
+def test_an_unseeded_request_draws_its_seed_once_on_arrival():
+    from jaxinfer.core.request import Request
+    unseeded = SamplingParams(n=3, temperature=1.0)
+    requests = [Request(f"r{i}", [1, 2], unseeded, frozenset(), 4) for i in range(8)]
+    assert len({r.seed for r in requests}) == 8 and all(0 <= r.seed < 2**64 for r in requests)
+    r = requests[0]
+    assert len({seed_for(r.seed, i) for i in range(3)}) == 3  # its samples draw apart
+    assert Request("s", [1], SamplingParams(seed=7), frozenset(), 4).seed == 7
 
 
 # ----------------------------------------------------------------------------

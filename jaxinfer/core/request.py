@@ -19,7 +19,7 @@ import dataclasses
 import enum
 import time
 
-from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.core.sampling_params import SamplingParams, request_seed
 
 
 class Status(enum.Enum):
@@ -39,6 +39,7 @@ class Request:
     priority: int = 0  # lower runs first, as in vLLM
     arrival: int = 0  # arrival order, the tie-break after priority
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    seed: int | None = None  # None: request_seed(params), drawn once here
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -46,6 +47,10 @@ class Request:
     prompt_logprobs: list = dataclasses.field(default_factory=list)  # entries for prompt tokens 1..
     sequences: list["Sequence"] = dataclasses.field(default_factory=list)
     forked: bool = False  # n > 1: the sequences exist only after the prompt is prefilled
+
+    def __post_init__(self):
+        if self.seed is None:
+            self.seed = request_seed(self.params)
 
     @property
     def prompt_len(self) -> int:

@@ -178,16 +178,20 @@ def _short(x) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def seed_for(seed: int | None, index: int) -> int:
+def request_seed(params: SamplingParams) -> int:
+    """The seed a request samples with: its own, or for an unseeded request a random one
+    drawn once, on arrival (so that one value describes the request, e.g. to other
+    processes of a multi-host run)."""
+    return params.seed if params.seed is not None else secrets.randbits(64)
+
+
+def seed_for(seed: int, index: int) -> int:
     """The 64-bit seed of sample `index` of a request with `seed`.
 
     Sample 0 keeps the request's seed (negative seeds wrap to two's complement),
     so n=1 requests sample as their seed says; the others get a hash of
-    (seed, index), so siblings draw independent streams. None: a fresh random
-    seed.
+    (seed, index), so siblings draw independent streams.
     """
-    if seed is None:
-        return secrets.randbits(64)
     if index == 0:
         return seed & _U64
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()

@@ -135,7 +135,7 @@ class Scheduler:
     # ---- requests -----------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        seq = Sequence(request, 0, seed_for(request.params.seed, 0))
+        seq = Sequence(request, 0, seed_for(request.seed, 0))
         request.sequences.append(seq)
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
@@ -334,7 +334,7 @@ class Scheduler:
             return False
         for index in range(1, req.n):
             pages, copy = self.pool.fork(parent.pages, parent.num_computed)
-            child = Sequence(req, index, seed_for(req.params.seed, index))
+            child = Sequence(req, index, seed_for(req.seed, index))
             child.pages = pages
             child.num_computed = parent.num_computed
             child.hashes = list(parent.hashes)

@@ -1,12 +1,15 @@
 """XLA compilations: counted, so tests (and the engine's metrics) can prove that
-nothing compiles after warm-up; and cached on disk, so a restart warms up fast.
+nothing compiles after warm-up; and cached on disk, so a restart warms up fast:
+XLA's persistent cache for every jitted function, and whole step executables
+(`load_or_compile`), which also skip tracing and lowering.
 
-The count includes executables loaded from the persistent cache: either way the
-step had to be prepared after warm-up, which is what the count guards against."""
+The count includes executables loaded from either cache: either way the step had
+to be prepared after warm-up, which is what the count guards against."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import jax
 
@@ -17,10 +20,14 @@ _installed = False
 
 
 def _listener(event: str, duration: float, **_) -> None:
-    global _count
     if event == _EVENT:
-        with _lock:
-            _count += 1
+        _counted()
+
+
+def _counted() -> None:
+    global _count
+    with _lock:
+        _count += 1
 
 
 def install() -> None:
@@ -55,3 +62,108 @@ def enable_persistent_cache(directory: str | None = None, min_compile_seconds: f
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     return jax.config.jax_compilation_cache_dir
+
+
+# ---- lowered steps on disk -----------------------------------------------------------------------
+#
+# The persistent XLA cache saves the compile, not the tracing and lowering before it, and for
+# a model step those take seconds per shape. So each step shape is also kept lowered
+# (jax.export's serialized StableHLO, over the flat list of the arguments' arrays): loading it
+# back traces nothing, and its compile then comes from the XLA cache. (Whole executables
+# could be kept instead, but on the CPU an executable that XLA's cache gave back serializes
+# without its kernels.) The key holds everything the lowering depends on: the arguments'
+# shapes, dtypes and shardings, the devices, the versions of jax/jaxlib/flax, XLA_FLAGS, the
+# source of jaxinfer and its kernels, and whatever the caller names in `identity`.
+
+_source_digest: str | None = None
+# Where start-up time went, for the log: steps traced (and lowered) or loaded lowered, and compiling.
+stats = {"traced": 0, "trace_seconds": 0.0, "loaded": 0, "load_seconds": 0.0, "compile_seconds": 0.0}
+
+
+def source_digest() -> str:
+    """A digest of the code a step is traced from (jaxinfer/ and pallas_kernels/)."""
+    global _source_digest
+    if _source_digest is None:
+        import hashlib
+        import pathlib
+
+        root = pathlib.Path(__file__).resolve().parents[1]
+        h = hashlib.sha256()
+        for package in ("jaxinfer", "pallas_kernels"):
+            for path in sorted((root / package).rglob("*.py")):
+                h.update(str(path.relative_to(root)).encode())
+                h.update(path.read_bytes())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def _lowered_dir():
+    import pathlib
+
+    base = jax.config.jax_compilation_cache_dir
+    return None if base is None else pathlib.Path(base) / "jaxinfer-lowered"
+
+
+def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identity: str = ""):
+    """A compiled `fn(*args)` (a callable taking the same pytrees and returning `out_tree`):
+    from its lowering on disk when this exact one was saved before, else traced, lowered
+    and saved. `donate_argnums` as for jax.jit."""
+    import hashlib
+    import logging
+    import os
+
+    import flax
+    import jaxlib
+
+    log = logging.getLogger(__name__)
+    leaves, in_tree = jax.tree.flatten(args)
+    sizes = [len(jax.tree.leaves(a)) for a in args]
+    flat_donate, k = [], 0
+    for i, n in enumerate(sizes):
+        if i in donate_argnums:
+            flat_donate.extend(range(k, k + n))
+        k += n
+
+    def flat(*xs):
+        return jax.tree.leaves(fn(*jax.tree.unflatten(in_tree, xs)))
+
+    jitted = jax.jit(flat, donate_argnums=tuple(flat_donate))
+    directory = _lowered_dir()
+    exported = None
+    started = time.monotonic()
+    if directory is not None:
+        devices = jax.devices()
+        key = hashlib.sha256("\n".join([
+            jax.__version__, jaxlib.__version__, flax.__version__, os.environ.get("XLA_FLAGS", ""),
+            repr(jax.config.jax_enable_x64), repr([(d.platform, d.device_kind, d.id) for d in devices]),
+            str(jax.process_count()), source_digest(), identity, repr(in_tree),
+            repr([(x.shape, str(x.dtype), repr(getattr(x, "sharding", None))) for x in leaves])]).encode()).hexdigest()
+        path = directory / f"{key}.bin"
+        if path.is_file():
+            try:
+                exported = jax.export.deserialize(bytearray(path.read_bytes()))
+            except Exception as e:  # truncated, or from another version: lower again
+                log.warning("could not load the lowered step %s (%s); tracing it again", path.name, e)
+                path.unlink(missing_ok=True)
+        if exported is not None:
+            stats["loaded"] += 1
+            stats["load_seconds"] += time.monotonic() - started
+        else:
+            exported = jax.export.export(jitted, platforms=[devices[0].platform])(*leaves)
+            stats["traced"] += 1
+            stats["trace_seconds"] += time.monotonic() - started
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_bytes(exported.serialize())
+                os.replace(tmp, path)  # whole or not at all, even with several processes starting
+            except Exception as e:
+                log.warning("could not save the lowered step (%s); the next start traces it again", e)
+        jitted = jax.jit(exported.call, donate_argnums=tuple(flat_donate))
+    started = time.monotonic()
+    compiled = jitted.lower(*leaves).compile()
+    stats["compile_seconds"] += time.monotonic() - started
+
+    def call(*call_args):
+        return jax.tree.unflatten(out_tree, compiled(*jax.tree.leaves(call_args)))
+    return call

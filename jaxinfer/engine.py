@@ -475,12 +475,13 @@ class Engine:
         """Compile every step shape (and the small helpers) now; returns how many shapes."""
         if self.has_unfinished():
             raise RuntimeError("warm up before adding requests")
+        started = time.monotonic()
         shapes = self.sched_config.all_shapes()
         bar = _progress(len(shapes) + 2, "compiling", progress)
         for shape in shapes:
             batch, _ = build(shape, [], [], self.sched_config.page_size)
             arrays = SamplingArrays.from_rows([], shape.num_rows, self.ban_width)
-            self.runner.step(batch, arrays)
+            self.runner.prepare(batch, arrays)  # load or compile; nothing runs
             bar.update(1)
         self.runner.copy_pages([(0, 0)])
         bar.update(1)
@@ -488,6 +489,10 @@ class Engine:
         bar.update(1)
         jax.block_until_ready(self.runner.cache)
         bar.close()
+        s = compilations.stats
+        log.info("start-up: warm-up of %d step shapes in %.1f s (%d traced and lowered in %.1f s, %d loaded lowered "
+                 "in %.1f s; compiling %.1f s)", len(shapes), time.monotonic() - started, s["traced"],
+                 s["trace_seconds"], s["loaded"], s["load_seconds"], s["compile_seconds"])
         return len(shapes)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import jax
@@ -50,7 +51,9 @@ class LLM:
         if dtype_name not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
         mesh = make_mesh(tensor=tensor_parallel_size)
+        started = time.monotonic()
         loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress)
+        log.info("start-up: loaded %s in %.1f s", loaded.source, time.monotonic() - started)
         self._init(loaded, mesh, EngineConfig(**engine_config), warmup, progress)
 
     @classmethod
@@ -64,7 +67,10 @@ class LLM:
     def _init(self, loaded, mesh, config: EngineConfig, warmup: bool, progress: bool) -> None:
         self.model = loaded
         self.tokenizer = loaded.tokenizer
+        started = time.monotonic()
         self.engine = Engine(loaded, mesh, config)
+        log.info("start-up: engine (KV cache, %d pages) in %.1f s", self.engine.sched_config.num_pages,
+                 time.monotonic() - started)
         self._ids = itertools.count()
         if warmup:
             self.engine.warmup(progress=progress)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxinfer import attention, kv_cache, sharding
+from jaxinfer import attention, compilations, kv_cache, sharding
 from jaxinfer.batch import Batch
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import ConfigError
@@ -56,7 +56,9 @@ class ModelRunner:
         self.replicated = sharding.replicated(mesh)
         self.penalty = jax.device_put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
         self.sampled = jax.device_put(np.zeros(max_rows, np.int32), self.replicated)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2, 3))
+        self._executables: dict[tuple, object] = {}  # per step shape
+        self._out_tree = jax.tree.structure((SampleOutput(0, 0, 0, 0), self.cache, self.penalty, self.sampled))
+
         self._logits = jax.jit(self._logits_fn, donate_argnums=(1,))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
         self._reset = jax.jit(reset_slot, donate_argnums=(0,))
@@ -82,12 +84,32 @@ class ModelRunner:
 
     def step(self, batch: Batch, sampling: SamplingArrays) -> SampleOutput:
         """Run one step (asynchronously); returns the device-side samples."""
+        args = self._args(batch, sampling)
+        out, self.cache, self.penalty, self.sampled = self._executable(args)(*args)
+        return out
+
+    def prepare(self, batch: Batch, sampling: SamplingArrays) -> None:
+        """Make the executable of this step's shape ready (load or compile it) without running it."""
+        self._executable(self._args(batch, sampling))
+
+    def _args(self, batch: Batch, sampling: SamplingArrays) -> tuple:
         if batch.logits_indices.shape[0] > self.max_rows:
             raise ValueError(f"{batch.logits_indices.shape[0]} logits rows > max_rows {self.max_rows}")
         batch, sampling = self._put((batch, sampling))
-        out, self.cache, self.penalty, self.sampled = self._step(
-            self.state, self.cache, self.penalty, self.sampled, batch, sampling)
-        return out
+        return self.state, self.cache, self.penalty, self.sampled, batch, sampling
+
+    def _executable(self, args: tuple):
+        batch = args[4]
+        shape = (batch.decode_rows, batch.max_q_len, batch.tokens.shape[0], batch.kv_lens.shape[0],
+                 batch.page_table.shape[1], batch.block_tokens.shape[0], batch.logits_indices.shape[0])
+        exe = self._executables.get(shape)
+        if exe is None:
+            # What the executable depends on beyond its arguments (see compilations.load_or_compile).
+            identity = repr((self.cfg, self.attention_impl or attention.get_implementation(), self.mesh.axis_names,
+                             self.mesh.devices.shape, self.max_model_len, MAX_LOGPROBS))
+            exe = self._executables[shape] = compilations.load_or_compile(
+                self._step_fn, args, self._out_tree, (1, 2, 3), identity)
+        return exe
 
     def logits(self, batch: Batch) -> jax.Array:
         """Float32 logits [R, V] at batch.logits_indices, writing the batch's K/V (no sampling)."""

@@ -14,7 +14,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -48,7 +47,7 @@ def main() -> None:
     for label, impl, temp in [("xla attention, greedy", "xla", 0.0), ("xla attention, temperature 1", "xla", 1.0),
                               ("reference attention, greedy", "reference", 0.0)]:
         attention.set_implementation(impl)
-        runner._step = jax.jit(runner._step_fn, donate_argnums=(1, 2, 3))  # retrace with this impl
+        runner._executables.clear()  # retrace with this impl
         sp = SamplingParams(temperature=temp, max_tokens=1)
         arrays = SamplingArrays.from_rows([Row(sp, 1, ctx)] * rows, rows, 8)
         try:

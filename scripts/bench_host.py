@@ -1,0 +1,137 @@
+"""Host work per engine step, with the device out of the picture.
+
+The real engine (scheduler, page pool, step packing, sampling arrays, read-back,
+detokenization and stop checks, streamed outputs) runs against a device step that
+returns at once with random tokens, so every microsecond measured is host work that
+a real step would have to hide behind the device. Decode steps only: all sequences
+are running and prefilled before the clock starts.
+
+    python scripts/bench_host.py                      # 1, 64 and 256 running sequences
+    python scripts/bench_host.py --running 64 --steps 500 --profile
+
+The tokenizer is the default model's (a 49k BPE vocabulary, fetched once) when it is
+available, else the tests' byte tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import pathlib
+import pstats
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import numpy as np  # noqa: E402
+
+PROMPT_TOKENS = 32
+MAX_MODEL_LEN = 2048
+
+
+class InstantDevice:
+    """Stands in for the ModelRunner: a step 'computes' at once and samples random tokens."""
+
+    def __init__(self, vocab: int, num_top: int, seed: int = 0):
+        self.vocab, self.num_top = vocab, num_top
+        self.rng = np.random.default_rng(seed)
+
+    def step(self, batch, arrays):
+        from jaxinfer.sampling import SampleOutput
+        rows = arrays.temperature.shape[0]
+        return SampleOutput(tokens=self.rng.integers(100, self.vocab, rows, dtype=np.int32),
+                            logprobs=np.full(rows, -1.0, np.float32),
+                            top_ids=np.zeros((rows, self.num_top), np.int32),
+                            top_logprobs=np.zeros((rows, self.num_top), np.float32))
+
+    def copy_pages(self, pairs):
+        pass
+
+    def reset_penalty_slot(self, slot, tokens, prompt_len):
+        pass
+
+
+def tokenizer():
+    try:
+        from checkpoints.default_model import default_model_path
+        from jaxinfer.tokenizer import Tokenizer
+        return Tokenizer.from_gguf_file(default_model_path(progress=False)), "SmolLM2 (49,152 tokens)"
+    except Exception as e:  # offline and not cached
+        from engine_fixtures import byte_tokenizer
+        return byte_tokenizer(), f"byte tokenizer (default model unavailable: {e})"
+
+
+def engine_for(running: int, tok):
+    import jax.numpy as jnp
+
+    from checkpoints import loader
+    from jaxinfer.engine import Engine, EngineConfig
+    from jaxinfer.core.sampling_params import MAX_LOGPROBS
+    from jaxinfer.sharding import make_mesh
+
+    mesh = make_mesh()
+    model = loader.load(ROOT / "tests" / "data" / "hf_tiny" / "llama_gqa", dtype=jnp.float32, mesh=mesh,
+                        progress=False)
+    model = dataclasses.replace(model, tokenizer=tok)
+    pages = running * (MAX_MODEL_LEN // 16 + 1) + 1
+    config = EngineConfig(max_num_seqs=max(running, 2), max_num_batched_tokens=max(512, running),
+                          max_model_len=MAX_MODEL_LEN, num_pages=pages, enable_prefix_caching=True)
+    engine = Engine(model, mesh, config)
+    engine.runner = InstantDevice(tok.vocab_size, MAX_LOGPROBS)
+    return engine
+
+
+def measure(running: int, steps: int, tok, profile: bool) -> dict:
+    from jaxinfer.core.sampling_params import SamplingParams
+
+    engine = engine_for(running, tok)
+    rng = np.random.default_rng(1)
+    for i in range(running):
+        sampled = i % 2 == 1  # half greedy, half sampled with top-p and a seed
+        params = SamplingParams(max_tokens=MAX_MODEL_LEN - PROMPT_TOKENS, ignore_eos=True,
+                                temperature=0.8 if sampled else 0.0, top_p=0.95, seed=i,
+                                stop=["\n\n\n\n"] if i % 4 == 0 else None)
+        prompt = rng.integers(100, engine.vocab_size, PROMPT_TOKENS).tolist()  # the tiny model's vocabulary
+        engine.add_request(f"r{i}", prompt, params, stream=True)
+    while engine.scheduler.waiting or any(s.remaining > 1 for s in engine.scheduler.running):
+        engine.step()  # admit and prefill everyone
+    for _ in range(5):
+        engine.step()
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    took = time.perf_counter() - t
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+    assert engine.num_running == running, (engine.num_running, running)
+    return {"running": running, "us_per_step": took / steps * 1e6, "us_per_seq": took / steps / running * 1e6}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--running", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--profile", action="store_true", help="cProfile the timed steps (to stderr)")
+    args = p.parse_args()
+    tok, tok_name = tokenizer()
+    print(f"# python scripts/bench_host.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"# decode steps against an instant device; tokenizer: {tok_name}; streamed outputs")
+    print("| running sequences | host µs / step | µs / sequence | goal (issue 11) |")
+    print("|---:|---:|---:|---:|")
+    goals = {64: "≤ 300", 256: "≤ 1,000"}
+    for running in args.running:
+        r = measure(running, args.steps, tok, args.profile)
+        print(f"| {running} | {r['us_per_step']:,.0f} | {r['us_per_seq']:,.1f} | {goals.get(running, '')} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

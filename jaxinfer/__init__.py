@@ -1,14 +1,15 @@
 """jaxinfer: a JAX/XLA inference engine for large language models."""
 
+import importlib
+
 __all__ = ["LLM", "SamplingParams"]
+
+# Imported on first use, so `import jaxinfer` (and with it jaxinfer.core and the gRPC client)
+# stays light: only LLM brings in jax.
+_LAZY = {"LLM": "jaxinfer.llm", "SamplingParams": "jaxinfer.core.sampling_params"}
 
 
 def __getattr__(name):
-    # Imported on first use so `import jaxinfer` (and the gRPC client) stays light.
-    if name == "LLM":
-        from jaxinfer.llm import LLM
-        return LLM
-    if name == "SamplingParams":
-        from jaxinfer.core.sampling_params import SamplingParams
-        return SamplingParams
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")

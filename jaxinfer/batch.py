@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxinfer.core.shapes import NULL_PAGE, BatchShape, SeqWork
 
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Batch:

@@ -40,9 +40,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 
+from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.errors import InputError
 from jaxinfer.outputs import PositionLogprobs, RequestOutput
-from jaxinfer.core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

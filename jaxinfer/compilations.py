@@ -1,9 +1,9 @@
 """XLA compilations: counted, so tests (and the engine's metrics) can prove that
 nothing compiles after warm-up; and cached on disk, so a restart warms up fast:
-XLA's persistent cache for every jitted function, and whole step executables
-(`load_or_compile`), which also skip tracing and lowering.
+XLA's persistent cache for every compile, and each step shape kept lowered
+(`load_or_compile`), so a restart also skips tracing and lowering.
 
-The count includes executables loaded from either cache: either way the step had
+The count includes executables loaded from XLA's cache: either way the step had
 to be prepared after warm-up, which is what the count guards against."""
 
 from __future__ import annotations
@@ -20,14 +20,10 @@ _installed = False
 
 
 def _listener(event: str, duration: float, **_) -> None:
-    if event == _EVENT:
-        _counted()
-
-
-def _counted() -> None:
     global _count
-    with _lock:
-        _count += 1
+    if event == _EVENT:
+        with _lock:
+            _count += 1
 
 
 def install() -> None:
@@ -117,9 +113,9 @@ def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identit
 
     log = logging.getLogger(__name__)
     leaves, in_tree = jax.tree.flatten(args)
-    sizes = [len(jax.tree.leaves(a)) for a in args]
-    flat_donate, k = [], 0
-    for i, n in enumerate(sizes):
+    flat_donate, k = [], 0  # donate_argnums over the flat leaves
+    for i, arg_tree in enumerate(in_tree.children()):
+        n = arg_tree.num_leaves
         if i in donate_argnums:
             flat_donate.extend(range(k, k + n))
         k += n

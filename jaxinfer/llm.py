@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from checkpoints import loader
+from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.errors import InputError
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.sharding import make_mesh
 
 log = logging.getLogger(__name__)

@@ -69,8 +69,8 @@ def engine_for(running: int, tok):
     import jax.numpy as jnp
 
     from checkpoints import loader
-    from jaxinfer.engine import Engine, EngineConfig
     from jaxinfer.core.sampling_params import MAX_LOGPROBS
+    from jaxinfer.engine import Engine, EngineConfig
     from jaxinfer.sharding import make_mesh
 
     mesh = make_mesh()

@@ -212,10 +212,10 @@ def decode(args, results: dict) -> None:
 
 def e2e(args, results: dict) -> None:
     from jaxinfer import params as params_lib
-    from jaxinfer.core.shapes import BatchShape, SeqWork
     from jaxinfer.batch import build
-    from jaxinfer.runner import ModelRunner
     from jaxinfer.core.sampling_params import SamplingParams
+    from jaxinfer.core.shapes import BatchShape, SeqWork
+    from jaxinfer.runner import ModelRunner
     from jaxinfer.sampling import Row, SamplingArrays
     from jaxinfer.sharding import make_mesh
     from scripts.bench_throughput import LLAMA3_8B

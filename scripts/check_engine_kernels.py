@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 from checkpoints.loader import LoadedModel  # noqa: E402
 from jaxinfer import params as params_lib  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
+from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.runner import ModelRunner  # noqa: E402
-from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 from tests.paged_runs import teacher_forced_logits  # noqa: E402
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.errors import InputError
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.core.sampling_params import SamplingParams
 from serving.gen.jaxinfer.v1 import inference_pb2 as pb
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens",

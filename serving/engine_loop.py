@@ -19,10 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.engine import Engine
 from jaxinfer.errors import JaxinferError
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

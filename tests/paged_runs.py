@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket
 from jaxinfer.batch import build
 from jaxinfer.core.page_pool import PagePool
-from jaxinfer.core.shapes import pages_needed
+from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket, pages_needed
 from jaxinfer.runner import ModelRunner
 
 

@@ -12,8 +12,8 @@ import pytest
 from jax import export
 
 from jaxinfer import attention, attention_xla
-from jaxinfer.core.shapes import BatchShape, SeqWork
 from jaxinfer.batch import build
+from jaxinfer.core.shapes import BatchShape, SeqWork
 from pallas_kernels.paged_attention import reference
 
 _STATIC = ("sm_scale", "sliding_window", "soft_cap")

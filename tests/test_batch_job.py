@@ -18,8 +18,8 @@ from tokenizers import decoders, models, pre_tokenizers
 from engine_fixtures import tiny_llm
 from jaxinfer.batch_job import run_batch
 from jaxinfer.cli import _batch_defaults, build_parser
-from jaxinfer.errors import InputError
 from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.errors import InputError
 
 PROMPT_KEYS = {"prompt": "prompt", "messages": "messages", "token_ids": "prompt_token_ids"}
 

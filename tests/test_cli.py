@@ -12,8 +12,8 @@ import pytest
 
 from checkpoints import loader
 from engine_fixtures import byte_level_backend
-from jaxinfer.llm import LLM
 from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.llm import LLM
 from jaxinfer.sharding import make_mesh
 
 

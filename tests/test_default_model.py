@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
+from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.llm import LLM
 from jaxinfer.runner import ModelRunner
-from jaxinfer.core.sampling_params import SamplingParams
 from tests.paged_runs import teacher_forced_logits
 
 pytestmark = pytest.mark.default_model

@@ -7,8 +7,8 @@ import pytest
 
 from engine_fixtures import random_prompts, run_alone, run_arriving, tiny_llm
 from jaxinfer import compilations
-from jaxinfer.errors import InputError
 from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engine_fixtures import random_prompts, tiny_llm
-from jaxinfer.errors import InputError
 from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.errors import InputError
 
 
 @pytest.fixture(scope="module")

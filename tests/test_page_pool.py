@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from jaxinfer.core.shapes import NULL_PAGE
 from jaxinfer.core.page_pool import PagePool, chain_hashes
+from jaxinfer.core.shapes import NULL_PAGE
 
 PS = 4  # page size for the unit tests
 

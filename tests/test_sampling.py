@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.errors import InputError
 from jaxinfer.core.sampling_params import MAX_LOGPROBS, SamplingParams, seed_for
+from jaxinfer.errors import InputError
 from jaxinfer.sampling import PenaltyState, Row, SamplingArrays, apply_penalties, reset_slot, sample
 
 # One shape for every device test, so each function compiles once.

@@ -20,8 +20,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine_fixtures import SMALL, byte_level_backend, byte_tokenizer, tiny_model
-from jaxinfer.llm import LLM
 from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.llm import LLM
 from jaxinfer.tokenizer import Tokenizer
 from serving.gen.jaxinfer.v1 import inference_pb2 as pb
 from serving.gen.jaxinfer.v1 import inference_pb2_grpc as pb_grpc

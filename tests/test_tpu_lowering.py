@@ -11,15 +11,14 @@ from jax import export
 
 from jaxinfer import attention
 from jaxinfer import params as params_lib
-from jaxinfer.config import ModelConfig
-from jaxinfer.core.shapes import SeqWork
 from jaxinfer.batch import build
-from jaxinfer.runner import ModelRunner
+from jaxinfer.config import ModelConfig
 from jaxinfer.core.sampling_params import SamplingParams
-from jaxinfer.sampling import Row, SamplingArrays
 from jaxinfer.core.scheduler import SchedulerConfig
+from jaxinfer.core.shapes import SeqWork
+from jaxinfer.runner import ModelRunner
+from jaxinfer.sampling import Row, SamplingArrays
 from jaxinfer.sharding import make_mesh
-
 
 # Small, but with head_dim 128 so the Mosaic TPU attention kernel takes it.
 SMALL_128 = ModelConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,

@@ -20,11 +20,10 @@ import dataclasses
 import time
 from collections.abc import Iterator
 
-from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket
 from jaxinfer.core.page_pool import PagePool, chain_hashes
-from jaxinfer.core.shapes import pages_needed
 from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.core.sampling_params import seed_for
+from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket, pages_needed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,19 @@
 """The engine: requests in, tokens out, one device step at a time.
 
-    add_request() ──▶ Scheduler ──▶ build Batch + SamplingArrays ──▶ runner.step (async)
-                                                                          │
-    step() returns finished (and streamed) RequestOutputs ◀── read back ◀─┘
+    add_request() ──▶ Scheduler.schedule() ──▶ StepInputs (one buffer) ──▶ runner.step (async)
+                                                                                │
+    step() returns outputs ◀── OutputProcessor (own thread) ◀── Scheduler.update() ◀── read back
 
 The host runs one step ahead: `step()` schedules and dispatches step N, then
 reads step N-1's tokens (which blocks only until N-1 is done, while N is
 already queued on the device). Sequences in N-1 that sampled feed their new
 token into N straight from the device; the scheduler counts it as pending.
 A sequence that finishes in N-1 was already given a slot in N: that step's
-token for it is dropped (its `epoch` moved on).
+token for it is dropped (its SeqTable row changed occupant).
+
+Per step the step thread does array work only (schedule, pack, append tokens,
+check stop ids and lengths); detokenization, stop strings, logprobs and the
+outputs themselves are the output processor's, on its own thread.
 """
 
 from __future__ import annotations
@@ -26,17 +30,17 @@ from jax.sharding import Mesh
 
 from checkpoints.loader import LoadedModel
 from jaxinfer import attention, compilations, kv_cache
-from jaxinfer.batch import build
-from jaxinfer.core.request import Request, Sequence, Status
+from jaxinfer.core.request import Request
 from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from jaxinfer.core.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from jaxinfer.core.shapes import next_bucket, pages_needed
 from jaxinfer.errors import ConfigError, InputError
 from jaxinfer.metrics import EngineMetrics, percentiles
 from jaxinfer.models import family
-from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxinfer.runner import ModelRunner
-from jaxinfer.sampling import Row, SamplingArrays
+from jaxinfer.output_processor import AbortRecord, OutputProcessor, StepRecord
+from jaxinfer.outputs import RequestOutput
+from jaxinfer.runner import ModelRunner, StepOutput
+from jaxinfer.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +91,7 @@ class EngineConfig:
 @dataclasses.dataclass
 class _InFlight:
     step: ScheduledStep
-    rows: list[list[int]]  # per item (decode first, then prefill): its logits rows
-    out: object  # SampleOutput on the device
+    out: object  # StepOutput on the device
     want_top: bool
 
 
@@ -116,7 +119,8 @@ class Engine:
                 max_model_len=self.max_model_len, page_size=config.page_size, block_q=config.block_q,
                 prompt_logprob_rows=config.prompt_logprob_rows,
                 enable_prefix_caching=config.enable_prefix_caching,
-                decode_sizes=tuple(config.decode_sizes), prefill_sizes=tuple(config.prefill_sizes))
+                decode_sizes=tuple(config.decode_sizes), prefill_sizes=tuple(config.prefill_sizes),
+                stop_width=self.ban_width)
         except ValueError as e:
             raise ConfigError(f"invalid engine configuration: {e}") from None
         max_rows = max(s.num_rows for s in probe.all_shapes())
@@ -131,12 +135,12 @@ class Engine:
                                   attention_impl=config.attention)
         log.info("KV cache: %d pages of %d tokens (%.2f GiB); max_model_len %d",
                  num_pages, config.page_size, num_pages * spec.bytes_per_page / 2**30, self.max_model_len)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # until their final output is made
         self.metrics = EngineMetrics()
         self._arrivals = itertools.count()
         self._inflight: _InFlight | None = None
         self._streamed: set[str] = set()
-        self._aborted: list[RequestOutput] = []
+        self.outputs = OutputProcessor(self.tokenizer, self.requests, self._streamed, self.metrics)
         compilations.install()
 
     def _pool_size(self, bytes_per_page: int, probe: SchedulerConfig) -> int:
@@ -180,9 +184,9 @@ class Engine:
     def _make_request(self, request_id, prompt_token_ids, params, prompt, priority) -> Request:
         if not isinstance(request_id, str) or not request_id:
             raise InputError(f"request id must be a non-empty string, got {request_id!r}")
-        # An aborted request's last output is still to come from the next step(): its id stays
+        # An aborted request's last output is still to come from a later step(): its id stays
         # taken until then, so that output can never be mistaken for a newcomer's.
-        if request_id in self.requests or any(o.request_id == request_id for o in self._aborted):
+        if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InputError(f"priority must be an integer, got {priority!r}")
@@ -232,19 +236,14 @@ class Engine:
         return [int(t) for t in ids]
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now; its output (finish reason "abort") comes from the next step()."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
+        """Stop a request now; its output (finish reason "abort") comes from a later step()."""
+        request = self.requests.get(request_id)
+        if request is None or request.aborted:
             return False
-        for seq in request.sequences:
-            if seq.status is not Status.FINISHED:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
-        self._streamed.discard(request_id)
-        request.finished_time = time.monotonic()
-        output = self._output(request, finished=True)
-        self.metrics.observe_request(output)
-        self._aborted.append(output)
+        request.aborted = True
+        for seq in list(request.sequences):
+            self.scheduler.finish(seq, "abort")
+        self.outputs.submit(AbortRecord(request, time.monotonic()))
         return True
 
     def set_prefix_caching(self, enabled: bool) -> None:
@@ -258,7 +257,8 @@ class Engine:
         self.scheduler.pool.enable_prefix_caching = enabled
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or self._inflight is not None or bool(self._aborted)
+        return (bool(self.requests) or self._inflight is not None or self.scheduler.has_work()
+                or self.outputs.busy)
 
     @property
     def num_running(self) -> int:
@@ -296,15 +296,18 @@ class Engine:
     # ---- the step loop ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Dispatch the next step, then read back the previous one. Returns the requests that
-        finished (and, for streamed requests, those with new tokens)."""
-        outputs, self._aborted = self._aborted, []
+        """Dispatch the next step, then read back the previous one. Returns the outputs made
+        since the last call: finished requests, and streamed ones with new tokens."""
+        for seq in self.outputs.take_stops():  # stop strings the output processor found
+            self.scheduler.finish(seq, "stop", seq.output.stop_reason)
         scheduled = self.scheduler.schedule()
         dispatched = self._dispatch(scheduled) if scheduled is not None else None
         if self._inflight is not None:
-            outputs += self._read_back(self._inflight)
+            self._read_back(self._inflight)
         self._inflight = dispatched
-        return outputs
+        if dispatched is None:
+            self.outputs.wait(timeout=1.0)  # nothing on the device: let the outputs catch up
+        return self.outputs.take_outputs()
 
     def _dispatch(self, step: ScheduledStep) -> _InFlight:
         runner = self.runner
@@ -312,161 +315,26 @@ class Engine:
             runner.copy_pages(step.page_copies)
         for slot, tokens, prompt_len in step.slot_resets:
             runner.reset_penalty_slot(slot, tokens, prompt_len)
-        items = list(step.items)
-        batch, rows = build(step.shape, [i.work for i in step.decode], [i.work for i in step.prefill],
-                            self.sched_config.page_size)
-        sampling_rows: list[Row | None] = [None] * step.shape.num_rows
-        want_top = False
-        now = time.monotonic()
-        for item, item_rows in zip(items, rows):
-            seq, req = item.seq, item.seq.request
-            p = req.params
-            for position, row in zip(item.prompt_positions, item_rows):
-                top = bool(p.prompt_logprobs)
-                sampling_rows[row] = Row(p, seq.seed, position, target=req.prompt_token_ids[position + 1],
-                                         want_top=top)
-                want_top |= top
-            if item.samples:
-                row = item_rows[-1]
-                position = item.work.start + len(item.work.token_ids)  # of the token being sampled
-                banned = ()
-                if position - seq.prompt_len < p.min_tokens:
-                    banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
-                top = bool(p.logprobs)
-                sampling_rows[row] = Row(p, seq.seed, position, penalty_slot=seq.penalty_slot,
-                                         banned=banned, want_top=top)
-                want_top |= top
-                seq.pending += 1
-                seq.pending_row = row
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-        arrays = SamplingArrays.from_rows(sampling_rows, step.shape.num_rows, self.ban_width)
-        out = runner.step(batch, arrays)
+        inputs = self.inputs(step)
+        out = runner.step(inputs)
         self.metrics.steps += 1
         self.metrics.computed_tokens += step.num_tokens
-        return _InFlight(step, rows, out, want_top)
+        return _InFlight(step, out, bool(step.logits.want_top.any()))
 
-    def _read_back(self, inflight: _InFlight) -> list[RequestOutput]:
+    def inputs(self, step: ScheduledStep) -> StepInputs:
+        """The step's inputs as one value, from the scheduler's decision alone."""
+        return StepInputs.from_step(step, self.ban_width, self.sched_config.page_size)
+
+    def _read_back(self, inflight: _InFlight) -> None:
         out = inflight.out
-        fetch = [out.tokens, out.logprobs]
         if inflight.want_top:
-            fetch += [out.top_ids, out.top_logprobs]
-        host = jax.device_get(fetch)
-        tokens, logprobs = host[0], host[1]
-        top_ids, top_lps = (host[2], host[3]) if inflight.want_top else (None, None)
+            packed, top_ids, top_lps = jax.device_get([out.packed, out.top_ids, out.top_logprobs])
+        else:
+            packed, top_ids, top_lps = jax.device_get(out.packed), None, None
+        tokens, logprobs = StepOutput.split(np.asarray(packed))
         now = time.monotonic()
-        touched: dict[str, Request] = {}
-        for item, item_rows in zip(inflight.step.items, inflight.rows):
-            seq = item.seq
-            if seq.epoch != item.epoch or seq.status is Status.FINISHED:
-                continue  # preempted, finished or aborted since: this output is stale
-            req = seq.request
-            k = req.params.prompt_logprobs or 0
-            for position, row in zip(item.prompt_positions, item_rows):
-                if position == len(req.prompt_logprobs):
-                    target = req.prompt_token_ids[position + 1]
-                    req.prompt_logprobs.append(self._logprob_entry(
-                        target, logprobs[row], top_ids, top_lps, row, k))
-            if item.samples:
-                token = int(tokens[item_rows[-1]])
-                seq.pending -= 1
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                entry = None
-                if req.params.logprobs is not None:
-                    entry = self._logprob_entry(token, logprobs[item_rows[-1]], top_ids, top_lps,
-                                                item_rows[-1], req.params.logprobs)
-                self._append(seq, token, float(logprobs[item_rows[-1]]), entry)
-                touched[req.request_id] = req
-        results = []
-        for req in touched.values():
-            if req.finished:
-                req.finished_time = now
-                output = self._output(req, finished=True)
-                del self.requests[req.request_id]
-                self._streamed.discard(req.request_id)
-                self.metrics.observe_request(output)
-                results.append(output)
-            elif req.request_id in self._streamed:
-                results.append(self._output(req, finished=False))
-        return results
-
-    def _logprob_entry(self, token, logprob, top_ids, top_lps, row, k) -> dict[int, Logprob]:
-        entry = {}
-        if k and top_ids is not None:
-            for rank, (t, lp) in enumerate(zip(top_ids[row, :k], top_lps[row, :k]), 1):
-                entry[int(t)] = Logprob(float(lp), rank, self._token_text(int(t)))
-        if token not in entry:
-            entry = {token: Logprob(float(logprob), None, self._token_text(token)), **entry}
-        return entry
-
-    def _token_text(self, token: int) -> str | None:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
-
-    # ---- per-token bookkeeping: text, stops ----------------------------------------------------
-
-    def _append(self, seq: Sequence, token: int, logprob: float, entry) -> None:
-        req, p = seq.request, seq.request.params
-        seq.tokens.append(token)
-        seq.cumulative_logprob += logprob
-        if entry is not None:
-            seq.logprobs.append(entry)
-        self.metrics.generation_tokens += 1
-        n_out = seq.num_output_tokens
-        if self.tokenizer is not None:
-            if seq.decoder is None:
-                seq.decoder = self.tokenizer.stream_decoder(skip_special_tokens=p.skip_special_tokens)
-            before = len(seq.text)
-            seq.text += seq.decoder.push(token)
-            if p.stop and n_out >= p.min_tokens and self._match_stop(seq, before):
-                return self._finish(seq, "stop", flush=False)
-        if not p.ignore_eos and token in req.eos_token_ids and n_out > p.min_tokens:
-            seq.stop_reason = None
-            return self._finish(seq, "stop")
-        if token in p.stop_token_ids and n_out > p.min_tokens:
-            seq.stop_reason = token
-            return self._finish(seq, "stop")
-        if n_out >= req.max_tokens or len(seq.tokens) >= self.max_model_len:
-            return self._finish(seq, "length")
-
-    def _match_stop(self, seq: Sequence, before: int) -> bool:
-        """Find the earliest stop string that the new text completes; cut the text there."""
-        p = seq.request.params
-        longest = max(len(s) for s in p.stop)
-        lo = max(0, before - longest + 1)
-        best = None
-        for s in p.stop:
-            i = seq.text.find(s, lo)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return False
-        i, s = best
-        seq.text = seq.text[:i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
-        seq.stop_reason = s
-        return True
-
-    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
-        if flush and seq.decoder is not None:
-            seq.text += seq.decoder.flush()
-        seq.finish_reason = reason
-        self.scheduler.finish(seq)
-
-    def _output(self, req: Request, finished: bool) -> RequestOutput:
-        outs = []
-        for seq in req.sequences:
-            outs.append(CompletionOutput(
-                index=seq.index, text=seq.text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        prompt_logprobs = None
-        if req.params.prompt_logprobs is not None:
-            prompt_logprobs = [None] + list(req.prompt_logprobs)
-        metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
-                                 req.finished_time, sum(s.num_preemptions for s in req.sequences))
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), prompt_logprobs,
-                             outs, finished, metrics, req.num_cached_tokens)
+        update = self.scheduler.update(inflight.step, tokens)
+        self.outputs.submit(StepRecord(update, logprobs, top_ids, top_lps, inflight.step.prompt_scores, now))
 
     # ---- warm-up ------------------------------------------------------------------------------
 
@@ -478,9 +346,7 @@ class Engine:
         shapes = self.sched_config.all_shapes()
         bar = _progress(len(shapes) + 2, "compiling", progress)
         for shape in shapes:
-            batch, _ = build(shape, [], [], self.sched_config.page_size)
-            arrays = SamplingArrays.from_rows([], shape.num_rows, self.ban_width)
-            self.runner.prepare(batch, arrays)  # load or compile; nothing runs
+            self.runner.prepare(StepInputs.empty(shape, self.ban_width))
             bar.update(1)
         self.runner.copy_pages([(0, 0)])
         bar.update(1)

@@ -25,7 +25,8 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.core.sampling_params import MAX_LOGPROBS
 from jaxinfer.errors import ConfigError
 from jaxinfer.models import family
-from jaxinfer.sampling import PenaltyState, SampleOutput, SamplingArrays, reset_slot, sample
+from jaxinfer.sampling import PenaltyState, reset_slot, sample
+from jaxinfer.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class ModelRunner:
         self.penalty = jax.device_put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
         self.sampled = jax.device_put(np.zeros(max_rows, np.int32), self.replicated)
         self._executables: dict[tuple, object] = {}  # per step shape
-        self._out_tree = jax.tree.structure((SampleOutput(0, 0, 0, 0), self.cache, self.penalty, self.sampled))
+        self._out_tree = jax.tree.structure((StepOutput(0, 0, 0), self.cache, self.penalty, self.sampled))
 
         self._logits = jax.jit(self._logits_fn, donate_argnums=(1,))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
@@ -70,11 +71,14 @@ class ModelRunner:
         with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
             return model(dataclasses.replace(batch, tokens=tokens), cache)
 
-    def _step_fn(self, state, cache, penalty, sampled, batch: Batch, sampling: SamplingArrays):
+    def _step_fn(self, state, cache, penalty, sampled, inputs: StepInputs):
+        batch, sampling = inputs.unpack()
         logits, cache = self._forward(state, cache, batch, sampled)
         out, penalty = sample(logits, sampling, penalty, num_top=MAX_LOGPROBS)
         sampled = jnp.zeros_like(sampled).at[:out.tokens.shape[0]].set(out.tokens)
-        return out, cache, penalty, sampled
+        # Tokens and their logprobs come back to the host as one array.
+        packed = jnp.concatenate([out.tokens, jax.lax.bitcast_convert_type(out.logprobs, jnp.int32)])
+        return StepOutput(packed, out.top_ids, out.top_logprobs), cache, penalty, sampled
 
     def _logits_fn(self, state, cache, batch: Batch, sampled):
         return self._forward(state, cache, batch, sampled)
@@ -82,26 +86,25 @@ class ModelRunner:
     def _put(self, tree):
         return jax.device_put(tree, self.replicated)
 
-    def step(self, batch: Batch, sampling: SamplingArrays) -> SampleOutput:
+    def step(self, inputs: StepInputs) -> StepOutput:
         """Run one step (asynchronously); returns the device-side samples."""
-        args = self._args(batch, sampling)
+        args = self._args(inputs)
         out, self.cache, self.penalty, self.sampled = self._executable(args)(*args)
         return out
 
-    def prepare(self, batch: Batch, sampling: SamplingArrays) -> None:
+    def prepare(self, inputs: StepInputs) -> None:
         """Make the executable of this step's shape ready (load or compile it) without running it."""
-        self._executable(self._args(batch, sampling))
+        self._executable(self._args(inputs))
 
-    def _args(self, batch: Batch, sampling: SamplingArrays) -> tuple:
-        if batch.logits_indices.shape[0] > self.max_rows:
-            raise ValueError(f"{batch.logits_indices.shape[0]} logits rows > max_rows {self.max_rows}")
-        batch, sampling = self._put((batch, sampling))
-        return self.state, self.cache, self.penalty, self.sampled, batch, sampling
+    def _args(self, inputs: StepInputs) -> tuple:
+        if inputs.shape.num_rows > self.max_rows:
+            raise ValueError(f"{inputs.shape.num_rows} logits rows > max_rows {self.max_rows}")
+        inputs = dataclasses.replace(inputs, buffer=self._put(inputs.buffer))  # the one transfer
+        return self.state, self.cache, self.penalty, self.sampled, inputs
 
     def _executable(self, args: tuple):
-        batch = args[4]
-        shape = (batch.decode_rows, batch.max_q_len, batch.tokens.shape[0], batch.kv_lens.shape[0],
-                 batch.page_table.shape[1], batch.block_tokens.shape[0], batch.logits_indices.shape[0])
+        inputs = args[4]
+        shape = (inputs.shape, inputs.ban_width)
         exe = self._executables.get(shape)
         if exe is None:
             # What the executable depends on beyond its arguments (see compilations.load_or_compile).
@@ -132,6 +135,23 @@ class ModelRunner:
         ids[:len(tokens)] = tokens
         is_output = np.arange(self.max_model_len) >= prompt_len
         self.penalty = self._reset(self.penalty, *self._put((np.int32(slot), ids, is_output)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What a step gives back: `packed` i32 [2R] holds the sampled tokens, then their
+    logprobs' float32 bits (one read-back); the top-n arrays as in SampleOutput."""
+
+    packed: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+    @staticmethod
+    def split(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, logprobs) of a packed array read back to the host."""
+        rows = packed.shape[0] // 2
+        return packed[:rows], packed[rows:].view(np.float32)
 
 
 def _copy_pages(cache: kv_cache.KVCache, src: jax.Array, dst: jax.Array) -> kv_cache.KVCache:

@@ -283,7 +283,8 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         tok = self._tok
-        (token_id,) = tok._check_ids([token_id])
+        if not isinstance(token_id, int) or not 0 <= token_id < tok.vocab_size:
+            (token_id,) = tok._check_ids([token_id])
         if tok._token_bytes is None:
             self._ids.append(token_id)
             text = tok.decode(self._ids, self._skip)

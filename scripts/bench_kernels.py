@@ -212,7 +212,7 @@ def decode(args, results: dict) -> None:
 
 def e2e(args, results: dict) -> None:
     from jaxinfer import params as params_lib
-    from jaxinfer.batch import build
+    from jaxinfer.step_inputs import build
     from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.core.shapes import BatchShape, SeqWork
     from jaxinfer.runner import ModelRunner

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from jaxinfer import attention, params as params_lib  # noqa: E402
 from jaxinfer.core.shapes import BatchShape, SeqWork  # noqa: E402
-from jaxinfer.batch import build  # noqa: E402
+from jaxinfer.step_inputs import build  # noqa: E402
 from jaxinfer.runner import ModelRunner  # noqa: E402
 from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.sampling import Row, SamplingArrays  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer.batch import build
+from jaxinfer.step_inputs import build
 from jaxinfer.core.page_pool import PagePool
 from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket, pages_needed
 from jaxinfer.runner import ModelRunner

@@ -12,7 +12,7 @@ import pytest
 from jax import export
 
 from jaxinfer import attention, attention_xla
-from jaxinfer.batch import build
+from jaxinfer.step_inputs import build
 from jaxinfer.core.shapes import BatchShape, SeqWork
 from pallas_kernels.paged_attention import reference
 

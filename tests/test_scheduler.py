@@ -7,7 +7,7 @@ sampling item and reads it back one step late, as the engine does.
 import numpy as np
 import pytest
 
-from jaxinfer.batch import build
+from jaxinfer.step_inputs import StepInputs
 from jaxinfer.core.request import Request, Status
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.core.scheduler import Scheduler, SchedulerConfig
@@ -32,22 +32,10 @@ class Sim:
         step = self.s.schedule()
         if step is not None:
             # The batch must pack without error for the picked shape.
-            build(step.shape, [i.work for i in step.decode], [i.work for i in step.prefill],
-                  self.cfg.page_size)
-            for item in step.items:
-                if item.samples:
-                    item.seq.pending += 1
-                    item.seq.pending_row = 0
+            StepInputs.from_step(step, self.cfg.stop_width, self.cfg.page_size)
             self.steps.append(step)
         if self.inflight is not None:
-            for item in self.inflight.items:
-                seq = item.seq
-                if seq.epoch != item.epoch or seq.status is Status.FINISHED or not item.samples:
-                    continue
-                seq.pending -= 1
-                seq.tokens.append(7)
-                if seq.num_output_tokens >= seq.request.max_tokens:
-                    self.s.finish(seq)
+            self.s.update(self.inflight, np.full(self.inflight.shape.num_rows, 7, np.int32))
         self.inflight = step
         self.s.pool.check()
         return step
@@ -69,7 +57,7 @@ def test_every_step_respects_the_token_budget_and_rows():
     sim.run()
     for step in sim.steps:
         assert step.num_tokens <= 32
-        assert len(step.decode) <= step.shape.decode_rows
+        assert step.num_decode <= step.shape.decode_rows
         assert len(step.prefill) <= step.shape.prefill_seqs
     assert sim.s.pool.num_used_pages == 0
 
@@ -87,7 +75,7 @@ def test_a_long_prompt_is_chunked_and_never_stalls_running_decodes():
         step = sim.step()
         chunks = [len(i.work.token_ids) for i in step.prefill]
         assert all(c <= 16 for c in chunks)
-        assert any(i.seq is short.sequences[0] for i in step.decode)  # decodes every step
+        assert any(s is short.sequences[0] for s in step.decode_seqs)  # decodes every step
         decode_steps += 1
     assert decode_steps >= 6  # the 100-token prompt took several chunked steps meanwhile
 
@@ -117,7 +105,7 @@ def test_priority_orders_admission_and_preemption():
     sim.s.add(low)
     sim.s.add(high)
     step = sim.step()
-    assert [i.seq.request for i in step.items] == [high]
+    assert [s.request for s in step.seqs] == [high]
 
 
 def test_prefix_cache_hits_skip_the_shared_pages():
@@ -130,8 +118,8 @@ def test_prefix_cache_hits_skip_the_shared_pages():
     second = make_request(1, 0, prompt=system + [4, 5])
     sim.s.add(second)
     step = sim.step()
-    (item,) = list(step.items)
-    assert item.work.start == 24 and list(item.work.token_ids) == [4, 5]
+    (item,) = step.prefill
+    assert step.num_decode == 0 and item.work.start == 24 and list(item.work.token_ids) == [4, 5]
     assert second.num_cached_tokens == 24
     assert sim.s.pool.prefix_hit_tokens == 24
     sim.run()
@@ -146,7 +134,7 @@ def test_without_prefix_caching_nothing_is_reused():
     sim.run()
     sim.s.add(make_request(1, 0, prompt=system + [2]))
     step = sim.step()
-    assert next(step.items).work.start == 0
+    assert step.prefill[0].work.start == 0
 
 
 def test_n_samples_fork_after_the_prompt_and_share_its_full_pages():
@@ -155,7 +143,7 @@ def test_n_samples_fork_after_the_prompt_and_share_its_full_pages():
     req = make_request(0, 10, max_tokens=3, n=3)
     sim.s.add(req)
     first = sim.step()
-    (item,) = list(first.items)
+    (item,) = first.prefill
     assert len(item.work.token_ids) == 9 and not item.samples  # all but the last prompt token
     second = sim.step()
     assert len(req.sequences) == 3
@@ -163,8 +151,8 @@ def test_n_samples_fork_after_the_prompt_and_share_its_full_pages():
     pages = [s.pages for s in req.sequences]
     assert pages[0][:2] == pages[1][:2] == pages[2][:2]
     assert len({p[2] for p in pages}) == 3
-    assert sorted(i.seq.index for i in second.decode) == [0, 1, 2]
-    assert all(i.samples for i in second.decode)
+    assert sorted(s.index for s in second.decode_seqs) == [0, 1, 2]
+    assert len(second.sample_rows) == 3  # each samples
     sim.run()
     assert all(len(s.output_token_ids) == 3 for s in req.sequences)
     assert sim.s.pool.num_used_pages == 0
@@ -178,7 +166,7 @@ def test_a_waiting_request_is_not_admitted_without_pages():
     sim.step()
     sim.s.add(make_request(1, 8))
     step = sim.step()
-    assert all(i.seq.request is big for i in step.items) or step is None or not list(step.items)
+    assert step is None or all(s.request is big for s in step.seqs)
     sim.run()
     assert sim.s.pool.num_used_pages == 0
 

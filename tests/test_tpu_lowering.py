@@ -11,7 +11,7 @@ from jax import export
 
 from jaxinfer import attention
 from jaxinfer import params as params_lib
-from jaxinfer.batch import build
+from jaxinfer.step_inputs import build
 from jaxinfer.config import ModelConfig
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.core.scheduler import SchedulerConfig

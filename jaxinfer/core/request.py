@@ -44,9 +44,11 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+    num_prompt_scored: int = 0  # prompt positions whose logprobs a step has been given to compute
     prompt_logprobs: list = dataclasses.field(default_factory=list)  # entries for prompt tokens 1..
     sequences: list["Sequence"] = dataclasses.field(default_factory=list)
     forked: bool = False  # n > 1: the sequences exist only after the prompt is prefilled
+    aborted: bool = False
 
     def __post_init__(self):
         if self.seed is None:
@@ -71,30 +73,39 @@ class Request:
 
 
 class Sequence:
-    """One stream of tokens being generated (one of a request's n samples)."""
+    """One stream of tokens being generated (one of a request's n samples).
+
+    While it runs, its tokens and counters live in a row of the scheduler's SeqTable
+    (`table`, `row`); while it waits, its known tokens are kept here. Output state
+    (text, logprobs) belongs to the output processor."""
 
     def __init__(self, request: Request, index: int, seed: int):
         self.request = request
         self.index = index
         self.seed = seed
-        self.tokens: list[int] = list(request.prompt_token_ids)
-        self.pending = 0
-        self.pending_row = -1  # row of the pending token in the last step's sampled tokens
-        self.num_computed = 0
+        self._tokens: list[int] = list(request.prompt_token_ids)  # while not running
+        self.table = None  # SeqTable, while running
+        self.row = -1
         self.pages: list[int] = []
         self.hashes: list[bytes] = []  # chained hashes of the full pages of `tokens`
         self.num_registered = 0  # leading pages offered to the prefix cache
         self.penalty_slot = -1
         self.status = Status.WAITING
-        self.epoch = 0  # bumped on preemption/finish: outputs of older steps are stale
-        # Output, filled as tokens are read back.
-        self.text = ""
-        self.decoder = None  # the tokenizer's stream decoder, made on first use
-        self.logprobs: list[dict] = []
-        self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.output = None  # the output processor's state for this sequence
+
+    @property
+    def running(self) -> bool:
+        return self.row >= 0
+
+    @property
+    def tokens(self) -> list[int]:
+        """Known token ids: the prompt, then what was generated and read back."""
+        if self.row >= 0:
+            return self.table.tokens(self.row).tolist()
+        return self._tokens
 
     @property
     def sort_key(self) -> tuple[int, int, int]:
@@ -105,8 +116,19 @@ class Sequence:
         return self.request.prompt_len
 
     @property
+    def pending(self) -> int:
+        return int(self.table.pending[self.row]) if self.row >= 0 else 0
+
+    @property
+    def num_computed(self) -> int:
+        return int(self.table.num_computed[self.row]) if self.row >= 0 else 0
+
+    @property
     def num_tokens(self) -> int:
-        return len(self.tokens) + self.pending
+        """Known tokens plus the pending one."""
+        if self.row >= 0:
+            return int(self.table.num_tokens[self.row] + self.table.pending[self.row])
+        return len(self._tokens)
 
     @property
     def num_output_tokens(self) -> int:
@@ -136,5 +158,4 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request.request_id}#{self.index}, {self.status.value}, "
-                f"tokens={len(self.tokens)}+{self.pending}, computed={self.num_computed}, "
-                f"pages={len(self.pages)})")
+                f"tokens={self.num_tokens}, computed={self.num_computed}, pages={len(self.pages)})")

@@ -1,16 +1,27 @@
 """The scheduler: which sequences run in the next step, and how much of each.
 
-Plain Python; it never touches device arrays. Each step it walks the running
-sequences in priority order (lower `priority`, then earlier arrival, first),
-gives each decode one token and each prefill a chunk under the token budget
-(chunked prefill: a long prompt never blocks running decodes), then admits
-waiting requests while pages, rows and budget remain. When a running sequence
-needs a page and none is free, the newest running sequence is preempted: its
-pages go back (its full pages stay in the prefix cache) and it waits to be
-recomputed, so the oldest request always keeps its progress.
+Plain Python and numpy; it never touches device arrays. Each step:
 
-The step's shape is picked from a small fixed set of buckets (decode rows x
-prefill tokens), all compiled at warm-up.
+  1. every running sequence with one token left to compute decodes: one token
+     each, found and advanced with array arithmetic over the SeqTable (no
+     Python object per sequence); a decode that needs a new page takes a free
+     one, and when none is free the newest running sequence is preempted;
+  2. running sequences with more than one token left (prompts, recomputation
+     after preemption) get prefill chunks in priority order (lower `priority`,
+     then earlier arrival, first) under the token budget: chunked prefill, so
+     a long prompt never blocks running decodes;
+  3. waiting requests are admitted in the same order while rows, pages and
+     budget remain.
+
+Preemption is by recompute: a preempted sequence gives back its pages (its
+full pages stay in the prefix cache) and waits to be recomputed, so the oldest
+request always keeps its progress. An n > 1 request prefills its prompt once,
+then forks.
+
+`schedule()` returns the decision as a ScheduledStep; `update()` takes the
+tokens a step sampled, appends them, and finishes sequences that hit a stop id
+or their length. The step's shape is picked from a small fixed set of buckets
+(decode rows x prefill tokens), all compiled at warm-up.
 """
 
 from __future__ import annotations
@@ -18,11 +29,13 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
-from collections.abc import Iterator
+
+import numpy as np
 
 from jaxinfer.core.page_pool import PagePool, chain_hashes
 from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.core.sampling_params import seed_for
+from jaxinfer.core.seq_table import I, SHARED_INT_COLUMNS, SI, STEP_INT_COLUMNS, SeqTable
 from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket, pages_needed
 
 
@@ -39,6 +52,7 @@ class SchedulerConfig:
     # Compiled step sizes; empty: powers of two (decode rows) and block_q * 4^k (prefill tokens).
     decode_sizes: tuple[int, ...] = ()
     prefill_sizes: tuple[int, ...] = ()
+    stop_width: int = 72  # most stop ids (EOS included) per sequence
 
     def __post_init__(self):
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -95,41 +109,86 @@ class SchedulerConfig:
 
 @dataclasses.dataclass
 class ScheduledItem:
+    """A prefill chunk: one sequence's several tokens in the prefill region."""
+
     seq: Sequence
-    epoch: int
     work: SeqWork
     samples: bool  # the chunk ends the sequence's known tokens: a token is sampled
     prompt_positions: range  # positions whose logits score prompt token position + 1
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class LogitsRows:
+    """What each logits row of a step is for; [n] each. The first `num_decode` are the
+    decode rows 0..d-1 of the batch, the rest the prefill rows from D on."""
+
+    seq_row: np.ndarray  # SeqTable row whose sampling settings apply
+    position: np.ndarray  # position of the token sampled (or scored) at this row
+    want_top: np.ndarray  # bool: return top-n logprobs
+    banned: np.ndarray  # bool: ban the sequence's stop ids (min_tokens not reached)
+    floats: np.ndarray  # [n, len(FLOAT_COLUMNS)] float32
+    ints: np.ndarray  # [n, len(STEP_INT_COLUMNS)] int32 (position, target and want_top included)
+    stop_ids: np.ndarray  # [n, stop_width] the ids `banned` bans (only read where banned)
+
+
+@dataclasses.dataclass(frozen=True)
 class ScheduledStep:
+    """One step, decided: a value that nothing changes after `schedule()` returns."""
+
     shape: BatchShape
-    decode: list[ScheduledItem]
+    # Decode region, one entry per decode sequence, in batch order.
+    decode_seq_rows: np.ndarray  # SeqTable rows
+    decode_tokens: np.ndarray  # token at `position` (ignored where fed)
+    decode_feed: np.ndarray  # row of the previous step's samples to feed, or -1
+    decode_positions: np.ndarray
+    decode_pages: np.ndarray  # [d, pages_per_seq] page tables
+    decode_seqs: np.ndarray  # object: the Sequences
     prefill: list[ScheduledItem]
+    logits: LogitsRows
+    # Rows that sample a token: batch logits row, SeqTable row, and its occupancy then.
+    sample_rows: np.ndarray
+    sample_seq_rows: np.ndarray
+    sample_occupancy: np.ndarray
+    # Prompt-logprob rows: (request, first position, batch logits rows).
+    prompt_scores: list[tuple[Request, int, list[int]]]
     page_copies: list[tuple[int, int]]  # (src, dst) device page copies to run first (forks)
     slot_resets: list[tuple[int, list[int], int]]  # (penalty slot, tokens, prompt length)
+    num_tokens: int
 
     @property
-    def items(self) -> Iterator[ScheduledItem]:
-        yield from self.decode
-        yield from self.prefill
+    def num_decode(self) -> int:
+        return len(self.decode_seq_rows)
 
     @property
-    def num_tokens(self) -> int:
-        return sum(len(i.work.token_ids) for i in self.items)
+    def seqs(self) -> list[Sequence]:
+        """The step's sequences: decodes, then prefills."""
+        return [*self.decode_seqs.tolist(), *(i.seq for i in self.prefill)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepUpdate:
+    """What `update` did with one step's samples: per accepted sample (arrays of [k])."""
+
+    seqs: np.ndarray  # object: the Sequence
+    tokens: np.ndarray
+    sample_rows: np.ndarray  # batch logits row it was sampled at
+    finished: np.ndarray  # bool: this token finished the sequence (stop id or length)
 
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
         self.pool = PagePool(cfg.num_pages, cfg.page_size, cfg.enable_prefix_caching)
+        self.table = SeqTable(cfg.max_num_seqs, cfg.max_model_len, cfg.pages_per_seq, cfg.stop_width)
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
         self.free_slots = list(range(cfg.max_num_seqs - 1, -1, -1))  # penalty-state rows
         self.num_preemptions = 0
         self._prefill_shapes = cfg.prefill_buckets()
         self._decode_shapes = cfg.decode_buckets()
+        self._max_decode_rows = self._decode_shapes[-1]
+        self._running_rows: np.ndarray | None = None  # rows of `running`, in order (cached)
+        self._in_step = np.zeros(cfg.max_num_seqs, bool)  # decode rows of the step being scheduled
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -138,16 +197,17 @@ class Scheduler:
         request.sequences.append(seq)
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, reason: str | None = None, stop_reason=None) -> None:
         """Take a finished (or aborted) sequence out and give back what it holds."""
         if seq.status is Status.FINISHED:
             return
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.status is Status.RUNNING:
-            self.running.remove(seq)
             self._register_full_pages(seq)
+            self._take_out(seq)
         else:
             self.waiting.remove(seq)
-        self._free(seq)
         seq.status = Status.FINISHED
 
     @property
@@ -161,31 +221,41 @@ class Scheduler:
     # ---- one step -----------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep | None:
-        cfg = self.cfg
+        cfg, t = self.cfg, self.table
         self._budget = cfg.max_num_batched_tokens
-        self._decode: list[ScheduledItem] = []
         self._prefill: list[ScheduledItem] = []
         self._prefill_tokens = 0
         self._prompt_rows = 0
         self._copies: list[tuple[int, int]] = []
         self._resets: list[tuple[int, list[int], int]] = []
-        preempted = False
+        self._preempted = False
+        self._extra_decodes: list[int] = []
 
-        i = 0
-        while i < len(self.running) and self._budget > 0:
-            seq = self.running[i]
-            if seq.is_unforked_parent and seq.remaining == 0:
-                if not self._fork(seq):
-                    preempted = True
-                    break  # seq itself was preempted: it was the last one running
-            before = self.num_preemptions
-            if self._schedule_seq(seq, may_preempt=True) is None:
-                break  # preempted itself
-            preempted |= self.num_preemptions != before
-            i += 1
+        # Forks first: a parent whose prompt is in becomes its n sequences.
+        rows = self._rows()
+        if len(rows) and t.target_cut[rows].any():
+            ready = rows[(t.target_cut[rows] == 1) & (t.num_computed[rows] == t.prompt_len[rows] - 1)]
+            for seq in t.seqs[ready].tolist():
+                if seq.status is Status.RUNNING:
+                    self._fork(seq)
+
+        decode = self._schedule_decodes()
+        self._budget -= len(decode)
+
+        # Prefill chunks of running sequences, in priority order.
+        rows = self._rows()
+        known = t.num_tokens[rows] + t.pending[rows]
+        left = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, known) - t.num_computed[rows]
+        for i in np.flatnonzero(left > 1).tolist():
+            if self._budget <= 0:
+                break
+            seq = self.running[i] if i < len(self.running) else None
+            if seq is None or seq.status is not Status.RUNNING or seq.row != rows[i]:
+                continue  # preempted by an earlier one this step
+            self._schedule_prefill(seq, may_preempt=True)
 
         # Admit waiting sequences in order; never past one that does not fit (first come, first served).
-        while self.waiting and not preempted and self._budget > 0:
+        while self.waiting and not self._preempted and self._budget > 0:
             seq = self.waiting[0]
             weight = seq.request.n if seq.is_unforked_parent else 1
             if self.num_running_weight + weight > cfg.max_num_seqs:
@@ -195,34 +265,186 @@ class Scheduler:
             if not self._admit(seq):
                 break
 
-        if not self._decode and not self._prefill:
+        # Decodes preempted by a later prefill (from the back) leave the step.
+        decode = np.concatenate([decode, np.array(self._extra_decodes, np.int64)])
+        decode = decode[self._in_step[decode]]
+        self._in_step[:] = False
+        if not len(decode) and not self._prefill:
             return None
-        shape = self._pick_shape()
-        return ScheduledStep(shape, self._decode, self._prefill, self._copies, self._resets)
+        return self._finalize(decode)
+
+    def _schedule_decodes(self) -> np.ndarray:
+        """Give every running sequence with one token left that token; returns their rows."""
+        t, ps = self.table, self.cfg.page_size
+        rows = self._rows()
+        if not len(rows):
+            return rows
+        known = t.num_tokens[rows] + t.pending[rows]
+        target = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, known)
+        decode = rows[target - t.num_computed[rows] == 1]
+        need = decode[t.num_computed[decode] >= t.num_pages[decode] * ps]
+        if len(need) > self.pool.num_free_pages:
+            decode = self._decode_pages_preempting(decode, need)
+        elif len(need):
+            pages = self.pool.allocate(len(need))
+            t.page_table[need, t.num_pages[need]] = pages
+            t.num_pages[need] += 1
+            seqs = t.seqs[need]
+            for seq, page in zip(seqs, pages):
+                seq.pages.append(page)
+        self._in_step[decode] = True
+        t.num_computed[decode] += 1
+        return decode
+
+    def _decode_pages_preempting(self, decode: np.ndarray, need: np.ndarray) -> np.ndarray:
+        """Pages for the decodes in `need` (in priority order), preempting from the back."""
+        t = self.table
+        for row in need.tolist():
+            seq = t.seqs[row]
+            if seq is None or t.occupancy[row] < 0:
+                continue  # preempted for an earlier one
+            while self.pool.num_free_pages < 1:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            (page,) = self.pool.allocate(1)
+            seq.pages.append(page)
+            t.page_table[row, t.num_pages[row]] = page
+            t.num_pages[row] += 1
+        return decode[t.occupancy[decode] >= 0]
+
+    def _finalize(self, decode: np.ndarray) -> ScheduledStep:
+        t = self.table
+        shape = self._pick_shape(len(decode))
+        D = shape.decode_rows
+        positions = t.num_computed[decode] - 1
+        pending = t.pending[decode]
+        parent = t.target_cut[decode] == 1
+        feed = np.where(pending > 0, t.pending_row[decode], -1).astype(np.int32)
+        tokens = t.token_ids[decode, positions]  # a pending one is fed: whatever is there is ignored
+        pages = t.page_table[decode]
+
+        # Logits rows: one per decode row, then the prefill items' rows.
+        if not self._prefill:
+            seq_row, position, target = decode, positions + 1, None
+            sample_rows = np.flatnonzero(~parent).astype(np.int32)
+            sample_seq_rows = decode[~parent]
+            prompt_scores = []
+        else:
+            seq_row, position, target, sample_rows, sample_seq_rows, prompt_scores = self._prefill_rows(
+                decode, positions, parent, D)
+        n = len(seq_row)
+        ints = np.empty((n, len(STEP_INT_COLUMNS)), np.int32)
+        ints[:, :SHARED_INT_COLUMNS] = t.int_cols[seq_row, :SHARED_INT_COLUMNS]
+        ints[:, SI["position"]] = position
+        want_top = t.int_cols[seq_row, I["logprobs"]] > 0
+        if target is None:
+            ints[:, SI["target"]] = -1
+            banned = position < t.min_len[seq_row]
+        else:
+            ints[:, SI["target"]] = target
+            scoring = target >= 0
+            banned = ~scoring & (position < t.min_len[seq_row])
+            ints[scoring, SI["penalty_slot"]] = -1  # scoring a prompt token neither applies nor counts penalties
+            want_top = np.where(scoring, t.int_cols[seq_row, I["prompt_logprobs"]] > 0, want_top)
+        ints[:, SI["want_top"]] = want_top
+        logits = LogitsRows(seq_row, position, want_top, banned, t.float_cols[seq_row], ints,
+                            t.stop_ids[seq_row] if banned.any() else t.stop_ids[:0])
+        t.pending[sample_seq_rows] += 1
+        t.pending_row[sample_seq_rows] = sample_rows
+        self._register_decoded_pages(decode)
+        num_tokens = len(decode) + self._prefill_tokens
+        return ScheduledStep(
+            shape, decode, tokens, feed, positions, pages, t.seqs[decode], self._prefill, logits,
+            sample_rows, sample_seq_rows, t.occupancy[sample_seq_rows].copy(), prompt_scores,
+            self._copies, self._resets, num_tokens)
+
+    def _prefill_rows(self, decode, positions, parent, D):
+        """Logits rows of a step with prefill chunks: the decode rows, then per chunk its
+        prompt-scoring rows and its sampling row."""
+        seq_row, position = [decode], [positions + 1]
+        target = [np.full(len(decode), -1, np.int32)]
+        sample_rows, sample_seq_rows = [np.flatnonzero(~parent)], [decode[~parent]]
+        prompt_scores = []
+        r = D
+        for item in self._prefill:
+            seq, w, scored = item.seq, item.work, item.prompt_positions
+            req = seq.request
+            if len(scored):
+                prompt_scores.append((req, scored.start, list(range(r, r + len(scored)))))
+                seq_row.append(np.full(len(scored), seq.row))
+                position.append(np.asarray(scored))
+                target.append(np.asarray(req.prompt_token_ids[scored.start + 1:scored.stop + 1]))
+                r += len(scored)
+            if item.samples:
+                seq_row.append(np.array([seq.row]))
+                position.append(np.array([w.start + len(w.token_ids)]))
+                target.append(np.array([-1]))
+                sample_rows.append(np.array([r]))
+                sample_seq_rows.append(np.array([seq.row]))
+                r += 1
+
+        def cat(parts):
+            return np.concatenate(parts).astype(np.int32)
+        return (cat(seq_row), cat(position), cat(target), cat(sample_rows), cat(sample_seq_rows),
+                prompt_scores)
+
+    def update(self, step: ScheduledStep, tokens: np.ndarray) -> StepUpdate:
+        """Take the tokens `step` sampled (tokens[row] per logits row): append them to their
+        sequences, unless stale, and finish those that hit a stop id or their length."""
+        t = self.table
+        fresh = t.occupancy[step.sample_seq_rows] == step.sample_occupancy
+        rows, at = step.sample_seq_rows[fresh], step.sample_rows[fresh]
+        new = np.asarray(tokens)[at]
+        t.pending[rows] -= 1
+        t.append(rows, new)
+        n = t.num_tokens[rows]
+        stop = (t.stop_ids[rows] == new[:, None]).any(axis=1) & (n > t.min_len[rows])
+        done = stop | (n >= t.max_len[rows])
+        seqs = t.seqs[rows]
+        for i in np.flatnonzero(done).tolist():
+            seq, token = seqs[i], int(new[i])
+            req = seq.request
+            if stop[i]:
+                eos = not req.params.ignore_eos and token in req.eos_token_ids
+                self.finish(seq, "stop", None if eos else token)
+            else:
+                self.finish(seq, "length")
+        return StepUpdate(seqs, new, at, done)
+
+    # ---- admission and prefill ----------------------------------------------------------------
 
     def _admit(self, seq: Sequence) -> bool:
         cfg, req = self.cfg, seq.request
         hits: list[int] = []
+        tokens = seq.tokens
         if cfg.enable_prefix_caching and req.params.prompt_logprobs is None:
             # Leave at least one token to compute: its logits give the first sample.
             usable = seq.target_len - (0 if seq.is_unforked_parent else 1)
-            chain_hashes(seq.tokens[:usable - usable % cfg.page_size], cfg.page_size, seq.hashes)
+            chain_hashes(tokens[:usable - usable % cfg.page_size], cfg.page_size, seq.hashes)
             hits = self.pool.lookup(seq.hashes[:usable // cfg.page_size])
             self.pool.record_lookup(max(usable, 0), len(hits) * cfg.page_size)
         self.pool.acquire(hits)
+        self._put_in(seq, tokens)
         seq.pages = list(hits)
-        seq.num_computed = len(hits) * cfg.page_size
+        self.table.set_pages(seq.row, hits)
+        self.table.num_computed[seq.row] = len(hits) * cfg.page_size
         seq.num_registered = len(hits)
-        seq.status = Status.RUNNING
-        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
         if seq.uses_penalties:
             self._take_slot(seq)
         if seq.is_unforked_parent and seq.remaining == 0:
             if not self._fork(seq, may_preempt=False):
                 self._unadmit(seq)
                 return False
-            self._schedule_seq(seq, may_preempt=False)  # the forked ones stay admitted regardless
-        elif not self._schedule_seq(seq, may_preempt=False):
+            self._schedule_admitted_decode(seq)  # the forked ones stay admitted regardless
+        elif seq.remaining == 1:
+            if not self._schedule_admitted_decode(seq):
+                self._unadmit(seq)
+                return False
+        elif not self._schedule_prefill(seq, may_preempt=False):
             self._unadmit(seq)
             return False
         if req.first_scheduled_time is None:
@@ -231,86 +453,120 @@ class Scheduler:
         self.waiting.remove(seq)
         return True
 
+    def _schedule_admitted_decode(self, seq: Sequence) -> bool:
+        """A just-admitted sequence with one token left (a prefix hit up to its last token)."""
+        t, row = self.table, seq.row
+        if int(self._in_step.sum()) >= self._max_decode_rows or self._budget < 1:
+            return False
+        if t.num_computed[row] >= t.num_pages[row] * self.cfg.page_size:
+            page = self.pool.allocate(1)
+            if page is None:
+                return False
+            seq.pages += page
+            t.set_pages(row, seq.pages)
+        t.num_computed[row] += 1
+        self._in_step[row] = True
+        self._budget -= 1
+        self._extra_decodes.append(row)
+        return True
+
     def _unadmit(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self._free(seq)
+        self._take_out(seq)
         seq.status = Status.WAITING
 
-    def _schedule_seq(self, seq: Sequence, may_preempt: bool) -> ScheduledItem | bool | None:
-        """Give `seq` its share of this step. Returns the item, False when nothing fits this
-        step, or None when `seq` had to be preempted (or could not be admitted)."""
-        cfg = self.cfg
+    def _schedule_prefill(self, seq: Sequence, may_preempt: bool) -> bool:
+        """Give `seq` a prefill chunk this step. False when nothing fits (or it was preempted)."""
+        cfg, t, row = self.cfg, self.table, seq.row
         remaining = seq.remaining
-        if remaining <= 0:
+        if remaining <= 1:
             return False
-        decode = remaining == 1
-        if decode:
-            if len(self._decode) >= cfg.max_decode_rows:
-                return False
-            chunk = 1
-        else:
-            if len(self._prefill) >= cfg.max_prefill_tokens // cfg.block_q:
-                return False
-            chunk = min(remaining, self._budget, cfg.max_prefill_tokens - self._prefill_tokens)
-            chunk = self._limit_for_prompt_logprobs(seq, chunk)
-            if chunk <= 0:
-                return False
-        need = pages_needed(seq.num_computed + chunk, cfg.page_size) - len(seq.pages)
+        if len(self._prefill) >= cfg.max_prefill_tokens // cfg.block_q:
+            return False
+        chunk = min(remaining, self._budget, cfg.max_prefill_tokens - self._prefill_tokens)
+        chunk = self._limit_for_prompt_logprobs(seq, chunk)
+        if chunk <= 0:
+            return False
+        start = int(t.num_computed[row])
+        need = pages_needed(start + chunk, cfg.page_size) - len(seq.pages)
         if need > 0:
             if not self._make_room(need, seq, may_preempt):
-                return None
+                return False
             seq.pages += self.pool.allocate(need)
-
-        start = seq.num_computed
+            t.set_pages(row, seq.pages)
         samples = not seq.is_unforked_parent and start + chunk == seq.num_tokens
         req = seq.request
         prompt_positions = range(0)
         if req.params.prompt_logprobs is not None and seq.index == 0:
-            lo = max(start, len(req.prompt_logprobs))
+            lo = max(start, req.num_prompt_scored)
             prompt_positions = range(lo, max(lo, min(start + chunk, seq.prompt_len - 1)))
-        if seq.pending:
-            work = SeqWork([0], start, seq.pages, feed_row=seq.pending_row)
-        else:
-            work = SeqWork(seq.tokens[start:start + chunk], start, seq.pages)
-        offsets = [p - start for p in prompt_positions] + ([chunk - 1] if samples else [])
-        work.logit_offsets = offsets
-        item = ScheduledItem(seq, seq.epoch, work, samples, prompt_positions)
-        (self._decode if decode else self._prefill).append(item)
-        if not decode:
-            self._prefill_tokens += chunk
-            self._prompt_rows += len(prompt_positions)
+            req.num_prompt_scored = max(req.num_prompt_scored, prompt_positions.stop)
+        # No token is pending here: a sequence that sampled has one token left, a decode.
+        work = SeqWork(t.token_ids[row, start:start + chunk].tolist(), start, list(seq.pages))
+        work.logit_offsets = [p - start for p in prompt_positions] + ([chunk - 1] if samples else [])
+        self._prefill.append(ScheduledItem(seq, work, samples, prompt_positions))
+        self._prefill_tokens += chunk
+        self._prompt_rows += len(prompt_positions)
         self._budget -= chunk
-        seq.num_computed += chunk
+        t.num_computed[row] = start + chunk
         self._register_full_pages(seq)
-        return item
+        return True
 
     def _limit_for_prompt_logprobs(self, seq: Sequence, chunk: int) -> int:
         req = seq.request
         if req.params.prompt_logprobs is None or seq.index != 0:
             return chunk
         left = min(self.cfg.prompt_logprob_rows, self.cfg.max_prefill_tokens) - self._prompt_rows
-        lo = max(seq.num_computed, len(req.prompt_logprobs))
+        lo = max(seq.num_computed, req.num_prompt_scored)
         if lo >= seq.prompt_len - 1:
             return chunk
         return min(chunk, lo - seq.num_computed + left)
 
-    def _pick_shape(self) -> BatchShape:
+    def _pick_shape(self, num_decode: int) -> BatchShape:
         cfg = self.cfg
-        decode_rows = next(d for d in self._decode_shapes if d >= len(self._decode))
+        decode_rows = next(d for d in self._decode_shapes if d >= num_decode)
         prefill_tokens = 0
         if self._prefill:
-            for t in self._prefill_shapes[1:]:
-                shape = cfg.shape(decode_rows, t)
-                rows = sum(len(i.work.logit_offsets) for i in self._prefill)
-                if (t >= self._prefill_tokens and shape.prefill_seqs >= len(self._prefill)
+            rows = sum(len(i.work.logit_offsets) for i in self._prefill)
+            for tokens in self._prefill_shapes[1:]:
+                shape = cfg.shape(decode_rows, tokens)
+                if (tokens >= self._prefill_tokens and shape.prefill_seqs >= len(self._prefill)
                         and shape.prefill_rows >= rows):
-                    prefill_tokens = t
+                    prefill_tokens = tokens
                     break
             else:
                 raise AssertionError("scheduled prefill work fits no bucket")
         return cfg.shape(decode_rows, prefill_tokens)
 
-    # ---- pages, forks, preemption -------------------------------------------------------------
+    # ---- rows, pages, forks, preemption -------------------------------------------------------
+
+    def _rows(self) -> np.ndarray:
+        if self._running_rows is None:
+            self._running_rows = np.array([s.row for s in self.running], np.int64)
+        return self._running_rows
+
+    def _put_in(self, seq: Sequence, tokens: list[int]) -> None:
+        req = seq.request
+        max_len = min(req.prompt_len + req.max_tokens, self.cfg.max_model_len)
+        seq.table = self.table
+        seq.row = self.table.assign(seq, tokens, req.params, seq.seed, req.eos_token_ids, max_len)
+        seq.status = Status.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+        self._running_rows = None
+
+    def _take_out(self, seq: Sequence) -> None:
+        """Out of the running set: pages, penalty slot and row go back; known tokens are kept."""
+        seq._tokens = seq.tokens
+        self.running.remove(seq)
+        self._running_rows = None
+        self.pool.release(seq.pages)
+        seq.pages = []
+        seq.num_registered = 0
+        if seq.penalty_slot >= 0:
+            self.free_slots.append(seq.penalty_slot)
+            seq.penalty_slot = -1
+        self._in_step[seq.row] = False
+        self.table.release(seq.row)
+        seq.row = -1
 
     def _make_room(self, pages: int, seq: Sequence, may_preempt: bool) -> bool:
         """Free pages until `pages` are available, preempting from the back of the running
@@ -327,15 +583,17 @@ class Scheduler:
 
     def _fork(self, parent: Sequence, may_preempt: bool = True) -> bool:
         """Split a prefilled n > 1 request into its n sequences, sharing the prompt's pages."""
-        cfg, req = self.cfg, parent.request
+        cfg, req, t = self.cfg, parent.request, self.table
         partial = parent.num_computed % cfg.page_size != 0
         if not self._make_room((req.n - 1) if partial else 0, parent, may_preempt):
             return False
         for index in range(1, req.n):
             pages, copy = self.pool.fork(parent.pages, parent.num_computed)
             child = Sequence(req, index, seed_for(req.seed, index))
+            child.table = t
+            child.row = t.copy_row(parent.row, child, child.seed)
             child.pages = pages
-            child.num_computed = parent.num_computed
+            t.set_pages(child.row, pages)
             child.hashes = list(parent.hashes)
             child.num_registered = min(parent.num_registered, parent.num_computed // cfg.page_size)
             child.status = Status.RUNNING
@@ -346,42 +604,47 @@ class Scheduler:
             req.sequences.append(child)
             bisect.insort(self.running, child, key=lambda s: s.sort_key)
         req.forked = True
+        t.target_cut[parent.row] = 0
+        self._running_rows = None
         return True
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: give back pages and slot; known tokens are kept."""
-        self.running.remove(seq)
+        t = self.table
+        if self._in_step[seq.row]:
+            t.num_computed[seq.row] -= 1  # its decode leaves this step: that position is not written
+        t.num_computed[seq.row] = min(t.num_computed[seq.row], t.num_tokens[seq.row])
         self._register_full_pages(seq)
-        self._free(seq)
+        self._take_out(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self._preempted = True
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
-
-    def _free(self, seq: Sequence) -> None:
-        self.pool.release(seq.pages)
-        seq.pages = []
-        seq.num_computed = 0
-        seq.num_registered = 0
-        seq.pending = 0
-        seq.epoch += 1
-        if seq.penalty_slot >= 0:
-            self.free_slots.append(seq.penalty_slot)
-            seq.penalty_slot = -1
 
     def _take_slot(self, seq: Sequence) -> None:
         seq.penalty_slot = self.free_slots.pop()
-        self._resets.append((seq.penalty_slot, list(seq.tokens), seq.prompt_len))
+        self.table.int_cols[seq.row, I["penalty_slot"]] = seq.penalty_slot
+        self._resets.append((seq.penalty_slot, seq.tokens, seq.prompt_len))
+
+    def _register_decoded_pages(self, decode: np.ndarray) -> None:
+        """Offer the pages that this step's decodes fill."""
+        if not self.cfg.enable_prefix_caching or not len(decode):
+            return
+        t = self.table
+        full = decode[t.num_computed[decode] % self.cfg.page_size == 0]
+        for seq in t.seqs[full]:
+            self._register_full_pages(seq)
 
     def _register_full_pages(self, seq: Sequence) -> None:
         """Offer pages whose tokens are all known and whose K/V is (being) written to the cache."""
         if not self.cfg.enable_prefix_caching:
             return
-        ps = self.cfg.page_size
-        full = min(seq.num_computed, len(seq.tokens)) // ps
+        ps, t = self.cfg.page_size, self.table
+        full = min(int(t.num_computed[seq.row]), int(t.num_tokens[seq.row])) // ps
         if full <= seq.num_registered:
             return
-        chain_hashes(seq.tokens[:full * ps], ps, seq.hashes)
+        chain_hashes(t.token_ids[seq.row, :full * ps], ps, seq.hashes)
         for i in range(seq.num_registered, full):
             self.pool.register(seq.pages[i], seq.hashes[i])
         seq.num_registered = full

@@ -1,0 +1,270 @@
+"""The output processor: sampled tokens in, RequestOutputs out, on its own thread.
+
+The engine's step thread only appends tokens and checks stop ids and lengths (array
+work in the scheduler); everything per token that is Python-heavy happens here,
+while the device runs the next steps: incremental detokenization, stop strings,
+logprobs entries, and building the outputs of finished and streamed requests.
+
+Records arrive in step order through a queue, so each request's outputs come out
+in order. A stop string is found here, after the engine has already scheduled a
+step or two more for that sequence: its text and tokens are cut at the match
+(exactly as if it had stopped at once), the extra tokens are dropped, and the
+engine is told to free the sequence (`take_stops`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+
+import numpy as np
+
+from jaxinfer.core.request import Request, Sequence
+from jaxinfer.core.scheduler import StepUpdate
+from jaxinfer.metrics import EngineMetrics
+from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+
+YIELD_EVERY = 64  # rows processed between voluntary GIL releases (the step thread comes first)
+
+
+@dataclasses.dataclass
+class StepRecord:
+    update: StepUpdate
+    logprobs: np.ndarray  # [R] raw logprob of each row's sampled (or scored) token
+    top_ids: np.ndarray | None  # [R, num_top], when some row asked
+    top_logprobs: np.ndarray | None
+    prompt_scores: list  # (request, first position, rows) from the ScheduledStep
+    time: float
+
+
+@dataclasses.dataclass
+class AbortRecord:
+    request: Request
+    time: float
+
+
+class SeqOutput:
+    """What one sequence has produced so far, as its consumer sees it."""
+
+    __slots__ = ("token_ids", "text", "decoder", "logprobs", "cumulative_logprob", "done",
+                 "finish_reason", "stop_reason")
+
+    def __init__(self):
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.decoder = None
+        self.logprobs: list[dict] = []
+        self.cumulative_logprob = 0.0
+        self.done = False
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, requests: dict[str, Request], streamed: set[str], metrics: EngineMetrics):
+        self.tokenizer = tokenizer
+        self.requests = requests  # the engine's: a request leaves it when its final output is made
+        self.streamed = streamed
+        self.metrics = metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outputs: collections.deque[RequestOutput] = collections.deque()
+        self._stops: collections.deque[Sequence] = collections.deque()
+        self._busy = 0  # records submitted and not yet processed
+        self._idle = threading.Condition()
+        self._error: BaseException | None = None
+        self.cpu_seconds = 0.0  # spent processing, on this thread
+        self._thread = threading.Thread(target=self._run, name="jaxinfer-output", daemon=True)
+        self._thread.start()
+
+    # ---- the step thread's side ---------------------------------------------------------------
+
+    def submit(self, record: StepRecord | AbortRecord) -> None:
+        with self._idle:
+            self._busy += 1
+        self._inbox.put(record)
+
+    def take_outputs(self) -> list[RequestOutput]:
+        """Outputs made since the last call."""
+        self._raise_error()
+        out = []
+        while self._outputs:
+            out.append(self._outputs.popleft())
+        return out
+
+    def take_stops(self) -> list[Sequence]:
+        """Sequences that met a stop string since the last call: the engine frees them."""
+        out = []
+        while self._stops:
+            out.append(self._stops.popleft())
+        return out
+
+    @property
+    def busy(self) -> bool:
+        return self._busy > 0
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until every submitted record is processed (or `timeout`)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0 or self._error is not None, timeout)
+        self._raise_error()
+
+    def close(self) -> None:
+        self._inbox.put(None)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("the output processor failed") from self._error
+
+    # ---- its own thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            record = self._inbox.get()
+            if record is None:
+                return
+            started = time.thread_time()
+            try:
+                if isinstance(record, AbortRecord):
+                    self._abort(record)
+                else:
+                    self._step(record)
+            except BaseException as e:  # a bug: surface it on the step thread
+                self._error = e
+            self.cpu_seconds += time.thread_time() - started
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _step(self, record: StepRecord) -> None:
+        touched: dict[str, Request] = {}
+        for req, first, rows in record.prompt_scores:
+            self._score_prompt(req, first, rows, record)
+            touched[req.request_id] = req
+        u = record.update
+        logprobs = record.logprobs
+        for i, (seq, token, row, finished) in enumerate(zip(u.seqs.tolist(), u.tokens.tolist(),
+                                                           u.sample_rows.tolist(), u.finished.tolist())):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                time.sleep(0)
+            out = seq.output
+            if out is None:
+                out = seq.output = SeqOutput()
+            elif out.done:
+                continue  # past a stop string: the engine has not freed it yet
+            req = seq.request
+            if req.first_token_time is None:
+                req.first_token_time = record.time
+            self._append(seq, out, token, float(logprobs[row]), row, record, finished)
+            touched[req.request_id] = req
+        for req in touched.values():
+            self._emit(req, record.time)
+
+    def _append(self, seq: Sequence, out: SeqOutput, token: int, logprob: float, row: int,
+                record: StepRecord, finished: bool) -> None:
+        p = seq.request.params
+        out.token_ids.append(token)
+        out.cumulative_logprob += logprob
+        if p.logprobs is not None:
+            out.logprobs.append(self._entry(token, logprob, record, row, p.logprobs))
+        self.metrics.generation_tokens += 1
+        if self.tokenizer is not None:
+            if out.decoder is None:
+                out.decoder = self.tokenizer.stream_decoder(skip_special_tokens=p.skip_special_tokens)
+            before = len(out.text)
+            out.text += out.decoder.push(token)
+            if p.stop and len(out.token_ids) >= p.min_tokens and self._match_stop(out, p, before):
+                out.done, out.finish_reason = True, "stop"
+                self._stops.append(seq)
+                return
+        if finished:
+            if out.decoder is not None:
+                out.text += out.decoder.flush()
+            out.done = True
+            out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
+
+    @staticmethod
+    def _match_stop(out: SeqOutput, p, before: int) -> bool:
+        """Find the earliest stop string that the new text completes; cut the text there."""
+        longest = max(len(s) for s in p.stop)
+        lo = max(0, before - longest + 1)
+        best = None
+        for s in p.stop:
+            i = out.text.find(s, lo)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return False
+        i, s = best
+        out.text = out.text[:i + len(s)] if p.include_stop_str_in_output else out.text[:i]
+        out.stop_reason = s
+        return True
+
+    def _score_prompt(self, req: Request, first: int, rows: list[int], record: StepRecord) -> None:
+        k, targets = req.params.prompt_logprobs or 0, req.prompt_token_ids
+        for position, row in zip(range(first, first + len(rows)), rows):
+            if position == len(req.prompt_logprobs):
+                req.prompt_logprobs.append(self._entry(int(targets[position + 1]), float(record.logprobs[row]),
+                                                       record, row, k))
+
+    def _entry(self, token: int, logprob: float, record: StepRecord, row: int, k: int) -> dict[int, Logprob]:
+        entry = {}
+        if k and record.top_ids is not None:
+            for rank, (t, lp) in enumerate(zip(record.top_ids[row, :k].tolist(),
+                                               record.top_logprobs[row, :k].tolist()), 1):
+                entry[t] = Logprob(lp, rank, self._token_text(t))
+        if token not in entry:
+            entry = {token: Logprob(logprob, None, self._token_text(token)), **entry}
+        return entry
+
+    def _token_text(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+
+    def _abort(self, record: AbortRecord) -> None:
+        req = record.request
+        if req.request_id not in self.requests or self.requests[req.request_id] is not req:
+            return  # its final output is out already
+        for seq in list(req.sequences):
+            out = seq.output
+            if out is None:
+                out = seq.output = SeqOutput()
+            if not out.done:
+                if out.decoder is not None:
+                    out.text += out.decoder.flush()
+                out.done, out.finish_reason = True, "abort"
+        self._emit(req, record.time, aborted=True)
+
+    def _emit(self, req: Request, now: float, aborted: bool = False) -> None:
+        seqs = list(req.sequences)
+        done = aborted or ((req.forked or req.n == 1)
+                           and all(s.output is not None and s.output.done for s in seqs))
+        if done:
+            req.finished_time = now
+            output = self._output(req, seqs, finished=True)
+            self.metrics.observe_request(output)
+            self.streamed.discard(req.request_id)
+            self.requests.pop(req.request_id, None)
+            self._outputs.append(output)
+        elif req.request_id in self.streamed:
+            self._outputs.append(self._output(req, seqs, finished=False))
+
+    @staticmethod
+    def _output(req: Request, seqs: list[Sequence], finished: bool) -> RequestOutput:
+        outs = []
+        for seq in seqs:
+            o = seq.output or SeqOutput()
+            outs.append(CompletionOutput(
+                index=seq.index, text=o.text, token_ids=list(o.token_ids),
+                cumulative_logprob=o.cumulative_logprob,
+                logprobs=list(o.logprobs) if req.params.logprobs is not None else None,
+                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+        prompt_logprobs = None
+        if req.params.prompt_logprobs is not None:
+            prompt_logprobs = [None] + list(req.prompt_logprobs)
+        metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
+                                 req.finished_time, sum(s.num_preemptions for s in seqs))
+        # The prompt's ids are shared, not copied: nothing changes them.
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, prompt_logprobs,
+                             outs, finished, metrics, req.num_cached_tokens)

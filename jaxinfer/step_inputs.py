@@ -1,0 +1,268 @@
+"""A step's inputs as one value: the Batch and the SamplingArrays packed into a single
+int32 buffer, so they reach the device in one transfer (and could be sent as-is to
+the other processes of a multi-host run).
+
+The layout (which array sits where) follows from the step's BatchShape and the
+ban width alone, both static: the compiled step slices the buffer apart again at
+fixed offsets, so unpacking costs nothing at run time. Floats travel as their bit
+patterns. The host starts every step from a template that already holds the
+padding (empty decode rows, unused blocks, greedy rows with nothing banned) and
+writes only the real rows into it: a handful of slice assignments per step,
+however many sequences run.
+
+Sampling settings are two row-major matrices, one row per logits row, in the
+column order of `jaxinfer.core.seq_table` (FLOAT_COLUMNS, then STEP_INT_COLUMNS),
+so the scheduler's gathered rows drop in with one assignment each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.batch import Batch
+from jaxinfer.core.scheduler import ScheduledStep
+from jaxinfer.core.seq_table import FLOAT_COLUMNS, STEP_INT_COLUMNS, F, SI
+from jaxinfer.core.shapes import NULL_PAGE, BatchShape, SeqWork
+from jaxinfer.sampling import SamplingArrays
+
+_PAD_FLOATS = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "presence": 0.0, "frequency": 0.0,
+               "repetition": 1.0}
+_PAD_INTS = {"top_k": 0, "seed_hi": 0, "seed_lo": 0, "penalty_slot": -1, "position": 0, "target": -1,
+             "want_top": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each array of a step sits in the buffer: name -> (offset, shape)."""
+
+    shape: BatchShape
+    ban_width: int
+    fields: dict
+    size: int
+    template: np.ndarray  # the buffer of an empty step
+
+    def view(self, buffer, name):
+        offset, shp = self.fields[name]
+        return buffer[offset:offset + int(np.prod(shp))].reshape(shp)
+
+    def offset(self, name) -> int:
+        return self.fields[name][0]
+
+
+@functools.lru_cache(maxsize=256)
+def layout(shape: BatchShape, ban_width: int) -> Layout:
+    D, T, S, P = shape.decode_rows, shape.num_tokens, shape.num_seqs, shape.pages_per_seq
+    NB, Bq, R = shape.num_blocks, shape.block_q, shape.num_rows
+    sizes = [("tokens", (T,)), ("feed_index", (T,)), ("positions", (T,)), ("slots", (T,)),
+             ("cu_q_lens", (S + 1,)), ("kv_lens", (S,)), ("page_table", (S, P)), ("block_tokens", (NB, Bq)),
+             ("block_seq", (NB,)), ("logits_indices", (R,)), ("floats", (R, len(FLOAT_COLUMNS))),
+             ("ints", (R, len(STEP_INT_COLUMNS))), ("banned", (R, ban_width))]
+    fields, offset = {}, 0
+    for name, shp in sizes:
+        fields[name] = (offset, shp)
+        offset += int(np.prod(shp))
+    out = Layout(shape, ban_width, fields, offset, np.zeros(offset, np.int32))
+    t = out.template
+    out.view(t, "feed_index")[:] = -1
+    cu = out.view(t, "cu_q_lens")
+    cu[1:D + 1] = np.arange(1, D + 1)
+    cu[D + 1:] = D
+    out.view(t, "kv_lens")[:D] = 1  # a padding decode row attends to slot 0 of the null page
+    out.view(t, "page_table")[:] = NULL_PAGE
+    out.view(t, "block_tokens")[:] = T
+    out.view(t, "logits_indices")[:D] = np.arange(D)
+    out.view(t, "floats")[:] = np.array([_PAD_FLOATS[c] for c in FLOAT_COLUMNS], np.float32).view(np.int32)
+    out.view(t, "ints")[:] = [_PAD_INTS[c] for c in STEP_INT_COLUMNS]
+    out.view(t, "banned")[:] = -1
+    return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    buffer: jax.Array  # int32 [N]: every array of the step, back to back
+    shape: BatchShape = dataclasses.field(metadata={"static": True})
+    ban_width: int = dataclasses.field(metadata={"static": True})
+
+    @classmethod
+    def empty(cls, shape: BatchShape, ban_width: int) -> StepInputs:
+        """A step of this shape with nothing in it (for compiling ahead of use)."""
+        return cls(layout(shape, ban_width).template.copy(), shape, ban_width)
+
+    @classmethod
+    def from_step(cls, step: ScheduledStep, ban_width: int, page_size: int) -> StepInputs:
+        """Pack the scheduler's decision (a pure function of it)."""
+        shape = step.shape
+        lay = layout(shape, ban_width)
+        region = DecodeRegion(step.decode_tokens, step.decode_feed, step.decode_positions, step.decode_pages)
+        buf = _pack_work(lay, region, [i.work for i in step.prefill], page_size)
+        D, d = shape.decode_rows, step.num_decode
+
+        def at(name, start, values):
+            o = lay.offset(name) + start
+            buf[o:o + values.size] = values.ravel()
+
+        rows = step.logits
+        k = len(rows.position)
+        for start, lo, hi in ((0, 0, d), (D, d, k)):
+            if hi > lo:
+                at("floats", start * len(FLOAT_COLUMNS), rows.floats[lo:hi].view(np.int32))
+                at("ints", start * len(STEP_INT_COLUMNS), rows.ints[lo:hi])
+        if rows.banned.any():
+            banned = lay.view(buf, "banned")
+            which = np.flatnonzero(rows.banned)
+            batch_rows = np.where(which < d, which, which - d + D)
+            width = min(ban_width, rows.stop_ids.shape[1])
+            banned[batch_rows, :width] = rows.stop_ids[which, :width]
+        return cls(buf, shape, ban_width)
+
+    @classmethod
+    def pack(cls, batch: Batch, sampling: SamplingArrays, shape: BatchShape) -> StepInputs:
+        """Pack an already built Batch and SamplingArrays (tests and benchmarks)."""
+        ban_width = sampling.banned.shape[1]
+        lay = layout(shape, ban_width)
+        buf = np.empty(lay.size, np.int32)
+        for name in ("tokens", "feed_index", "positions", "slots", "cu_q_lens", "kv_lens", "page_table",
+                     "block_tokens", "block_seq", "logits_indices"):
+            lay.view(buf, name)[:] = np.asarray(getattr(batch, name))
+        floats = lay.view(buf, "floats")
+        for c in FLOAT_COLUMNS:
+            floats[:, F[c]] = np.asarray(getattr(sampling, c), np.float32).view(np.int32)
+        ints = lay.view(buf, "ints")
+        seed = np.asarray(sampling.seed, np.uint32).view(np.int32)
+        ints[:, SI["seed_hi"]], ints[:, SI["seed_lo"]] = seed[:, 0], seed[:, 1]
+        for c in ("top_k", "penalty_slot", "position", "target", "want_top"):
+            ints[:, SI[c]] = np.asarray(getattr(sampling, c))
+        lay.view(buf, "banned")[:] = np.asarray(sampling.banned)
+        return cls(buf, shape, ban_width)
+
+    def unpack(self) -> tuple[Batch, SamplingArrays]:
+        """The Batch and SamplingArrays back (under jit: static slices of the buffer)."""
+        lay = layout(self.shape, self.ban_width)
+        host = isinstance(self.buffer, np.ndarray)
+        buf = self.buffer if host else jnp.asarray(self.buffer)
+
+        def bits(x, dtype):
+            return x.view(dtype) if host else jax.lax.bitcast_convert_type(x, dtype)
+
+        v = {name: lay.view(buf, name) for name in lay.fields}
+        batch = Batch(tokens=v["tokens"], feed_index=v["feed_index"], positions=v["positions"],
+                      slots=v["slots"], cu_q_lens=v["cu_q_lens"], kv_lens=v["kv_lens"],
+                      page_table=v["page_table"], block_tokens=v["block_tokens"], block_seq=v["block_seq"],
+                      logits_indices=v["logits_indices"], decode_rows=self.shape.decode_rows,
+                      max_q_len=max(1, self.shape.prefill_tokens))
+        floats, ints = bits(v["floats"], np.float32), v["ints"]
+        sampling = SamplingArrays(
+            **{c: floats[:, F[c]] for c in FLOAT_COLUMNS},
+            top_k=ints[:, SI["top_k"]],
+            seed=bits(ints[:, SI["seed_hi"]:SI["seed_lo"] + 1], np.uint32),
+            position=ints[:, SI["position"]], penalty_slot=ints[:, SI["penalty_slot"]],
+            banned=v["banned"], target=ints[:, SI["target"]], want_top=ints[:, SI["want_top"]] != 0)
+        return batch, sampling
+
+    @property
+    def size(self) -> int:
+        return int(self.buffer.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeRegion:
+    """The decode sequences of a step, one entry each (numpy): the token at `positions`
+    (ignored where fed), the previous step's sample row to feed or -1, and page tables."""
+
+    tokens: np.ndarray
+    feed: np.ndarray
+    positions: np.ndarray
+    pages: np.ndarray  # [d, pages_per_seq]
+
+
+def build(shape: BatchShape, decode: Sequence[SeqWork], prefill: Sequence[SeqWork],
+          page_size: int) -> tuple[Batch, list[list[int]]]:
+    """Pack one step from per-sequence work (tests and benchmarks). Returns the numpy-backed
+    Batch and, per work item (decode first, then prefill), the logits rows of its
+    `logit_offsets`."""
+    for w in decode:
+        if len(w.token_ids) != 1:
+            raise ValueError("a decode sequence feeds exactly one token")
+        if len(w.pages) > shape.pages_per_seq:
+            raise ValueError(f"{len(w.pages)} pages do not fit the page table width {shape.pages_per_seq}")
+    pages = np.full((len(decode), shape.pages_per_seq), NULL_PAGE, np.int32)
+    for i, w in enumerate(decode):
+        pages[i, :len(w.pages)] = w.pages
+    region = DecodeRegion(np.array([w.token_ids[0] for w in decode], np.int32),
+                          np.array([w.feed_row for w in decode], np.int32),
+                          np.array([w.start for w in decode], np.int32), pages)
+    buf = _pack_work(layout(shape, 1), region, prefill, page_size)
+    batch, _ = StepInputs(buf, shape, 1).unpack()
+    rows, r = [], shape.decode_rows
+    for w in prefill:
+        rows.append(list(range(r, r + len(w.logit_offsets))))
+        r += len(w.logit_offsets)
+    return batch, [[i] if w.logit_offsets else [] for i, w in enumerate(decode)] + rows
+
+
+def _pack_work(lay: Layout, decode: DecodeRegion, prefill: Sequence[SeqWork], page_size: int) -> np.ndarray:
+    """A buffer holding the step's tokens and their places: the decode region with array
+    operations, then the prefill chunks back to back."""
+    shape = lay.shape
+    D, Bq, T, R, P = shape.decode_rows, shape.block_q, shape.num_tokens, shape.num_rows, shape.pages_per_seq
+    d = len(decode.positions)
+    if d > D or len(prefill) > shape.prefill_seqs:
+        raise ValueError(f"{d} decode / {len(prefill)} prefill sequences do not fit {shape}")
+    buf = lay.template.copy()
+
+    def at(name, values):
+        o = lay.offset(name)
+        buf[o:o + values.size] = values.ravel()
+
+    if d:
+        pos = decode.positions
+        page_index = pos // page_size
+        if int(page_index.max()) >= P:
+            raise ValueError(f"position {int(pos.max())} is past the page table width {P}")
+        at("tokens", decode.tokens)
+        at("feed_index", decode.feed)
+        at("positions", pos)
+        at("slots", decode.pages[np.arange(d), page_index] * page_size + pos % page_size)
+        at("kv_lens", pos + 1)
+        at("page_table", decode.pages)
+    if not prefill:
+        return buf
+    tokens, feed, positions, slots = (lay.view(buf, n) for n in ("tokens", "feed_index", "positions", "slots"))
+    cu, kv_lens, table = lay.view(buf, "cu_q_lens"), lay.view(buf, "kv_lens"), lay.view(buf, "page_table")
+    block_tokens, block_seq = lay.view(buf, "block_tokens"), lay.view(buf, "block_seq")
+    logits = lay.view(buf, "logits_indices")
+    t, b, r = D, 0, D
+    for j, w in enumerate(prefill):
+        if len(w.pages) * page_size < w.start + len(w.token_ids) or len(w.pages) > P:
+            raise ValueError(f"{len(w.pages)} pages do not cover positions up to "
+                             f"{w.start + len(w.token_ids)} (page table width {P})")
+        s, n = D + j, len(w.token_ids)
+        tokens[t:t + n] = w.token_ids
+        if w.feed_row >= 0:
+            feed[t + n - 1] = w.feed_row
+        pos = np.arange(w.start, w.start + n)
+        positions[t:t + n] = pos
+        kv_lens[s] = w.start + n
+        table[s, :len(w.pages)] = w.pages
+        slots[t:t + n] = table[s, pos // page_size] * page_size + pos % page_size
+        cu[s + 1] = t + n
+        for first in range(0, n, Bq):
+            size = min(Bq, n - first)
+            block_tokens[b, :size] = np.arange(t + first, t + first + size)
+            block_seq[b] = s
+            b += 1
+        k = len(w.logit_offsets)
+        logits[r:r + k] = [t + o for o in w.logit_offsets]
+        r += k
+        t += n
+    if t > T or b > shape.num_blocks or r > R:
+        raise ValueError(f"prefill work ({t - D} tokens, {b} blocks, {r - D} rows) does not fit {shape}")
+    cu[D + len(prefill) + 1:] = t
+    return buf

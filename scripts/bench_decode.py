@@ -82,6 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--split-iters", type=int, default=20, help="back-to-back calls per timing round")
     p.add_argument("--no-split", action="store_true", help="skip the forward/sampling/host split")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-jaxinfer", action="store_true", help="skip part 1 (e.g. to re-run only the peer)")
     p.add_argument("--peer-script", default=str(DEFAULT_PEER))
     p.add_argument("--peer-python", default=sys.executable, help="a python with torch (the device's python3)")
     p.add_argument("--peer-model", default="llama-3-8b")
@@ -548,12 +549,13 @@ def main() -> None:
     # 1. jaxinfer, leaving the peer and the restart their time.
     reserve = (0 if args.no_peer else min(args.peer_timeout, 240)) + (0 if args.no_restart else args.restart_reserve_s)
     part = out_dir / "jaxinfer.json"
-    _, report["seconds"]["jaxinfer"] = run_child(
-        own + ["--part", "jaxinfer", "--result-file", str(part)], out_dir / "jaxinfer.log",
-        max(budget.left() - reserve, 60), "jaxinfer")
-    if part.exists():
-        report["jaxinfer"] = json.loads(part.read_text())
-    save()
+    if not args.no_jaxinfer:
+        _, report["seconds"]["jaxinfer"] = run_child(
+            own + ["--part", "jaxinfer", "--result-file", str(part)], out_dir / "jaxinfer.log",
+            max(budget.left() - reserve, 60), "jaxinfer")
+        if part.exists():
+            report["jaxinfer"] = json.loads(part.read_text())
+        save()
     # 2. the peer.
     if not args.no_peer:
         if not pathlib.Path(args.peer_script).exists():

@@ -244,10 +244,10 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
 
     import jax
 
-    from jaxinfer.batch import build
     from jaxinfer.core.sampling_params import MAX_LOGPROBS, SamplingParams
     from jaxinfer.core.shapes import SeqWork, pages_needed
     from jaxinfer.sampling import Row, SamplingArrays, sample
+    from jaxinfer.step_inputs import StepInputs, build
 
     engine = llm.engine
     runner, sc = engine.runner, engine.sched_config
@@ -262,8 +262,10 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
     rows = [Row(sp, 1000 + s, context + 1) for s in range(b)]
     arrays = SamplingArrays.from_rows(rows, shape.num_rows, engine.ban_width)
 
+    inputs = StepInputs.pack(batch, arrays, shape)
+
     def step():
-        return runner.step(batch, arrays).tokens
+        return runner.step(inputs).packed
 
     def forward():
         return runner.logits(batch)

@@ -455,8 +455,7 @@ def _abort_all(engine, running: dict) -> None:
     for engine_id in [*running, *(r for r in engine.requests if r.startswith("batch-"))]:
         engine.abort(engine_id)
     running.clear()
-    while engine.has_unfinished() and not engine.requests:
-        engine.step()
+    engine.drain()
 
 
 __all__ = ["BatchSummary", "check_paths", "result_record", "run_batch"]

@@ -256,6 +256,14 @@ class Engine:
         self.scheduler.pool.reset_prefix_cache()
         self.scheduler.pool.enable_prefix_caching = enabled
 
+    def drain(self) -> list[RequestOutput]:
+        """After aborting: step until the step in flight has landed and every aborted request's
+        output is out, as long as nothing but aborted requests is left. Returns those outputs."""
+        outputs = []
+        while self.has_unfinished() and all(r.aborted for r in list(self.requests.values())):
+            outputs += self.step()
+        return outputs
+
     def has_unfinished(self) -> bool:
         return (bool(self.requests) or self._inflight is not None or self.scheduler.has_work()
                 or self.outputs.busy)

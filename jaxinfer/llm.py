@@ -168,8 +168,7 @@ class LLM:
                             return
         finally:
             engine.abort(request_id)
-            while engine.has_unfinished() and not engine.requests:
-                engine.step()  # drain the step in flight
+            engine.drain()  # the step in flight
 
     def _params_for(self, prompts, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
@@ -219,8 +218,7 @@ class LLM:
         except BaseException:
             for request_id in list(order):
                 engine.abort(request_id)
-            while engine.has_unfinished() and not engine.requests:
-                engine.step()
+            engine.drain()
             raise
         finally:
             bar.close()

@@ -117,8 +117,7 @@ class EngineLoop:
             sink(error)
         self._sinks.clear()
         try:
-            while self.engine.has_unfinished() and not self.engine.requests:
-                self.engine.step()
+            self.engine.drain()
         except Exception:
             log.exception("engine could not drain after a failure")
 

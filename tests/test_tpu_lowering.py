@@ -11,7 +11,7 @@ from jax import export
 
 from jaxinfer import attention
 from jaxinfer import params as params_lib
-from jaxinfer.step_inputs import build
+from jaxinfer.step_inputs import StepInputs, build
 from jaxinfer.config import ModelConfig
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.core.scheduler import SchedulerConfig
@@ -46,7 +46,7 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind):
                                          abstract_device=device)
     with jax.sharding.use_abstract_mesh(abstract):
         exported = export.export(jax.jit(runner._step_fn), platforms=["tpu"])(
-            runner.state, runner.cache, runner.penalty, runner.sampled, batch, sampling)
+            runner.state, runner.cache, runner.penalty, runner.sampled, StepInputs.pack(batch, sampling, shape))
     assert exported.platforms == ("tpu",)
     # The default attention ("auto") is the Mosaic TPU kernel there.
     assert attention.get_implementation() == "auto" or "JAXINFER_ATTENTION" in os.environ

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence as Seq
 
@@ -141,6 +142,7 @@ class Engine:
         self._inflight: _InFlight | None = None
         self._streamed: set[str] = set()
         self.outputs = OutputProcessor(self.tokenizer, self.requests, self._streamed, self.metrics)
+        self._warming: threading.Thread | None = None
         compilations.install()
 
     def _pool_size(self, bytes_per_page: int, probe: SchedulerConfig) -> int:
@@ -346,14 +348,22 @@ class Engine:
 
     # ---- warm-up ------------------------------------------------------------------------------
 
-    def warmup(self, progress: bool = False) -> int:
-        """Compile every step shape (and the small helpers) now; returns how many shapes."""
+    def warmup(self, progress: bool = False, background: bool = False) -> int:
+        """Make every step shape ready (loaded or compiled) before it is needed; returns how many.
+
+        The shapes a first request needs (the fewest decode rows, alone or beside a prefill)
+        are made now. With `background`, the rest are made on a thread while the engine
+        already serves: a step that needs one of them first waits for it (a compile, or a
+        load from the caches on a restart). `wait_for_warmup()` waits for them all."""
         if self.has_unfinished():
             raise RuntimeError("warm up before adding requests")
         started = time.monotonic()
         shapes = self.sched_config.all_shapes()
-        bar = _progress(len(shapes) + 2, "compiling", progress)
-        for shape in shapes:
+        fewest = min(s.decode_rows for s in shapes)
+        first = [s for s in shapes if s.decode_rows == fewest]
+        rest = [s for s in shapes if s.decode_rows != fewest]
+        bar = _progress(len(first) + (0 if background else len(rest)) + 2, "compiling", progress)
+        for shape in first:
             self.runner.prepare(StepInputs.empty(shape, self.ban_width))
             bar.update(1)
         self.runner.copy_pages([(0, 0)])
@@ -361,13 +371,36 @@ class Engine:
         self.runner.reset_penalty_slot(0, [0], 1)
         bar.update(1)
         jax.block_until_ready(self.runner.cache)
+        if background:
+            self._warming = threading.Thread(target=self._prepare_all, args=(rest, started),
+                                             name="jaxinfer-warmup", daemon=True)
+            self._warming.start()
+        else:
+            for shape in rest:
+                self.runner.prepare(StepInputs.empty(shape, self.ban_width))
+                bar.update(1)
         bar.close()
         s = compilations.stats
         log.info("start-up: warm-up of %d step shapes in %.1f s (%d traced and lowered in %.1f s, %d loaded lowered "
-                 "in %.1f s; compiling %.1f s)", len(shapes), time.monotonic() - started, s["traced"],
-                 s["trace_seconds"], s["loaded"], s["load_seconds"], s["compile_seconds"])
+                 "in %.1f s; compiling %.1f s)%s", len(shapes) - (len(rest) if background else 0),
+                 time.monotonic() - started, s["traced"], s["trace_seconds"], s["loaded"], s["load_seconds"],
+                 s["compile_seconds"], f"; {len(rest)} more in the background" if background and rest else "")
         return len(shapes)
 
+    def _prepare_all(self, shapes, started: float) -> None:
+        try:
+            for shape in shapes:
+                self.runner.prepare(StepInputs.empty(shape, self.ban_width))
+        except Exception:  # the step that needs the shape will make it (and raise) itself
+            log.exception("background warm-up failed")
+            return
+        log.info("start-up: background warm-up done: all %d step shapes ready %.1f s after warm-up began",
+                 len(self.sched_config.all_shapes()), time.monotonic() - started)
+
+    def wait_for_warmup(self) -> None:
+        """Until a background warm-up has made every step shape."""
+        if self._warming is not None:
+            self._warming.join()
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm

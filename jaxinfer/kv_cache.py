@@ -49,20 +49,17 @@ class CacheSpec:
 
 
 def allocate(spec: CacheSpec, mesh: Mesh | None = None) -> KVCache:
-    """Zeroed page pools for every layer, sharded by their logical axes."""
-    layers = []
-    for _ in range(spec.num_layers):
-        layer = {}
-        for name in spec.entries:
-            shape = spec.array_shape(name)
-            if mesh is None:
-                layer[name] = jnp.zeros(shape, spec.dtype)
-            else:
-                target = sharding.named_sharding(spec.logical_axes(name), shape, mesh)
-                layer[name] = jax.jit(lambda s=shape: jnp.zeros(s, spec.dtype),
-                                      out_shardings=target)()
-        layers.append(layer)
-    return layers
+    """Zeroed page pools for every layer, sharded by their logical axes (one small program
+    makes them all, straight into their shardings)."""
+    shapes = {name: spec.array_shape(name) for name in spec.entries}
+
+    def zeros():
+        return [{name: jnp.zeros(shape, spec.dtype) for name, shape in shapes.items()}
+                for _ in range(spec.num_layers)]
+    if mesh is None:
+        return jax.jit(zeros)()
+    targets = {name: sharding.named_sharding(spec.logical_axes(name), shape, mesh) for name, shape in shapes.items()}
+    return jax.jit(zeros, out_shardings=[dict(targets) for _ in range(spec.num_layers)])()
 
 
 def write(pages: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:

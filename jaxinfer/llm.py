@@ -42,11 +42,15 @@ def default_dtype_name() -> str:
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str | None = None,
-                 tensor_parallel_size: int = 1, warmup: bool = True, progress: bool = True,
-                 **engine_config):
+                 tensor_parallel_size: int = 1, warmup: bool = True, warmup_in_background: bool = True,
+                 progress: bool = True, **engine_config):
         """Load `model` (GGUF file, HF directory or jaxinfer checkpoint; None: the default
         model) and start an engine. Extra keywords are EngineConfig fields
-        (max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, ...)."""
+        (max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, ...).
+
+        Warm-up makes the step shapes a first request needs before returning; with
+        `warmup_in_background` the others are made on a thread meanwhile (a step that
+        needs one sooner waits for it), else before returning too."""
         dtype_name = dtype or default_dtype_name()
         if dtype_name not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
@@ -54,7 +58,7 @@ class LLM:
         started = time.monotonic()
         loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress)
         log.info("start-up: loaded %s in %.1f s", loaded.source, time.monotonic() - started)
-        self._init(loaded, mesh, EngineConfig(**engine_config), warmup, progress)
+        self._init(loaded, mesh, EngineConfig(**engine_config), warmup, progress, warmup_in_background)
 
     @classmethod
     def from_loaded(cls, loaded: loader.LoadedModel, mesh=None, *, warmup: bool = True,
@@ -64,7 +68,8 @@ class LLM:
         self._init(loaded, mesh or make_mesh(), EngineConfig(**engine_config), warmup, progress)
         return self
 
-    def _init(self, loaded, mesh, config: EngineConfig, warmup: bool, progress: bool) -> None:
+    def _init(self, loaded, mesh, config: EngineConfig, warmup: bool, progress: bool,
+              background: bool = False) -> None:
         self.model = loaded
         self.tokenizer = loaded.tokenizer
         started = time.monotonic()
@@ -73,7 +78,7 @@ class LLM:
                  time.monotonic() - started)
         self._ids = itertools.count()
         if warmup:
-            self.engine.warmup(progress=progress)
+            self.engine.warmup(progress=progress, background=background)
 
     @property
     def config(self):

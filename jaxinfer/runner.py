@@ -10,8 +10,10 @@ scheduler says what runs, the engine packs it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +59,8 @@ class ModelRunner:
         self.replicated = sharding.replicated(mesh)
         self.penalty = jax.device_put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
         self.sampled = jax.device_put(np.zeros(max_rows, np.int32), self.replicated)
-        self._executables: dict[tuple, object] = {}  # per step shape
+        self._executables: dict[tuple, concurrent.futures.Future] = {}  # per step shape
+        self._lock = threading.Lock()
         self._out_tree = jax.tree.structure((StepOutput(0, 0, 0), self.cache, self.penalty, self.sampled))
 
         self._logits = jax.jit(self._logits_fn, donate_argnums=(1,))
@@ -93,8 +96,13 @@ class ModelRunner:
         return out
 
     def prepare(self, inputs: StepInputs) -> None:
-        """Make the executable of this step's shape ready (load or compile it) without running it."""
-        self._executable(self._args(inputs))
+        """Make the executable of this step's shape ready (load or compile it) without running it.
+        Safe beside running steps: it looks only at the arguments' shapes and shardings."""
+        args = (self.state, self.cache, self.penalty, self.sampled,
+                dataclasses.replace(inputs, buffer=jax.ShapeDtypeStruct(inputs.buffer.shape, inputs.buffer.dtype,
+                                                                        sharding=self.replicated)))
+        self._executable(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args))
 
     def _args(self, inputs: StepInputs) -> tuple:
         if inputs.shape.num_rows > self.max_rows:
@@ -103,16 +111,31 @@ class ModelRunner:
         return self.state, self.cache, self.penalty, self.sampled, inputs
 
     def _executable(self, args: tuple):
+        """The step's executable for this shape; made once, whichever thread asks first (a
+        background warm-up and the step thread may ask for the same one)."""
         inputs = args[4]
-        shape = (inputs.shape, inputs.ban_width)
-        exe = self._executables.get(shape)
-        if exe is None:
-            # What the executable depends on beyond its arguments (see compilations.load_or_compile).
-            identity = repr((self.cfg, self.attention_impl or attention.get_implementation(), self.mesh.axis_names,
-                             self.mesh.devices.shape, self.max_model_len, MAX_LOGPROBS))
-            exe = self._executables[shape] = compilations.load_or_compile(
-                self._step_fn, args, self._out_tree, (1, 2, 3), identity)
-        return exe
+        key = (inputs.shape, inputs.ban_width)
+        with self._lock:
+            made = self._executables.get(key)
+            mine = made is None
+            if mine:
+                made = self._executables[key] = concurrent.futures.Future()
+        if mine:
+            try:
+                # What the executable depends on beyond its arguments (see compilations.load_or_compile).
+                identity = repr((self.cfg, self.attention_impl or attention.get_implementation(),
+                                 self.mesh.axis_names, self.mesh.devices.shape, self.max_model_len, MAX_LOGPROBS))
+                made.set_result(compilations.load_or_compile(self._step_fn, args, self._out_tree, (1, 2, 3),
+                                                             identity))
+            except BaseException as e:
+                made.set_exception(e)
+                with self._lock:
+                    del self._executables[key]  # the next caller tries again
+        return made.result()
+
+    def is_prepared(self, shape, ban_width: int) -> bool:
+        made = self._executables.get((shape, ban_width))
+        return made is not None and made.done() and made.exception() is None
 
     def logits(self, batch: Batch) -> jax.Array:
         """Float32 logits [R, V] at batch.logits_indices, writing the batch's K/V (no sampling)."""

@@ -355,7 +355,8 @@ class Server:
         self.listening.set()
         if self.do_warmup:
             t = time.monotonic()
-            n = await asyncio.to_thread(self.engine.warmup)
+            # The shapes a first request needs are ready before SERVING; the rest follow on a thread.
+            n = await asyncio.to_thread(self.engine.warmup, background=True)
             log.info("warm-up done", extra={"shapes": n, "seconds": round(time.monotonic() - t, 1)})
         self.loop.start()
         self.ready.set()

@@ -99,12 +99,20 @@ class SchedulerConfig:
             t *= 4
         return out + [self.max_prefill_tokens]
 
+    def mixed_decode_buckets(self) -> list[int]:
+        """Decode rows of a step that also prefills: the fewest or the most. Such a step is
+        dominated by its prefill, so two sizes suffice, and the compiled shapes stay few."""
+        buckets = self.decode_buckets()
+        return sorted({buckets[0], buckets[-1]})
+
     def shape(self, decode_rows: int, prefill_tokens: int) -> BatchShape:
         return BatchShape(decode_rows, prefill_tokens, self.block_q, self.pages_per_seq,
                           self.prompt_logprob_rows)
 
     def all_shapes(self) -> list[BatchShape]:
-        return [self.shape(d, t) for d in self.decode_buckets() for t in self.prefill_buckets()]
+        """Every shape a step can take: decode-only at every decode size, then with prefill."""
+        return ([self.shape(d, 0) for d in self.decode_buckets()]
+                + [self.shape(d, t) for d in self.mixed_decode_buckets() for t in self.prefill_buckets()[1:]])
 
 
 @dataclasses.dataclass
@@ -186,6 +194,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._prefill_shapes = cfg.prefill_buckets()
         self._decode_shapes = cfg.decode_buckets()
+        self._mixed_decode_shapes = cfg.mixed_decode_buckets()
         self._max_decode_rows = self._decode_shapes[-1]
         self._running_rows: np.ndarray | None = None  # rows of `running`, in order (cached)
         self._in_step = np.zeros(cfg.max_num_seqs, bool)  # decode rows of the step being scheduled
@@ -523,19 +532,16 @@ class Scheduler:
 
     def _pick_shape(self, num_decode: int) -> BatchShape:
         cfg = self.cfg
-        decode_rows = next(d for d in self._decode_shapes if d >= num_decode)
-        prefill_tokens = 0
-        if self._prefill:
-            rows = sum(len(i.work.logit_offsets) for i in self._prefill)
-            for tokens in self._prefill_shapes[1:]:
-                shape = cfg.shape(decode_rows, tokens)
-                if (tokens >= self._prefill_tokens and shape.prefill_seqs >= len(self._prefill)
-                        and shape.prefill_rows >= rows):
-                    prefill_tokens = tokens
-                    break
-            else:
-                raise AssertionError("scheduled prefill work fits no bucket")
-        return cfg.shape(decode_rows, prefill_tokens)
+        if not self._prefill:
+            return cfg.shape(next(d for d in self._decode_shapes if d >= num_decode), 0)
+        decode_rows = next(d for d in self._mixed_decode_shapes if d >= num_decode)
+        rows = sum(len(i.work.logit_offsets) for i in self._prefill)
+        for tokens in self._prefill_shapes[1:]:
+            shape = cfg.shape(decode_rows, tokens)
+            if (tokens >= self._prefill_tokens and shape.prefill_seqs >= len(self._prefill)
+                    and shape.prefill_rows >= rows):
+                return shape
+        raise AssertionError("scheduled prefill work fits no bucket")
 
     # ---- rows, pages, forks, preemption -------------------------------------------------------
 

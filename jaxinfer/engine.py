@@ -143,6 +143,7 @@ class Engine:
         self._streamed: set[str] = set()
         self.outputs = OutputProcessor(self.tokenizer, self.requests, self._streamed, self.metrics)
         self._warming: threading.Thread | None = None
+        self._stop_warming = False
         compilations.install()
 
     def _pool_size(self, bytes_per_page: int, probe: SchedulerConfig) -> int:
@@ -359,9 +360,12 @@ class Engine:
             raise RuntimeError("warm up before adding requests")
         started = time.monotonic()
         shapes = self.sched_config.all_shapes()
+        # Made before anything runs: the shape every small step fits (the fewest decode rows
+        # beside the smallest prefill); with `background`, only it, else all of them.
         fewest = min(s.decode_rows for s in shapes)
-        first = [s for s in shapes if s.decode_rows == fewest]
-        rest = [s for s in shapes if s.decode_rows != fewest]
+        first = [min((s for s in shapes if s.decode_rows == fewest and s.prefill_tokens),
+                     key=lambda s: s.prefill_tokens, default=shapes[0])]
+        rest = [s for s in shapes if s not in first]
         bar = _progress(len(first) + (0 if background else len(rest)) + 2, "compiling", progress)
         for shape in first:
             self.runner.prepare(StepInputs.empty(shape, self.ban_width))
@@ -371,10 +375,12 @@ class Engine:
         self.runner.reset_penalty_slot(0, [0], 1)
         bar.update(1)
         jax.block_until_ready(self.runner.cache)
-        if background:
+        if background and rest:
+            self.scheduler.ready_shapes = frozenset(first)  # steps fit these until the rest are made
             self._warming = threading.Thread(target=self._prepare_all, args=(rest, started),
                                              name="jaxinfer-warmup", daemon=True)
             self._warming.start()
+            _stop_at_exit(self)
         else:
             for shape in rest:
                 self.runner.prepare(StepInputs.empty(shape, self.ban_width))
@@ -390,10 +396,15 @@ class Engine:
     def _prepare_all(self, shapes, started: float) -> None:
         try:
             for shape in shapes:
+                if self._stop_warming:
+                    return
                 self.runner.prepare(StepInputs.empty(shape, self.ban_width))
+                self.scheduler.ready_shapes = self.scheduler.ready_shapes | {shape}
         except Exception:  # the step that needs the shape will make it (and raise) itself
             log.exception("background warm-up failed")
             return
+        finally:
+            self.scheduler.ready_shapes = None
         log.info("start-up: background warm-up done: all %d step shapes ready %.1f s after warm-up began",
                  len(self.sched_config.all_shapes()), time.monotonic() - started)
 
@@ -401,6 +412,20 @@ class Engine:
         """Until a background warm-up has made every step shape."""
         if self._warming is not None:
             self._warming.join()
+
+def _stop_at_exit(engine: Engine) -> None:
+    """At interpreter exit, let a background warm-up finish the shape it is on and stop: a
+    compile still running when the interpreter goes away would abort the process."""
+    def stop():
+        engine._stop_warming = True
+        engine.wait_for_warmup()
+    register = getattr(threading, "_register_atexit", None)  # runs before non-daemon threads are joined
+    if register is not None:
+        register(stop)
+    else:
+        import atexit
+        atexit.register(stop)
+
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm

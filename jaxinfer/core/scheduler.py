@@ -197,6 +197,10 @@ class Scheduler:
         self._mixed_decode_shapes = cfg.mixed_decode_buckets()
         self._max_decode_rows = self._decode_shapes[-1]
         self._running_rows: np.ndarray | None = None  # rows of `running`, in order (cached)
+        # While a background warm-up runs: the shapes already compiled. Steps are fitted to
+        # them where the work allows (shorter prefill chunks, more decode rows than needed);
+        # None: every shape is ready.
+        self.ready_shapes: frozenset[BatchShape] | None = None
         self._in_step = np.zeros(cfg.max_num_seqs, bool)  # decode rows of the step being scheduled
 
     # ---- requests -----------------------------------------------------------------------------
@@ -489,9 +493,9 @@ class Scheduler:
         remaining = seq.remaining
         if remaining <= 1:
             return False
-        if len(self._prefill) >= cfg.max_prefill_tokens // cfg.block_q:
+        if len(self._prefill) >= self._prefill_limit() // cfg.block_q:
             return False
-        chunk = min(remaining, self._budget, cfg.max_prefill_tokens - self._prefill_tokens)
+        chunk = min(remaining, self._budget, self._prefill_limit() - self._prefill_tokens)
         chunk = self._limit_for_prompt_logprobs(seq, chunk)
         if chunk <= 0:
             return False
@@ -530,7 +534,24 @@ class Scheduler:
             return chunk
         return min(chunk, lo - seq.num_computed + left)
 
+    def _prefill_limit(self) -> int:
+        """Most prefill tokens in a step: the largest bucket, or while warming up the largest
+        ready one (a long prompt then takes more, shorter chunks instead of waiting)."""
+        ready = self.ready_shapes
+        if ready is not None:
+            sizes = [s.prefill_tokens for s in ready if s.prefill_tokens]
+            if sizes:
+                return max(sizes)
+        return self.cfg.max_prefill_tokens
+
     def _pick_shape(self, num_decode: int) -> BatchShape:
+        if self.ready_shapes is not None:  # warming up: the smallest ready shape the work fits
+            rows = sum(len(i.work.logit_offsets) for i in self._prefill)
+            fits = [s for s in self.ready_shapes
+                    if s.decode_rows >= num_decode and s.prefill_tokens >= self._prefill_tokens
+                    and s.prefill_seqs >= len(self._prefill) and s.prefill_rows >= rows]
+            if fits:
+                return min(fits, key=lambda s: (s.num_tokens, s.decode_rows))
         cfg = self.cfg
         if not self._prefill:
             return cfg.shape(next(d for d in self._decode_shapes if d >= num_decode), 0)

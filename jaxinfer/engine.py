@@ -25,13 +25,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from checkpoints.loader import LoadedModel
-from jaxinfer import attention, compilations, kv_cache
+from jaxinfer import compilations, kv_cache
 from jaxinfer.batch import build
 from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from jaxinfer.core.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from jaxinfer.core.shapes import next_bucket, pages_needed
 from jaxinfer.errors import ConfigError, InputError
+from jaxinfer.layers import attention
 from jaxinfer.metrics import EngineMetrics, percentiles
 from jaxinfer.models import family
 from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput

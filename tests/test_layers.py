@@ -62,7 +62,7 @@ def test_matmul_refuses_a_weight_type_it_does_not_know():
 
 
 def test_dummy_params_follow_each_declaration():
-    graphdef, state = params_lib.dummy_params(TINY, jnp.bfloat16, make_mesh())
+    _, state = params_lib.dummy_params(TINY, jnp.bfloat16, make_mesh())
     flat = params_lib.flat_params(state)
     for path, v in flat.items():
         value = np.asarray(params_lib.value_of(v).astype(jnp.float32))

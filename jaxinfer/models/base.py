@@ -71,12 +71,12 @@ class ModelConfig:
 def hf_common(hf: dict[str, Any]) -> dict[str, Any]:
     """The ModelConfig fields from a transformers config.json (KeyError/ValueError if malformed)."""
     eos = hf.get("eos_token_id")
-    return dict(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
-    )
+    return {
+        "vocab_size": int(hf["vocab_size"]),
+        "hidden_size": int(hf["hidden_size"]),
+        "num_layers": int(hf["num_hidden_layers"]),
+        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "bos_token_id": hf.get("bos_token_id"),
+        "eos_token_ids": tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+    }

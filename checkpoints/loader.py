@@ -1,10 +1,13 @@
 """Load any supported checkpoint: pick the reader by what the path holds.
 
     None                      -> the default model (downloaded once, cached)
-    *.gguf file               -> GGUF (quantized tensors dequantized to the compute dtype)
+    *.gguf file               -> GGUF (quantized tensors dequantized, then cast like any other)
     directory with jaxinfer.json -> jaxinfer's Orbax format (restored into the sharding)
     directory with config.json   -> HF safetensors (single file or sharded with an index)
     .bin / .pt / ... pickles  -> refused
+
+Every reader hands over tensors; each becomes the parameter its model family
+names (jaxinfer/models/), cast to that parameter's declared dtype.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from checkpoints import hf_names, orbax_io, safetensors_loader
+from checkpoints import orbax_io, safetensors_loader
 from jaxinfer import params as params_lib
-from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError
+from jaxinfer.models import ModelConfig, family
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,25 @@ class LoadedModel:
     state: nnx.State
     tokenizer: object | None  # jaxinfer.tokenizer.Tokenizer
     source: str
+    dtype: Any = dataclasses.field(kw_only=True)  # the compute dtype the model was built for
+
+    def __post_init__(self):
+        self.dtype = np.dtype(self.dtype)
+
+    @property
+    def kv_cache_dtype(self) -> np.dtype:
+        """The dtype of the KV-cache pages: the compute dtype (no cache dtype is configurable yet)."""
+        return self.dtype
+
+
+def hf_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
+              ) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(HF name, array) -> (parameter path, array in the model's layout), by the family's names."""
+    hf_param = family(cfg).hf_param
+    for name, t in tensors:
+        converted = hf_param(cfg, name, np.asarray(t))
+        if converted is not None:
+            yield converted
 
 
 def _is_gguf(path: pathlib.Path) -> bool:
@@ -58,18 +83,18 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
             return _load_gguf(path, dtype, mesh, progress)
         raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory")
     if orbax_io.is_checkpoint(path):
-        cfg, graphdef, state = orbax_io.restore(path, mesh, dtype)
+        cfg, graphdef, state, dtype = orbax_io.restore(path, mesh, dtype)
         tok_dir = path / "tokenizer"
         tokenizer = Tokenizer.from_hf_dir(tok_dir) if tok_dir.is_dir() else None
-        return LoadedModel(cfg, graphdef, state, tokenizer, str(path))
+        return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype)
     cfg = safetensors_loader.read_config(path)
     tensors = safetensors_loader.iter_tensors(path)
     tensors = tqdm(tensors, desc="loading weights", unit=" tensors", disable=not progress)
-    graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_names.convert_all(cfg, tensors))
+    graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     if tokenizer is None:
         log.warning("%s has no tokenizer.json: text prompts cannot be used with it", path)
-    return LoadedModel(cfg, graphdef, state, tokenizer, str(path))
+    return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype)
 
 
 def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool) -> LoadedModel:
@@ -81,5 +106,5 @@ def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool) -> LoadedM
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     tensors = tqdm(gguf_hf_tensors(gguf), desc="loading GGUF", unit=" tensors",
                    total=len(gguf.tensor_names), disable=not progress)
-    graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_names.convert_all(cfg, tensors))
-    return LoadedModel(cfg, graphdef, state, tokenizer, str(path))
+    graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors))
+    return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype)

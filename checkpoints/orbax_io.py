@@ -2,9 +2,14 @@
 into the target sharding.
 
 Layout of a converted checkpoint directory:
-    jaxinfer.json   format version, model config, parameter dtype
-    params/         Orbax checkpoint of {"layers.0.attn.q_proj": array, ...}
+    jaxinfer.json   format version, model config, compute dtype
+    params/         Orbax checkpoint of {"layers.0.attn.q_proj.weight": array, ...}, each
+                    array in its parameter's declared dtype
     tokenizer/      tokenizer.json + tokenizer_config.json
+
+Format version 2: parameters are named by their module path (`q_proj.weight`,
+`q_proj.bias`); version 1 named them `q_proj`, `q_bias` and is refused (convert
+the source checkpoint again).
 """
 
 from __future__ import annotations
@@ -13,36 +18,38 @@ import json
 import pathlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxinfer import params as params_lib
-from jaxinfer.params import value_of
-from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError
+from jaxinfer.models import ModelConfig, config_from_dict
+from jaxinfer.params import value_of
 
 MARKER = "jaxinfer.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _key(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def save(directory: str | pathlib.Path, cfg: ModelConfig, state: nnx.State, tokenizer=None) -> None:
+def save(directory: str | pathlib.Path, model) -> None:
+    """Write `model` (a checkpoints.loader.LoadedModel) as a jaxinfer checkpoint."""
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()):
         raise CheckpointError(f"{directory} exists and is not empty; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
-    flat = {_key(p): value_of(v) for p, v in params_lib.flat_params(state).items()}
-    dtype = str(next(iter(flat.values())).dtype)
+    flat = {_key(p): value_of(v) for p, v in params_lib.flat_params(model.state).items()}
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "params", flat)
-    if tokenizer is not None:
-        tokenizer.save(directory / "tokenizer")
+    if model.tokenizer is not None:
+        model.tokenizer.save(directory / "tokenizer")
     (directory / MARKER).write_text(json.dumps(
-        {"format_version": FORMAT_VERSION, "dtype": dtype, "config": cfg.to_dict()}, indent=1))
+        {"format_version": FORMAT_VERSION, "dtype": str(np.dtype(model.dtype)),
+         "config": model.config.to_dict()}, indent=1))
 
 
 def is_checkpoint(directory: pathlib.Path) -> bool:
@@ -54,30 +61,35 @@ def read_meta(directory: pathlib.Path) -> tuple[ModelConfig, str]:
         meta = json.loads((directory / MARKER).read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{directory} has format version {meta.get('format_version')}, "
-                                  f"this jaxinfer reads version {FORMAT_VERSION}")
-        return ModelConfig.from_dict(meta["config"]), meta["dtype"]
+                                  f"this jaxinfer reads version {FORMAT_VERSION}: convert the "
+                                  "source checkpoint again with `jaxinfer convert`")
+        return config_from_dict(meta["config"]), meta["dtype"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{directory / MARKER} is malformed: {e}") from None
 
 
 def restore(directory: str | pathlib.Path, mesh: Mesh, dtype=None
-            ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
-    """Restore params with every array placed as the sharding rules say for `mesh`."""
+            ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, np.dtype]:
+    """Restore params with every array placed as the sharding rules say for `mesh`.
+    dtype: the compute dtype to build the model for (None: the saved one); each array is
+    cast to its parameter's declared dtype. Returns (config, graphdef, state, compute dtype)."""
     directory = pathlib.Path(directory).absolute()
     cfg, saved_dtype = read_meta(directory)
-    graphdef, abstract = params_lib.abstract_model(cfg, jax.numpy.dtype(saved_dtype))
+    dtype = np.dtype(saved_dtype if dtype is None else dtype)
+    _, saved = params_lib.abstract_model(cfg, np.dtype(saved_dtype))
+    graphdef, abstract = params_lib.abstract_model(cfg, dtype)
     shardings = params_lib.param_shardings(abstract, mesh)
     flat = params_lib.flat_params(abstract)
     target = {_key(p): jax.ShapeDtypeStruct(value_of(v).shape, value_of(v).dtype, sharding=shardings[p])
-              for p, v in flat.items()}
+              for p, v in params_lib.flat_params(saved).items()}
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(directory / "params", target)
     except Exception as e:  # orbax raises many types for missing or mismatched data
         raise CheckpointError(f"cannot restore params from {directory / 'params'}: {e}") from None
     for p, v in flat.items():
-        value = restored[_key(p)]
-        if dtype is not None and value.dtype != jax.numpy.dtype(dtype):
-            value = jax.jit(lambda x: x.astype(dtype), out_shardings=shardings[p])(value)
+        value, declared = restored[_key(p)], value_of(v).dtype
+        if value.dtype != declared:
+            value = jax.jit(lambda x, d=declared: x.astype(d), out_shardings=shardings[p])(value)
         flat[p] = v.replace(value)
-    return cfg, graphdef, nnx.from_flat_state(flat)
+    return cfg, graphdef, nnx.from_flat_state(flat), dtype

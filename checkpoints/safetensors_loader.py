@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import ml_dtypes
 import numpy as np
 
-from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError
+from jaxinfer.models import ModelConfig, config_from_hf
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -35,7 +35,7 @@ def read_config(directory: pathlib.Path) -> ModelConfig:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{config_path} does not hold a JSON object")
-    return ModelConfig.from_hf(hf)
+    return config_from_hf(hf)
 
 
 def safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:

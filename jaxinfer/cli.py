@@ -385,7 +385,7 @@ def cmd_convert(args) -> int:
 
     dtype = args.dtype or default_dtype_name()
     model = loader.load(args.model, dtype=DTYPES[dtype], mesh=make_mesh(tensor=args.tensor_parallel))
-    orbax_io.save(args.output, model.config, model.state, model.tokenizer)
+    orbax_io.save(args.output, model)
     log.info("saved %s to %s", model.source, args.output)
     return 0
 

@@ -30,14 +30,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from checkpoints.loader import LoadedModel
-from jaxinfer import attention, compilations, kv_cache
+from jaxinfer import compilations, kv_cache
+from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.request import Request
 from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
-from jaxinfer.core.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from jaxinfer.core.scheduler import ScheduledStep, Scheduler
 from jaxinfer.core.shapes import next_bucket, pages_needed
 from jaxinfer.errors import ConfigError, InputError
 from jaxinfer.metrics import EngineMetrics, percentiles
-from jaxinfer.models import family
 from jaxinfer.output_processor import AbortRecord, OutputProcessor, StepRecord
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.runner import ModelRunner, StepOutput
@@ -49,46 +49,6 @@ CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU, where memory is shar
 ACCELERATOR_KV_FRACTION = 0.9  # of the memory left after the weights
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 512  # tokens per step (decode + prefill chunks)
-    max_model_len: int | None = None  # longest prompt + output; None: the model's context
-    page_size: int = 16
-    num_pages: int | None = None  # KV pages; None: sized from kv_cache_bytes
-    kv_cache_bytes: int | None = None  # None: 90% of free accelerator memory, or 1 GiB on CPU
-    block_q: int = 64  # prefill query block (attention without kernels)
-    enable_prefix_caching: bool = True
-    prompt_logprob_rows: int = 32
-    decode_sizes: tuple[int, ...] = ()  # compiled decode-row counts; empty: powers of two
-    prefill_sizes: tuple[int, ...] = ()  # compiled prefill-token counts; empty: block_q * 4^k
-    attention: str | None = None  # jaxinfer.attention implementation; None: the process default ("auto")
-
-    def validate(self) -> None:
-        problems = []
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "block_q"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                problems.append(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("page_size", "block_q"):
-            v = getattr(self, name)
-            if isinstance(v, int) and v >= 1 and v & (v - 1):
-                problems.append(f"{name} must be a power of two, got {v}")
-        if (isinstance(self.max_num_seqs, int) and isinstance(self.max_num_batched_tokens, int)
-                and self.max_num_batched_tokens < self.max_num_seqs):
-            problems.append("max_num_batched_tokens must be >= max_num_seqs")
-        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
-            problems.append(f"num_pages must be an integer >= 2, got {self.num_pages!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
-                                               or self.max_model_len < 2):
-            problems.append(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        if self.attention is not None and self.attention not in attention.IMPLEMENTATIONS:
-            problems.append(f"attention must be one of {sorted(attention.IMPLEMENTATIONS)}, "
-                            f"got {self.attention!r}")
-        if problems:
-            raise ConfigError("invalid engine configuration: " + "; ".join(problems))
-
-
 @dataclasses.dataclass
 class _InFlight:
     step: ScheduledStep
@@ -98,7 +58,6 @@ class _InFlight:
 
 class Engine:
     def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig()):
-        config.validate()
         compilations.enable_persistent_cache()
         self.model = model
         self.config = config
@@ -113,25 +72,19 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
         self.ban_width = next_bucket(MAX_STOP_TOKEN_IDS + len(self.eos_token_ids), 8)
 
-        dtype = next(iter(jax.tree.leaves(model.state))).dtype
         try:
-            probe = SchedulerConfig(
-                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len, page_size=config.page_size, block_q=config.block_q,
-                prompt_logprob_rows=config.prompt_logprob_rows,
-                enable_prefix_caching=config.enable_prefix_caching,
-                decode_sizes=tuple(config.decode_sizes), prefill_sizes=tuple(config.prefill_sizes),
-                stop_width=self.ban_width)
+            given = config.num_pages
+            config = config.replace(max_model_len=self.max_model_len, num_pages=given or 2)
+            spec = kv_cache.CacheSpec.for_model(cfg, num_pages=1, page_size=config.page_size,
+                                                dtype=model.kv_cache_dtype)
+            num_pages = given or self._pool_size(spec.bytes_per_page, config, mesh)
+            self.config = config = config.replace(num_pages=num_pages)
         except ValueError as e:
             raise ConfigError(f"invalid engine configuration: {e}") from None
-        max_rows = max(s.num_rows for s in probe.all_shapes())
-        spec = kv_cache.CacheSpec(cfg.num_layers, 1, config.page_size, family(cfg).cache_entries(cfg),
-                                  np.dtype(dtype))
-        num_pages = config.num_pages or self._pool_size(spec.bytes_per_page, probe)
-        self.sched_config = dataclasses.replace(probe, num_pages=num_pages)
-        self.scheduler = Scheduler(self.sched_config)
+        self.scheduler = Scheduler(config, stop_width=self.ban_width)
+        max_rows = max(s.num_rows for s in config.all_shapes())
         self.runner = ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
-                                  page_size=config.page_size, max_rows=max_rows,
+                                  page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
                                   penalty_slots=config.max_num_seqs, max_model_len=self.max_model_len,
                                   attention_impl=config.attention)
         log.info("KV cache: %d pages of %d tokens (%.2f GiB); max_model_len %d",
@@ -146,17 +99,20 @@ class Engine:
         self._stop_warming = False
         compilations.install()
 
-    def _pool_size(self, bytes_per_page: int, probe: SchedulerConfig) -> int:
+    def _pool_size(self, bytes_per_page: int, config: EngineConfig, mesh: Mesh) -> int:
         """Pages for the KV pool: what the config allows, never more than every sequence at
-        full length needs."""
-        most = 1 + probe.max_num_seqs * probe.pages_per_seq
-        budget = self.config.kv_cache_bytes
+        full length needs. On accelerators the budget is set by the device of the mesh with
+        the least memory free, times the devices a page is split across."""
+        most = 1 + config.max_num_seqs * config.pages_per_seq
+        budget = config.kv_cache_bytes
         if budget is None:
-            device = jax.devices()[0]
-            stats = device.memory_stats() if device.platform != "cpu" else None
-            if stats and "bytes_limit" in stats:
-                free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-                budget = int(free * ACCELERATOR_KV_FRACTION)
+            devices = list(mesh.devices.flat)
+            stats = [d.memory_stats() if d.platform != "cpu" else None for d in devices]
+            if all(s and "bytes_limit" in s for s in stats):
+                free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+                tensor = dict(mesh.shape).get("tensor", 1)
+                split = tensor if getattr(self.model.config, "num_kv_heads", 1) % tensor == 0 else 1
+                budget = int(free * ACCELERATOR_KV_FRACTION) * split
             else:
                 budget = CPU_KV_CACHE_BYTES
         pages = min(most, budget // bytes_per_page)
@@ -216,10 +172,10 @@ class Engine:
             raise InputError("stop strings need a tokenizer, and this model has none")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        need = pages_needed(len(ids) + max_tokens, self.sched_config.page_size)
-        if need > self.sched_config.num_pages - 1:
+        need = pages_needed(len(ids) + max_tokens, self.config.page_size)
+        if need > self.config.num_pages - 1:
             raise InputError(f"the request needs {need} KV pages at full length; the cache has "
-                             f"{self.sched_config.num_pages - 1}")
+                             f"{self.config.num_pages - 1}")
         return ids, max_tokens
 
     def check_prompt(self, prompt_token_ids) -> list[int]:
@@ -254,8 +210,8 @@ class Engine:
         Either way the cache starts empty."""
         if self.has_unfinished():
             raise RuntimeError("prefix caching can only be switched while the engine is idle")
-        self.sched_config = dataclasses.replace(self.sched_config, enable_prefix_caching=enabled)
-        self.scheduler.cfg = self.sched_config
+        self.config = self.config.replace(enable_prefix_caching=enabled)
+        self.scheduler.cfg = self.config
         self.scheduler.pool.reset_prefix_cache()
         self.scheduler.pool.enable_prefix_caching = enabled
 
@@ -334,7 +290,7 @@ class Engine:
 
     def inputs(self, step: ScheduledStep) -> StepInputs:
         """The step's inputs as one value, from the scheduler's decision alone."""
-        return StepInputs.from_step(step, self.ban_width, self.sched_config.page_size)
+        return StepInputs.from_step(step, self.ban_width, self.config.page_size)
 
     def _read_back(self, inflight: _InFlight) -> None:
         out = inflight.out
@@ -359,7 +315,7 @@ class Engine:
         if self.has_unfinished():
             raise RuntimeError("warm up before adding requests")
         started = time.monotonic()
-        shapes = self.sched_config.all_shapes()
+        shapes = self.config.all_shapes()
         # Made before anything runs: the shape every small step fits (the fewest decode rows
         # beside the smallest prefill); with `background`, only it, else all of them.
         fewest = min(s.decode_rows for s in shapes)
@@ -406,7 +362,7 @@ class Engine:
         finally:
             self.scheduler.ready_shapes = None
         log.info("start-up: background warm-up done: all %d step shapes ready %.1f s after warm-up began",
-                 len(self.sched_config.all_shapes()), time.monotonic() - started)
+                 len(self.config.all_shapes()), time.monotonic() - started)
 
     def wait_for_warmup(self) -> None:
         """Until a background warm-up has made every step shape."""

@@ -1,10 +1,9 @@
 """Paged KV cache: the device page pools (the host side is `jaxinfer.core.page_pool`).
 
 Each layer owns one array per cache entry, shaped [num_pages, page_size, *entry].
-A GQA layer has entries `k` and `v` ([kv_heads, head_dim] per token); an MLA
-layer would have one `latent` entry ([1, kv_lora_rank + rope_dim]). The model
-family declares its entries (`cache_entries`) and the cache is built from that
-declaration, so allocation, sharding and writing work for any attention type.
+The model family declares its entries (`cache_entries`, see jaxinfer/layers/kv.py,
+which also holds the write into the pages) and the cache is built from that
+declaration, so allocation and sharding work for any attention type.
 """
 
 from __future__ import annotations
@@ -18,14 +17,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxinfer import sharding
+from jaxinfer.layers.kv import CacheEntry
+from jaxinfer.models import ModelConfig, family
 
 KVCache = list[dict[str, jax.Array]]  # per layer: entry name -> [num_pages, page_size, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheEntry:
-    shape: tuple[int, ...]  # per token, e.g. (kv_heads, head_dim)
-    logical_axes: tuple[str | None, ...]  # e.g. ("kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +30,13 @@ class CacheSpec:
     page_size: int
     entries: Mapping[str, CacheEntry]
     dtype: jnp.dtype
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, *, num_pages: int, page_size: int, dtype) -> CacheSpec:
+        """The pools for `cfg`'s family: its entries, one set per layer, in `dtype` (the
+        model's compute dtype unless a cache dtype is configured: LoadedModel.kv_cache_dtype)."""
+        return cls(num_layers=cfg.num_layers, num_pages=num_pages, page_size=page_size,
+                   entries=family(cfg).cache_entries(cfg), dtype=jnp.dtype(dtype))
 
     def array_shape(self, name: str) -> tuple[int, ...]:
         return (self.num_pages, self.page_size, *self.entries[name].shape)
@@ -61,10 +63,3 @@ def allocate(spec: CacheSpec, mesh: Mesh | None = None) -> KVCache:
     targets = {name: sharding.named_sharding(spec.logical_axes(name), shape, mesh) for name, shape in shapes.items()}
     return jax.jit(zeros, out_shardings=[dict(targets) for _ in range(spec.num_layers)])()
 
-
-def write(pages: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """Store `values` [T, ...] at flat slots [T] of `pages` [num_pages, page_size, ...]."""
-    num_pages, page_size = pages.shape[:2]
-    flat = pages.reshape(num_pages * page_size, *pages.shape[2:])
-    flat = flat.at[slots].set(values.astype(pages.dtype), mode="drop")
-    return flat.reshape(pages.shape)

@@ -74,7 +74,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         started = time.monotonic()
         self.engine = Engine(loaded, mesh, config)
-        log.info("start-up: engine (KV cache, %d pages) in %.1f s", self.engine.sched_config.num_pages,
+        log.info("start-up: engine (KV cache, %d pages) in %.1f s", self.engine.config.num_pages,
                  time.monotonic() - started)
         self._ids = itertools.count()
         if warmup:

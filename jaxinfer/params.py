@@ -1,9 +1,10 @@
 """Parameters as data: the NNX state of a model family, split once.
 
-The model is built abstractly (no memory) to learn every parameter's path,
-shape and logical axes; arrays are then created or loaded straight into the
-sharding the rules table gives them. The runtime holds (graphdef, state) and
-merges them only while tracing the jitted step.
+The model is built abstractly (no memory) to learn every parameter's
+declaration (jaxinfer/layers/param.py): path, shape, dtype, logical axes and
+init. Arrays are then created or loaded straight into the sharding the rules
+table gives them, each in its declared dtype. The runtime holds (graphdef,
+state) and merges them only while tracing the jitted step.
 """
 
 from __future__ import annotations
@@ -13,21 +14,21 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxinfer import sharding
-from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError
-from jaxinfer.models import family
+from jaxinfer.layers.param import initial_value
+from jaxinfer.models import ModelConfig, family
 
 log = logging.getLogger(__name__)
 
 
 def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, state of ShapeDtypeStructs) without allocating anything."""
+    """(graphdef, state of ShapeDtypeStructs) without allocating anything. `dtype` is the
+    compute dtype; each parameter's own dtype is what its declaration says."""
     model = nnx.eval_shape(lambda: family(cfg).Model(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     return nnx.split(model)
 
@@ -61,7 +62,8 @@ def _with_values(state: nnx.State, values: dict[tuple, jax.Array]) -> nnx.State:
 
 def place_params(cfg: ModelConfig, dtype, mesh: Mesh,
                  tensors: Iterable[tuple[tuple, np.ndarray]]) -> tuple[nnx.GraphDef, nnx.State]:
-    """Load host arrays (our layout) onto the mesh, one tensor at a time."""
+    """Load host arrays (our layout) onto the mesh, one tensor at a time, each cast to its
+    parameter's declared dtype."""
     graphdef, state = abstract_model(cfg, dtype)
     flat = flat_params(state)
     shardings = param_shardings(state, mesh)
@@ -70,13 +72,13 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh,
         if path not in flat:
             raise CheckpointError(f"checkpoint has a tensor for {'.'.join(map(str, path))}, "
                                   "which this model does not have")
-        expected = value_of(flat[path]).shape
-        if tuple(array.shape) != tuple(expected):
+        declared = value_of(flat[path])
+        if tuple(array.shape) != tuple(declared.shape):
             raise CheckpointError(f"tensor {'.'.join(map(str, path))} has shape "
-                                  f"{tuple(array.shape)}, the config implies {tuple(expected)}")
+                                  f"{tuple(array.shape)}, the config implies {tuple(declared.shape)}")
         host = np.asarray(array)
-        if host.dtype != np.dtype(dtype):
-            host = host.astype(dtype)
+        if host.dtype != declared.dtype:
+            host = host.astype(declared.dtype)
         values[path] = jax.device_put(host, shardings[path])
     missing = [".".join(map(str, p)) for p in flat if p not in values]
     if missing:
@@ -87,18 +89,19 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh,
 
 def dummy_params(cfg: ModelConfig, dtype, mesh: Mesh, seed: int = 0
                  ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Random weights made directly on the devices, in their shardings (for benchmarks)."""
+    """Random weights made directly on the devices, in their shardings (for benchmarks):
+    each parameter as its declaration's init says (norm scales ones, biases zeros, the rest
+    small normals), in its declared dtype."""
     graphdef, state = abstract_model(cfg, dtype)
     flat = flat_params(state)
     shardings = param_shardings(state, mesh)
     values = {}
     for i, (path, v) in enumerate(flat.items()):
-        shape, is_norm = value_of(v).shape, path[-1] == "scale"
+        meta, declared = v.get_metadata(), value_of(v)
 
-        def make(key, shape=shape, is_norm=is_norm):
-            if is_norm:
-                return jnp.ones(shape, dtype)
-            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        def make(key, init=meta["init"], scale=meta["init_scale"], shape=declared.shape,
+                 dtype=declared.dtype):
+            return initial_value(init, key, shape, dtype, scale)
 
         values[path] = jax.jit(make, out_shardings=shardings[path])(jax.random.key(seed * 100003 + i))
     return graphdef, _with_values(state, values)

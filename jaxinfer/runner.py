@@ -21,12 +21,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxinfer import attention, compilations, kv_cache, sharding
+from jaxinfer import compilations, kv_cache, sharding
 from jaxinfer.batch import Batch
-from jaxinfer.config import ModelConfig
 from jaxinfer.core.sampling_params import MAX_LOGPROBS
 from jaxinfer.errors import ConfigError
-from jaxinfer.models import family
+from jaxinfer.layers import attention
+from jaxinfer.models import ModelConfig, family
 from jaxinfer.sampling import PenaltyState, reset_slot, sample
 from jaxinfer.step_inputs import StepInputs
 

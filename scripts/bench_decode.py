@@ -181,7 +181,7 @@ def xla_cache_files() -> int | None:
 
 def num_shapes(llm) -> int | None:
     try:
-        return len(llm.engine.sched_config.all_shapes())
+        return len(llm.engine.config.all_shapes())
     except AttributeError:
         return None
 
@@ -250,7 +250,7 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
     from jaxinfer.step_inputs import StepInputs, build
 
     engine = llm.engine
-    runner, sc = engine.runner, engine.sched_config
+    runner, sc = engine.runner, engine.config
     per = pages_needed(context + 1, sc.page_size)
     if 1 + b * per > sc.num_pages:
         raise RuntimeError(f"{b} x {per} pages do not fit the pool of {sc.num_pages}")

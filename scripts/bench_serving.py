@@ -119,7 +119,8 @@ def launch(args):
         from scripts.bench_throughput import LLAMA3_8B
 
         graphdef, state = params_lib.dummy_params(LLAMA3_8B, DTYPES[dtype_name], mesh)
-        loaded = LoadedModel(LLAMA3_8B, graphdef, state, None, "dummy Llama-3-8B shape")
+        loaded = LoadedModel(LLAMA3_8B, graphdef, state, None, "dummy Llama-3-8B shape",
+                             dtype=DTYPES[dtype_name])
     else:
         from checkpoints import loader
         loaded = loader.load(args.model, dtype=DTYPES[dtype_name], mesh=mesh)

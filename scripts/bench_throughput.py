@@ -31,13 +31,13 @@ import numpy as np  # noqa: E402
 
 from checkpoints.loader import LoadedModel  # noqa: E402
 from jaxinfer import params as params_lib  # noqa: E402
-from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.llm import DTYPES, LLM, default_dtype_name  # noqa: E402
 from jaxinfer.metrics import percentiles  # noqa: E402
+from jaxinfer.models import LlamaConfig  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 
-LLAMA3_8B = ModelConfig(
+LLAMA3_8B = LlamaConfig(
     architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
     num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
     rope_theta=500000.0, max_position_embeddings=8192)
@@ -147,7 +147,8 @@ def main() -> None:
         p.error(f"unknown workload in {args.workload!r}")
     if args.dummy_weights:
         graphdef, state = params_lib.dummy_params(LLAMA3_8B, DTYPES[dtype_name], mesh)
-        loaded = LoadedModel(LLAMA3_8B, graphdef, state, None, "dummy Llama-3-8B shape")
+        loaded = LoadedModel(LLAMA3_8B, graphdef, state, None, "dummy Llama-3-8B shape",
+                             dtype=DTYPES[dtype_name])
     else:
         from checkpoints import loader
         loaded = loader.load(args.model, dtype=DTYPES[dtype_name], mesh=mesh)
@@ -165,7 +166,7 @@ def main() -> None:
     warm = time.perf_counter() - t
     num_params = params_lib.num_params(loaded.state)
     peak = matmul_peak(DTYPES[dtype_name])
-    cfg = llm.engine.sched_config
+    cfg = llm.engine.config
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; model: {loaded.source} "
           f"({num_params / 1e9:.2f} B params, {dtype_name}); KV pool {cfg.num_pages} pages x {cfg.page_size}; "
           f"max_num_seqs {cfg.max_num_seqs}, max_num_batched_tokens {cfg.max_num_batched_tokens}, "

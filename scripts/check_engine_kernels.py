@@ -33,18 +33,18 @@ import numpy as np  # noqa: E402
 
 from checkpoints.loader import LoadedModel  # noqa: E402
 from jaxinfer import params as params_lib  # noqa: E402
-from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.llm import LLM  # noqa: E402
+from jaxinfer.models import LlamaConfig  # noqa: E402
 from jaxinfer.runner import ModelRunner  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 from tests.paged_runs import teacher_forced_logits  # noqa: E402
 
 MODELS = {
-    "d128_gqa4": ModelConfig(architecture="llama", vocab_size=4096, hidden_size=1024, intermediate_size=2048,
+    "d128_gqa4": LlamaConfig(architecture="llama", vocab_size=4096, hidden_size=1024, intermediate_size=2048,
                              num_layers=4, num_heads=16, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-5,
                              rope_theta=500000.0, max_position_embeddings=4096),
-    "d64_gqa3_window": ModelConfig(architecture="llama", vocab_size=4096, hidden_size=576,
+    "d64_gqa3_window": LlamaConfig(architecture="llama", vocab_size=4096, hidden_size=576,
                                    intermediate_size=1536, num_layers=4, num_heads=9, num_kv_heads=3,
                                    head_dim=64, rms_norm_eps=1e-5, rope_theta=10000.0,
                                    max_position_embeddings=4096, sliding_window=160),
@@ -98,7 +98,7 @@ def main() -> int:
     for name in args.models.split(","):
         cfg = MODELS[name]
         graphdef, state = params_lib.dummy_params(cfg, dtype, mesh, seed=3)
-        loaded = LoadedModel(cfg, graphdef, state, None, f"random {name}")
+        loaded = LoadedModel(cfg, graphdef, state, None, f"random {name}", dtype=dtype)
         diff, top = logits_diff(cfg, state, graphdef, mesh, (args.impl, args.against))
         rel = diff / top
         reqs = prompts(cfg.vocab_size)

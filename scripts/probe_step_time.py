@@ -17,11 +17,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxinfer import attention, params as params_lib  # noqa: E402
-from jaxinfer.core.shapes import BatchShape, SeqWork  # noqa: E402
+from jaxinfer import params as params_lib  # noqa: E402
 from jaxinfer.step_inputs import build  # noqa: E402
-from jaxinfer.runner import ModelRunner  # noqa: E402
 from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
+from jaxinfer.core.shapes import BatchShape, SeqWork  # noqa: E402
+from jaxinfer.layers import attention  # noqa: E402
+from jaxinfer.runner import ModelRunner  # noqa: E402
 from jaxinfer.sampling import Row, SamplingArrays  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 from scripts.bench_throughput import LLAMA3_8B  # noqa: E402

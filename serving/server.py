@@ -414,7 +414,7 @@ class Server:
 
     def model_info(self) -> pb.ModelInfo:
         engine, cfg = self.engine, self.engine.model.config
-        dtype = next(iter(jax.tree.leaves(engine.model.state))).dtype
+        dtype = engine.model.dtype
         limits = self.limits
         ctx = engine.max_model_len
         return pb.ModelInfo(

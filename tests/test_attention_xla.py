@@ -1,4 +1,4 @@
-"""jaxinfer.attention_xla (blockwise paged attention over the step Batch) agrees
+"""jaxinfer.layers.attention_xla (blockwise paged attention over the step Batch) agrees
 with the dense reference on every shape of work a step can hold, stays finite
 on padding, never builds a [groups, context] array, and lowers for TPU."""
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from jax import export
 
-from jaxinfer import attention, attention_xla
 from jaxinfer.step_inputs import build
 from jaxinfer.core.shapes import BatchShape, SeqWork
+from jaxinfer.layers import attention, attention_xla
 from pallas_kernels.paged_attention import reference
 
 _STATIC = ("sm_scale", "sliding_window", "soft_cap")

@@ -10,7 +10,8 @@ import pytest
 from jaxinfer.step_inputs import StepInputs
 from jaxinfer.core.request import Request, Status
 from jaxinfer.core.sampling_params import SamplingParams
-from jaxinfer.core.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.core.config import EngineConfig
+from jaxinfer.core.scheduler import Scheduler
 
 
 def make_request(i, prompt_len, max_tokens=4, n=1, priority=0, prompt=None, **kw):
@@ -23,7 +24,7 @@ class Sim:
     """Drives a Scheduler like the engine: dispatch N, then read back N-1."""
 
     def __init__(self, **cfg):
-        self.cfg = SchedulerConfig(**cfg)
+        self.cfg = EngineConfig(**cfg)
         self.s = Scheduler(self.cfg)
         self.inflight = None
         self.steps = []
@@ -32,7 +33,7 @@ class Sim:
         step = self.s.schedule()
         if step is not None:
             # The batch must pack without error for the picked shape.
-            StepInputs.from_step(step, self.cfg.stop_width, self.cfg.page_size)
+            StepInputs.from_step(step, self.s.stop_width, self.cfg.page_size)
             self.steps.append(step)
         if self.inflight is not None:
             self.s.update(self.inflight, np.full(self.inflight.shape.num_rows, 7, np.int32))

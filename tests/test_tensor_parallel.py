@@ -32,7 +32,7 @@ def test_tensor_parallel_logits_equal_single_device(name, tp, data_dir):
     _, _, single = run(model_dir, make_mesh())
     loaded, runner, sharded = run(model_dir, make_mesh(tensor=tp))
     # the weights really are split: q_proj's heads axis lives on tp devices
-    q_proj = params_lib.flat_params(loaded.state)[("layers", 0, "attn", "q_proj")]
+    q_proj = params_lib.flat_params(loaded.state)[("layers", 0, "attn", "q_proj", "weight")]
     value = params_lib.value_of(q_proj)
     assert len(value.sharding.device_set) == tp
     assert value.addressable_shards[0].data.shape[1] == loaded.config.num_heads // tp

@@ -9,19 +9,19 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from jaxinfer import attention
 from jaxinfer import params as params_lib
 from jaxinfer.step_inputs import StepInputs, build
-from jaxinfer.config import ModelConfig
 from jaxinfer.core.sampling_params import SamplingParams
-from jaxinfer.core.scheduler import SchedulerConfig
+from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.shapes import SeqWork
+from jaxinfer.layers import attention
+from jaxinfer.models import LlamaConfig
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import Row, SamplingArrays
 from jaxinfer.sharding import make_mesh
 
 # Small, but with head_dim 128 so the Mosaic TPU attention kernel takes it.
-SMALL_128 = ModelConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+SMALL_128 = LlamaConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-5,
                         rope_theta=10000.0, max_position_embeddings=256)
 
@@ -30,7 +30,7 @@ SMALL_128 = ModelConfig(architecture="llama", vocab_size=512, hidden_size=256, i
 def test_engine_step_lowers_for_tpu(dtype, device_kind):
     mesh = make_mesh()
     graphdef, state = params_lib.dummy_params(SMALL_128, dtype, mesh)
-    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=16,
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=16,
                           num_pages=16, block_q=16)
     runner = ModelRunner(SMALL_128, graphdef, state, mesh, num_pages=16, page_size=16,
                          penalty_slots=4, max_model_len=64)

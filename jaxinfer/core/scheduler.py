@@ -32,87 +32,12 @@ import time
 
 import numpy as np
 
+from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.page_pool import PagePool, chain_hashes
 from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.core.sampling_params import seed_for
 from jaxinfer.core.seq_table import I, SHARED_INT_COLUMNS, SI, STEP_INT_COLUMNS, SeqTable
-from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket, pages_needed
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64  # sequences running at once (decode rows of a step)
-    max_num_batched_tokens: int = 512  # tokens per step, decode and prefill together
-    max_model_len: int = 2048  # longest sequence, prompt and output
-    page_size: int = 16
-    num_pages: int = 1024  # KV pages in the pool, page 0 (scratch) included
-    block_q: int = 64  # query block of the prefill region
-    prompt_logprob_rows: int = 32  # logits rows per step for prompt logprobs
-    enable_prefix_caching: bool = True
-    # Compiled step sizes; empty: powers of two (decode rows) and block_q * 4^k (prefill tokens).
-    decode_sizes: tuple[int, ...] = ()
-    prefill_sizes: tuple[int, ...] = ()
-    stop_width: int = 72  # most stop ids (EOS included) per sequence
-
-    def __post_init__(self):
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
-        if self.block_q < 1 or self.block_q & (self.block_q - 1):
-            raise ValueError("block_q must be a power of two")
-        if self.decode_sizes and (sorted(self.decode_sizes) != list(self.decode_sizes)
-                                  or self.decode_sizes[0] < 1 or self.decode_sizes[-1] < self.max_num_seqs):
-            raise ValueError("decode_sizes must be increasing and reach max_num_seqs")
-        if self.prefill_sizes and (sorted(self.prefill_sizes) != list(self.prefill_sizes)
-                                   or any(t <= 0 or t % self.block_q for t in self.prefill_sizes)):
-            raise ValueError("prefill_sizes must be increasing multiples of block_q")
-
-    @property
-    def pages_per_seq(self) -> int:
-        return pages_needed(self.max_model_len, self.page_size)
-
-    @property
-    def max_decode_rows(self) -> int:
-        return self.decode_buckets()[-1]
-
-    @property
-    def max_prefill_tokens(self) -> int:
-        if self.prefill_sizes:
-            return self.prefill_sizes[-1]
-        return -(-self.max_num_batched_tokens // self.block_q) * self.block_q
-
-    def decode_buckets(self) -> list[int]:
-        if self.decode_sizes:
-            return list(self.decode_sizes)
-        out, d, top = [], 2, next_bucket(self.max_num_seqs, 2)
-        while d < top:
-            out.append(d)
-            d *= 2
-        return out + [top]
-
-    def prefill_buckets(self) -> list[int]:
-        """0, then block_q * 4^k, then the largest (or the configured sizes)."""
-        if self.prefill_sizes:
-            return [0, *self.prefill_sizes]
-        out, t = [0], self.block_q
-        while t < self.max_prefill_tokens:
-            out.append(t)
-            t *= 4
-        return out + [self.max_prefill_tokens]
-
-    def mixed_decode_buckets(self) -> list[int]:
-        """Decode rows of a step that also prefills: the fewest or the most. Such a step is
-        dominated by its prefill, so two sizes suffice, and the compiled shapes stay few."""
-        buckets = self.decode_buckets()
-        return sorted({buckets[0], buckets[-1]})
-
-    def shape(self, decode_rows: int, prefill_tokens: int) -> BatchShape:
-        return BatchShape(decode_rows, prefill_tokens, self.block_q, self.pages_per_seq,
-                          self.prompt_logprob_rows)
-
-    def all_shapes(self) -> list[BatchShape]:
-        """Every shape a step can take: decode-only at every decode size, then with prefill."""
-        return ([self.shape(d, 0) for d in self.decode_buckets()]
-                + [self.shape(d, t) for d in self.mixed_decode_buckets() for t in self.prefill_buckets()[1:]])
+from jaxinfer.core.shapes import BatchShape, SeqWork, pages_needed
 
 
 @dataclasses.dataclass
@@ -184,10 +109,15 @@ class StepUpdate:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig):
+    def __init__(self, cfg: EngineConfig, stop_width: int = 72):
+        """`cfg` resolved (max_model_len and num_pages set); `stop_width`: most stop ids
+        (EOS included) a sequence can have."""
+        if cfg.max_model_len is None or cfg.num_pages is None:
+            raise ValueError("the scheduler needs max_model_len and num_pages resolved")
         self.cfg = cfg
+        self.stop_width = stop_width
         self.pool = PagePool(cfg.num_pages, cfg.page_size, cfg.enable_prefix_caching)
-        self.table = SeqTable(cfg.max_num_seqs, cfg.max_model_len, cfg.pages_per_seq, cfg.stop_width)
+        self.table = SeqTable(cfg.max_num_seqs, cfg.max_model_len, cfg.pages_per_seq, stop_width)
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
         self.free_slots = list(range(cfg.max_num_seqs - 1, -1, -1))  # penalty-state rows

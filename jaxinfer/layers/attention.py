@@ -2,10 +2,11 @@
 
 Every attention type is paged. Implementations, by name:
 
-    auto       the Pallas kernels on GPU and TPU, `xla` on the CPU (default)
-    kernels    pallas_kernels/paged_attention: the Mosaic TPU kernel on TPU, the
-               Mosaic GPU kernel on GPU, the reference elsewhere
-    xla        jaxinfer/attention_xla.py: plain JAX, blockwise over pages
+    auto       the Mosaic TPU kernel on TPU and the Mosaic GPU kernel on CUDA where
+               their `supports` accepts the shapes, `xla` everywhere else (default)
+    kernels    pallas_kernels/paged_attention's public function: the platform's
+               kernel where it fits, its reference elsewhere (for tests and checks)
+    xla        jaxinfer/layers/attention_xla.py: plain JAX, blockwise over pages
     reference  pallas_kernels/paged_attention/reference.py: dense, obviously right
 
 Pick one with `EngineConfig(attention=...)` / `--attention` (the engine traces
@@ -30,8 +31,9 @@ import jax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer import attention_xla
 from jaxinfer.batch import Batch
+from jaxinfer.core.config import ATTENTION_IMPLEMENTATIONS
+from jaxinfer.layers import attention_xla
 from pallas_kernels import paged_attention as paged_kernels
 from pallas_kernels.paged_attention import gpu as paged_gpu
 from pallas_kernels.paged_attention import tpu as paged_tpu
@@ -43,28 +45,42 @@ def _reference(q, k_pages, v_pages, batch: Batch, *, sm_scale, sliding_window, s
                                    sliding_window=sliding_window, soft_cap=soft_cap)
 
 
-def _kernels(q, k_pages, v_pages, batch: Batch, *, sm_scale, sliding_window, soft_cap):
-    attend = functools.partial(paged_kernels.ragged_paged_attention, max_q_len=batch.max_q_len,
-                               sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    args = (q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens)
-    mesh = _mesh
-    if mesh is None or mesh.shape.get("tensor", 1) == 1:
-        return attend(*args)
-    tp = mesh.shape["tensor"]
-    if q.shape[1] % tp or k_pages.shape[2] % tp:
-        # Heads that do not split evenly are replicated by the model's rules; so is the kernel.
-        return attend(*args)
-    heads, page_heads = P(None, "tensor", None), P(None, None, "tensor", None)
-    return jax.shard_map(attend, mesh=mesh, in_specs=(heads, page_heads, page_heads, P(), P(), P()),
-                         out_specs=heads, check_vma=False)(*args)
+def _per_device(attend):
+    """`attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)`, run per device over the
+    heads when the trace is under a mesh with a `tensor` axis (see `on_mesh`)."""
+    def call(*args):
+        q, k_pages = args[0], args[1]
+        mesh = _mesh
+        if mesh is None or mesh.shape.get("tensor", 1) == 1:
+            return attend(*args)
+        tp = mesh.shape["tensor"]
+        if q.shape[1] % tp or k_pages.shape[2] % tp:
+            # Heads that do not split evenly are replicated by the model's rules; so is the kernel.
+            return attend(*args)
+        heads, page_heads = P(None, "tensor", None), P(None, None, "tensor", None)
+        return jax.shard_map(attend, mesh=mesh, in_specs=(heads, page_heads, page_heads, P(), P(), P()),
+                             out_specs=heads, check_vma=False)(*args)
+    return call
+
+
+def _kernel_call(kernel, q, k_pages, v_pages, batch: Batch, *, sm_scale, sliding_window, soft_cap):
+    attend = functools.partial(kernel, max_q_len=batch.max_q_len, sm_scale=sm_scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap)
+    return _per_device(attend)(q, k_pages, v_pages, batch.kv_lens, batch.page_table, batch.cu_q_lens)
+
+
+def _kernels(q, k_pages, v_pages, batch: Batch, **options):
+    return _kernel_call(paged_kernels.ragged_paged_attention, q, k_pages, v_pages, batch, **options)
 
 
 def _auto(q, k_pages, v_pages, batch: Batch, **options):
-    kernels = functools.partial(_kernels, **options)
+    # The one platform dispatch of the step: each platform's kernel where its supports() takes
+    # the shapes (e.g. not head_dim 64 with several KV heads on TPU), `xla` everywhere else.
     xla = functools.partial(attention_xla.paged_attention, **options)
-    # Shapes a kernel cannot take (e.g. head_dim 64 on TPU) fall back to `xla`, not the reference.
-    tpu = xla if paged_tpu.supports(q, k_pages, v_pages) else kernels
-    cuda = xla if paged_gpu.supports(q, k_pages, v_pages) else kernels
+    tpu = (functools.partial(_kernel_call, paged_tpu.ragged_paged_attention, **options)
+           if paged_tpu.supports(q, k_pages, v_pages) is None else xla)
+    cuda = (functools.partial(_kernel_call, paged_gpu.ragged_paged_attention, **options)
+            if paged_gpu.supports(q, k_pages, v_pages) is None else xla)
     return lax.platform_dependent(q, k_pages, v_pages, batch, tpu=tpu, cuda=cuda, default=xla)
 
 
@@ -76,6 +92,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 }
 
 _current = os.environ.get("JAXINFER_ATTENTION", "auto")
+assert set(IMPLEMENTATIONS) == set(ATTENTION_IMPLEMENTATIONS), "EngineConfig validates against that list"
 if _current not in IMPLEMENTATIONS:
     raise ValueError(f"JAXINFER_ATTENTION={_current!r}: expected one of {sorted(IMPLEMENTATIONS)}")
 

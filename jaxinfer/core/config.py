@@ -1,0 +1,118 @@
+"""The engine's configuration: one dataclass, read by the scheduler (host policy) and the
+device side alike. Fields left None (`max_model_len`, `num_pages`) are resolved by the
+engine from the model and the memory it finds; the scheduler gets the resolved copy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer.core.shapes import BatchShape, next_bucket, pages_needed
+from jaxinfer.errors import ConfigError
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "kernels", "reference", "xla")  # jaxinfer.layers.attention
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences running at once (decode rows of a step)
+    max_num_batched_tokens: int = 512  # tokens per step, decode and prefill together
+    max_model_len: int | None = None  # longest prompt + output; None: the model's context
+    page_size: int = 16
+    num_pages: int | None = None  # KV pages, page 0 (scratch) included; None: sized from kv_cache_bytes
+    kv_cache_bytes: int | None = None  # None: 90% of free accelerator memory, or 1 GiB on CPU
+    block_q: int = 64  # prefill query block
+    enable_prefix_caching: bool = True
+    prompt_logprob_rows: int = 32  # logits rows per step for prompt logprobs
+    # Compiled step sizes; empty: powers of two (decode rows) and block_q * 4^k (prefill tokens).
+    decode_sizes: tuple[int, ...] = ()
+    prefill_sizes: tuple[int, ...] = ()
+    attention: str | None = None  # jaxinfer.layers.attention implementation; None: the process default
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming every problem."""
+        problems = []
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "block_q", "prompt_logprob_rows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                problems.append(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("page_size", "block_q"):
+            v = getattr(self, name)
+            if isinstance(v, int) and v >= 1 and v & (v - 1):
+                problems.append(f"{name} must be a power of two, got {v}")
+        if (isinstance(self.max_num_seqs, int) and isinstance(self.max_num_batched_tokens, int)
+                and self.max_num_batched_tokens < self.max_num_seqs):
+            problems.append("max_num_batched_tokens must be >= max_num_seqs")
+        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+            problems.append(f"num_pages must be an integer >= 2, got {self.num_pages!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
+                                               or self.max_model_len < 2):
+            problems.append(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if self.kv_cache_bytes is not None and (not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1):
+            problems.append(f"kv_cache_bytes must be a positive integer, got {self.kv_cache_bytes!r}")
+        if self.attention is not None and self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention must be one of {sorted(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}")
+        d, p = tuple(self.decode_sizes), tuple(self.prefill_sizes)
+        if d and (sorted(d) != list(d) or d[0] < 1
+                  or (isinstance(self.max_num_seqs, int) and d[-1] < self.max_num_seqs)):
+            problems.append("decode_sizes must be increasing and reach max_num_seqs")
+        if p and (sorted(p) != list(p)
+                  or any(t <= 0 or (isinstance(self.block_q, int) and t % self.block_q) for t in p)):
+            problems.append("prefill_sizes must be increasing multiples of block_q")
+        if problems:
+            raise ConfigError("invalid engine configuration: " + "; ".join(problems))
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def pages_per_seq(self) -> int:
+        return pages_needed(self.max_model_len, self.page_size)
+
+    @property
+    def max_decode_rows(self) -> int:
+        return self.decode_buckets()[-1]
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        if self.prefill_sizes:
+            return self.prefill_sizes[-1]
+        return -(-self.max_num_batched_tokens // self.block_q) * self.block_q
+
+    def decode_buckets(self) -> list[int]:
+        if self.decode_sizes:
+            return list(self.decode_sizes)
+        out, d, top = [], 2, next_bucket(self.max_num_seqs, 2)
+        while d < top:
+            out.append(d)
+            d *= 2
+        return out + [top]
+
+    def prefill_buckets(self) -> list[int]:
+        """0, then block_q * 4^k, then the largest (or the configured sizes)."""
+        if self.prefill_sizes:
+            return [0, *self.prefill_sizes]
+        out, t = [0], self.block_q
+        while t < self.max_prefill_tokens:
+            out.append(t)
+            t *= 4
+        return out + [self.max_prefill_tokens]
+
+    def mixed_decode_buckets(self) -> list[int]:
+        """Decode rows of a step that also prefills: the fewest or the most. Such a step is
+        dominated by its prefill, so two sizes suffice, and the compiled shapes stay few."""
+        buckets = self.decode_buckets()
+        return sorted({buckets[0], buckets[-1]})
+
+    def shape(self, decode_rows: int, prefill_tokens: int) -> BatchShape:
+        return BatchShape(decode_rows, prefill_tokens, self.block_q, self.pages_per_seq,
+                          self.prompt_logprob_rows)
+
+    def all_shapes(self) -> list[BatchShape]:
+        """Every shape a step can take: decode-only at every decode size, then with prefill."""
+        return ([self.shape(d, 0) for d in self.decode_buckets()]
+                + [self.shape(d, t) for d in self.mixed_decode_buckets() for t in self.prefill_buckets()[1:]])
+
+

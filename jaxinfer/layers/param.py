@@ -1,0 +1,41 @@
+"""A parameter declared once: shape, dtype, logical axes and initializer.
+
+The declaration travels with the parameter as nnx metadata (`logical_axes`,
+`init`, `init_scale`), so everything else derives from it: shardings
+(jaxinfer/sharding.py), the dtype a checkpoint tensor is cast to on loading,
+and random weights for benchmarks (jaxinfer/params.py `dummy_params`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INITS = ("normal", "ones", "zeros")
+
+
+def initial_value(init: str, key: jax.Array | None, shape: Sequence[int], dtype,
+                  scale: float = 0.02) -> jax.Array:
+    """A value for a parameter declared with `init`: "ones" (norm scales), "zeros"
+    (biases) or "normal" (scale * N(0, 1), drawn in float32 then cast)."""
+    if init == "ones":
+        return jnp.ones(shape, dtype)
+    if init == "zeros":
+        return jnp.zeros(shape, dtype)
+    if init == "normal":
+        return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    raise ValueError(f"unknown init {init!r}: expected one of {INITS}")
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | None], dtype,
+          init: str = "normal", scale: float = 0.02) -> nnx.Param:
+    """Declare a parameter. `dtype` is the parameter's own: loading casts its
+    checkpoint tensor to it, whatever the model's compute dtype."""
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
+    key = rngs.params() if init == "normal" else None
+    return nnx.Param(initial_value(init, key, shape, dtype, scale),
+                     logical_axes=tuple(logical_axes), init=init, init_scale=scale)

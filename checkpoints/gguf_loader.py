@@ -1,7 +1,7 @@
 """Read a GGUF file: metadata -> model config, tensors -> HF-named float32 arrays.
 
-`open_gguf` wraps `gguf.GGUFReader` (which mmaps the file) and turns every way a
-file can be unreadable into a `CheckpointError` naming the file. The model
+`open_gguf` maps the file, reads its metadata and tensor infos, and turns every
+way a file can be unreadable into a `CheckpointError` naming the file. The model
 family of `general.architecture` (jaxinfer/models/) knows the rest:
 `gguf_model_config` maps the `{arch}.*` metadata onto its config, and
 `gguf_hf_tensors` dequantizes each tensor and yields it under its transformers
@@ -10,13 +10,14 @@ name and layout (undoing llama.cpp's reordering where the family has one).
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import math
 import os
 import pathlib
 from typing import Any, Iterator
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from checkpoints.gguf_quants import dequantize_tensor, qtype_name
 from jaxinfer import models
@@ -25,43 +26,137 @@ from jaxinfer.models import ModelConfig
 
 GGUF_MAGIC = b"GGUF"
 
-class _FastReader(GGUFReader):
-    """GGUFReader whose small reads slice a plain ndarray view of the mmap.
-
-    Slicing the `np.memmap` itself runs memmap's Python `__array_finalize__` on each
-    of the ~250k metadata reads of a 50k-token vocabulary; the plain view is ~4x faster.
-    """
-
-    def _get(self, offset, dtype, count=1, override_order=None):
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        count = int(count)
-        arr = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
-        order = self.byte_order if override_order is None else override_order
-        return arr.view(arr.dtype.newbyteorder(order))
+# GGUF metadata value types (the file format's numbering).
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+            11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+_FLOAT32 = 6
 
 
-# Use the fast path only while gguf-py's private `_get` keeps the signature it overrides.
-_Reader = _FastReader if list(inspect.signature(GGUFReader._get).parameters) == [
-    "self", "offset", "dtype", "count", "override_order"] else GGUFReader
+class _Truncated(Exception):
+    pass
+
+
+class _Parser:
+    """Reads GGUF's header, metadata and tensor infos straight from the mapped bytes.
+
+    (gguf-py's reader builds an object per array element: for a 49k-token vocabulary and
+    its merges that is most of a second of every start; this reads them in one pass.)"""
+
+    def __init__(self, buf: memoryview):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.buf):
+            raise _Truncated(f"needs {self.pos + n} bytes")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4), "little")
+
+    def u64(self) -> int:
+        return int.from_bytes(self.take(8), "little")
+
+    def string(self) -> str:
+        return bytes(self.take(self.u64())).decode("utf-8", errors="surrogateescape")
+
+    def value(self, kind: int):
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            sub, count = self.u32(), self.u64()
+            if sub == _STRING:
+                return self.strings(count)
+            if sub == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(count)]
+            dtype = np.dtype(_SCALARS[sub])
+            return np.frombuffer(self.take(count * dtype.itemsize), dtype).tolist()
+        dtype = np.dtype(_SCALARS[kind])
+        value = np.frombuffer(self.take(dtype.itemsize), dtype)[0].item()
+        if kind == _FLOAT32:  # shortest decimal that round-trips: 1e-05, not 9.99e-06
+            value = float(str(np.float32(value)))
+        return value
+
+    def strings(self, count: int) -> list[str]:
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Truncated(f"needs {pos + 8} bytes")
+            n = int.from_bytes(buf[pos:pos + 8], "little")
+            pos += 8
+            if pos + n > end:
+                raise _Truncated(f"needs {pos + n} bytes")
+            out.append(str(buf[pos:pos + n], "utf-8", "surrogateescape"))
+            pos += n
+        self.pos = pos
+        return out
+
+
+@dataclasses.dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file: `shape` in GGUF order (`ne`, the row first), `data` its bytes
+    (uint8 `[rows, bytes_per_row]`; for F16/F32/BF16... the typed view), as gguf-py gives them."""
+
+    name: str
+    tensor_type: int
+    shape: np.ndarray
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+    data: np.ndarray
+
+
+def _read(path: pathlib.Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+    data = np.memmap(path, mode="r")
+    p = _Parser(memoryview(data.view(np.ndarray)))
+    p.take(4)  # magic, checked by the caller
+    version = p.u32()
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors, n_kv = p.u64(), p.u64()
+    metadata = {}
+    for _ in range(n_kv):
+        key = p.string()
+        metadata[key] = p.value(p.u32())
+    infos = []
+    for _ in range(n_tensors):
+        name = p.string()
+        dims = [p.u64() for _ in range(p.u32())]
+        infos.append((name, dims, p.u32(), p.u64()))
+    align = int(metadata.get("general.alignment", 32))
+    start = -(-p.pos // align) * align
+    tensors = {}
+    for name, dims, qtype, offset in infos:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        n_elements = math.prod(dims)
+        n_bytes = n_elements * type_size // block
+        at = start + offset
+        if at + n_bytes > len(data):
+            raise _Truncated(f"tensor {name!r} needs bytes up to offset {at + n_bytes}")
+        raw = data[at:at + n_bytes].view(np.ndarray)
+        rows = list(reversed(dims))
+        typed = _TYPED.get(qtype)
+        arr = raw.view(typed).reshape(rows) if typed else raw.reshape(*rows[:-1], -1)
+        tensors[name] = GGUFTensor(name, qtype, np.array(dims, np.uint64), n_elements, n_bytes, at, arr)
+    return metadata, tensors
+
+
+_TYPED = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
 
 
 class GGUFFile:
     """An opened GGUF file.
 
     path: the file; architecture: `general.architecture`; metadata: key -> plain
-    Python value (str, int, float, bool, list); tensors: name -> `gguf.ReaderTensor`.
+    Python value (str, int, float, bool, list); tensors: name -> GGUFTensor.
     """
 
-    def __init__(self, path: pathlib.Path, reader: GGUFReader):
+    def __init__(self, path: pathlib.Path, metadata: dict[str, Any], tensors: dict[str, GGUFTensor]):
         self.path = path
-        self.reader = reader
-        self.metadata: dict[str, Any] = {}
-        for key, field in reader.fields.items():
-            if not key.startswith("GGUF."):  # version and counts, not metadata
-                self.metadata[key] = _field_value(field)
-        self.tensors = {t.name: t for t in reader.tensors}
+        self.metadata = metadata
+        self.tensors = tensors
         self.architecture: str | None = self.metadata.get("general.architecture")
 
     @property
@@ -93,34 +188,12 @@ class GGUFFile:
     def close(self) -> None:
         """Drop the mmap (arrays already yielded are copies and stay valid)."""
         self.tensors = {}
-        self.reader = None
 
     def __enter__(self) -> "GGUFFile":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _field_value(field) -> Any:
-    """A GGUF metadata field as a plain Python value (strings decoded as UTF-8)."""
-    kind = field.types[0] if field.types else None
-    if kind == GGUFValueType.STRING:
-        return bytes(field.parts[-1]).decode("utf-8", errors="surrogateescape")
-    if kind == GGUFValueType.ARRAY:
-        sub = field.types[-1] if len(field.types) > 1 else None
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape")
-                    for i in field.data]
-        if sub == GGUFValueType.ARRAY:  # nested arrays: rare; keep gguf-py's flattening
-            return field.contents()
-        if not field.data:
-            return []
-        return np.concatenate([field.parts[i] for i in field.data]).tolist()
-    value = field.parts[-1].tolist()[0]
-    if kind == GGUFValueType.FLOAT32:  # shortest decimal that round-trips: 1e-05, not 9.99e-06
-        value = float(str(np.float32(value)))
-    return value
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
@@ -142,19 +215,13 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
         raise CheckpointError(f"{path} is not a GGUF file: it starts with {head!r}, "
                               f"not the magic {GGUF_MAGIC!r}")
     try:
-        reader = _Reader(path, "r")
-    except Exception as e:  # the reader raises ValueError/KeyError/IndexError/... on bad bytes
+        metadata, tensors = _read(path)
+    except _Truncated as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes): it {e}") from None
+    except Exception as e:  # unknown types, bad UTF-8 lengths, ... on bad bytes
         raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes): the GGUF "
                               f"reader failed with {type(e).__name__}: {e}") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} needs bytes up to "
-                                  f"offset {end}, but the file has {size}")
-    try:
-        return GGUFFile(path, reader)
-    except Exception as e:
-        raise CheckpointError(f"{path} has corrupt metadata: {type(e).__name__}: {e}") from None
+    return GGUFFile(path, metadata, tensors)
 
 
 # --- config ----------------------------------------------------------------------------

@@ -190,14 +190,10 @@ class Tokenizer:
     @classmethod
     def from_gguf_file(cls, path: str | pathlib.Path) -> Tokenizer:
         """Read the tokenizer metadata of a GGUF file and build from it."""
-        import gguf  # only needed here
+        from checkpoints.gguf_loader import open_gguf  # raises CheckpointError naming the file
 
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read GGUF ({e})") from e
-        return cls.from_gguf_metadata(
-            {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")})
+        metadata = open_gguf(path).metadata
+        return cls.from_gguf_metadata({k: v for k, v in metadata.items() if k.startswith("tokenizer.")})
 
     def save(self, path: str | pathlib.Path) -> None:
         """Write `tokenizer.json` and `tokenizer_config.json`; `from_hf_dir` reads them back."""

@@ -19,7 +19,6 @@ import pathlib
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -43,6 +42,8 @@ def save(directory: str | pathlib.Path, model) -> None:
         raise CheckpointError(f"{directory} exists and is not empty; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
     flat = {_key(p): value_of(v) for p, v in params_lib.flat_params(model.state).items()}
+    import orbax.checkpoint as ocp  # only for Orbax checkpoints: a second of import otherwise
+
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "params", flat)
     if model.tokenizer is not None:
@@ -83,6 +84,8 @@ def restore(directory: str | pathlib.Path, mesh: Mesh, dtype=None
     target = {_key(p): jax.ShapeDtypeStruct(value_of(v).shape, value_of(v).dtype, sharding=shardings[p])
               for p, v in params_lib.flat_params(saved).items()}
     try:
+        import orbax.checkpoint as ocp
+
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(directory / "params", target)
     except Exception as e:  # orbax raises many types for missing or mismatched data

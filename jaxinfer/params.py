@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxinfer import sharding
 from jaxinfer.errors import CheckpointError
+from jaxinfer.layers import param as param_lib
 from jaxinfer.layers.param import initial_value
 from jaxinfer.models import ModelConfig, family
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStructs) without allocating anything. `dtype` is the
     compute dtype; each parameter's own dtype is what its declaration says."""
-    model = nnx.eval_shape(lambda: family(cfg).Model(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    with param_lib.abstract():
+        model = family(cfg).Model(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     return nnx.split(model)
 
 

@@ -35,8 +35,6 @@ from jaxinfer.batch import Batch
 from jaxinfer.core.config import ATTENTION_IMPLEMENTATIONS
 from jaxinfer.layers import attention_xla
 from pallas_kernels import paged_attention as paged_kernels
-from pallas_kernels.paged_attention import gpu as paged_gpu
-from pallas_kernels.paged_attention import tpu as paged_tpu
 
 
 def _reference(q, k_pages, v_pages, batch: Batch, *, sm_scale, sliding_window, soft_cap):
@@ -77,6 +75,10 @@ def _auto(q, k_pages, v_pages, batch: Batch, **options):
     # The one platform dispatch of the step: each platform's kernel where its supports() takes
     # the shapes (e.g. not head_dim 64 with several KV heads on TPU), `xla` everywhere else.
     xla = functools.partial(attention_xla.paged_attention, **options)
+    # Imported when a step is traced: a restart that loads its steps lowered never needs them.
+    from pallas_kernels.paged_attention import gpu as paged_gpu
+    from pallas_kernels.paged_attention import tpu as paged_tpu
+
     tpu = (functools.partial(_kernel_call, paged_tpu.ragged_paged_attention, **options)
            if paged_tpu.supports(q, k_pages, v_pages) is None else xla)
     cuda = (functools.partial(_kernel_call, paged_gpu.ragged_paged_attention, **options)

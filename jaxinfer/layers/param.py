@@ -8,7 +8,9 @@ and random weights for benchmarks (jaxinfer/params.py `dummy_params`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,22 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | Non
     checkpoint tensor to it, whatever the model's compute dtype."""
     if len(logical_axes) != len(shape):
         raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
-    key = rngs.params() if init == "normal" else None
-    return nnx.Param(initial_value(init, key, shape, dtype, scale),
-                     logical_axes=tuple(logical_axes), init=init, init_scale=scale)
+    if _abstract.get():
+        value = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+    else:
+        value = initial_value(init, rngs.params() if init == "normal" else None, shape, dtype, scale)
+    return nnx.Param(value, logical_axes=tuple(logical_axes), init=init, init_scale=scale)
+
+
+_abstract = contextvars.ContextVar("jaxinfer_abstract_params", default=False)
+
+
+@contextlib.contextmanager
+def abstract() -> Iterator[None]:
+    """Declare parameters without values (ShapeDtypeStructs): building a model's structure
+    this way traces nothing, where nnx.eval_shape traces every initializer."""
+    token = _abstract.set(True)
+    try:
+        yield
+    finally:
+        _abstract.reset(token)

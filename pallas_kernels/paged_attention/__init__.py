@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import jax
 from jax import lax
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.paged_attention import gpu as _gpu
 from pallas_kernels.paged_attention import reference as _reference
-from pallas_kernels.paged_attention import tpu as _tpu
 
 reference = _reference.ragged_paged_attention
 
@@ -39,6 +36,12 @@ def ragged_paged_attention(
     v_scale: jax.Array | None = None,
     interpret=None,  # None: by platform; plgpu.InterpretGPUParams: GPU kernel; True/pltpu.InterpretParams: TPU
 ) -> jax.Array:  # [T, q_heads, head_dim], rows of padding tokens are zero
+    # The kernels (and Mosaic GPU) are imported when traced, not when this package is.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels.paged_attention import gpu as _gpu
+    from pallas_kernels.paged_attention import tpu as _tpu
+
     options = dict(max_q_len=max_q_len, sm_scale=sm_scale, sliding_window=sliding_window,
                    soft_cap=soft_cap)
     args = (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens)

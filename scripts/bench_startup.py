@@ -4,7 +4,8 @@ the caches (lowered steps, XLA executables), then timed `--runs` times.
     python scripts/bench_startup.py            # default model: LLM(), and `jaxinfer serve` to SERVING
     python scripts/bench_startup.py --runs 5
 
-`LLM()` is timed from process start to its return (imports included). `serve` is timed from
+`LLM()` is timed from process start to its return (imports included; the interpreter's exit
+after it is not). `serve` is timed from
 process start to the gRPC health check answering SERVING. Prints a table and each run's
 INFO start-up lines (where the time went: load, engine, warm-up).
 """
@@ -28,12 +29,19 @@ LLM_SNIPPET = ("import logging, time; t = time.monotonic(); "
 
 
 def time_llm() -> tuple[float, list[str]]:
+    """Process start to LLM() returning (the snippet prints READY then); the process then exits
+    on its own, letting the background warm-up finish the shape it is on."""
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", LLM_SNIPPET], cwd=ROOT, capture_output=True, text=True,
-                          check=True)
-    took = time.monotonic() - started
-    lines = [line for line in done.stderr.splitlines() if "start-up" in line]
-    return took, lines
+    proc = subprocess.Popen([sys.executable, "-c", LLM_SNIPPET], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    took = None
+    for line in proc.stdout:
+        if line.startswith("READY"):
+            took = time.monotonic() - started
+    _, err = proc.communicate(timeout=600)
+    if proc.returncode or took is None:
+        raise RuntimeError(f"LLM() failed ({proc.returncode}): {err[-2000:]}")
+    return took, [line for line in err.splitlines() if "start-up" in line]
 
 
 def free_port() -> int:

@@ -71,7 +71,8 @@ def engine_for(running: int, tok):
 
     from checkpoints import loader
     from jaxinfer.core.sampling_params import MAX_LOGPROBS
-    from jaxinfer.engine import Engine, EngineConfig
+    from jaxinfer.core.config import EngineConfig
+    from jaxinfer.engine import Engine
     from jaxinfer.sharding import make_mesh
 
     mesh = make_mesh()
@@ -79,7 +80,7 @@ def engine_for(running: int, tok):
                         progress=False)
     # The tiny model's context is short; the bench runs long sequences.
     model = dataclasses.replace(model, tokenizer=tok,
-                                config=model.config.replace(max_position_embeddings=MAX_MODEL_LEN))
+                                config=dataclasses.replace(model.config, max_position_embeddings=MAX_MODEL_LEN))
     pages = running * (MAX_MODEL_LEN // 16 + 1) + 1
     config = EngineConfig(max_num_seqs=max(running, 2), max_num_batched_tokens=max(512, running),
                           max_model_len=MAX_MODEL_LEN, num_pages=pages, enable_prefix_caching=True)

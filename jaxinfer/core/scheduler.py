@@ -36,7 +36,7 @@ from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.page_pool import PagePool, chain_hashes
 from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.core.sampling_params import seed_for
-from jaxinfer.core.seq_table import I, SHARED_INT_COLUMNS, SI, STEP_INT_COLUMNS, SeqTable
+from jaxinfer.core.seq_table import SI, SeqTable
 from jaxinfer.core.shapes import BatchShape, SeqWork, pages_needed
 
 
@@ -176,7 +176,7 @@ class Scheduler:
 
         # Forks first: a parent whose prompt is in becomes its n sequences.
         rows = self._rows()
-        if len(rows) and t.target_cut[rows].any():
+        if t.num_parents:
             ready = rows[(t.target_cut[rows] == 1) & (t.num_computed[rows] == t.prompt_len[rows] - 1)]
             for seq in t.seqs[ready].tolist():
                 if seq.status is Status.RUNNING:
@@ -185,11 +185,15 @@ class Scheduler:
         decode = self._schedule_decodes()
         self._budget -= len(decode)
 
-        # Prefill chunks of running sequences, in priority order.
+        # Prefill chunks of running sequences, in priority order (none when all of them decode).
         rows = self._rows()
-        known = t.num_tokens[rows] + t.pending[rows]
-        left = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, known) - t.num_computed[rows]
-        for i in np.flatnonzero(left > 1).tolist():
+        if len(decode) < len(rows):
+            known = t.num_tokens[rows] + t.pending[rows]
+            left = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, known) - t.num_computed[rows]
+            prefilling = np.flatnonzero(left > 1).tolist()
+        else:
+            prefilling = []
+        for i in prefilling:
             if self._budget <= 0:
                 break
             seq = self.running[i] if i < len(self.running) else None
@@ -222,8 +226,9 @@ class Scheduler:
         rows = self._rows()
         if not len(rows):
             return rows
-        known = t.num_tokens[rows] + t.pending[rows]
-        target = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, known)
+        target = t.num_tokens[rows] + t.pending[rows]
+        if t.num_parents:
+            target = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, target)
         decode = rows[target - t.num_computed[rows] == 1]
         need = decode[t.num_computed[decode] >= t.num_pages[decode] * ps]
         if len(need) > self.pool.num_free_pages:
@@ -262,48 +267,38 @@ class Scheduler:
     def _finalize(self, decode: np.ndarray) -> ScheduledStep:
         t = self.table
         shape = self._pick_shape(len(decode))
-        D = shape.decode_rows
         positions = t.num_computed[decode] - 1
-        pending = t.pending[decode]
-        parent = t.target_cut[decode] == 1
-        feed = np.where(pending > 0, t.pending_row[decode], -1).astype(np.int32)
         tokens = t.token_ids[decode, positions]  # a pending one is fed: whatever is there is ignored
-        pages = t.page_table[decode]
+        feed = t.pending_row[decode]  # -1 where nothing is pending
 
         # Logits rows: one per decode row, then the prefill items' rows.
-        if not self._prefill:
-            seq_row, position, target = decode, positions + 1, None
-            sample_rows = np.flatnonzero(~parent).astype(np.int32)
-            sample_seq_rows = decode[~parent]
+        if not self._prefill and not t.num_parents:
+            seq_row, position = decode, positions + 1
+            sample_rows = np.arange(len(decode), dtype=np.int32)
+            sample_seq_rows = decode
             prompt_scores = []
+            ints = t.int_cols[seq_row]
+            ints[:, SI["position"]] = position
         else:
             seq_row, position, target, sample_rows, sample_seq_rows, prompt_scores = self._prefill_rows(
-                decode, positions, parent, D)
-        n = len(seq_row)
-        ints = np.empty((n, len(STEP_INT_COLUMNS)), np.int32)
-        ints[:, :SHARED_INT_COLUMNS] = t.int_cols[seq_row, :SHARED_INT_COLUMNS]
-        ints[:, SI["position"]] = position
-        want_top = t.int_cols[seq_row, I["logprobs"]] > 0
-        if target is None:
-            ints[:, SI["target"]] = -1
-            banned = position < t.min_len[seq_row]
-        else:
+                decode, positions, t.target_cut[decode] == 1, shape.decode_rows)
+            ints = t.int_cols[seq_row]
+            ints[:, SI["position"]] = position
             ints[:, SI["target"]] = target
-            scoring = target >= 0
-            banned = ~scoring & (position < t.min_len[seq_row])
-            ints[scoring, SI["penalty_slot"]] = -1  # scoring a prompt token neither applies nor counts penalties
-            want_top = np.where(scoring, t.int_cols[seq_row, I["prompt_logprobs"]] > 0, want_top)
-        ints[:, SI["want_top"]] = want_top
-        logits = LogitsRows(seq_row, position, want_top, banned, t.float_cols[seq_row], ints,
+            scoring = np.flatnonzero(target >= 0)
+            if len(scoring):  # scoring a prompt token neither applies nor counts penalties
+                ints[scoring, SI["penalty_slot"]] = -1
+                ints[scoring, SI["want_top"]] = [bool(t.seqs[r].request.params.prompt_logprobs)
+                                                 for r in seq_row[scoring].tolist()]
+        banned = (ints[:, SI["target"]] < 0) & (position < t.min_len[seq_row])
+        logits = LogitsRows(seq_row, position, ints[:, SI["want_top"]] > 0, banned, t.float_cols[seq_row], ints,
                             t.stop_ids[seq_row] if banned.any() else t.stop_ids[:0])
         t.pending[sample_seq_rows] += 1
         t.pending_row[sample_seq_rows] = sample_rows
-        self._register_decoded_pages(decode)
-        num_tokens = len(decode) + self._prefill_tokens
         return ScheduledStep(
-            shape, decode, tokens, feed, positions, pages, t.seqs[decode], self._prefill, logits,
-            sample_rows, sample_seq_rows, t.occupancy[sample_seq_rows].copy(), prompt_scores,
-            self._copies, self._resets, num_tokens)
+            shape, decode, tokens, feed, positions, t.page_table[decode], t.seqs[decode], self._prefill, logits,
+            sample_rows, sample_seq_rows, t.occupancy[sample_seq_rows], prompt_scores,
+            self._copies, self._resets, len(decode) + self._prefill_tokens)
 
     def _prefill_rows(self, decode, positions, parent, D):
         """Logits rows of a step with prefill chunks: the decode rows, then per chunk its
@@ -343,6 +338,7 @@ class Scheduler:
         rows, at = step.sample_seq_rows[fresh], step.sample_rows[fresh]
         new = np.asarray(tokens)[at]
         t.pending[rows] -= 1
+        t.pending_row[rows] = -1
         t.append(rows, new)
         n = t.num_tokens[rows]
         stop = (t.stop_ids[rows] == new[:, None]).any(axis=1) & (n > t.min_len[rows])
@@ -561,7 +557,7 @@ class Scheduler:
             req.sequences.append(child)
             bisect.insort(self.running, child, key=lambda s: s.sort_key)
         req.forked = True
-        t.target_cut[parent.row] = 0
+        t.clear_cut(parent.row)
         self._running_rows = None
         return True
 
@@ -581,20 +577,15 @@ class Scheduler:
 
     def _take_slot(self, seq: Sequence) -> None:
         seq.penalty_slot = self.free_slots.pop()
-        self.table.int_cols[seq.row, I["penalty_slot"]] = seq.penalty_slot
+        self.table.int_cols[seq.row, SI["penalty_slot"]] = seq.penalty_slot
         self._resets.append((seq.penalty_slot, seq.tokens, seq.prompt_len))
 
-    def _register_decoded_pages(self, decode: np.ndarray) -> None:
-        """Offer the pages that this step's decodes fill."""
-        if not self.cfg.enable_prefix_caching or not len(decode):
-            return
-        t = self.table
-        full = decode[t.num_computed[decode] % self.cfg.page_size == 0]
-        for seq in t.seqs[full]:
-            self._register_full_pages(seq)
-
     def _register_full_pages(self, seq: Sequence) -> None:
-        """Offer pages whose tokens are all known and whose K/V is (being) written to the cache."""
+        """Offer pages whose tokens are all known and whose K/V is (being) written to the cache.
+
+        Called as prompts are prefilled (where other requests share prefixes) and when a
+        sequence leaves (finished or preempted); the pages its decodes fill in between are
+        offered then, so a decode step never hashes."""
         if not self.cfg.enable_prefix_caching:
             return
         ps, t = self.cfg.page_size, self.table

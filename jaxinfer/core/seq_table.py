@@ -21,16 +21,12 @@ import numpy as np
 
 from jaxinfer.core.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
-# Sampling settings per sequence. A step's logits rows carry FLOAT_COLUMNS and
-# STEP_INT_COLUMNS (jaxinfer.step_inputs packs them as they are); the table's int
-# columns start with the step's and add what only the host needs.
+# Sampling settings per sequence, in the layout of a step's logits rows (jaxinfer.step_inputs
+# packs them as they are): a decode row is its sequence's row with `position` filled in.
 FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 STEP_INT_COLUMNS = ("top_k", "seed_hi", "seed_lo", "penalty_slot", "position", "target", "want_top")
-INT_COLUMNS = ("top_k", "seed_hi", "seed_lo", "penalty_slot", "logprobs", "prompt_logprobs")
 F = {name: i for i, name in enumerate(FLOAT_COLUMNS)}
 SI = {name: i for i, name in enumerate(STEP_INT_COLUMNS)}
-I = {name: i for i, name in enumerate(INT_COLUMNS)}
-SHARED_INT_COLUMNS = 4  # top_k, seed_hi, seed_lo, penalty_slot: the same in both
 
 
 class SeqTable:
@@ -52,7 +48,8 @@ class SeqTable:
         self.target_cut = np.zeros(capacity, np.int32)  # 1: an unforked n > 1 parent stops a token short
         self.stop_ids = np.full((capacity, stop_width), -1, np.int32)  # EOS (unless ignored) + stop_token_ids
         self.float_cols = np.zeros((capacity, len(FLOAT_COLUMNS)), np.float32)
-        self.int_cols = np.zeros((capacity, len(INT_COLUMNS)), np.int32)
+        self.int_cols = np.zeros((capacity, len(STEP_INT_COLUMNS)), np.int32)
+        self.num_parents = 0  # rows with target_cut set
         self.occupancy = np.full(capacity, -1, np.int64)
         self.seqs = np.empty(capacity, object)  # the Sequence in each row, None if free
         self._free = list(range(capacity - 1, -1, -1))
@@ -78,19 +75,21 @@ class SeqTable:
         self.max_len[row] = max_len
         self.min_len[row] = plen + params.min_tokens
         self.target_cut[row] = 1 if seq.is_unforked_parent else 0
+        self.num_parents += int(self.target_cut[row])
         stops = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(eos_ids))
         self.stop_ids[row] = -1
         self.stop_ids[row, :len(stops)] = stops
         greedy = params.temperature < GREEDY_TEMPERATURE
         self.float_cols[row] = (0.0 if greedy else params.temperature, params.top_p, params.min_p,
                                 params.presence_penalty, params.frequency_penalty, params.repetition_penalty)
-        self.int_cols[row] = (min(params.top_k, 2**31 - 1), _i32(seed >> 32), _i32(seed), -1,
-                              params.logprobs or 0, params.prompt_logprobs or 0)
+        self.int_cols[row] = (min(params.top_k, 2**31 - 1), _i32(seed >> 32), _i32(seed), -1, 0, -1,
+                              1 if params.logprobs else 0)
         self.occupancy[row] = next(self._occupants)
         self.seqs[row] = seq
         return row
 
     def release(self, row: int) -> None:
+        self.clear_cut(row)
         self.occupancy[row] = -1
         self.seqs[row] = None
         self._free.append(row)
@@ -105,12 +104,18 @@ class SeqTable:
             column[row] = column[src]
         self.target_cut[row] = 0
         self.num_pages[row] = 0
-        self.int_cols[row, I["seed_hi"]] = _i32(seed >> 32)
-        self.int_cols[row, I["seed_lo"]] = _i32(seed)
-        self.int_cols[row, I["penalty_slot"]] = -1
+        self.int_cols[row, SI["seed_hi"]] = _i32(seed >> 32)
+        self.int_cols[row, SI["seed_lo"]] = _i32(seed)
+        self.int_cols[row, SI["penalty_slot"]] = -1
         self.occupancy[row] = next(self._occupants)
         self.seqs[row] = seq
         return row
+
+    def clear_cut(self, row: int) -> None:
+        """The row's parent has forked (or left): it is an ordinary sequence now."""
+        if self.target_cut[row]:
+            self.target_cut[row] = 0
+            self.num_parents -= 1
 
     def tokens(self, row: int) -> np.ndarray:
         return self.token_ids[row, :self.num_tokens[row]]

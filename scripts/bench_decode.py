@@ -112,50 +112,28 @@ def parse_args(argv=None):
 # ==== the jaxinfer part (child process; the only code that imports jax) =========================================
 
 def model_config(tiny: bool):
-    from jaxinfer.config import ModelConfig
+    from jaxinfer.models import LlamaConfig
 
     if tiny:
-        return ModelConfig(architecture="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+        return LlamaConfig(architecture="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
                            rope_theta=500000.0, max_position_embeddings=1024)
-    return ModelConfig(  # the LLAMA3_8B of scripts/bench_throughput.py
+    return LlamaConfig(  # the LLAMA3_8B of scripts/bench_throughput.py
         architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
         rope_theta=500000.0, max_position_embeddings=8192)
 
 
 def dummy_model(cfg, dtype, mesh):
-    """Random weights on the device, as params.dummy_params makes them, but with one compiled initializer per
-    distinct (shape, kind) instead of one per tensor: 9 compiles instead of 291 for the 8B shape. Falls back to
-    params.dummy_params if the helpers it needs have moved."""
+    """Random weights on the device (params.dummy_params: one compiled initializer per kind)."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
     from checkpoints.loader import LoadedModel
     from jaxinfer import params as P
 
-    needed = ("abstract_model", "flat_params", "param_shardings", "value_of")
-    if not all(hasattr(P, n) for n in needed):
-        graphdef, state = P.dummy_params(cfg, dtype, mesh)
-        return LoadedModel(cfg, graphdef, state, None, "dummy (params.dummy_params)")
-    graphdef, state = P.abstract_model(cfg, dtype)
-    flat = P.flat_params(state)
-    shardings = P.param_shardings(state, mesh)
-    makers = {}
-    for i, (path, v) in enumerate(flat.items()):
-        shape, is_norm = tuple(P.value_of(v).shape), path[-1] == "scale"
-        key = (shape, is_norm, shardings[path])
-        if key not in makers:
-            def make(k, shape=shape, is_norm=is_norm):
-                if is_norm:
-                    return jnp.ones(shape, dtype)
-                return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-            makers[key] = jax.jit(make, out_shardings=shardings[path])
-        flat[path] = v.replace(makers[key](jax.random.key(i)))
-    state = nnx.from_flat_state(flat)
+    graphdef, state = P.dummy_params(cfg, dtype, mesh)
     jax.block_until_ready(jax.tree.leaves(state))
-    return LoadedModel(cfg, graphdef, state, None, f"dummy ({len(makers)} initializers)")
+    return LoadedModel(cfg, graphdef, state, None, "dummy (params.dummy_params)", dtype=dtype)
 
 
 def engine_config(b: int, args) -> dict:

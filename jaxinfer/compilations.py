@@ -145,7 +145,7 @@ def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identit
             stats["loaded"] += 1
             stats["load_seconds"] += time.monotonic() - started
         else:
-            exported = jax.export.export(jitted, platforms=[devices[0].platform])(*leaves)
+            exported = jax.export.export(jitted)(*leaves)  # for the default backend ("cuda", not "gpu")
             stats["traced"] += 1
             stats["trace_seconds"] += time.monotonic() - started
             try:

@@ -34,12 +34,25 @@ class Sim:
         if step is not None:
             # The batch must pack without error for the picked shape.
             StepInputs.from_step(step, self.s.stop_width, self.cfg.page_size)
+            self.check_feeds(step)
             self.steps.append(step)
         if self.inflight is not None:
             self.s.update(self.inflight, np.full(self.inflight.shape.num_rows, 7, np.int32))
         self.inflight = step
         self.s.pool.check()
         return step
+
+    def check_feeds(self, step):
+        """A decode whose token is still in flight feeds it from the row the step before
+        sampled it at; any other decode feeds its last known token."""
+        prev = self.inflight
+        for i, (row, seq) in enumerate(zip(step.decode_seq_rows, step.decode_seqs)):
+            feed = int(step.decode_feed[i])
+            if feed >= 0:
+                assert prev is not None and feed in prev.sample_rows.tolist(), (seq, feed)
+                assert int(prev.sample_seq_rows[prev.sample_rows.tolist().index(feed)]) == row
+            else:
+                assert int(step.decode_tokens[i]) == seq.tokens[int(step.decode_positions[i])]
 
     def run(self, limit=10_000):
         for _ in range(limit):

@@ -338,7 +338,9 @@ class Scheduler:
         rows, at = step.sample_seq_rows[fresh], step.sample_rows[fresh]
         new = np.asarray(tokens)[at]
         t.pending[rows] -= 1
-        t.pending_row[rows] = -1
+        # Nothing left in flight: nothing to feed. (A sequence already in the next step keeps
+        # its pending row, which points into that step's samples.)
+        t.pending_row[rows[t.pending[rows] == 0]] = -1
         t.append(rows, new)
         n = t.num_tokens[rows]
         stop = (t.stop_ids[rows] == new[:, None]).any(axis=1) & (n > t.min_len[rows])

@@ -169,7 +169,7 @@ class _Writer:
 class _Line:
     number: int
     request_id: object = None  # the line's id, once known to be valid
-    prompt: object = None  # what LLM.encode takes
+    prompt: object = None  # what InputProcessor.encode takes
     params: SamplingParams | None = None
     priority: int = 0
     error: str | None = None
@@ -400,10 +400,10 @@ def run_batch(llm, input_path: str, output_path: str, defaults: Mapping | None =
             seen.add(key)
         if line.error is None:
             try:
-                ids, text = llm.encode(line.prompt)
-                engine.check_request(ids, line.params)
+                prompt = engine.input_processor.process(line.prompt, line.params)
                 engine_id = f"batch-{number}"
-                engine.add_request(engine_id, ids, line.params, prompt=text, priority=line.priority)
+                engine.add_request(engine_id, prompt.token_ids, prompt.params, prompt=prompt.text,
+                                   priority=line.priority)
             except InputError as e:
                 line.error = str(e)
             else:

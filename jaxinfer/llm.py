@@ -25,14 +25,13 @@ from checkpoints import loader
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.errors import InputError
+from jaxinfer.input_processor import PromptType
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-PromptType = str | Sequence[int] | Mapping[str, object]
 
 
 def default_dtype_name() -> str:
@@ -88,40 +87,7 @@ class LLM:
 
     def encode(self, prompt: PromptType) -> tuple[list[int], str | None]:
         """Token ids (and text, if any) of one prompt in any accepted form."""
-        if isinstance(prompt, str):
-            return self._encode_text(prompt), prompt
-        if isinstance(prompt, Mapping):
-            keys = set(prompt) & {"prompt", "prompt_token_ids", "messages"}
-            if len(keys) != 1:
-                raise InputError("a prompt dict needs exactly one of 'prompt', 'prompt_token_ids' "
-                                 f"or 'messages', got keys {sorted(prompt)}")
-            key = keys.pop()
-            if key == "prompt":
-                if not isinstance(prompt["prompt"], str):
-                    raise InputError("'prompt' must be a string")
-                return self._encode_text(prompt["prompt"]), prompt["prompt"]
-            if key == "messages":
-                return self._encode_chat(prompt["messages"])
-            return self.engine.check_prompt(prompt["prompt_token_ids"]), None
-        if isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
-            return self.engine.check_prompt(prompt), None
-        raise InputError(f"a prompt must be text, token ids or a dict, got {type(prompt).__name__}")
-
-    def _need_tokenizer(self):
-        if self.tokenizer is None:
-            raise InputError(f"{self.model.source} has no tokenizer: pass token ids instead of text")
-        return self.tokenizer
-
-    def _encode_text(self, text: str) -> list[int]:
-        if not text:
-            raise InputError("the prompt is empty")
-        return self._need_tokenizer().encode(text)
-
-    def _encode_chat(self, messages) -> tuple[list[int], str]:
-        tok = self._need_tokenizer()
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        # The template already holds any BOS/special tokens it wants.
-        return tok.encode(text, add_special_tokens=False), text
+        return self.engine.input_processor.encode(prompt)
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -136,16 +102,14 @@ class LLM:
         params = self._params_for(prompts, sampling_params)
         if priority is not None and len(priority) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(priority)} priorities")
-        encoded = []
+        processor = self.engine.input_processor
+        requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                ids, text = self.encode(prompt)
-                self.engine.check_request(ids, p)
+                prompt = processor.process(prompt, p)
             except InputError as e:
                 raise InputError(f"prompt {i}: {e}") from None
-            encoded.append((ids, text))
-        requests = [(ids, text, p, 0 if priority is None else priority[i])
-                    for i, ((ids, text), p) in enumerate(zip(encoded, params))]
+            requests.append((prompt.token_ids, prompt.text, p, 0 if priority is None else priority[i]))
         return self._run(requests, use_tqdm)
 
     def chat(self, messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
@@ -159,11 +123,10 @@ class LLM:
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None
                ) -> Iterator[RequestOutput]:
         """Yield one request's output (cumulative) each time it has new tokens."""
-        ids, text = self.encode(prompt)
-        params = sampling_params or SamplingParams()
+        prompt = self.engine.input_processor.process(prompt, sampling_params or SamplingParams())
         engine = self.engine
         request_id = f"stream-{next(self._ids)}"
-        engine.add_request(request_id, ids, params, prompt=text, stream=True)
+        engine.add_request(request_id, prompt.token_ids, prompt.params, prompt=prompt.text, stream=True)
         try:
             while True:
                 for out in engine.step():

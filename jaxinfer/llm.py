@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from checkpoints import loader
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.engine_driver import EngineDriver
 from jaxinfer.errors import InputError
-from jaxinfer.input_processor import PromptType
+from jaxinfer.input_processor import ProcessedPrompt, PromptType
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sharding import make_mesh
 
@@ -106,10 +107,9 @@ class LLM:
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                prompt = processor.process(prompt, p)
+                requests.append((processor.process(prompt, p), 0 if priority is None else priority[i]))
             except InputError as e:
                 raise InputError(f"prompt {i}: {e}") from None
-            requests.append((prompt.token_ids, prompt.text, p, 0 if priority is None else priority[i]))
         return self._run(requests, use_tqdm)
 
     def chat(self, messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
@@ -124,19 +124,14 @@ class LLM:
                ) -> Iterator[RequestOutput]:
         """Yield one request's output (cumulative) each time it has new tokens."""
         prompt = self.engine.input_processor.process(prompt, sampling_params or SamplingParams())
-        engine = self.engine
         request_id = f"stream-{next(self._ids)}"
-        engine.add_request(request_id, prompt.token_ids, prompt.params, prompt=prompt.text, stream=True)
-        try:
-            while True:
-                for out in engine.step():
-                    if out.request_id == request_id:
-                        yield out
-                        if out.finished:
-                            return
-        finally:
-            engine.abort(request_id)
-            engine.drain()  # the step in flight
+        with EngineDriver(self.engine) as driver:  # a consumer that stops early aborts the request
+            driver.add(request_id, prompt.token_ids, prompt.params, request_id, prompt=prompt.text, stream=True)
+            for out, tag in driver.run():
+                if tag is not None:
+                    yield out
+                    if out.finished:
+                        return
 
     def _params_for(self, prompts, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
@@ -151,45 +146,30 @@ class LLM:
                 raise InputError(f"sampling parameters {i} must be SamplingParams, got {type(p).__name__}")
         return params
 
-    def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[ProcessedPrompt, int]], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm.auto import tqdm
 
-        engine = self.engine
-        # Keep the waiting queue short: a million prompts are fed as room appears.
-        window = 4 * engine.config.max_num_seqs
-        order: dict[str, int] = {}
         results: list[RequestOutput | None] = [None] * len(requests)
-        pending = iter(enumerate(requests))
         bar = tqdm(total=len(requests), desc="generating", unit="req", disable=not use_tqdm)
         out_tokens = 0
-        try:
-            exhausted = False
-            while True:
-                while not exhausted and engine.num_waiting < window:
-                    nxt = next(pending, None)
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    i, (ids, text, p, prio) = nxt
-                    request_id = f"{next(self._ids)}"
-                    order[request_id] = i
-                    engine.add_request(request_id, ids, p, prompt=text, priority=prio)
-                if exhausted and not engine.has_unfinished():
-                    break
-                for out in engine.step():
-                    if not out.finished or out.request_id not in order:
+        with EngineDriver(self.engine) as driver:  # on an exception, aborts what is left
+
+            def feed():
+                for i, (prompt, priority) in enumerate(requests):
+                    driver.add(f"{next(self._ids)}", prompt.token_ids, prompt.params, i, prompt=prompt.text,
+                               priority=priority)
+                    yield
+
+            try:
+                for out, i in driver.run(feed()):
+                    if i is None or not out.finished:
                         continue
-                    results[order.pop(out.request_id)] = out
+                    results[i] = out
                     out_tokens += sum(len(o.token_ids) for o in out.outputs)
                     bar.update(1)
                     bar.set_postfix(out_tok=out_tokens, refresh=False)
-        except BaseException:
-            for request_id in list(order):
-                engine.abort(request_id)
-            engine.drain()
-            raise
-        finally:
-            bar.close()
+            finally:
+                bar.close()
         return results
 
 

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.engine_driver import WINDOW_PER_SEQ, EngineDriver
 from jaxinfer.errors import InputError
 from jaxinfer.outputs import PositionLogprobs, RequestOutput
 
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 PROMPT_KEYS = ("prompt", "messages", "token_ids")
 REQUEST_KEYS = ("id", *PROMPT_KEYS, "priority")
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-WINDOW_PER_SEQ = 4  # requests queued in the engine: this many times max_num_seqs
 _SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
@@ -169,7 +169,7 @@ class _Writer:
 class _Line:
     number: int
     request_id: object = None  # the line's id, once known to be valid
-    prompt: object = None  # what LLM.encode takes
+    prompt: object = None  # what InputProcessor.encode takes
     params: SamplingParams | None = None
     priority: int = 0
     error: str | None = None
@@ -365,8 +365,9 @@ def run_batch(llm, input_path: str, output_path: str, defaults: Mapping | None =
     answered = _repair_and_scan(output_path)
     total = _count_lines(input_path)
     engine = llm.engine
-    window = WINDOW_PER_SEQ * engine.config.max_num_seqs
-    running: dict[str, tuple[object, SamplingParams]] = {}  # engine request id -> (id, params)
+    processor = engine.input_processor
+    # Each request the driver runs is tagged (the line's id, its params).
+    driver = EngineDriver(engine, window=WINDOW_PER_SEQ * engine.config.max_num_seqs)
     seen: set[str] = set()
     writer = _Writer(output_path)
     bar = tqdm(total=total, desc="batch", unit="line", disable=not progress, dynamic_ncols=True)
@@ -400,47 +401,41 @@ def run_batch(llm, input_path: str, output_path: str, defaults: Mapping | None =
             seen.add(key)
         if line.error is None:
             try:
-                ids, text = llm.encode(line.prompt)
-                engine.check_request(ids, line.params)
-                engine_id = f"batch-{number}"
-                engine.add_request(engine_id, ids, line.params, prompt=text, priority=line.priority)
+                prompt = processor.process(line.prompt, line.params)
+                driver.add(f"batch-{number}", prompt.token_ids, prompt.params, (line.request_id, line.params),
+                           prompt=prompt.text, priority=line.priority)
             except InputError as e:
                 line.error = str(e)
             else:
-                running[engine_id] = (line.request_id, line.params)
                 return
         bad_line(line)
 
     pending = _lines(input_path)
-    exhausted = False
+
+    def fed() -> Iterator[None]:
+        for number, raw in pending:
+            feed(number, raw)
+            yield
+
     try:
         with _StopSignals() as signals:
             try:
-                while signals.received is None:
-                    while not exhausted and signals.received is None and engine.num_waiting < window:
-                        nxt = next(pending, None)
-                        if nxt is None:
-                            exhausted = True
-                        else:
-                            feed(*nxt)
-                    if signals.received is not None or (exhausted and not engine.has_unfinished()):
-                        break
-                    for out in engine.step():
-                        if not out.finished or out.request_id not in running:
-                            continue
-                        request_id, params = running.pop(out.request_id)
-                        summary.done += 1
-                        summary.prompt_tokens += len(out.prompt_token_ids)
-                        summary.output_tokens += sum(len(o.token_ids) for o in out.outputs)
-                        emit(result_record(request_id, out, params))
-                        bar.set_postfix(done=summary.done, errors=summary.errors,
-                                        out_tok=summary.output_tokens, refresh=False)
+                for out, tag in driver.run(fed(), stop=lambda: signals.received is not None):
+                    if tag is None or not out.finished:
+                        continue
+                    request_id, params = tag
+                    summary.done += 1
+                    summary.prompt_tokens += len(out.prompt_token_ids)
+                    summary.output_tokens += sum(len(o.token_ids) for o in out.outputs)
+                    emit(result_record(request_id, out, params))
+                    bar.set_postfix(done=summary.done, errors=summary.errors,
+                                    out_tok=summary.output_tokens, refresh=False)
                 if signals.received is not None:
                     summary.interrupted = _SIGNAL_NAMES[signals.received]
             except KeyboardInterrupt:
                 summary.interrupted = "SIGINT"
             finally:
-                _abort_all(engine, running)
+                driver.close()  # abort this job's unfinished requests and let the step in flight land
     finally:
         pending.close()
         bar.close()
@@ -448,14 +443,6 @@ def run_batch(llm, input_path: str, output_path: str, defaults: Mapping | None =
         summary.seconds = time.monotonic() - start
         summary.in_output = answered.records + writer.records
     return summary
-
-
-def _abort_all(engine, running: dict) -> None:
-    """Abort this job's unfinished requests and let the step in flight land."""
-    for engine_id in [*running, *(r for r in engine.requests if r.startswith("batch-"))]:
-        engine.abort(engine_id)
-    running.clear()
-    engine.drain()
 
 
 __all__ = ["BatchSummary", "check_paths", "result_record", "run_batch"]

@@ -280,7 +280,7 @@ def cmd_batch(args) -> int:
 def cmd_serve(args) -> int:
     import dataclasses
     import signal
-    import threading
+    import time
 
     from jaxinfer.errors import ConfigError
     from serving.server import Limits, Security, Server
@@ -303,10 +303,12 @@ def cmd_serve(args) -> int:
     llm = _load_llm(args, warmup=False, progress=False)
     server = Server(llm.engine, host=args.host, port=args.port, limits=limits, security=security,
                     metrics_port=args.metrics_port, warmup=True)
-    stop = threading.Event()
+    stop: list[int] = []  # the signals received
 
     def on_signal(signum, frame):
-        stop.set()
+        # No lock here (not even Event.set): the handler runs on the main thread, which may be
+        # holding that very lock inside a wait, and would then wait for itself forever.
+        stop.append(signum)
         # A second Ctrl-C stops waiting for the drain.
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -320,7 +322,8 @@ def cmd_serve(args) -> int:
              ", TLS" if security.cert_file else "", f", {len(security.tokens)} bearer token(s)" if security.tokens else "",
              extra={"limits": dataclasses.asdict(limits)})
     announced = False
-    while not stop.wait(0.2):
+    while not stop:
+        time.sleep(0.2)
         if server.stopped.is_set():
             print("jaxinfer: error: the server stopped unexpectedly", file=sys.stderr)
             return 1

@@ -35,8 +35,9 @@ from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.request import Request
 from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from jaxinfer.core.scheduler import ScheduledStep, Scheduler
-from jaxinfer.core.shapes import next_bucket, pages_needed
+from jaxinfer.core.shapes import next_bucket
 from jaxinfer.errors import ConfigError, InputError
+from jaxinfer.input_processor import InputProcessor
 from jaxinfer.metrics import EngineMetrics, percentiles
 from jaxinfer.output_processor import AbortRecord, OutputProcessor, StepRecord
 from jaxinfer.outputs import RequestOutput
@@ -83,6 +84,7 @@ class Engine:
             raise ConfigError(f"invalid engine configuration: {e}") from None
         self.scheduler = Scheduler(config, stop_width=self.ban_width)
         max_rows = max(s.num_rows for s in config.all_shapes())
+        self.input_processor = InputProcessor.for_engine(self)  # encodes and checks every prompt
         self.runner = ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
                                   page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
                                   penalty_slots=config.max_num_seqs, max_model_len=self.max_model_len,
@@ -155,44 +157,11 @@ class Engine:
 
     def check_request(self, prompt_token_ids, params: SamplingParams) -> tuple[list[int], int]:
         """Raise InputError if this prompt and these parameters cannot be served; else the
-        prompt ids and the number of tokens the request may generate."""
-        if not isinstance(params, SamplingParams):
-            raise InputError(f"sampling parameters must be SamplingParams, got {type(params).__name__}")
-        ids = self.check_prompt(prompt_token_ids)
-        if len(ids) >= self.max_model_len:
-            raise InputError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len}, "
-                             "leaving no room to generate")
-        if params.n > self.config.max_num_seqs:
-            raise InputError(f"n={params.n} is more than the engine runs at once "
-                             f"(max_num_seqs={self.config.max_num_seqs})")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise InputError(f"stop_token_ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
-        if params.stop and self.tokenizer is None:
-            raise InputError("stop strings need a tokenizer, and this model has none")
-        room = self.max_model_len - len(ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        need = pages_needed(len(ids) + max_tokens, self.config.page_size)
-        if need > self.config.num_pages - 1:
-            raise InputError(f"the request needs {need} KV pages at full length; the cache has "
-                             f"{self.config.num_pages - 1}")
-        return ids, max_tokens
+        prompt ids and the number of tokens the request may generate (see InputProcessor)."""
+        return self.input_processor.check(prompt_token_ids, params)
 
     def check_prompt(self, prompt_token_ids) -> list[int]:
-        if isinstance(prompt_token_ids, (str, bytes)):
-            raise InputError("prompt token ids must be a list of integers, not a string")
-        try:
-            ids = np.asarray(list(prompt_token_ids))
-        except TypeError:
-            raise InputError("prompt token ids must be a list of integers") from None
-        if ids.size == 0:
-            raise InputError("the prompt is empty")
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise InputError("prompt token ids must be a flat list of integers")
-        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-        if bad.size:
-            raise InputError(f"prompt token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})")
-        return [int(t) for t in ids]
+        return self.input_processor.check_prompt(prompt_token_ids)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its output (finish reason "abort") comes from a later step()."""

@@ -24,15 +24,15 @@ import jax.numpy as jnp
 from checkpoints import loader
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.engine_driver import EngineDriver
 from jaxinfer.errors import InputError
+from jaxinfer.input_processor import ProcessedPrompt, PromptType
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-PromptType = str | Sequence[int] | Mapping[str, object]
 
 
 def default_dtype_name() -> str:
@@ -88,40 +88,7 @@ class LLM:
 
     def encode(self, prompt: PromptType) -> tuple[list[int], str | None]:
         """Token ids (and text, if any) of one prompt in any accepted form."""
-        if isinstance(prompt, str):
-            return self._encode_text(prompt), prompt
-        if isinstance(prompt, Mapping):
-            keys = set(prompt) & {"prompt", "prompt_token_ids", "messages"}
-            if len(keys) != 1:
-                raise InputError("a prompt dict needs exactly one of 'prompt', 'prompt_token_ids' "
-                                 f"or 'messages', got keys {sorted(prompt)}")
-            key = keys.pop()
-            if key == "prompt":
-                if not isinstance(prompt["prompt"], str):
-                    raise InputError("'prompt' must be a string")
-                return self._encode_text(prompt["prompt"]), prompt["prompt"]
-            if key == "messages":
-                return self._encode_chat(prompt["messages"])
-            return self.engine.check_prompt(prompt["prompt_token_ids"]), None
-        if isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
-            return self.engine.check_prompt(prompt), None
-        raise InputError(f"a prompt must be text, token ids or a dict, got {type(prompt).__name__}")
-
-    def _need_tokenizer(self):
-        if self.tokenizer is None:
-            raise InputError(f"{self.model.source} has no tokenizer: pass token ids instead of text")
-        return self.tokenizer
-
-    def _encode_text(self, text: str) -> list[int]:
-        if not text:
-            raise InputError("the prompt is empty")
-        return self._need_tokenizer().encode(text)
-
-    def _encode_chat(self, messages) -> tuple[list[int], str]:
-        tok = self._need_tokenizer()
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        # The template already holds any BOS/special tokens it wants.
-        return tok.encode(text, add_special_tokens=False), text
+        return self.engine.input_processor.encode(prompt)
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -136,16 +103,13 @@ class LLM:
         params = self._params_for(prompts, sampling_params)
         if priority is not None and len(priority) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(priority)} priorities")
-        encoded = []
+        processor = self.engine.input_processor
+        requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                ids, text = self.encode(prompt)
-                self.engine.check_request(ids, p)
+                requests.append((processor.process(prompt, p), 0 if priority is None else priority[i]))
             except InputError as e:
                 raise InputError(f"prompt {i}: {e}") from None
-            encoded.append((ids, text))
-        requests = [(ids, text, p, 0 if priority is None else priority[i])
-                    for i, ((ids, text), p) in enumerate(zip(encoded, params))]
         return self._run(requests, use_tqdm)
 
     def chat(self, messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
@@ -159,21 +123,15 @@ class LLM:
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None
                ) -> Iterator[RequestOutput]:
         """Yield one request's output (cumulative) each time it has new tokens."""
-        ids, text = self.encode(prompt)
-        params = sampling_params or SamplingParams()
-        engine = self.engine
+        prompt = self.engine.input_processor.process(prompt, sampling_params or SamplingParams())
         request_id = f"stream-{next(self._ids)}"
-        engine.add_request(request_id, ids, params, prompt=text, stream=True)
-        try:
-            while True:
-                for out in engine.step():
-                    if out.request_id == request_id:
-                        yield out
-                        if out.finished:
-                            return
-        finally:
-            engine.abort(request_id)
-            engine.drain()  # the step in flight
+        with EngineDriver(self.engine) as driver:  # a consumer that stops early aborts the request
+            driver.add(request_id, prompt.token_ids, prompt.params, request_id, prompt=prompt.text, stream=True)
+            for out, tag in driver.run():
+                if tag is not None:
+                    yield out
+                    if out.finished:
+                        return
 
     def _params_for(self, prompts, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
@@ -188,45 +146,30 @@ class LLM:
                 raise InputError(f"sampling parameters {i} must be SamplingParams, got {type(p).__name__}")
         return params
 
-    def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[ProcessedPrompt, int]], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm.auto import tqdm
 
-        engine = self.engine
-        # Keep the waiting queue short: a million prompts are fed as room appears.
-        window = 4 * engine.config.max_num_seqs
-        order: dict[str, int] = {}
         results: list[RequestOutput | None] = [None] * len(requests)
-        pending = iter(enumerate(requests))
         bar = tqdm(total=len(requests), desc="generating", unit="req", disable=not use_tqdm)
         out_tokens = 0
-        try:
-            exhausted = False
-            while True:
-                while not exhausted and engine.num_waiting < window:
-                    nxt = next(pending, None)
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    i, (ids, text, p, prio) = nxt
-                    request_id = f"{next(self._ids)}"
-                    order[request_id] = i
-                    engine.add_request(request_id, ids, p, prompt=text, priority=prio)
-                if exhausted and not engine.has_unfinished():
-                    break
-                for out in engine.step():
-                    if not out.finished or out.request_id not in order:
+        with EngineDriver(self.engine) as driver:  # on an exception, aborts what is left
+
+            def feed():
+                for i, (prompt, priority) in enumerate(requests):
+                    driver.add(f"{next(self._ids)}", prompt.token_ids, prompt.params, i, prompt=prompt.text,
+                               priority=priority)
+                    yield
+
+            try:
+                for out, i in driver.run(feed()):
+                    if i is None or not out.finished:
                         continue
-                    results[order.pop(out.request_id)] = out
+                    results[i] = out
                     out_tokens += sum(len(o.token_ids) for o in out.outputs)
                     bar.update(1)
                     bar.set_postfix(out_tok=out_tokens, refresh=False)
-        except BaseException:
-            for request_id in list(order):
-                engine.abort(request_id)
-            engine.drain()
-            raise
-        finally:
-            bar.close()
+            finally:
+                bar.close()
         return results
 
 

@@ -1,13 +1,13 @@
 """Between the wire and the engine: proto requests in, proto responses out.
 
-Every check a request must pass before it reaches the engine happens here, and
-raises InputError with a message naming the field; the servicer turns that
-into INVALID_ARGUMENT.
+Every check of the wire format happens here, and raises InputError with a
+message naming the field; the servicer turns that into INVALID_ARGUMENT. The
+prompt itself is encoded and checked by the engine's InputProcessor, as every
+entry point's is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from jaxinfer.core.sampling_params import SamplingParams
@@ -44,26 +44,16 @@ def messages(msg: pb.ChatMessages) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in msg.messages]
 
 
-@dataclasses.dataclass
-class PromptInput:
-    token_ids: list[int]
-    text: str | None
-
-
-def prompt(request: pb.GenerateRequest, tokenizer, engine) -> PromptInput:
+def prompt(request: pb.GenerateRequest) -> dict:
+    """The request's prompt in the form InputProcessor.encode takes."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InputError("the request has no prompt: set one of text, token_ids or messages")
     if kind == "token_ids":
-        return PromptInput(engine.check_prompt(list(request.token_ids.ids)), None)
-    if tokenizer is None:
-        raise InputError("this model has no tokenizer: send token_ids")
+        return {"prompt_token_ids": list(request.token_ids.ids)}
     if kind == "text":
-        if not request.text:
-            raise InputError("the prompt is empty")
-        return PromptInput(tokenizer.encode(request.text), request.text)
-    text = tokenizer.apply_chat_template(messages(request.messages), add_generation_prompt=True)
-    return PromptInput(tokenizer.encode(text, add_special_tokens=False), text)
+        return {"prompt": request.text}
+    return {"messages": messages(request.messages)}
 
 
 def request_id(value: str) -> str | None:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.engine import Engine
+from jaxinfer.engine_driver import EngineDriver
 from jaxinfer.errors import JaxinferError
 from jaxinfer.outputs import RequestOutput
 
@@ -35,7 +36,7 @@ class EngineLoop:
         self.on_finished = on_finished
         self._cond = threading.Condition()
         self._commands: list[tuple] = []
-        self._sinks: dict[str, Sink] = {}
+        self._driver = EngineDriver(engine)  # tags each request with its sink
         self._ids = itertools.count(1)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
@@ -68,7 +69,7 @@ class EngineLoop:
 
     @property
     def num_requests(self) -> int:
-        return len(self._sinks)
+        return len(self._driver.live)
 
     def _run(self) -> None:
         engine = self.engine
@@ -82,17 +83,14 @@ class EngineLoop:
             for command in commands:
                 self._apply(command)
             try:
-                outputs = engine.step()
+                outputs = self._driver.step()
             except Exception as e:  # a bug: fail every request in flight rather than hang them
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
-            for out in outputs:
-                sink = self._sinks.get(out.request_id)
-                if out.finished:
-                    self._sinks.pop(out.request_id, None)
-                    if self.on_finished is not None:
-                        self.on_finished(out)
+            for out, sink in outputs:
+                if out.finished and self.on_finished is not None:
+                    self.on_finished(out)
                 if sink is not None:
                     sink(out)
             self.snapshot = self._snapshot()
@@ -104,18 +102,13 @@ class EngineLoop:
             return
         _, request_id, token_ids, params, sink, prompt, priority = command
         try:
-            self.engine.add_request(request_id, token_ids, params, prompt=prompt, priority=priority,
-                                    stream=True)
+            self._driver.add(request_id, token_ids, params, sink, prompt=prompt, priority=priority, stream=True)
         except JaxinferError as e:
             sink(e)
-            return
-        self._sinks[request_id] = sink
 
     def _fail_all(self, error: BaseException) -> None:
-        for request_id, sink in list(self._sinks.items()):
-            self.engine.abort(request_id)
+        for sink in self._driver.abort_live().values():
             sink(error)
-        self._sinks.clear()
         try:
             self.engine.drain()
         except Exception:

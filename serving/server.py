@@ -29,6 +29,7 @@ from jaxinfer import params as params_lib
 from jaxinfer.core.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from jaxinfer.engine import Engine
 from jaxinfer.errors import InputError, JaxinferError
+from jaxinfer.input_processor import ProcessedPrompt
 from serving import convert
 from serving import security as security_lib
 from serving.engine_loop import EngineLoop
@@ -127,7 +128,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         context.add_done_callback(lambda _: self._release(key, stream))
         try:
             try:
-                params, prompt, priority = await server.off_loop(self._prepare, request)
+                prompt, priority = await server.off_loop(self._prepare, request)
             except InputError as e:
                 await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except JaxinferError as e:  # the model cannot serve this kind of request (no chat template)
@@ -136,9 +137,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return
             aloop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
-            tracker = convert.DeltaTracker(params, label)
+            tracker = convert.DeltaTracker(prompt.params, label)
             stream.engine_id = server.loop.submit(
-                prompt.token_ids, params, lambda out: aloop.call_soon_threadsafe(queue.put_nowait, out),
+                prompt.token_ids, prompt.params, lambda out: aloop.call_soon_threadsafe(queue.put_nowait, out),
                 prompt=prompt.text, priority=priority)
             if stream.abort_requested:
                 server.loop.abort(stream.engine_id)
@@ -179,14 +180,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             log.info("request cancelled", extra={"request_id": stream.engine_id})
         self.server.stream_ended()
 
-    def _prepare(self, request):
-        """(SamplingParams, PromptInput, priority) of a Generate request; InputError if it cannot
+    def _prepare(self, request) -> tuple[ProcessedPrompt, int]:
+        """The checked prompt and the priority of a Generate request; InputError if it cannot
         be served. Runs on an input thread."""
         params = convert.sampling_params(request.sampling)
-        prompt = convert.prompt(request, self.tokenizer, self.engine)
-        self._check_limits(prompt.token_ids, params)
-        self.engine.check_request(prompt.token_ids, params)
-        return params, prompt, request.priority if request.HasField("priority") else 0
+        processor = self.engine.input_processor
+        ids, text = processor.encode(convert.prompt(request))
+        self._check_limits(ids, params)  # the server's own limits come before the engine's
+        ids, max_tokens = processor.check(ids, params)
+        priority = request.priority if request.HasField("priority") else 0
+        return ProcessedPrompt(ids, text, params, max_tokens), priority
 
     def _check_limits(self, token_ids: list[int], params) -> None:
         limits, n = self.server.limits, len(token_ids)
@@ -227,9 +230,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _tokenize(self, request) -> list[int]:
         kind = request.WhichOneof("input")
-        if kind == "messages":
-            text = self.tokenizer.apply_chat_template(convert.messages(request.messages))
-            return self.tokenizer.encode(text, add_special_tokens=False)
+        if kind == "messages":  # the ids Generate would run for these messages
+            return self.engine.input_processor.encode_chat(convert.messages(request.messages))[0]
         if kind == "text":
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
             return self.tokenizer.encode(request.text, add_special_tokens=add)

@@ -157,7 +157,17 @@ def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identit
                 log.warning("could not save the lowered step (%s); the next start traces it again", e)
         jitted = jax.jit(exported.call, donate_argnums=tuple(flat_donate))
     started = time.monotonic()
-    compiled = jitted.lower(*leaves).compile()
+    lowered = jitted.lower(*leaves)
+    if jax.default_backend() == "gpu" and "mosaic_gpu" in lowered.as_text():
+        # An executable holding Mosaic GPU kernels does not survive XLA's persistent cache (run
+        # from it, it fails: "Failed to lookup host symbol ... mosaic_gpu"): it is never written
+        # there, so each start compiles it (its lowering still comes from disk).
+        from jax._src import config as jax_config
+
+        with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
+            compiled = lowered.compile()
+    else:
+        compiled = lowered.compile()
     stats["compile_seconds"] += time.monotonic() - started
 
     def call(*call_args):

@@ -62,10 +62,12 @@ class LLM:
 
     @classmethod
     def from_loaded(cls, loaded: loader.LoadedModel, mesh=None, *, warmup: bool = True,
-                    progress: bool = False, **engine_config) -> "LLM":
-        """An LLM over an already loaded model (tests, benchmarks with dummy weights)."""
+                    warmup_in_background: bool = False, progress: bool = False, **engine_config) -> "LLM":
+        """An LLM over an already loaded model (tests, benchmarks with dummy weights). Its
+        warm-up makes every shape before returning unless `warmup_in_background`."""
         self = cls.__new__(cls)
-        self._init(loaded, mesh or make_mesh(), EngineConfig(**engine_config), warmup, progress)
+        self._init(loaded, mesh or make_mesh(), EngineConfig(**engine_config), warmup, progress,
+                   warmup_in_background)
         return self
 
     def _init(self, loaded, mesh, config: EngineConfig, warmup: bool, progress: bool,

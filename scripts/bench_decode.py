@@ -300,7 +300,9 @@ def run_jaxinfer(args) -> None:
         rec = out["batches"][str(b)] = {}
         try:
             t = time.perf_counter()
-            llm = LLM.from_loaded(loaded, mesh, warmup=True, progress=False, **engine_config(b, args))
+            # A restart is ready as LLM() is: once the first shape is made (the rest in the background).
+            llm = LLM.from_loaded(loaded, mesh, warmup=True, warmup_in_background=args.part == "restart",
+                                  progress=False, **engine_config(b, args))
             rec["ready_s"] = time.perf_counter() - t
             rec["shapes"] = num_shapes(llm)
             say(f"B={b}: engine ready in {rec['ready_s']:.1f} s ({rec['shapes']} shapes)")

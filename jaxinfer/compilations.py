@@ -159,15 +159,10 @@ def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identit
     started = time.monotonic()
     lowered = jitted.lower(*leaves)
     if jax.default_backend() == "gpu" and "mosaic_gpu" in lowered.as_text():
-        # An executable holding Mosaic GPU kernels does not survive XLA's persistent cache (run
-        # from it, it fails: "Failed to lookup host symbol ... mosaic_gpu"): it is never written
-        # there, so each start compiles it (its lowering still comes from disk).
-        from jax._src import config as jax_config
-
-        with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
-            compiled = lowered.compile()
-    else:
-        compiled = lowered.compile()
+        # The step calls Mosaic GPU kernels, whose runtime symbols exist once Mosaic GPU is
+        # imported; a step loaded lowered was never traced, so nothing imported it yet.
+        import jax.experimental.mosaic.gpu  # noqa: F401
+    compiled = lowered.compile()
     stats["compile_seconds"] += time.monotonic() - started
 
     def call(*call_args):

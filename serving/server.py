@@ -72,6 +72,9 @@ async def refuse(context, code: grpc.StatusCode, message: str):
     await context.abort(code, message)
 
 
+REUSE_GRACE_SECONDS, REUSE_GRACE_TICKS = 0.25, 25  # how long a reused id waits for its cancelled stream
+
+
 @dataclasses.dataclass(eq=False)
 class _Stream:
     """A Generate stream, found by (principal, the client's request id)."""
@@ -113,7 +116,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         key = (server.principal(context), label)
         old = self.streams.get(key)
-        if old is not None and old.context.done():  # cancelled, its handler not yet unwound
+        if old is not None and not old.context.done():
+            # A client that cancels a stream and reuses its id at once may be here before its
+            # cancellation is: give that a moment to land.
+            for _ in range(REUSE_GRACE_TICKS):
+                await asyncio.sleep(REUSE_GRACE_SECONDS / REUSE_GRACE_TICKS)
+                if old.context.done() or old.released:
+                    break
+        if old is not None and (old.context.done() or old.released):  # cancelled, its handler not yet unwound
             self._release(key, old)
         elif old is not None:
             await self._reject(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id {label!r} is running")

@@ -41,9 +41,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from jaxinfer.core.sampling_params import SamplingParams
-from jaxinfer.engine_driver import WINDOW_PER_SEQ, EngineDriver
+from jaxinfer.engine.driver import WINDOW_PER_SEQ, EngineDriver
 from jaxinfer.errors import InputError
-from jaxinfer.outputs import PositionLogprobs, RequestOutput
+from jaxinfer.engine.outputs import PositionLogprobs, RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 
 from checkpoints import loader
 from jaxinfer.core.sampling_params import SamplingParams
-from jaxinfer.engine import Engine, EngineConfig
-from jaxinfer.engine_driver import EngineDriver
+from jaxinfer.engine.engine import Engine, EngineConfig
+from jaxinfer.engine.driver import EngineDriver
 from jaxinfer.errors import InputError
-from jaxinfer.input_processor import ProcessedPrompt, PromptType
-from jaxinfer.outputs import RequestOutput
+from jaxinfer.engine.input_processor import ProcessedPrompt, PromptType
+from jaxinfer.engine.outputs import RequestOutput
 from jaxinfer.sharding import make_mesh
 
 log = logging.getLogger(__name__)

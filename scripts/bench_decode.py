@@ -150,7 +150,7 @@ def engine_config(b: int, args) -> dict:
 def xla_cache_files() -> int | None:
     """Files in jaxinfer's persistent XLA cache now (0: a cold start), if it has one."""
     try:
-        from jaxinfer import compilations
+        from jaxinfer.runner import compilations
         directory = compilations.enable_persistent_cache()
     except (ImportError, AttributeError):
         return None
@@ -167,7 +167,7 @@ def num_shapes(llm) -> int | None:
 def compile_count() -> int | None:
     """XLA compilations so far in this process, if jaxinfer counts them."""
     try:
-        from jaxinfer import compilations
+        from jaxinfer.runner import compilations
         return compilations.count()
     except (ImportError, AttributeError):
         return None
@@ -224,8 +224,8 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
 
     from jaxinfer.core.sampling_params import MAX_LOGPROBS, SamplingParams
     from jaxinfer.core.shapes import SeqWork, pages_needed
-    from jaxinfer.sampling import Row, SamplingArrays, sample
-    from jaxinfer.step_inputs import StepInputs, build
+    from jaxinfer.runner.sampler import Row, SamplingArrays, sample
+    from jaxinfer.runner.step_inputs import StepInputs, build
 
     engine = llm.engine
     runner, sc = engine.runner, engine.config

@@ -41,7 +41,7 @@ class InstantDevice:
         self.rng = np.random.default_rng(seed)
 
     def step(self, inputs):
-        from jaxinfer.runner import StepOutput
+        from jaxinfer.runner.model_runner import StepOutput
         rows = inputs.shape.num_rows
         tokens = self.rng.integers(100, self.vocab, rows, dtype=np.int32)
         logprobs = np.full(rows, -1.0, np.float32)
@@ -72,7 +72,7 @@ def engine_for(running: int, tok):
     from checkpoints import loader
     from jaxinfer.core.sampling_params import MAX_LOGPROBS
     from jaxinfer.core.config import EngineConfig
-    from jaxinfer.engine import Engine
+    from jaxinfer.engine.engine import Engine
     from jaxinfer.sharding import make_mesh
 
     mesh = make_mesh()

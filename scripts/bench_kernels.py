@@ -212,11 +212,11 @@ def decode(args, results: dict) -> None:
 
 def e2e(args, results: dict) -> None:
     from jaxinfer import params as params_lib
-    from jaxinfer.step_inputs import build
+    from jaxinfer.runner.step_inputs import build
     from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.core.shapes import BatchShape, SeqWork
-    from jaxinfer.runner import ModelRunner
-    from jaxinfer.sampling import Row, SamplingArrays
+    from jaxinfer.runner.model_runner import ModelRunner
+    from jaxinfer.runner.sampler import Row, SamplingArrays
     from jaxinfer.sharding import make_mesh
     from scripts.bench_throughput import LLAMA3_8B
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxinfer.metrics import percentiles  # noqa: E402
+from jaxinfer.engine.metrics import percentiles  # noqa: E402
 from serving.client import AsyncClient  # noqa: E402
 
 

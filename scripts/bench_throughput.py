@@ -33,7 +33,7 @@ from checkpoints.loader import LoadedModel  # noqa: E402
 from jaxinfer import params as params_lib  # noqa: E402
 from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.llm import DTYPES, LLM, default_dtype_name  # noqa: E402
-from jaxinfer.metrics import percentiles  # noqa: E402
+from jaxinfer.engine.metrics import percentiles  # noqa: E402
 from jaxinfer.models import LlamaConfig  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 

@@ -36,7 +36,7 @@ from jaxinfer import params as params_lib  # noqa: E402
 from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.llm import LLM  # noqa: E402
 from jaxinfer.models import LlamaConfig  # noqa: E402
-from jaxinfer.runner import ModelRunner  # noqa: E402
+from jaxinfer.runner.model_runner import ModelRunner  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 from tests.paged_runs import teacher_forced_logits  # noqa: E402
 

@@ -33,7 +33,7 @@ def main() -> None:
     from jaxinfer import params as P
     from jaxinfer.llm import LLM
     from jaxinfer.sharding import make_mesh
-    from jaxinfer.step_inputs import StepInputs
+    from jaxinfer.runner.step_inputs import StepInputs
     from scripts.bench_decode import model_config
 
     cfg = model_config(False)

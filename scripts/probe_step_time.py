@@ -18,12 +18,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxinfer import params as params_lib  # noqa: E402
-from jaxinfer.step_inputs import build  # noqa: E402
+from jaxinfer.runner.step_inputs import build  # noqa: E402
 from jaxinfer.core.sampling_params import SamplingParams  # noqa: E402
 from jaxinfer.core.shapes import BatchShape, SeqWork  # noqa: E402
 from jaxinfer.layers import attention  # noqa: E402
-from jaxinfer.runner import ModelRunner  # noqa: E402
-from jaxinfer.sampling import Row, SamplingArrays  # noqa: E402
+from jaxinfer.runner.model_runner import ModelRunner  # noqa: E402
+from jaxinfer.runner.sampler import Row, SamplingArrays  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
 from scripts.bench_throughput import LLAMA3_8B  # noqa: E402
 

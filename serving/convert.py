@@ -12,7 +12,7 @@ import math
 
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.errors import InputError
-from jaxinfer.outputs import RequestOutput
+from jaxinfer.engine.outputs import RequestOutput
 from serving.gen.jaxinfer.v1 import inference_pb2 as pb
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens",

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 
 from jaxinfer.core.sampling_params import SamplingParams
-from jaxinfer.engine import Engine
-from jaxinfer.engine_driver import EngineDriver
+from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.driver import EngineDriver
 from jaxinfer.errors import JaxinferError
-from jaxinfer.outputs import RequestOutput
+from jaxinfer.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from jaxinfer.outputs import RequestOutput
+from jaxinfer.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from grpc_reflection.v1alpha import reflection
 
 from jaxinfer import params as params_lib
 from jaxinfer.core.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from jaxinfer.engine import Engine
+from jaxinfer.engine.engine import Engine
 from jaxinfer.errors import InputError, JaxinferError
-from jaxinfer.input_processor import ProcessedPrompt
+from jaxinfer.engine.input_processor import ProcessedPrompt
 from serving import convert
 from serving import security as security_lib
 from serving.engine_loop import EngineLoop

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxinfer.step_inputs import build
+from jaxinfer.runner.step_inputs import build
 from jaxinfer.core.page_pool import PagePool
 from jaxinfer.core.shapes import BatchShape, SeqWork, next_bucket, pages_needed
-from jaxinfer.runner import ModelRunner
+from jaxinfer.runner.model_runner import ModelRunner
 
 
 def teacher_forced_logits(runner: ModelRunner, prompts: list[np.ndarray],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from jaxinfer.step_inputs import build
+from jaxinfer.runner.step_inputs import build
 from jaxinfer.core.shapes import BatchShape, SeqWork
 from jaxinfer.layers import attention, attention_xla
 from pallas_kernels.paged_attention import reference

@@ -11,7 +11,7 @@ import pytest
 
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.llm import LLM
-from jaxinfer.runner import ModelRunner
+from jaxinfer.runner.model_runner import ModelRunner
 from tests.paged_runs import teacher_forced_logits
 
 pytestmark = pytest.mark.default_model

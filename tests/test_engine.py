@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine_fixtures import random_prompts, run_alone, run_arriving, tiny_llm
-from jaxinfer import compilations
+from jaxinfer.runner import compilations
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.errors import InputError
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from checkpoints import loader
-from jaxinfer.runner import ModelRunner
+from jaxinfer.runner.model_runner import ModelRunner
 from jaxinfer.sharding import make_mesh
 from tests.paged_runs import teacher_forced_logits
 

@@ -7,7 +7,7 @@ import pytest
 from engine_fixtures import SMALL, byte_tokenizer, tiny_llm
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.errors import CheckpointError, InputError
-from jaxinfer.input_processor import InputProcessor
+from jaxinfer.engine.input_processor import InputProcessor
 from jaxinfer.tokenizer import Tokenizer
 
 VOCAB, CONTEXT, PAGE, PAGES = 256, 128, 4, 20  # 19 usable pages: 76 tokens at full length

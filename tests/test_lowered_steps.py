@@ -5,9 +5,9 @@ traced again, with a warning."""
 import logging
 
 from engine_fixtures import tiny_llm
-from jaxinfer import compilations
+from jaxinfer.runner import compilations
 from jaxinfer.core.sampling_params import SamplingParams
-from jaxinfer.runner import ModelRunner
+from jaxinfer.runner.model_runner import ModelRunner
 
 CONFIG = dict(decode_sizes=(8,), prefill_sizes=(16,), max_num_seqs=8)  # 2 shapes, unlike other tests'
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -43,7 +43,7 @@ def test_a_damaged_lowered_step_is_traced_again(data_dir, monkeypatch, caplog, t
     for path in tmp_path.glob("*.bin"):
         path.write_bytes(b"not a lowered step")
     calls = traced_steps(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="jaxinfer.compilations"):
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.runner.compilations"):
         llm = tiny_llm(data_dir, **CONFIG)
     assert calls and "tracing it again" in caplog.text
     assert llm.generate([[3, 4]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want

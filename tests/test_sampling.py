@@ -8,7 +8,7 @@ import pytest
 
 from jaxinfer.core.sampling_params import MAX_LOGPROBS, SamplingParams, seed_for
 from jaxinfer.errors import InputError
-from jaxinfer.sampling import PenaltyState, Row, SamplingArrays, apply_penalties, reset_slot, sample
+from jaxinfer.runner.sampler import PenaltyState, Row, SamplingArrays, apply_penalties, reset_slot, sample
 
 # One shape for every device test, so each function compiles once.
 R, V, B, SLOTS = 64, 32, 4, 4

@@ -7,7 +7,7 @@ sampling item and reads it back one step late, as the engine does.
 import numpy as np
 import pytest
 
-from jaxinfer.step_inputs import StepInputs
+from jaxinfer.runner.step_inputs import StepInputs
 from jaxinfer.core.request import Request, Status
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.core.config import EngineConfig

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxinfer.errors import ConfigError
-from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from serving import logs, prometheus, security
 
 TOKEN = "s3cr3t-token-value-0123456789"

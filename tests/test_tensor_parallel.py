@@ -7,9 +7,9 @@ import pytest
 
 from checkpoints import loader
 from jaxinfer import params as params_lib
-from jaxinfer.engine import EngineConfig
+from jaxinfer.engine.engine import EngineConfig
 from jaxinfer.errors import ConfigError
-from jaxinfer.runner import ModelRunner
+from jaxinfer.runner.model_runner import ModelRunner
 from jaxinfer.sharding import make_mesh
 from tests.paged_runs import teacher_forced_logits
 

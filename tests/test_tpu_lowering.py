@@ -10,14 +10,14 @@ import pytest
 from jax import export
 
 from jaxinfer import params as params_lib
-from jaxinfer.step_inputs import StepInputs, build
+from jaxinfer.runner.step_inputs import StepInputs, build
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.shapes import SeqWork
 from jaxinfer.layers import attention
 from jaxinfer.models import LlamaConfig
-from jaxinfer.runner import ModelRunner
-from jaxinfer.sampling import Row, SamplingArrays
+from jaxinfer.runner.model_runner import ModelRunner
+from jaxinfer.runner.sampler import Row, SamplingArrays
 from jaxinfer.sharding import make_mesh
 
 # Small, but with head_dim 128 so the Mosaic TPU attention kernel takes it.

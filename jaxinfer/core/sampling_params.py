@@ -1,6 +1,6 @@
 """One request's sampling settings (vLLM's field names and defaults), checked on creation,
 and the per-sample seeds derived from them. Host side; the device side is
-`jaxinfer.sampling`."""
+`jaxinfer.runner.sampler`."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ import jax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer.batch import Batch
+from jaxinfer.runner.batch import Batch
 from jaxinfer.core.config import ATTENTION_IMPLEMENTATIONS
 from jaxinfer.layers import attention_xla
 from pallas_kernels import paged_attention as paged_kernels

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.batch import Batch
+from jaxinfer.runner.batch import Batch
 
 DEFAULT_BLOCK_KV = 256  # key-block size in tokens, rounded down to whole pages (at least one)
 

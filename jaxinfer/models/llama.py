@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.batch import Batch
+from jaxinfer.runner.batch import Batch
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.layers import kv
 from jaxinfer.layers.attention import paged_attention

@@ -83,7 +83,7 @@ def source_digest() -> str:
         import hashlib
         import pathlib
 
-        root = pathlib.Path(__file__).resolve().parents[1]
+        root = pathlib.Path(__file__).resolve().parents[2]  # the repository: jaxinfer/runner/ is two down
         h = hashlib.sha256()
         for package in ("jaxinfer", "pallas_kernels"):
             for path in sorted((root / package).rglob("*.py")):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
 
 

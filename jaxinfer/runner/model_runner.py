@@ -21,14 +21,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxinfer import compilations, kv_cache, sharding
-from jaxinfer.batch import Batch
+from jaxinfer import sharding
+from jaxinfer.runner import compilations, kv_cache
+from jaxinfer.runner.batch import Batch
 from jaxinfer.core.sampling_params import MAX_LOGPROBS
 from jaxinfer.errors import ConfigError
 from jaxinfer.layers import attention
 from jaxinfer.models import ModelConfig, family
-from jaxinfer.sampling import PenaltyState, reset_slot, sample
-from jaxinfer.step_inputs import StepInputs
+from jaxinfer.runner.sampler import PenaltyState, reset_slot, sample
+from jaxinfer.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 

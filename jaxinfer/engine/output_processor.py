@@ -24,8 +24,8 @@ import numpy as np
 
 from jaxinfer.core.request import Request, Sequence
 from jaxinfer.core.scheduler import StepUpdate
-from jaxinfer.metrics import EngineMetrics
-from jaxinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxinfer.engine.metrics import EngineMetrics
+from jaxinfer.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 YIELD_EVERY = 64  # rows processed between voluntary GIL releases (the step thread comes first)
 

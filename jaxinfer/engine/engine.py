@@ -30,19 +30,19 @@ import numpy as np
 from jax.sharding import Mesh
 
 from checkpoints.loader import LoadedModel
-from jaxinfer import compilations, kv_cache
+from jaxinfer.runner import compilations, kv_cache
 from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.request import Request
 from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from jaxinfer.core.scheduler import ScheduledStep, Scheduler
 from jaxinfer.core.shapes import next_bucket
 from jaxinfer.errors import ConfigError, InputError
-from jaxinfer.input_processor import InputProcessor
-from jaxinfer.metrics import EngineMetrics, percentiles
-from jaxinfer.output_processor import AbortRecord, OutputProcessor, StepRecord
-from jaxinfer.outputs import RequestOutput
-from jaxinfer.runner import ModelRunner, StepOutput
-from jaxinfer.step_inputs import StepInputs
+from jaxinfer.engine.input_processor import InputProcessor
+from jaxinfer.engine.metrics import EngineMetrics, percentiles
+from jaxinfer.engine.output_processor import AbortRecord, OutputProcessor, StepRecord
+from jaxinfer.engine.outputs import RequestOutput
+from jaxinfer.runner.model_runner import ModelRunner, StepOutput
+from jaxinfer.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 

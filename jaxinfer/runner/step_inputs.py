@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.batch import Batch
+from jaxinfer.runner.batch import Batch
 from jaxinfer.core.scheduler import ScheduledStep
 from jaxinfer.core.seq_table import FLOAT_COLUMNS, STEP_INT_COLUMNS, F, SI
 from jaxinfer.core.shapes import NULL_PAGE, BatchShape, SeqWork
-from jaxinfer.sampling import SamplingArrays
+from jaxinfer.runner.sampler import SamplingArrays
 
 _PAD_FLOATS = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "presence": 0.0, "frequency": 0.0,
                "repetition": 1.0}

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Self
 
 from jaxinfer.errors import JaxinferError
-from jaxinfer.outputs import RequestOutput
+from jaxinfer.engine.outputs import RequestOutput
 
 WINDOW_PER_SEQ = 4  # requests `run` keeps waiting in the engine: this many times max_num_seqs
 _END = object()

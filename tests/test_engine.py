@@ -2,6 +2,8 @@
 aborts and seeded sampling never change a request's output; nothing compiles
 after warm-up; bad requests are refused without disturbing the rest."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -175,12 +177,14 @@ def test_metrics_record_latencies_cache_hits_and_utilization(llm):
     rng = np.random.default_rng(6)
     shared = rng.integers(3, 256, 16).tolist()
     llm.generate([shared + [7]], greedy(2), use_tqdm=False)
+    started = time.monotonic()
     llm.generate([shared + p for p in random_prompts(rng, 5)], greedy(5), use_tqdm=False)
+    wall = time.monotonic() - started
     assert len(m.ttft) == before + 6 and len(m.queue_time) >= 5 and len(m.tpot) >= 5
-    assert all(t >= 0 for t in list(m.ttft)[-5:])
+    assert all(0 < t <= wall for t in list(m.ttft)[-5:])  # each first token came within the call
     assert m.requests["length"] >= 5 and m.generation_tokens >= 25
-    assert 0 <= llm.engine.kv_usage <= 1
+    assert llm.engine.kv_usage == 0  # idle: cached pages are evictable, none is held
     stats = llm.engine.stats()
-    assert stats["time_to_first_token"]["p50"] >= 0 and stats["running"] == 0
+    assert stats["time_to_first_token"]["p50"] > 0 and stats["running"] == 0
     assert stats["prefix_cache_hit_tokens"] > 0 and 0 < stats["prefix_cache_hit_rate"] <= 1
     assert stats["preemptions"] == 0 and stats["requests"]["length"] >= 5

@@ -144,9 +144,10 @@ class OutputProcessor:
             self._score_prompt(req, first, rows, record)
             touched[req.request_id] = req
         u = record.update
-        logprobs = record.logprobs
-        for i, (seq, token, row, finished) in enumerate(zip(u.seqs.tolist(), u.tokens.tolist(),
-                                                           u.sample_rows.tolist(), u.finished.tolist())):
+        logprobs = record.logprobs[u.sample_rows].tolist()
+        kept = 0
+        for i, (seq, token, row, logprob, finished) in enumerate(zip(
+                u.seqs.tolist(), u.tokens.tolist(), u.sample_rows.tolist(), logprobs, u.finished.tolist())):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 time.sleep(0)
             out = seq.output
@@ -157,8 +158,10 @@ class OutputProcessor:
             req = seq.request
             if req.first_token_time is None:
                 req.first_token_time = record.time
-            self._append(seq, out, token, float(logprobs[row]), row, record, finished)
+            self._append(seq, out, token, logprob, row, record, finished)
             touched[req.request_id] = req
+            kept += 1
+        self.metrics.generation_tokens += kept
         for req in touched.values():
             self._emit(req, record.time)
 
@@ -169,7 +172,6 @@ class OutputProcessor:
         out.cumulative_logprob += logprob
         if p.logprobs is not None:
             out.logprobs.append(self._entry(token, logprob, record, row, p.logprobs))
-        self.metrics.generation_tokens += 1
         if self.tokenizer is not None:
             if out.decoder is None:
                 out.decoder = self.tokenizer.stream_decoder(skip_special_tokens=p.skip_special_tokens)
@@ -237,9 +239,12 @@ class OutputProcessor:
         self._emit(req, record.time, aborted=True)
 
     def _emit(self, req: Request, now: float, aborted: bool = False) -> None:
-        seqs = list(req.sequences)
-        done = aborted or ((req.forked or req.n == 1)
-                           and all(s.output is not None and s.output.done for s in seqs))
+        seqs = req.sequences if req.n == 1 else list(req.sequences)  # n > 1: forks append on the step thread
+        if req.n == 1:
+            out = seqs[0].output
+            done = aborted or (out is not None and out.done)
+        else:
+            done = aborted or (req.forked and all(s.output is not None and s.output.done for s in seqs))
         if done:
             req.finished_time = now
             output = self._output(req, seqs, finished=True)

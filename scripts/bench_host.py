@@ -89,10 +89,12 @@ def engine_for(running: int, tok):
     return engine
 
 
-def measure(running: int, steps: int, tok, profile: bool) -> dict:
+def measure(running: int, steps: int, tok, profile: bool, step_thread_only: bool = False) -> dict:
     from jaxinfer.core.sampling_params import SamplingParams
 
     engine = engine_for(running, tok)
+    if step_thread_only:  # the output processor gets nothing: only the step thread's own work is timed
+        engine.outputs.submit = lambda record: None
     rng = np.random.default_rng(1)
     for i in range(running):
         sampled = i % 2 == 1  # half greedy, half sampled with top-p and a seed
@@ -132,6 +134,8 @@ def main() -> None:
     p.add_argument("--running", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--profile", action="store_true", help="cProfile the timed steps (to stderr)")
+    p.add_argument("--step-thread-only", action="store_true",
+                   help="hand the output processor nothing: time the step thread's work alone")
     args = p.parse_args()
     tok, tok_name = tokenizer()
     print(f"# python scripts/bench_host.py {' '.join(sys.argv[1:])}".rstrip())
@@ -141,7 +145,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     goals = {64: "≤ 300", 256: "≤ 1,000"}
     for running in args.running:
-        r = measure(running, args.steps, tok, args.profile)
+        r = measure(running, args.steps, tok, args.profile, args.step_thread_only)
         print(f"| {running} | {r['step_us']:,.0f} | {r['step_cpu_us']:,.0f} | {r['output_cpu_us']:,.0f} "
               f"| {r['all_us']:,.0f} | {goals.get(running, '')} |", flush=True)
 

@@ -279,6 +279,7 @@ class Scheduler:
             prompt_scores = []
             ints = t.int_cols[seq_row]
             ints[:, SI["position"]] = position
+            banned = position < t.min_len[seq_row]
         else:
             seq_row, position, target, sample_rows, sample_seq_rows, prompt_scores = self._prefill_rows(
                 decode, positions, t.target_cut[decode] == 1, shape.decode_rows)
@@ -290,7 +291,7 @@ class Scheduler:
                 ints[scoring, SI["penalty_slot"]] = -1
                 ints[scoring, SI["want_top"]] = [bool(t.seqs[r].request.params.prompt_logprobs)
                                                  for r in seq_row[scoring].tolist()]
-        banned = (ints[:, SI["target"]] < 0) & (position < t.min_len[seq_row])
+            banned = (target < 0) & (position < t.min_len[seq_row])
         logits = LogitsRows(seq_row, position, ints[:, SI["want_top"]] > 0, banned, t.float_cols[seq_row], ints,
                             t.stop_ids[seq_row] if banned.any() else t.stop_ids[:0])
         t.pending[sample_seq_rows] += 1
@@ -343,7 +344,7 @@ class Scheduler:
         t.pending_row[rows[t.pending[rows] == 0]] = -1
         t.append(rows, new)
         n = t.num_tokens[rows]
-        stop = (t.stop_ids[rows] == new[:, None]).any(axis=1) & (n > t.min_len[rows])
+        stop = (t.stop_ids[rows, :t.stop_cols] == new[:, None]).any(axis=1) & (n > t.min_len[rows])
         done = stop | (n >= t.max_len[rows])
         seqs = t.seqs[rows]
         for i in np.flatnonzero(done).tolist():

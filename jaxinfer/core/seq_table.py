@@ -47,6 +47,7 @@ class SeqTable:
         self.min_len = np.zeros(capacity, np.int32)  # stop ids are banned below this many tokens
         self.target_cut = np.zeros(capacity, np.int32)  # 1: an unforked n > 1 parent stops a token short
         self.stop_ids = np.full((capacity, stop_width), -1, np.int32)  # EOS (unless ignored) + stop_token_ids
+        self.stop_cols = 1  # columns of stop_ids any row has used (a step compares only those)
         self.float_cols = np.zeros((capacity, len(FLOAT_COLUMNS)), np.float32)
         self.int_cols = np.zeros((capacity, len(STEP_INT_COLUMNS)), np.int32)
         self.num_parents = 0  # rows with target_cut set
@@ -79,6 +80,7 @@ class SeqTable:
         stops = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(eos_ids))
         self.stop_ids[row] = -1
         self.stop_ids[row, :len(stops)] = stops
+        self.stop_cols = max(self.stop_cols, len(stops))
         greedy = params.temperature < GREEDY_TEMPERATURE
         self.float_cols[row] = (0.0 if greedy else params.temperature, params.top_p, params.min_p,
                                 params.presence_penalty, params.frequency_penalty, params.repetition_penalty)

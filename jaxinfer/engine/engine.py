@@ -266,7 +266,7 @@ class Engine:
         if inflight.want_top:
             packed, top_ids, top_lps = jax.device_get([out.packed, out.top_ids, out.top_logprobs])
         else:
-            packed, top_ids, top_lps = jax.device_get(out.packed), None, None
+            packed, top_ids, top_lps = np.asarray(out.packed), None, None  # one transfer
         tokens, logprobs = StepOutput.split(np.asarray(packed))
         now = time.monotonic()
         update = self.scheduler.update(inflight.step, tokens)

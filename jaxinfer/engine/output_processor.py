@@ -25,7 +25,7 @@ import numpy as np
 from jaxinfer.core.request import Request, Sequence
 from jaxinfer.core.scheduler import StepUpdate
 from jaxinfer.engine.metrics import EngineMetrics
-from jaxinfer.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxinfer.engine.outputs import CompletionOutput, Logprob, Prefix, RequestMetrics, RequestOutput
 
 YIELD_EVERY = 64  # rows processed between voluntary GIL releases (the step thread comes first)
 
@@ -260,10 +260,11 @@ class OutputProcessor:
         outs = []
         for seq in seqs:
             o = seq.output or SeqOutput()
+            snapshot = list if finished else Prefix  # streaming: O(1), not a copy per step
             outs.append(CompletionOutput(
-                index=seq.index, text=o.text, token_ids=list(o.token_ids),
+                index=seq.index, text=o.text, token_ids=snapshot(o.token_ids),
                 cumulative_logprob=o.cumulative_logprob,
-                logprobs=list(o.logprobs) if req.params.logprobs is not None else None,
+                logprobs=snapshot(o.logprobs) if req.params.logprobs is not None else None,
                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         prompt_logprobs = None
         if req.params.prompt_logprobs is not None:

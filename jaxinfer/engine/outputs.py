@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 
 
@@ -16,11 +17,42 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
+class Prefix(collections.abc.Sequence):
+    """The first `n` items of an append-only list, read-only and fixed at `n`: what a streamed
+    output holds instead of a copy, so streaming a long generation costs O(1) per step, not
+    O(length). (The list only ever grows, so the first n items never change.) A finished
+    output holds plain lists."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list, n: int | None = None):
+        self._items, self._n = items, len(items) if n is None else n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._items[:self._n][i]
+        if not -self._n <= i < self._n:
+            raise IndexError("index out of range")
+        return self._items[i % self._n]
+
+    def __iter__(self):
+        return iter(self._items[:self._n])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, tuple, Prefix)) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     index: int  # which of the request's n samples
     text: str
-    token_ids: list[int]
+    token_ids: list[int] | Prefix  # a Prefix while streaming, a list once finished
     cumulative_logprob: float | None
     logprobs: list[PositionLogprobs] | None  # per generated token, when asked for
     finish_reason: str | None  # "stop", "length", "abort"; None while running

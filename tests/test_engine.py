@@ -188,3 +188,18 @@ def test_metrics_record_latencies_cache_hits_and_utilization(llm):
     assert stats["time_to_first_token"]["p50"] > 0 and stats["running"] == 0
     assert stats["prefix_cache_hit_tokens"] > 0 and 0 < stats["prefix_cache_hit_rate"] <= 1
     assert stats["preemptions"] == 0 and stats["requests"]["length"] >= 5
+
+
+def test_a_background_warm_up_serves_at_once_and_changes_no_output(data_dir, llm):
+    warming = tiny_llm(data_dir, warmup=False)
+    warming.engine.warmup(background=True)  # one shape made; the rest on a thread
+    rng = np.random.default_rng(9)
+    prompts = random_prompts(rng, 6, 1, 100)
+    got = warming.generate(prompts, greedy(8), use_tqdm=False)
+    want = llm.generate(prompts, greedy(8), use_tqdm=False)
+    assert [tokens(o) for o in got] == [tokens(o) for o in want]
+    warming.engine.wait_for_warmup()
+    assert warming.engine.scheduler.ready_shapes is None  # every shape made: full sizes again
+    before = compilations.count()
+    warming.generate(prompts, greedy(8), use_tqdm=False)
+    assert compilations.count() == before

@@ -209,3 +209,22 @@ def test_random_workloads_finish_and_free_everything(seed):
         assert all(len(s.output_token_ids) == r.max_tokens for s in r.sequences)
     assert sim.s.pool.num_used_pages == 0
     assert len(sim.s.free_slots) == sim.cfg.max_num_seqs
+
+
+def test_while_warming_up_steps_fit_the_shapes_already_made():
+    sim = Sim(max_num_seqs=4, max_num_batched_tokens=64, page_size=4, num_pages=200, block_q=8,
+              max_model_len=128)
+    ready = frozenset({sim.cfg.shape(2, 8), sim.cfg.shape(4, 0)})
+    sim.s.ready_shapes = ready
+    reqs = [make_request(i, 30, max_tokens=5) for i in range(4)]  # 30-token prompts: chunks of 8
+    for r in reqs:
+        sim.s.add(r)
+    sim.run()
+    assert all(step.shape in ready for step in sim.steps)
+    assert max(len(i.work.token_ids) for step in sim.steps for i in step.prefill) == 8
+    assert all(len(s.output_token_ids) == 5 for r in reqs for s in r.sequences)
+    sim.s.ready_shapes = None  # warm-up done: the full sizes again
+    sim.steps.clear()
+    sim.s.add(make_request(9, 0, prompt=list(range(100, 130)), max_tokens=2))  # no prefix shared
+    sim.run()
+    assert max(len(i.work.token_ids) for step in sim.steps for i in step.prefill) == 30

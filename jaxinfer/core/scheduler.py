@@ -184,6 +184,7 @@ class Scheduler:
 
         decode = self._schedule_decodes()
         self._budget -= len(decode)
+        self._limit = self._prefill_limit(len(decode))
 
         # Prefill chunks of running sequences, in priority order (none when all of them decode).
         rows = self._rows()
@@ -194,7 +195,7 @@ class Scheduler:
         else:
             prefilling = []
         for i in prefilling:
-            if self._budget <= 0:
+            if self._budget <= 0 or not self._limit:
                 break
             seq = self.running[i] if i < len(self.running) else None
             if seq is None or seq.status is not Status.RUNNING or seq.row != rows[i]:
@@ -202,7 +203,7 @@ class Scheduler:
             self._schedule_prefill(seq, may_preempt=True)
 
         # Admit waiting sequences in order; never past one that does not fit (first come, first served).
-        while self.waiting and not self._preempted and self._budget > 0:
+        while self.waiting and not self._preempted and self._budget > 0 and self._limit:
             seq = self.waiting[0]
             weight = seq.request.n if seq.is_unforked_parent else 1
             if self.num_running_weight + weight > cfg.max_num_seqs:
@@ -422,9 +423,9 @@ class Scheduler:
         remaining = seq.remaining
         if remaining <= 1:
             return False
-        if len(self._prefill) >= self._prefill_limit() // cfg.block_q:
+        if len(self._prefill) >= self._limit // cfg.block_q:
             return False
-        chunk = min(remaining, self._budget, self._prefill_limit() - self._prefill_tokens)
+        chunk = min(remaining, self._budget, self._limit - self._prefill_tokens)
         chunk = self._limit_for_prompt_logprobs(seq, chunk)
         if chunk <= 0:
             return False
@@ -463,15 +464,15 @@ class Scheduler:
             return chunk
         return min(chunk, lo - seq.num_computed + left)
 
-    def _prefill_limit(self) -> int:
-        """Most prefill tokens in a step: the largest bucket, or while warming up the largest
-        ready one (a long prompt then takes more, shorter chunks instead of waiting)."""
+    def _prefill_limit(self, num_decode: int) -> int:
+        """Most prefill tokens in a step beside `num_decode` decodes: the largest bucket, or
+        while warming up the largest ready shape that also holds the decodes (a long prompt
+        then takes more, shorter chunks; with no such shape yet, prefills wait a step rather
+        than the step waiting for a compile)."""
         ready = self.ready_shapes
-        if ready is not None:
-            sizes = [s.prefill_tokens for s in ready if s.prefill_tokens]
-            if sizes:
-                return max(sizes)
-        return self.cfg.max_prefill_tokens
+        if ready is None:
+            return self.cfg.max_prefill_tokens
+        return max((s.prefill_tokens for s in ready if s.decode_rows >= num_decode), default=0)
 
     def _pick_shape(self, num_decode: int) -> BatchShape:
         if self.ready_shapes is not None:  # warming up: the smallest ready shape the work fits

@@ -40,7 +40,7 @@ Step split (second table), measured on the jaxinfer engine of each B after its t
 rows at the mean context, all on the device with block_until_ready around N back-to-back calls:
   device step  runner.step: forward + sampling + the step's input transfers, as the engine issues it
   forward      the model forward alone (runner.logits: the same forward, logits at the decode rows)
-  sampling     jaxinfer.sampling.sample alone, jitted, on that forward's logits
+  sampling     jaxinfer.runner.sampler.sample alone, jitted, on that forward's logits
   host         step wall (the median TPOT above) - device step: the host time the device waits for per step
   dispatch     how long runner.step took to return (host), as a check that 'device step' is device-bound
 Engine internals used for the split sit in `decode_step_pieces` alone, so a rewrite of the engine needs only that

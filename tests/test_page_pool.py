@@ -338,7 +338,7 @@ SM_MAX_SEQS = 3  # few enough live sequences that pages churn through the LRU
 tokens_st = st.lists(st.integers(0, 1), min_size=0, max_size=9)
 
 
-class BlockManagerMachine(RuleBasedStateMachine):
+class PagePoolMachine(RuleBasedStateMachine):
     """Requests arrive (lookup, acquire hits, allocate the rest, register full
     pages), grow, fork and finish, in random order.
 
@@ -475,7 +475,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.pool.num_free_pages == SM_NUM_PAGES - 1
 
 
-BlockManagerMachine.TestCase.settings = settings(
+PagePoolMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
-test_block_manager_random_lifecycles = BlockManagerMachine.TestCase
+test_page_pool_random_lifecycles = PagePoolMachine.TestCase

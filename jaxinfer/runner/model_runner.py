@@ -1,11 +1,12 @@
 """The model runner: device state and the jitted functions that change it.
 
 Device state: the params, the KV pages, the penalty state (token counts per
-running sequence) and the previous step's sampled tokens. `step` runs the
-model over one packed Batch, writes the new K/V into the pages, and samples a
-token per logits row; it is one compiled function per BatchShape, with the
-state donated so it is updated in place. The runner decides nothing: the
-scheduler says what runs, the engine packs it.
+running sequence) and the previous step's sampled tokens. `step` takes a step's
+StepInputs (one buffer, one transfer), runs the model over the Batch in it,
+writes the new K/V into the pages and samples a token per logits row; it is one
+compiled function per BatchShape, with the state donated so it is updated in
+place, and gives back the tokens and their logprobs as one array. The runner
+decides nothing: the scheduler says what runs, StepInputs.from_step packs it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class ModelRunner:
         if attention_impl is not None and attention_impl not in attention.IMPLEMENTATIONS:
             raise ConfigError(f"unknown attention implementation {attention_impl!r}: expected one of "
                               f"{sorted(attention.IMPLEMENTATIONS)}")
-        self.attention_impl = attention_impl  # None: the process default (jaxinfer.attention)
+        self.attention_impl = attention_impl  # None: the process default (jaxinfer.layers.attention)
         self.graphdef = graphdef
         self.state = state
         self.mesh = mesh

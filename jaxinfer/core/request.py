@@ -63,11 +63,6 @@ class Request:
         return self.params.n
 
     @property
-    def finished(self) -> bool:
-        return all(s.status is Status.FINISHED for s in self.sequences) and (
-            self.forked or self.n == 1)
-
-    @property
     def sort_key(self) -> tuple[int, int]:
         return (self.priority, self.arrival)
 

@@ -135,10 +135,6 @@ class ModelRunner:
                     del self._executables[key]  # the next caller tries again
         return made.result()
 
-    def is_prepared(self, shape, ban_width: int) -> bool:
-        made = self._executables.get((shape, ban_width))
-        return made is not None and made.done() and made.exception() is None
-
     def logits(self, batch: Batch) -> jax.Array:
         """Float32 logits [R, V] at batch.logits_indices, writing the batch's K/V (no sampling)."""
         logits, self.cache = self._logits(self.state, self.cache, self._put(batch), self.sampled)

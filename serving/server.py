@@ -322,6 +322,7 @@ class Server:
             raise
         finally:
             self.loop.stop(timeout=30)
+            self.engine.stop_warmup()  # a background warm-up ends with the server
             self.input_pool.shutdown(wait=False, cancel_futures=True)
             self.stopped.set()
 

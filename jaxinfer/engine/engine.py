@@ -333,6 +333,12 @@ class Engine:
         log.info("start-up: background warm-up done: all %d step shapes ready %.1f s after warm-up began",
                  len(self.config.all_shapes()), time.monotonic() - started)
 
+    def stop_warmup(self) -> None:
+        """Stop a background warm-up after the shape it is on (the rest compile when first
+        needed)."""
+        self._stop_warming = True
+        self.wait_for_warmup()
+
     def wait_for_warmup(self) -> None:
         """Until a background warm-up has made every step shape."""
         if self._warming is not None:
@@ -341,15 +347,12 @@ class Engine:
 def _stop_at_exit(engine: Engine) -> None:
     """At interpreter exit, let a background warm-up finish the shape it is on and stop: a
     compile still running when the interpreter goes away would abort the process."""
-    def stop():
-        engine._stop_warming = True
-        engine.wait_for_warmup()
     register = getattr(threading, "_register_atexit", None)  # runs before non-daemon threads are joined
     if register is not None:
-        register(stop)
+        register(engine.stop_warmup)
     else:
         import atexit
-        atexit.register(stop)
+        atexit.register(engine.stop_warmup)
 
 
 def _progress(total: int, desc: str, enabled: bool):

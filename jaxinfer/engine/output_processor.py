@@ -269,8 +269,9 @@ class OutputProcessor:
         prompt_logprobs = None
         if req.params.prompt_logprobs is not None:
             prompt_logprobs = [None] + list(req.prompt_logprobs)
+        preemptions = seqs[0].num_preemptions if len(seqs) == 1 else sum(s.num_preemptions for s in seqs)
         metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
-                                 req.finished_time, sum(s.num_preemptions for s in seqs))
+                                 req.finished_time, preemptions)
         # The prompt's ids are shared, not copied: nothing changes them.
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, prompt_logprobs,
                              outs, finished, metrics, req.num_cached_tokens)

@@ -48,7 +48,7 @@ class Prefix(collections.abc.Sequence):
         return repr(list(self))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # one is made per streamed request per step
 class CompletionOutput:
     index: int  # which of the request's n samples
     text: str
@@ -59,7 +59,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None
@@ -81,7 +81,7 @@ class RequestMetrics:
         return self.first_token_time - self.arrival_time
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

@@ -9,7 +9,7 @@ import dataclasses
 from jaxinfer.core.shapes import BatchShape, next_bucket, pages_needed
 from jaxinfer.errors import ConfigError
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "kernels", "reference", "xla")  # jaxinfer.layers.attention
+ATTENTION_IMPLEMENTATIONS = ("auto", "kernels", "reference", "xla")  # the attention layer checks it has these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class EngineConfig:
     # Compiled step sizes; empty: powers of two (decode rows) and block_q * 4^k (prefill tokens).
     decode_sizes: tuple[int, ...] = ()
     prefill_sizes: tuple[int, ...] = ()
-    attention: str | None = None  # jaxinfer.layers.attention implementation; None: the process default
+    attention: str | None = None  # one of ATTENTION_IMPLEMENTATIONS; None: the process default
 
     def __post_init__(self):
         self.validate()

@@ -1,6 +1,6 @@
 """One request's sampling settings (vLLM's field names and defaults), checked on creation,
-and the per-sample seeds derived from them. Host side; the device side is
-`jaxinfer.runner.sampler`."""
+and the per-sample seeds derived from them. Host side; the device's sampler reads them
+as columns of the step's inputs."""
 
 from __future__ import annotations
 

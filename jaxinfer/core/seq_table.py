@@ -21,8 +21,8 @@ import numpy as np
 
 from jaxinfer.core.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
-# Sampling settings per sequence, in the layout of a step's logits rows (jaxinfer.runner.step_inputs
-# packs them as they are): a decode row is its sequence's row with `position` filled in.
+# Sampling settings per sequence, in the layout of a step's logits rows (the device side packs
+# them as they are): a decode row is its sequence's row with `position` filled in.
 FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 STEP_INT_COLUMNS = ("top_k", "seed_hi", "seed_lo", "penalty_slot", "position", "target", "want_top")
 F = {name: i for i, name in enumerate(FLOAT_COLUMNS)}

@@ -72,10 +72,6 @@ class EngineConfig:
         return pages_needed(self.max_model_len, self.page_size)
 
     @property
-    def max_decode_rows(self) -> int:
-        return self.decode_buckets()[-1]
-
-    @property
     def max_prefill_tokens(self) -> int:
         if self.prefill_sizes:
             return self.prefill_sizes[-1]

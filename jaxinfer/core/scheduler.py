@@ -55,13 +55,18 @@ class LogitsRows:
     """What each logits row of a step is for; [n] each. The first `num_decode` are the
     decode rows 0..d-1 of the batch, the rest the prefill rows from D on."""
 
-    seq_row: np.ndarray  # SeqTable row whose sampling settings apply
-    position: np.ndarray  # position of the token sampled (or scored) at this row
-    want_top: np.ndarray  # bool: return top-n logprobs
-    banned: np.ndarray  # bool: ban the sequence's stop ids (min_tokens not reached)
-    floats: np.ndarray  # [n, len(FLOAT_COLUMNS)] float32
+    floats: np.ndarray  # [n, len(FLOAT_COLUMNS)] float32 sampling settings
     ints: np.ndarray  # [n, len(STEP_INT_COLUMNS)] int32 (position, target and want_top included)
+    banned: np.ndarray  # bool: ban the sequence's stop ids (min_tokens not reached)
     stop_ids: np.ndarray  # [n, stop_width] the ids `banned` bans (only read where banned)
+
+    def __len__(self) -> int:
+        return len(self.ints)
+
+    @property
+    def want_top(self) -> np.ndarray:
+        """bool: rows that return top-n logprobs."""
+        return self.ints[:, SI["want_top"]] > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +298,7 @@ class Scheduler:
                 ints[scoring, SI["want_top"]] = [bool(t.seqs[r].request.params.prompt_logprobs)
                                                  for r in seq_row[scoring].tolist()]
             banned = (target < 0) & (position < t.min_len[seq_row])
-        logits = LogitsRows(seq_row, position, ints[:, SI["want_top"]] > 0, banned, t.float_cols[seq_row], ints,
+        logits = LogitsRows(t.float_cols[seq_row], ints, banned,
                             t.stop_ids[seq_row] if banned.any() else t.stop_ids[:0])
         t.pending[sample_seq_rows] += 1
         t.pending_row[sample_seq_rows] = sample_rows

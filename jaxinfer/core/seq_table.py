@@ -33,7 +33,6 @@ class SeqTable:
     def __init__(self, capacity: int, max_model_len: int, pages_per_seq: int, stop_width: int):
         self.capacity = capacity
         self.max_model_len = max_model_len
-        self.stop_width = stop_width
         width = min(max_model_len, 1024) + 2  # grows by doubling up to max_model_len (+ 2)
         self.token_ids = np.zeros((capacity, width), np.int32)
         self.num_tokens = np.zeros(capacity, np.int32)  # tokens known on the host

@@ -30,7 +30,7 @@ class EngineMetrics:
     e2e: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=MAX_SAMPLES))
 
     def observe_request(self, output) -> None:
-        """Record a finished jaxinfer.outputs.RequestOutput."""
+        """Record a finished RequestOutput (jaxinfer/engine/outputs.py)."""
         m = output.metrics
         self.requests[output.outputs[0].finish_reason if output.outputs else "abort"] += 1
         self.prompt_tokens += len(output.prompt_token_ids)

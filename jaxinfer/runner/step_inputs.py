@@ -31,12 +31,6 @@ from jaxinfer.core.seq_table import FLOAT_COLUMNS, STEP_INT_COLUMNS, F, SI
 from jaxinfer.core.shapes import NULL_PAGE, BatchShape, SeqWork
 from jaxinfer.runner.sampler import SamplingArrays
 
-_PAD_FLOATS = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "presence": 0.0, "frequency": 0.0,
-               "repetition": 1.0}
-_PAD_INTS = {"top_k": 0, "seed_hi": 0, "seed_lo": 0, "penalty_slot": -1, "position": 0, "target": -1,
-             "want_top": 0}
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where each array of a step sits in the buffer: name -> (offset, shape)."""
@@ -77,10 +71,21 @@ def layout(shape: BatchShape, ban_width: int) -> Layout:
     out.view(t, "page_table")[:] = NULL_PAGE
     out.view(t, "block_tokens")[:] = T
     out.view(t, "logits_indices")[:D] = np.arange(D)
-    out.view(t, "floats")[:] = np.array([_PAD_FLOATS[c] for c in FLOAT_COLUMNS], np.float32).view(np.int32)
-    out.view(t, "ints")[:] = [_PAD_INTS[c] for c in STEP_INT_COLUMNS]
-    out.view(t, "banned")[:] = -1
+    _put_sampling(out, t, SamplingArrays.from_rows([], R, ban_width))  # padding rows, as from_rows makes them
     return out
+
+
+def _put_sampling(lay: Layout, buf: np.ndarray, sampling: SamplingArrays) -> None:
+    """Write SamplingArrays (numpy) into their place in `buf`."""
+    floats = lay.view(buf, "floats")
+    for c in FLOAT_COLUMNS:
+        floats[:, F[c]] = np.asarray(getattr(sampling, c), np.float32).view(np.int32)
+    ints = lay.view(buf, "ints")
+    seed = np.asarray(sampling.seed, np.uint32).view(np.int32)
+    ints[:, SI["seed_hi"]], ints[:, SI["seed_lo"]] = seed[:, 0], seed[:, 1]
+    for c in ("top_k", "penalty_slot", "position", "target", "want_top"):
+        ints[:, SI[c]] = np.asarray(getattr(sampling, c))
+    lay.view(buf, "banned")[:] = np.asarray(sampling.banned)
 
 
 @jax.tree_util.register_dataclass
@@ -109,7 +114,7 @@ class StepInputs:
             buf[o:o + values.size] = values.ravel()
 
         rows = step.logits
-        k = len(rows.position)
+        k = len(rows)
         for start, lo, hi in ((0, 0, d), (D, d, k)):
             if hi > lo:
                 at("floats", start * len(FLOAT_COLUMNS), rows.floats[lo:hi].view(np.int32))
@@ -131,15 +136,7 @@ class StepInputs:
         for name in ("tokens", "feed_index", "positions", "slots", "cu_q_lens", "kv_lens", "page_table",
                      "block_tokens", "block_seq", "logits_indices"):
             lay.view(buf, name)[:] = np.asarray(getattr(batch, name))
-        floats = lay.view(buf, "floats")
-        for c in FLOAT_COLUMNS:
-            floats[:, F[c]] = np.asarray(getattr(sampling, c), np.float32).view(np.int32)
-        ints = lay.view(buf, "ints")
-        seed = np.asarray(sampling.seed, np.uint32).view(np.int32)
-        ints[:, SI["seed_hi"]], ints[:, SI["seed_lo"]] = seed[:, 0], seed[:, 1]
-        for c in ("top_k", "penalty_slot", "position", "target", "want_top"):
-            ints[:, SI[c]] = np.asarray(getattr(sampling, c))
-        lay.view(buf, "banned")[:] = np.asarray(sampling.banned)
+        _put_sampling(lay, buf, sampling)
         return cls(buf, shape, ban_width)
 
     def unpack(self) -> tuple[Batch, SamplingArrays]:

@@ -39,8 +39,8 @@ to pages or to the page table's width) counts as slowness here.
 Step split (second table), measured on the jaxinfer engine of each B after its timed runs, on a decode batch of B
 rows at the mean context, all on the device with block_until_ready around N back-to-back calls:
   device step  runner.step: forward + sampling + the step's input transfers, as the engine issues it
-  forward      the model forward alone (runner.logits: the same forward, logits at the decode rows)
-  sampling     jaxinfer.runner.sampler.sample alone, jitted, on that forward's logits
+  forward      the step's forward executable alone, its input already on the device
+  sampling     the step's sampler executable alone (the variant the step uses), on that forward's logits
   host         step wall (the median TPOT above) - device step: the host time the device waits for per step
   dispatch     how long runner.step took to return (host), as a check that 'device step' is device-bound
 Engine internals used for the split sit in `decode_step_pieces` alone, so a rewrite of the engine needs only that
@@ -218,13 +218,12 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
     """The engine internals the split needs, in one place: (step, forward, sample) callables over one decode batch
     of b rows at `context` tokens each, built the way the engine builds a decode step. Adapt here when the engine
     moves; each callable returns something to block on."""
-    import functools
 
     import jax
 
-    from jaxinfer.core.sampling_params import MAX_LOGPROBS, SamplingParams
+    from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.core.shapes import SeqWork, pages_needed
-    from jaxinfer.runner.sampler import Row, SamplingArrays, sample
+    from jaxinfer.runner.sampler import Row, SamplingArrays
     from jaxinfer.runner.step_inputs import StepInputs, build
 
     engine = llm.engine
@@ -241,21 +240,26 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
     arrays = SamplingArrays.from_rows(rows, shape.num_rows, engine.ban_width)
 
     inputs = StepInputs.pack(batch, arrays, shape)
+    forward_exe, sampler_exe = runner._executables_for(shape, engine.ban_width, inputs.needs_full_sampling())
+    on_device = jax.device_put(inputs.buffer, runner.replicated)
 
     def step():
         return runner.step(inputs).packed
 
-    def forward():
-        return runner.logits(batch)
+    def forward():  # the step's own forward executable, its input already on the device
+        out = forward_exe.flat(*runner._state_leaves, *jax.tree.leaves(runner.cache), runner.sampled, on_device)
+        runner.cache = jax.tree.unflatten(runner._cache_tree, out[1:-1])
+        return out[0], out[-1]
 
-    logits = forward()
-    device_arrays = jax.device_put(arrays)
-    sampler = jax.jit(functools.partial(sample, num_top=MAX_LOGPROBS))
+    logits, rows = forward()
 
-    def sampling():
-        return sampler(logits, device_arrays, runner.penalty)[0].tokens
+    def sampling():  # the step's own sampler executable on that forward's logits
+        out = sampler_exe.flat(logits, *jax.tree.leaves(runner.penalty), runner.sampled, rows)
+        runner.penalty = jax.tree.unflatten(runner._penalty_tree, out[3:-1])
+        runner.sampled = out[-1]
+        return out[0]
 
-    return step, forward, sampling
+    return step, lambda: forward()[0], sampling
 
 
 def run_jaxinfer(args) -> None:

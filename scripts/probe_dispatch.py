@@ -1,17 +1,24 @@
-"""Where does a decode step's host call wait? (GPU diagnosis for issue 11.)
+"""Where does a decode step's time go on the GPU? (Diagnosis for issue 11.)
 
-Builds the Llama-3-8B-shape engine (random bf16 weights) for one batch size and times, with
-the device kept busy by queued steps: the step's one input transfer (device_put of the packed
-buffer), the executable call with the buffer already on the device, and the whole runner.step.
-A call that takes about a device step to return is waiting on the device.
+Builds the Llama-3-8B-shape engine (random bf16 weights) and, for each batch size, times:
+  - the device step: back-to-back runner.step calls, one wait at the end;
+  - the GPU's own work per step (CUPTI: kernel count and summed kernel time), so
+    device step minus kernel time is how long the GPU sat idle;
+  - how long calls take to return with the device kept busy by queued steps: the
+    step's one input transfer and the whole runner.step. A call that takes about a
+    device step to return is waiting on the device;
+  - the sampler's two variants alone (plain, and full: top-k/top-p and top-n logprobs);
+  - what the optimized forward and sampler hold (conditionals, loops, command buffers).
 
-    python scripts/probe_dispatch.py --batch 64
+    python scripts/probe_dispatch.py --batches 1,64
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -19,10 +26,29 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
+def _cupti(fn):
+    """(kernel count, summed kernel ms) of what fn launches; fn must wait for its work."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        fn()
+        return []
+    from jax.experimental.mosaic.gpu import profiler
+
+    ext = profiler.mosaic_gpu_lib._mosaic_gpu_ext
+    ext._cupti_init()
+    try:
+        fn()
+    finally:
+        timings = ext._cupti_get_timings(True)
+    return timings or []
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", default="1,64")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="a tiny model (a CPU smoke test)")
     args = p.parse_args()
     import dataclasses
 
@@ -32,56 +58,98 @@ def main() -> None:
     from checkpoints.loader import LoadedModel
     from jaxinfer import params as P
     from jaxinfer.llm import LLM
-    from jaxinfer.sharding import make_mesh
     from jaxinfer.runner.step_inputs import StepInputs
+    from jaxinfer.sharding import make_mesh
     from scripts.bench_decode import model_config
 
-    cfg = model_config(False)
+    cfg = model_config(args.tiny)
     mesh = make_mesh()
     graphdef, state = P.dummy_params(cfg, jnp.bfloat16, mesh)
     model = LoadedModel(cfg, graphdef, state, None, "dummy", dtype=jnp.bfloat16)
-    b = args.batch
-    llm = LLM.from_loaded(model, mesh, max_num_seqs=b, max_num_batched_tokens=max(b, 128),
-                          max_model_len=256, enable_prefix_caching=False)
-    engine = llm.engine
-    runner = engine.runner
-    shape = engine.config.shape(next(d for d in engine.config.decode_buckets() if d >= b), 0)
-    inputs = StepInputs.empty(shape, engine.ban_width)
-    for _ in range(3):
-        runner.step(inputs)
-    jax.block_until_ready(runner.cache)
+    for b in (int(x) for x in args.batches.split(",")):
+        llm = LLM.from_loaded(model, mesh, max_num_seqs=b, max_num_batched_tokens=max(b, 128),
+                              max_model_len=256, enable_prefix_caching=False)
+        engine = llm.engine
+        runner = engine.runner
+        shape = engine.config.shape(next(d for d in engine.config.decode_buckets() if d >= b), 0)
+        inputs = StepInputs.empty(shape, engine.ban_width)
+        for _ in range(3):
+            runner.step(inputs)
+        jax.block_until_ready(runner.cache)
 
-    def timed(fn, n):
-        out = []
-        for _ in range(n):
+        def timed(fn, n):
+            out = []
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t) * 1e3)
+            return statistics.median(out)
+
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            runner.step(inputs)
+        jax.block_until_ready(runner.cache)
+        device_ms = (time.perf_counter() - t) / args.iters * 1e3
+        kernels = _cupti(lambda: jax.block_until_ready(runner.step(inputs)))
+        kernel_ms = sum(k[1] for k in kernels)
+        for _ in range(5):
+            runner.step(inputs)  # keep the device busy
+        put_ms = timed(lambda: jax.device_put(inputs.buffer, runner.replicated), 5)
+        step_ms = timed(lambda: runner.step(inputs), 10)
+        jax.block_until_ready(runner.cache)
+        print(f"B={b}: device step {device_ms:.2f} ms; GPU kernels {len(kernels)}, "
+              f"{kernel_ms:.2f} ms (idle {device_ms - kernel_ms:.2f} ms)", flush=True)
+        print(f"  host time to return, device busy: device_put {put_ms:.3f} ms, runner.step {step_ms:.3f} ms",
+              flush=True)
+        by_name = collections.defaultdict(lambda: [0, 0.0])
+        for name, ms in kernels:
+            key = re.sub(r"[._]\d+$", "", name)[:60]
+            by_name[key][0] += 1
+            by_name[key][1] += ms
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+        print("  kernels by time: " + "; ".join(f"{k} x{n} {ms:.3f}" for k, (n, ms) in top), flush=True)
+        forward, _ = runner._executables_for(shape, engine.ban_width, False)
+        logits, runner.cache, rows = forward(runner.state, runner.cache, runner.sampled,
+                                             dataclasses.replace(inputs, buffer=jax.device_put(inputs.buffer)))
+        on_device = jax.device_put(inputs.buffer, runner.replicated)
+        state_leaves = runner._state_leaves
+
+        def loop(with_sampler, put):  # back-to-back pieces of the step, ms per step
+            nonlocal logits, rows
+            _, sampler = runner._executables_for(shape, engine.ban_width, False)
+            jax.block_until_ready(runner.cache)
             t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(out)
+            for _ in range(args.iters):
+                buf = jax.device_put(inputs.buffer, runner.replicated) if put else on_device
+                out = forward.flat(*state_leaves, *jax.tree.leaves(runner.cache), runner.sampled, buf)
+                logits, rows = out[0], out[-1]
+                runner.cache = jax.tree.unflatten(runner._cache_tree, out[1:-1])
+                if with_sampler:
+                    o = sampler.flat(logits, *jax.tree.leaves(runner.penalty), runner.sampled, rows)
+                    runner.penalty = jax.tree.unflatten(runner._penalty_tree, o[3:-1])
+                    runner.sampled = o[-1]
+            jax.block_until_ready(runner.cache)
+            return (time.perf_counter() - t) / args.iters * 1e3
 
-    t = time.perf_counter()
-    for _ in range(args.iters):
-        runner.step(inputs)
-    jax.block_until_ready(runner.cache)
-    device_ms = (time.perf_counter() - t) / args.iters * 1e3
-    for _ in range(5):
-        runner.step(inputs)  # keep the device busy
-    put_ms = timed(lambda: jax.device_put(inputs.buffer, runner.replicated), 5)
-    jax.block_until_ready(runner.cache)
-    on_device = dataclasses.replace(inputs, buffer=jax.device_put(inputs.buffer, runner.replicated))
-    exe = runner._executable(runner._args(inputs))
-    for _ in range(5):
-        runner.step(inputs)
+        loop(True, True)
+        print(f"  back to back: forward alone {loop(False, False):.2f} ms; forward + sampler {loop(True, False):.2f} ms;"
+              f" forward + input transfer {loop(False, True):.2f} ms; all three {loop(True, True):.2f} ms", flush=True)
+        for full in (False, True):
+            _, sampler = runner._executables_for(shape, engine.ban_width, full)
 
-    def call():
-        out, runner.cache, runner.penalty, runner.sampled = exe(
-            runner.state, runner.cache, runner.penalty, runner.sampled, on_device)
-    call_ms = timed(call, 10)
-    step_ms = timed(lambda: runner.step(inputs), 10)
-    jax.block_until_ready(runner.cache)
-    print(f"B={b}: device step {device_ms:.2f} ms; host time to return, device busy: device_put "
-          f"{put_ms:.3f} ms, executable call (input on device) {call_ms:.3f} ms, runner.step {step_ms:.3f} ms",
-          flush=True)
+            def run_sampler():
+                out, runner.penalty, runner.sampled = sampler(logits, runner.penalty, runner.sampled, rows)
+                jax.block_until_ready(out)
+
+            run_sampler()
+            ks = _cupti(run_sampler)
+            print(f"  sampler {'full' if full else 'plain'}: {len(ks)} kernels, {sum(k[1] for k in ks):.3f} ms",
+                  flush=True)
+        for name, exe in (("forward", forward), ("sampler", sampler)):
+            text = exe.flat.as_text()
+            print(f"  optimized {name}: {text.count(' conditional(')} conditional, {text.count(' while(')} "
+                  f"while, {text.count('command_buffer')} command_buffer mentions, "
+                  f"{text.count(' custom-call(')} custom-call, {text.count(' fusion(')} fusion", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 sampler against independent numpy references (penalties, cuts, logprobs)."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,15 +13,15 @@ from jaxinfer.runner.sampler import PenaltyState, Row, SamplingArrays, apply_pen
 
 # One shape for every device test, so each function compiles once.
 R, V, B, SLOTS = 64, 32, 4, 4
-_sample = jax.jit(sample)
+_sample = jax.jit(sample, static_argnames="full")
 _penalize = jax.jit(apply_penalties)
 _reset = jax.jit(reset_slot)
 
 
-def run(rows, logits, state=None, num_rows=R):
+def run(rows, logits, state=None, num_rows=R, full=True):
     arrays = SamplingArrays.from_rows(rows, num_rows, B)
     state = PenaltyState.zeros(SLOTS, V) if state is None else state
-    out, state = _sample(jnp.asarray(logits, jnp.float32), arrays, state)
+    out, state = _sample(jnp.asarray(logits, jnp.float32), arrays, state, full=full)
     return jax.tree.map(np.asarray, out), state
 
 
@@ -446,29 +447,75 @@ def test_seeded_rows_do_not_depend_on_row_index_or_batch_mates():
         return [(out.tokens[i], out.logprobs[i], out.top_ids[i], out.top_logprobs[i])
                 for i in (5, 40)]
 
-    def alone(position, which, num_rows):  # one probe, the rest padding, other row index
+    def alone(position, which, num_rows, full):  # one probe, the rest padding, other row index
         rows = [None] * num_rows
         rows[-1] = probes(position)[which]
         logits = np.zeros((num_rows, V), np.float32)
         logits[-1] = probe_logits[which]
-        out, _ = run(rows, logits, state, num_rows=num_rows)
+        out, _ = run(rows, logits, state, num_rows=num_rows, full=full)
         return out.tokens[-1], out.logprobs[-1], out.top_ids[-1], out.top_logprobs[-1]
 
     differs = 0
     for position in range(12):
         together = crowded(position)
         for which in (0, 1):
-            for num_rows in (R, 8):
-                got = alone(position, which, num_rows)
+            # The plain probe also alone in the sampler variant its own rows would get.
+            for num_rows, full in ((R, True), (8, True)) + (((8, False),) if which == 0 else ()):
+                got = alone(position, which, num_rows, full)
                 for a, b in zip(together[which], got):
                     np.testing.assert_array_equal(a, b)
         differs += together[0][0] != together[1][0]
     assert differs  # the probes really sample
 
 
-def test_vocabulary_sort_and_top_n_run_only_inside_conditionals():
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive in a jaxpr, nested ones included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitives(sub)
+    return names
+
+
+def test_nothing_branches_on_the_device_and_plain_never_ranks_the_vocabulary():
+    # A device-side branch makes the GPU host wait for the whole forward pass.
     arrays = SamplingArrays.from_rows([], R, B)
-    jaxpr = jax.make_jaxpr(sample)(jnp.zeros((R, V)), arrays, PenaltyState.zeros(SLOTS, V)).jaxpr
-    top_level = {eqn.primitive.name for eqn in jaxpr.eqns}
-    assert "cond" in top_level
-    assert not top_level & {"sort", "top_k"}, top_level
+    for full in (False, True):
+        jaxpr = jax.make_jaxpr(lambda *a: sample(*a, full=full))(
+            jnp.zeros((R, V)), arrays, PenaltyState.zeros(SLOTS, V)).jaxpr
+        used = _primitives(jaxpr)
+        assert not used & {"cond", "while"}, used
+        assert bool(used & {"sort", "top_k"}) == full, used
+
+
+def test_needs_full_only_for_a_sampled_cut_or_top_n():
+    def needs(**kw):
+        want_top = kw.pop("want_top", False)
+        return SamplingArrays.from_rows([Row(SamplingParams(**kw), 0, 0, want_top=want_top)], R, B).needs_full()
+
+    assert not needs(temperature=0.8, min_p=0.1, repetition_penalty=1.2)
+    assert not needs(temperature=0.0, top_k=5, top_p=0.5)  # a greedy row ignores its cut
+    assert needs(temperature=0.8, top_k=5)
+    assert needs(temperature=0.8, top_p=0.9)
+    assert needs(temperature=0.0, want_top=True)
+    assert not SamplingArrays.from_rows([], R, B).needs_full()
+
+
+def test_plain_variant_equals_full_for_rows_that_need_neither_part():
+    rng = np.random.default_rng(3)
+    state = _reset(PenaltyState.zeros(SLOTS, V), 1, padded([1, 2, 3, 4, 4]),
+                   jnp.array([0, 0, 1, 1, 1] + [0] * 7, bool))
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, seed=4),
+              SamplingParams(temperature=1.3, min_p=0.05), SamplingParams(temperature=0.0, frequency_penalty=1.0),
+              SamplingParams(temperature=0.7, repetition_penalty=1.5, presence_penalty=0.4)]
+    rows = [Row(params[i % 5], seed=i * 7, position=i, penalty_slot=1 if i % 3 == 0 else -1,
+                banned=(i % V,), target=i % V if i % 11 == 0 else -1) for i in range(R)]
+    assert not SamplingArrays.from_rows(rows, R, B).needs_full()
+    logits = random_logits(rng)
+    plain, plain_state = run(rows, logits, state, full=False)
+    full, full_state = run(rows, logits, state, full=True)
+    np.testing.assert_array_equal(plain.tokens, full.tokens)
+    np.testing.assert_array_equal(plain.logprobs, full.logprobs)
+    np.testing.assert_array_equal(plain_state.counts, full_state.counts)
+    assert len(set(plain.tokens.tolist())) > 5  # the rows really differ

@@ -41,11 +41,18 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind):
     params = SamplingParams(temperature=0.7, top_p=0.9, presence_penalty=0.5, logprobs=3)
     sampling = SamplingArrays.from_rows([Row(params, 1, 8, penalty_slot=0, want_top=True)] * 4,
                                         shape.num_rows, 8)
+    assert sampling.needs_full()
+
+    def whole_step(state, cache, penalty, sampled, inputs):  # the forward pass, then the sampler
+        logits, cache, rows = runner._forward_step_fn(state, cache, sampled, inputs)
+        out, penalty, sampled = runner._sample_fn(logits, penalty, sampled, rows, full=True)
+        return out, cache, penalty, sampled
+
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
     abstract = jax.sharding.AbstractMesh((1, 1), ("data", "tensor"), (jax.sharding.AxisType.Auto,) * 2,
                                          abstract_device=device)
     with jax.sharding.use_abstract_mesh(abstract):
-        exported = export.export(jax.jit(runner._step_fn), platforms=["tpu"])(
+        exported = export.export(jax.jit(whole_step), platforms=["tpu"])(
             runner.state, runner.cache, runner.penalty, runner.sampled, StepInputs.pack(batch, sampling, shape))
     assert exported.platforms == ("tpu",)
     # The default attention ("auto") is the Mosaic TPU kernel there.

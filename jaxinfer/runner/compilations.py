@@ -101,7 +101,8 @@ def _lowered_dir():
 
 
 def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identity: str = ""):
-    """A compiled `fn(*args)` (a callable taking the same pytrees and returning `out_tree`):
+    """A compiled `fn(*args)` (a callable taking the same pytrees and returning `out_tree`;
+    its `flat` takes and returns the flat lists of leaves):
     from its lowering on disk when this exact one was saved before, else traced, lowered
     and saved. `donate_argnums` as for jax.jit."""
     import hashlib
@@ -167,4 +168,5 @@ def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identit
 
     def call(*call_args):
         return jax.tree.unflatten(out_tree, compiled(*jax.tree.leaves(call_args)))
+    call.flat = compiled  # over the flat leaves, skipping the pytree work (a hot caller's fast path)
     return call

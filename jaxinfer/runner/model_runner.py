@@ -2,17 +2,22 @@
 
 Device state: the params, the KV pages, the penalty state (token counts per
 running sequence) and the previous step's sampled tokens. `step` takes a step's
-StepInputs (one buffer, one transfer), runs the model over the Batch in it,
-writes the new K/V into the pages and samples a token per logits row; it is one
-compiled function per BatchShape, with the state donated so it is updated in
-place, and gives back the tokens and their logprobs as one array. The runner
-decides nothing: the scheduler says what runs, StepInputs.from_step packs it.
+StepInputs (one buffer, one transfer) and queues two compiled functions: the
+forward pass over the Batch in it, which writes the new K/V into the pages and
+gives the logits rows, and the sampler, which picks a token per row and gives
+back the tokens and their logprobs as one array. The forward pass is compiled
+once per BatchShape; the sampler once per (rows, ban width) in two variants, with
+and without the vocabulary-ranking work (top-k/top-p, top-n logprobs), chosen
+by the host from the step's rows: nothing in a step makes the host wait for the
+device. The state is donated, so it is updated in place. The runner decides
+nothing: the scheduler says what runs, StepInputs.from_step packs it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 
@@ -30,7 +35,8 @@ from jaxinfer.errors import ConfigError
 from jaxinfer.layers import attention
 from jaxinfer.models import ModelConfig, family
 from jaxinfer.runner.sampler import PenaltyState, reset_slot, sample
-from jaxinfer.runner.step_inputs import StepInputs
+from jaxinfer.core.seq_table import FLOAT_COLUMNS, STEP_INT_COLUMNS
+from jaxinfer.runner.step_inputs import StepInputs, layout, unpack_sampling
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +67,13 @@ class ModelRunner:
         self.replicated = sharding.replicated(mesh)
         self.penalty = jax.device_put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
         self.sampled = jax.device_put(np.zeros(max_rows, np.int32), self.replicated)
-        self._executables: dict[tuple, concurrent.futures.Future] = {}  # per step shape
+        self._executables: dict[tuple, concurrent.futures.Future] = {}  # forward per shape, sampler per rows
         self._lock = threading.Lock()
-        self._out_tree = jax.tree.structure((StepOutput(0, 0, 0), self.cache, self.penalty, self.sampled))
+        self._made: dict[tuple, tuple] = {}  # (shape, ban width, full) -> (forward, sampler), once made
+        self._cache_tree = jax.tree.structure(self.cache)
+        self._penalty_tree = jax.tree.structure(self.penalty)
+        self._forward_tree = jax.tree.structure((0, self.cache, 0))
+        self._sample_tree = jax.tree.structure((StepOutput(0, 0, 0), self.penalty, self.sampled))
 
         self._logits = jax.jit(self._logits_fn, donate_argnums=(1,))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
@@ -76,14 +86,21 @@ class ModelRunner:
         with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
             return model(dataclasses.replace(batch, tokens=tokens), cache)
 
-    def _step_fn(self, state, cache, penalty, sampled, inputs: StepInputs):
-        batch, sampling = inputs.unpack()
+    def _forward_step_fn(self, state, cache, sampled, inputs: StepInputs):
+        batch, _ = inputs.unpack()
         logits, cache = self._forward(state, cache, batch, sampled)
-        out, penalty = sample(logits, sampling, penalty, num_top=MAX_LOGPROBS)
-        sampled = jnp.zeros_like(sampled).at[:out.tokens.shape[0]].set(out.tokens)
+        logits = jax.lax.with_sharding_constraint(logits.astype(jnp.float32), self.replicated)
+        return logits, cache, inputs.sampling_rows()
+
+    def _sample_fn(self, logits, penalty, sampled, rows, *, full: bool):
+        num_rows = logits.shape[0]
+        ban_width = rows.shape[0] // num_rows - len(FLOAT_COLUMNS) - len(STEP_INT_COLUMNS)
+        out, penalty = sample(logits, unpack_sampling(rows, num_rows, ban_width), penalty,
+                              num_top=MAX_LOGPROBS, full=full)
+        sampled = jnp.zeros_like(sampled).at[:num_rows].set(out.tokens)
         # Tokens and their logprobs come back to the host as one array.
         packed = jnp.concatenate([out.tokens, jax.lax.bitcast_convert_type(out.logprobs, jnp.int32)])
-        return StepOutput(packed, out.top_ids, out.top_logprobs), cache, penalty, sampled
+        return StepOutput(packed, out.top_ids, out.top_logprobs), penalty, sampled
 
     def _logits_fn(self, state, cache, batch: Batch, sampled):
         return self._forward(state, cache, batch, sampled)
@@ -93,30 +110,59 @@ class ModelRunner:
 
     def step(self, inputs: StepInputs) -> StepOutput:
         """Run one step (asynchronously); returns the device-side samples."""
-        args = self._args(inputs)
-        out, self.cache, self.penalty, self.sampled = self._executable(args)(*args)
-        return out
+        forward, sampler = self._executables_for(inputs.shape, inputs.ban_width, inputs.needs_full_sampling())
+        buffer = self._put(inputs.buffer)  # the one transfer
+        # Over flat leaves: flattening the params' nnx.State every step costs milliseconds.
+        out = forward.flat(*self._state_leaves, *jax.tree.leaves(self.cache), self.sampled, buffer)
+        logits, rows = out[0], out[-1]
+        self.cache = jax.tree.unflatten(self._cache_tree, out[1:-1])
+        out = sampler.flat(logits, *jax.tree.leaves(self.penalty), self.sampled, rows)
+        self.penalty = jax.tree.unflatten(self._penalty_tree, out[3:-1])
+        self.sampled = out[-1]
+        return StepOutput(*out[:3])
+
+    @property
+    def state(self) -> nnx.State:
+        return self._state
+
+    @state.setter
+    def state(self, state: nnx.State) -> None:
+        self._state = state
+        self._state_leaves = jax.tree.leaves(state)
 
     def prepare(self, inputs: StepInputs) -> None:
-        """Make the executable of this step's shape ready (load or compile it) without running it.
-        Safe beside running steps: it looks only at the arguments' shapes and shardings."""
-        args = (self.state, self.cache, self.penalty, self.sampled,
-                dataclasses.replace(inputs, buffer=jax.ShapeDtypeStruct(inputs.buffer.shape, inputs.buffer.dtype,
-                                                                        sharding=self.replicated)))
-        self._executable(jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args))
+        """Make the executables of this step's shape ready (load or compile them) without running
+        them: the forward pass and both sampler variants. Safe beside running steps: it looks
+        only at the arguments' shapes and shardings."""
+        self._executables_for(inputs.shape, inputs.ban_width, False)
+        self._executables_for(inputs.shape, inputs.ban_width, True)
 
-    def _args(self, inputs: StepInputs) -> tuple:
-        if inputs.shape.num_rows > self.max_rows:
-            raise ValueError(f"{inputs.shape.num_rows} logits rows > max_rows {self.max_rows}")
-        inputs = dataclasses.replace(inputs, buffer=self._put(inputs.buffer))  # the one transfer
-        return self.state, self.cache, self.penalty, self.sampled, inputs
+    def _executables_for(self, shape, ban_width: int, full: bool):
+        made = self._made.get((shape, ban_width, full))
+        if made is not None:
+            return made
+        if shape.num_rows > self.max_rows:
+            raise ValueError(f"{shape.num_rows} logits rows > max_rows {self.max_rows}")
 
-    def _executable(self, args: tuple):
-        """The step's executable for this shape; made once, whichever thread asks first (a
-        background warm-up and the step thread may ask for the same one)."""
-        inputs = args[4]
-        key = (inputs.shape, inputs.ban_width)
+        def spec(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+        rows = layout(shape, ban_width).size - layout(shape, ban_width).offset("floats")
+        buffer = jax.ShapeDtypeStruct((layout(shape, ban_width).size,), jnp.int32, sharding=self.replicated)
+        forward = self._executable(("forward", shape, ban_width), self._forward_step_fn, (
+            jax.tree.map(spec, self.state), jax.tree.map(spec, self.cache), spec(self.sampled),
+            StepInputs(buffer, shape, ban_width)), self._forward_tree, (1,))
+        logits = jax.ShapeDtypeStruct((shape.num_rows, self.cfg.vocab_size), jnp.float32, sharding=self.replicated)
+        sampler = self._executable(("sample", shape.num_rows, ban_width, full),
+                                   functools.partial(self._sample_fn, full=full), (
+            logits, jax.tree.map(spec, self.penalty), spec(self.sampled),
+            jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.replicated)), self._sample_tree, (1, 2))
+        self._made[(shape, ban_width, full)] = forward, sampler
+        return forward, sampler
+
+    def _executable(self, key: tuple, fn, specs: tuple, out_tree, donate: tuple[int, ...]):
+        """The executable for `key`; made once, whichever thread asks first (a background
+        warm-up and the step thread may ask for the same one)."""
         with self._lock:
             made = self._executables.get(key)
             mine = made is None
@@ -125,10 +171,9 @@ class ModelRunner:
         if mine:
             try:
                 # What the executable depends on beyond its arguments (see compilations.load_or_compile).
-                identity = repr((self.cfg, self.attention_impl or attention.get_implementation(),
+                identity = repr((key[0], key[-1], self.cfg, self.attention_impl or attention.get_implementation(),
                                  self.mesh.axis_names, self.mesh.devices.shape, self.max_model_len, MAX_LOGPROBS))
-                made.set_result(compilations.load_or_compile(self._step_fn, args, self._out_tree, (1, 2, 3),
-                                                             identity))
+                made.set_result(compilations.load_or_compile(fn, specs, out_tree, donate, identity))
             except BaseException as e:
                 made.set_exception(e)
                 with self._lock:

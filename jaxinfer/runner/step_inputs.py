@@ -53,6 +53,7 @@ class Layout:
 def layout(shape: BatchShape, ban_width: int) -> Layout:
     D, T, S, P = shape.decode_rows, shape.num_tokens, shape.num_seqs, shape.pages_per_seq
     NB, Bq, R = shape.num_blocks, shape.block_q, shape.num_rows
+    # The sampler's rows come last: `sampling_rows` hands the sampler the tail alone.
     sizes = [("tokens", (T,)), ("feed_index", (T,)), ("positions", (T,)), ("slots", (T,)),
              ("cu_q_lens", (S + 1,)), ("kv_lens", (S,)), ("page_table", (S, P)), ("block_tokens", (NB, Bq)),
              ("block_seq", (NB,)), ("logits_indices", (R,)), ("floats", (R, len(FLOAT_COLUMNS))),
@@ -154,18 +155,43 @@ class StepInputs:
                       page_table=v["page_table"], block_tokens=v["block_tokens"], block_seq=v["block_seq"],
                       logits_indices=v["logits_indices"], decode_rows=self.shape.decode_rows,
                       max_q_len=max(1, self.shape.prefill_tokens))
-        floats, ints = bits(v["floats"], np.float32), v["ints"]
-        sampling = SamplingArrays(
-            **{c: floats[:, F[c]] for c in FLOAT_COLUMNS},
-            top_k=ints[:, SI["top_k"]],
-            seed=bits(ints[:, SI["seed_hi"]:SI["seed_lo"] + 1], np.uint32),
-            position=ints[:, SI["position"]], penalty_slot=ints[:, SI["penalty_slot"]],
-            banned=v["banned"], target=ints[:, SI["target"]], want_top=ints[:, SI["want_top"]] != 0)
-        return batch, sampling
+        return batch, unpack_sampling(self.sampling_rows(), self.shape.num_rows, self.ban_width)
+
+    def sampling_rows(self):
+        """The part of the buffer the sampler reads (its rows' settings: the layout's tail)."""
+        return self.buffer[layout(self.shape, self.ban_width).offset("floats"):]
+
+    def needs_full_sampling(self) -> bool:
+        """Whether the step's sampler must rank the vocabulary (see sampler.sample's `full`).
+        On the host buffer, before it travels."""
+        return unpack_sampling(self.buffer[layout(self.shape, self.ban_width).offset("floats"):],
+                               self.shape.num_rows, self.ban_width).needs_full()
 
     @property
     def size(self) -> int:
         return int(self.buffer.shape[0])
+
+
+def unpack_sampling(rows, num_rows: int, ban_width: int) -> SamplingArrays:
+    """SamplingArrays from `StepInputs.sampling_rows()`, numpy or (under jit) a device array."""
+    host = isinstance(rows, np.ndarray)
+    if not host:
+        rows = jnp.asarray(rows)
+    nf, ni = len(FLOAT_COLUMNS), len(STEP_INT_COLUMNS)
+    floats = rows[:num_rows * nf].reshape(num_rows, nf)
+    ints = rows[num_rows * nf:num_rows * (nf + ni)].reshape(num_rows, ni)
+    banned = rows[num_rows * (nf + ni):num_rows * (nf + ni + ban_width)].reshape(num_rows, ban_width)
+
+    def bits(x, dtype):
+        return x.view(dtype) if host else jax.lax.bitcast_convert_type(x, dtype)
+
+    floats = bits(floats, np.float32)
+    return SamplingArrays(
+        **{c: floats[:, F[c]] for c in FLOAT_COLUMNS},
+        top_k=ints[:, SI["top_k"]],
+        seed=bits(ints[:, SI["seed_hi"]:SI["seed_lo"] + 1], np.uint32),
+        position=ints[:, SI["position"]], penalty_slot=ints[:, SI["penalty_slot"]],
+        banned=banned, target=ints[:, SI["target"]], want_top=ints[:, SI["want_top"]] != 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -293,16 +293,18 @@ class Engine:
         rest = [s for s in shapes if s not in first]
         bar = _progress(len(first) + (0 if background else len(rest)) + 2, "compiling", progress)
         for shape in first:
-            self.runner.prepare(StepInputs.empty(shape, self.ban_width))
+            # In the background, the sampler that ranks the vocabulary (top-k/top-p, top-n
+            # logprobs) comes first thing after; a step that needs it sooner waits for it.
+            self.runner.prepare(StepInputs.empty(shape, self.ban_width), full=(False,) if background else (False, True))
             bar.update(1)
         self.runner.copy_pages([(0, 0)])
         bar.update(1)
         self.runner.reset_penalty_slot(0, [0], 1)
         bar.update(1)
         jax.block_until_ready(self.runner.cache)
-        if background and rest:
+        if background:
             self.scheduler.ready_shapes = frozenset(first)  # steps fit these until the rest are made
-            self._warming = threading.Thread(target=self._prepare_all, args=(rest, started),
+            self._warming = threading.Thread(target=self._prepare_all, args=(first + rest, started),
                                              name="jaxinfer-warmup", daemon=True)
             self._warming.start()
             _stop_at_exit(self)

@@ -130,12 +130,12 @@ class ModelRunner:
         self._state = state
         self._state_leaves = jax.tree.leaves(state)
 
-    def prepare(self, inputs: StepInputs) -> None:
+    def prepare(self, inputs: StepInputs, full: tuple[bool, ...] = (False, True)) -> None:
         """Make the executables of this step's shape ready (load or compile them) without running
-        them: the forward pass and both sampler variants. Safe beside running steps: it looks
-        only at the arguments' shapes and shardings."""
-        self._executables_for(inputs.shape, inputs.ban_width, False)
-        self._executables_for(inputs.shape, inputs.ban_width, True)
+        them: the forward pass and the sampler variants in `full`. Safe beside running steps: it
+        looks only at the arguments' shapes and shardings."""
+        for variant in full:
+            self._executables_for(inputs.shape, inputs.ban_width, variant)
 
     def _executables_for(self, shape, ban_width: int, full: bool):
         made = self._made.get((shape, ban_width, full))

@@ -98,6 +98,8 @@ class Tokenizer:
             to_bytes = _byte_level_bytes if self._scheme == "byte_level" else (
                 lambda t: _sentencepiece_bytes(t, byte_fallback))
             self._token_bytes = [to_bytes(backend.id_to_token(i) or "") for i in range(self.vocab_size)]
+            # Most tokens are ASCII: their text needs no UTF-8 decoder (StreamDecoder's fast path).
+            self._token_ascii = [b.decode("ascii") if b.isascii() else None for b in self._token_bytes]
         # Compiled now so that a broken template shows at load; the model still serves text and ids.
         self._compiled_template, self.chat_template_error = None, None
         try:
@@ -276,6 +278,7 @@ class StreamDecoder:
         self._strip = tokenizer._strip_leading_space
         self._ids: list[int] = []  # only for tokenizers without a byte table
         self._emitted = ""
+        self._pending = False  # the UTF-8 decoder holds part of a character
 
     def push(self, token_id: int) -> str:
         tok = self._tok
@@ -287,12 +290,19 @@ class StreamDecoder:
             return "" if text.endswith("\ufffd") else self._advance(text)
         if self._skip and token_id in tok.special_ids:
             return ""
-        return self._leading(self._utf8.decode(tok._token_bytes[token_id]))
+        if not self._pending:
+            text = tok._token_ascii[token_id]
+            if text is not None:
+                return self._leading(text) if self._strip else text
+        text = self._utf8.decode(tok._token_bytes[token_id])
+        self._pending = bool(self._utf8.getstate()[0])
+        return self._leading(text)
 
     def flush(self) -> str:
         """Text still held back (an incomplete character becomes U+FFFD)."""
         if self._tok._token_bytes is None:
             return self._advance(self._tok.decode(self._ids, self._skip))
+        self._pending = False
         return self._leading(self._utf8.decode(b"", final=True))
 
     def _leading(self, text: str) -> str:

@@ -139,13 +139,16 @@ class OutputProcessor:
                 self._idle.notify_all()
 
     def _step(self, record: StepRecord) -> None:
-        touched: dict[str, Request] = {}
+        touched: dict[str, Request] = {}  # requests to emit after the loop (n > 1, prompt scores)
         for req, first, rows in record.prompt_scores:
             self._score_prompt(req, first, rows, record)
             touched[req.request_id] = req
         u = record.update
         logprobs = record.logprobs[u.sample_rows].tolist()
+        now, append, emit, streamed = record.time, self._append, self._emit, self.streamed
         kept = 0
+        # The hot loop of streaming: one pass per sampled row, its request emitted in the same pass
+        # when it has one sequence (the common case).
         for i, (seq, token, row, logprob, finished) in enumerate(zip(
                 u.seqs.tolist(), u.tokens.tolist(), u.sample_rows.tolist(), logprobs, u.finished.tolist())):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
@@ -157,13 +160,18 @@ class OutputProcessor:
                 continue  # past a stop string: the engine has not freed it yet
             req = seq.request
             if req.first_token_time is None:
-                req.first_token_time = record.time
-            self._append(seq, out, token, logprob, row, record, finished)
-            touched[req.request_id] = req
+                req.first_token_time = now
+            append(seq, out, token, logprob, row, record, finished)
             kept += 1
+            if req.params.n > 1 or req.request_id in touched:
+                touched[req.request_id] = req
+            elif out.done:
+                emit(req, now)
+            elif req.request_id in streamed:
+                self._outputs.append(_streamed_output(req, seq, out))
         self.metrics.generation_tokens += kept
         for req in touched.values():
-            self._emit(req, record.time)
+            emit(req, now)
 
     def _append(self, seq: Sequence, out: SeqOutput, token: int, logprob: float, row: int,
                 record: StepRecord, finished: bool) -> None:
@@ -257,6 +265,8 @@ class OutputProcessor:
 
     @staticmethod
     def _output(req: Request, seqs: list[Sequence], finished: bool) -> RequestOutput:
+        if not finished and len(seqs) == 1 and seqs[0].output is not None:
+            return _streamed_output(req, seqs[0], seqs[0].output)
         outs = []
         for seq in seqs:
             o = seq.output or SeqOutput()
@@ -275,3 +285,17 @@ class OutputProcessor:
         # The prompt's ids are shared, not copied: nothing changes them.
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, prompt_logprobs,
                              outs, finished, metrics, req.num_cached_tokens)
+
+
+def _streamed_output(req: Request, seq: Sequence, o: SeqOutput) -> RequestOutput:
+    """A running single-sequence request's output: `OutputProcessor._output` for the case
+    made once per streamed request per step, without its general loops."""
+    params = req.params
+    out = CompletionOutput(seq.index, o.text, Prefix(o.token_ids), o.cumulative_logprob,
+                           Prefix(o.logprobs) if params.logprobs is not None else None,
+                           o.finish_reason, o.stop_reason)
+    prompt_logprobs = None if params.prompt_logprobs is None else [None] + list(req.prompt_logprobs)
+    metrics = RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
+                             req.finished_time, seq.num_preemptions)
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, prompt_logprobs,
+                         [out], False, metrics, req.num_cached_tokens)

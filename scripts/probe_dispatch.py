@@ -49,6 +49,10 @@ def main() -> None:
     p.add_argument("--batches", default="1,64")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="a tiny model (a CPU smoke test)")
+    p.add_argument("--kernels", type=int, default=12, help="kernel groups to list, by time")
+    p.add_argument("--dump", default=None, help="a folder: write each B's kernels (in launch order, with "
+                   "times) and the optimized forward and sampler HLO there, for reading offline")
+    p.add_argument("--no-full", action="store_true", help="skip the full sampler variant")
     args = p.parse_args()
     import dataclasses
 
@@ -106,7 +110,7 @@ def main() -> None:
             key = re.sub(r"[._]\d+$", "", name)[:60]
             by_name[key][0] += 1
             by_name[key][1] += ms
-        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:args.kernels]
         print("  kernels by time: " + "; ".join(f"{k} x{n} {ms:.3f}" for k, (n, ms) in top), flush=True)
         forward, _ = runner._executables_for(shape, engine.ban_width, False)
         logits, runner.cache, rows = forward(runner.state, runner.cache, runner.sampled,
@@ -134,7 +138,13 @@ def main() -> None:
         loop(True, True)
         print(f"  back to back: forward alone {loop(False, False):.2f} ms; forward + sampler {loop(True, False):.2f} ms;"
               f" forward + input transfer {loop(False, True):.2f} ms; all three {loop(True, True):.2f} ms", flush=True)
-        for full in (False, True):
+        if args.dump:
+            import json
+            folder = pathlib.Path(args.dump)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"kernels_b{b}.json").write_text(json.dumps(kernels))
+            (folder / f"forward_b{b}.hlo.txt").write_text(forward.flat.as_text())
+        for full in (False,) if args.no_full else (False, True):
             _, sampler = runner._executables_for(shape, engine.ban_width, full)
 
             def run_sampler():

@@ -247,16 +247,16 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
         return runner.step(inputs).packed
 
     def forward():  # the step's own forward executable, its input already on the device
-        out = forward_exe.flat(*runner._state_leaves, *jax.tree.leaves(runner.cache), runner.sampled, on_device)
+        out = forward_exe.flat(*runner._state_leaves, *jax.tree.leaves(runner.cache), runner.feed_tokens, on_device)
         runner.cache = jax.tree.unflatten(runner._cache_tree, out[1:-1])
         return out[0], out[-1]
 
     logits, rows = forward()
 
     def sampling():  # the step's own sampler executable on that forward's logits
-        out = sampler_exe.flat(logits, *jax.tree.leaves(runner.penalty), runner.sampled, rows)
+        out = sampler_exe.flat(logits, *jax.tree.leaves(runner.penalty), runner.feed_tokens, rows)
         runner.penalty = jax.tree.unflatten(runner._penalty_tree, out[3:-1])
-        runner.sampled = out[-1]
+        runner.feed_tokens = out[-1]
         return out[0]
 
     return step, lambda: forward()[0], sampling

@@ -113,7 +113,7 @@ def main() -> None:
         top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:args.kernels]
         print("  kernels by time: " + "; ".join(f"{k} x{n} {ms:.3f}" for k, (n, ms) in top), flush=True)
         forward, _ = runner._executables_for(shape, engine.ban_width, False)
-        logits, runner.cache, rows = forward(runner.state, runner.cache, runner.sampled,
+        logits, runner.cache, rows = forward(runner.state, runner.cache, runner.feed_tokens,
                                              dataclasses.replace(inputs, buffer=jax.device_put(inputs.buffer)))
         on_device = jax.device_put(inputs.buffer, runner.replicated)
         state_leaves = runner._state_leaves
@@ -125,13 +125,13 @@ def main() -> None:
             t = time.perf_counter()
             for _ in range(args.iters):
                 buf = jax.device_put(inputs.buffer, runner.replicated) if put else on_device
-                out = forward.flat(*state_leaves, *jax.tree.leaves(runner.cache), runner.sampled, buf)
+                out = forward.flat(*state_leaves, *jax.tree.leaves(runner.cache), runner.feed_tokens, buf)
                 logits, rows = out[0], out[-1]
                 runner.cache = jax.tree.unflatten(runner._cache_tree, out[1:-1])
                 if with_sampler:
-                    o = sampler.flat(logits, *jax.tree.leaves(runner.penalty), runner.sampled, rows)
+                    o = sampler.flat(logits, *jax.tree.leaves(runner.penalty), runner.feed_tokens, rows)
                     runner.penalty = jax.tree.unflatten(runner._penalty_tree, o[3:-1])
-                    runner.sampled = o[-1]
+                    runner.feed_tokens = o[-1]
             jax.block_until_ready(runner.cache)
             return (time.perf_counter() - t) / args.iters * 1e3
 
@@ -148,7 +148,7 @@ def main() -> None:
             _, sampler = runner._executables_for(shape, engine.ban_width, full)
 
             def run_sampler():
-                out, runner.penalty, runner.sampled = sampler(logits, runner.penalty, runner.sampled, rows)
+                out, runner.penalty, runner.feed_tokens = sampler(logits, runner.penalty, runner.feed_tokens, rows)
                 jax.block_until_ready(out)
 
             run_sampler()

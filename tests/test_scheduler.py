@@ -11,6 +11,7 @@ from jaxinfer.runner.step_inputs import StepInputs
 from jaxinfer.core.request import Request, Status
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.core.config import EngineConfig
+from jaxinfer.core.seq_table import SI
 from jaxinfer.core.scheduler import Scheduler
 
 
@@ -35,6 +36,7 @@ class Sim:
             # The batch must pack without error for the picked shape.
             StepInputs.from_step(step, self.s.stop_width, self.cfg.page_size)
             self.check_feeds(step)
+            self.check_rows(step)
             self.steps.append(step)
         if self.inflight is not None:
             self.s.update(self.inflight, np.full(self.inflight.shape.num_rows, 7, np.int32))
@@ -43,16 +45,35 @@ class Sim:
         return step
 
     def check_feeds(self, step):
-        """A decode whose token is still in flight feeds it from the row the step before
-        sampled it at; any other decode feeds its last known token."""
+        """A decode whose token is still in flight feeds it from its own feed slot (its table
+        row), where the step before keeps the token it samples for it; any other decode feeds
+        its last known token."""
         prev = self.inflight
         for i, (row, seq) in enumerate(zip(step.decode_seq_rows, step.decode_seqs)):
             feed = int(step.decode_feed[i])
             if feed >= 0:
-                assert prev is not None and feed in prev.sample_rows.tolist(), (seq, feed)
-                assert int(prev.sample_seq_rows[prev.sample_rows.tolist().index(feed)]) == row
+                assert feed == row, (seq, feed)
+                assert prev is not None and row in prev.sample_seq_rows.tolist(), seq
+                at = int(prev.sample_rows[prev.sample_seq_rows.tolist().index(row)])
+                d, D = prev.num_decode, prev.shape.decode_rows
+                assert prev.logits.ints[at if at < d else at - D + d, SI["feed_slot"]] == row
             else:
                 assert int(step.decode_tokens[i]) == seq.tokens[int(step.decode_positions[i])]
+
+    @staticmethod
+    def check_rows(step):
+        """Only a row that samples for its sequence counts for penalties or keeps its token to
+        feed (in its sequence's slot); rows that score prompt tokens or stand short of an
+        n > 1 fork do neither."""
+        d, D = step.num_decode, step.shape.decode_rows
+        index = {int(r if r < d else r - D + d): int(row)
+                 for r, row in zip(step.sample_rows.tolist(), step.sample_seq_rows.tolist())}
+        ints = step.logits.ints
+        for i in range(len(step.logits)):
+            if i in index:
+                assert ints[i, SI["feed_slot"]] == index[i]
+            else:
+                assert ints[i, SI["feed_slot"]] == -1 and ints[i, SI["penalty_slot"]] == -1, i
 
     def run(self, limit=10_000):
         for _ in range(limit):
@@ -195,7 +216,8 @@ def test_random_workloads_finish_and_free_everything(seed):
     for i in range(30):
         prompt = rng.integers(1, 5, int(rng.integers(1, 25))).tolist()  # small alphabet: shared pages
         reqs.append(make_request(i, 0, prompt=prompt, max_tokens=int(rng.integers(1, 12)),
-                                 n=int(rng.integers(1, 3)), priority=int(rng.integers(0, 2))))
+                                 n=int(rng.integers(1, 3)), priority=int(rng.integers(0, 2)),
+                                 frequency_penalty=0.5 if i % 3 == 0 else 0.0))
     pending = list(reqs)
     steps = 0
     while pending or sim.s.has_work() or sim.inflight is not None:

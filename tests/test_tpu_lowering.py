@@ -35,25 +35,25 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind):
     runner = ModelRunner(SMALL_128, graphdef, state, mesh, num_pages=16, page_size=16,
                          penalty_slots=4, max_model_len=64)
     shape = cfg.shape(2, 32)
-    decode = [SeqWork([0], 7, [3], feed_row=0, logit_offsets=[0])]
+    decode = [SeqWork([0], 7, [3], feed_slot=0, logit_offsets=[0])]
     prefill = [SeqWork(list(range(9)), 0, [1], logit_offsets=[8]), SeqWork([4, 5], 16, [2, 5], logit_offsets=[1])]
     batch, rows = build(shape, decode, prefill, 16)
     params = SamplingParams(temperature=0.7, top_p=0.9, presence_penalty=0.5, logprobs=3)
-    sampling = SamplingArrays.from_rows([Row(params, 1, 8, penalty_slot=0, want_top=True)] * 4,
+    sampling = SamplingArrays.from_rows([Row(params, 1, 8, penalty_slot=0, want_top=True, feed_slot=0)] * 4,
                                         shape.num_rows, 8)
     assert sampling.needs_full()
 
-    def whole_step(state, cache, penalty, sampled, inputs):  # the forward pass, then the sampler
-        logits, cache, rows = runner._forward_step_fn(state, cache, sampled, inputs)
-        out, penalty, sampled = runner._sample_fn(logits, penalty, sampled, rows, full=True)
-        return out, cache, penalty, sampled
+    def whole_step(state, cache, penalty, feed_tokens, inputs):  # the forward pass, then the sampler
+        logits, cache, rows = runner._forward_step_fn(state, cache, feed_tokens, inputs)
+        out, penalty, feed_tokens = runner._sample_fn(logits, penalty, feed_tokens, rows, full=True)
+        return out, cache, penalty, feed_tokens
 
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
     abstract = jax.sharding.AbstractMesh((1, 1), ("data", "tensor"), (jax.sharding.AxisType.Auto,) * 2,
                                          abstract_device=device)
     with jax.sharding.use_abstract_mesh(abstract):
         exported = export.export(jax.jit(whole_step), platforms=["tpu"])(
-            runner.state, runner.cache, runner.penalty, runner.sampled, StepInputs.pack(batch, sampling, shape))
+            runner.state, runner.cache, runner.penalty, runner.feed_tokens, StepInputs.pack(batch, sampling, shape))
     assert exported.platforms == ("tpu",)
     # The default attention ("auto") is the Mosaic TPU kernel there.
     assert attention.get_implementation() == "auto" or "JAXINFER_ATTENTION" in os.environ

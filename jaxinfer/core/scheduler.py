@@ -275,7 +275,7 @@ class Scheduler:
         shape = self._pick_shape(len(decode))
         positions = t.num_computed[decode] - 1
         tokens = t.token_ids[decode, positions]  # a pending one is fed: whatever is there is ignored
-        feed = t.pending_row[decode]  # -1 where nothing is pending
+        feed = np.where(t.pending[decode] > 0, decode, -1)  # a pending token is fed from its slot
 
         # Logits rows: one per decode row, then the prefill items' rows.
         if not self._prefill and not t.num_parents:
@@ -292,16 +292,21 @@ class Scheduler:
             ints = t.int_cols[seq_row]
             ints[:, SI["position"]] = position
             ints[:, SI["target"]] = target
+            # A row that scores a prompt token, or an unforked parent's row short of its cut,
+            # samples nothing: it neither counts for penalties nor keeps a token to feed.
             scoring = np.flatnonzero(target >= 0)
-            if len(scoring):  # scoring a prompt token neither applies nor counts penalties
-                ints[scoring, SI["penalty_slot"]] = -1
+            if len(scoring):
                 ints[scoring, SI["want_top"]] = [bool(t.seqs[r].request.params.prompt_logprobs)
                                                  for r in seq_row[scoring].tolist()]
+            parents = np.flatnonzero(t.target_cut[decode] == 1)  # decode rows come first
+            idle = np.concatenate([scoring, parents])
+            if len(idle):
+                ints[idle, SI["penalty_slot"]] = -1
+                ints[idle, SI["feed_slot"]] = -1
             banned = (target < 0) & (position < t.min_len[seq_row])
         logits = LogitsRows(t.float_cols[seq_row], ints, banned,
                             t.stop_ids[seq_row] if banned.any() else t.stop_ids[:0])
         t.pending[sample_seq_rows] += 1
-        t.pending_row[sample_seq_rows] = sample_rows
         return ScheduledStep(
             shape, decode, tokens, feed, positions, t.page_table[decode], t.seqs[decode], self._prefill, logits,
             sample_rows, sample_seq_rows, t.occupancy[sample_seq_rows], prompt_scores,
@@ -345,9 +350,6 @@ class Scheduler:
         rows, at = step.sample_seq_rows[fresh], step.sample_rows[fresh]
         new = np.asarray(tokens)[at]
         t.pending[rows] -= 1
-        # Nothing left in flight: nothing to feed. (A sequence already in the next step keeps
-        # its pending row, which points into that step's samples.)
-        t.pending_row[rows[t.pending[rows] == 0]] = -1
         t.append(rows, new)
         n = t.num_tokens[rows]
         stop = (t.stop_ids[rows, :t.stop_cols] == new[:, None]).any(axis=1) & (n > t.min_len[rows])

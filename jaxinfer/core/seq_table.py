@@ -24,7 +24,9 @@ from jaxinfer.core.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 # Sampling settings per sequence, in the layout of a step's logits rows (the device side packs
 # them as they are): a decode row is its sequence's row with `position` filled in.
 FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
-STEP_INT_COLUMNS = ("top_k", "seed_hi", "seed_lo", "penalty_slot", "position", "target", "want_top")
+# feed_slot: where on the device the row's sampled token is kept for the next step to feed (the
+# sequence's row here; -1: not kept, as for prompt-scoring rows).
+STEP_INT_COLUMNS = ("top_k", "seed_hi", "seed_lo", "penalty_slot", "position", "target", "want_top", "feed_slot")
 F = {name: i for i, name in enumerate(FLOAT_COLUMNS)}
 SI = {name: i for i, name in enumerate(STEP_INT_COLUMNS)}
 
@@ -36,8 +38,9 @@ class SeqTable:
         width = min(max_model_len, 1024) + 2  # grows by doubling up to max_model_len (+ 2)
         self.token_ids = np.zeros((capacity, width), np.int32)
         self.num_tokens = np.zeros(capacity, np.int32)  # tokens known on the host
-        self.pending = np.zeros(capacity, np.int32)  # sampled by a dispatched step, not yet read
-        self.pending_row = np.full(capacity, -1, np.int32)  # where, in that step's samples
+        # Tokens sampled by dispatched steps, not yet read back. The latest is on the device in
+        # the row's feed slot, so a step can feed it before the host has it.
+        self.pending = np.zeros(capacity, np.int32)
         self.num_computed = np.zeros(capacity, np.int32)  # positions whose K/V is (being) written
         self.page_table = np.zeros((capacity, pages_per_seq), np.int32)
         self.num_pages = np.zeros(capacity, np.int32)
@@ -67,7 +70,6 @@ class SeqTable:
         self.token_ids[row, :n] = tokens
         self.num_tokens[row] = n
         self.pending[row] = 0
-        self.pending_row[row] = -1
         self.num_computed[row] = 0
         self.num_pages[row] = 0
         plen = seq.prompt_len
@@ -84,7 +86,7 @@ class SeqTable:
         self.float_cols[row] = (0.0 if greedy else params.temperature, params.top_p, params.min_p,
                                 params.presence_penalty, params.frequency_penalty, params.repetition_penalty)
         self.int_cols[row] = (min(params.top_k, 2**31 - 1), _i32(seed >> 32), _i32(seed), -1, 0, -1,
-                              1 if params.logprobs else 0)
+                              1 if params.logprobs else 0, row)
         self.occupancy[row] = next(self._occupants)
         self.seqs[row] = seq
         return row
@@ -99,7 +101,7 @@ class SeqTable:
         """A new row for `seq`, a fork of the sequence in `src`: same tokens, counters and
         settings, its own seed and pages (the caller sets them)."""
         row = self._free.pop()
-        for column in (self.token_ids, self.num_tokens, self.pending, self.pending_row, self.num_computed,
+        for column in (self.token_ids, self.num_tokens, self.pending, self.num_computed,
                        self.prompt_len, self.max_len, self.min_len, self.stop_ids, self.float_cols,
                        self.int_cols):
             column[row] = column[src]
@@ -108,6 +110,7 @@ class SeqTable:
         self.int_cols[row, SI["seed_hi"]] = _i32(seed >> 32)
         self.int_cols[row, SI["seed_lo"]] = _i32(seed)
         self.int_cols[row, SI["penalty_slot"]] = -1
+        self.int_cols[row, SI["feed_slot"]] = row
         self.occupancy[row] = next(self._occupants)
         self.seqs[row] = seq
         return row

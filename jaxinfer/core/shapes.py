@@ -59,10 +59,10 @@ class BatchShape:
 class SeqWork:
     """One sequence's part of a step: tokens for positions start, start+1, ..."""
 
-    token_ids: Sequence[int]  # host-known ids; the entry at `feed_row`'s position is ignored
+    token_ids: Sequence[int]  # host-known ids; the last is ignored where fed (`feed_slot`)
     start: int  # position of token_ids[0]
     pages: Sequence[int]  # the sequence's page table (covering start + len(token_ids) positions)
-    feed_row: int = -1  # >= 0: the last token comes from this row of the previous step's samples
+    feed_slot: int = -1  # >= 0: the last token is the one kept on the device in this feed slot
     logit_offsets: Sequence[int] = ()  # offsets into token_ids whose logits are wanted, in order
 
 

@@ -87,7 +87,8 @@ class Engine:
         self.input_processor = InputProcessor.for_engine(self)  # encodes and checks every prompt
         self.runner = ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
                                   page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
-                                  penalty_slots=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  penalty_slots=config.max_num_seqs, feed_slots=config.max_num_seqs,
+                                  max_model_len=self.max_model_len,
                                   attention_impl=config.attention)
         log.info("KV cache: %d pages of %d tokens (%.2f GiB); max_model_len %d",
                  num_pages, config.page_size, num_pages * spec.bytes_per_page / 2**30, self.max_model_len)

@@ -20,9 +20,12 @@ one's query length.
 
 Logits are computed only at `logits_indices` (R rows): one per decode row,
 then the prefill rows (a completed prompt's last token, and prompt tokens whose
-logprobs were asked for). A token may also be fed from the previous step's
-sampled tokens on the device (`feed_index`), so the host can schedule step N+1
-before it has read step N's output.
+logprobs were asked for). A token may also be fed from the device
+(`feed_index`): each sequence's latest sampled token is kept there in its feed
+slot, so the host can schedule step N+1 before it has read step N's output.
+(Keyed by sequence, not by the previous step's row: a step that samples several
+tokens for one sequence, as speculative decoding will, keeps the last one it
+accepts.)
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import jax
 @dataclasses.dataclass(frozen=True)
 class Batch:
     tokens: jax.Array  # [T] int32 token ids (where feed_index < 0)
-    feed_index: jax.Array  # [T] int32 row of the previous step's sampled tokens to feed, or -1
+    feed_index: jax.Array  # [T] int32 feed slot whose kept token to feed (ModelRunner.feed_tokens), or -1
     positions: jax.Array  # [T] int32 absolute position of each token in its sequence
     slots: jax.Array  # [T] int32 flat cache slot (page * page_size + offset) for the token's K/V
     cu_q_lens: jax.Array  # [S + 1] int32 start of each sequence's tokens

@@ -1,7 +1,8 @@
 """The model runner: device state and the jitted functions that change it.
 
 Device state: the params, the KV pages, the penalty state (token counts per
-running sequence) and the previous step's sampled tokens. `step` takes a step's
+running sequence) and each running sequence's latest sampled token (its feed
+slot), which the next step feeds without a trip through the host. `step` takes a step's
 StepInputs (one buffer, one transfer) and queues two compiled functions: the
 forward pass over the Batch in it, which writes the new K/V into the pages and
 gives the logits rows, and the sampler, which picks a token per row and gives
@@ -46,7 +47,7 @@ COPY_WIDTH = 8  # page copies per copy_pages call (padded with null-page copies)
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh, *,
                  num_pages: int, page_size: int = 16, cache_dtype=None, max_rows: int = 1024,
-                 penalty_slots: int = 1, max_model_len: int | None = None,
+                 penalty_slots: int = 1, feed_slots: int | None = None, max_model_len: int | None = None,
                  attention_impl: str | None = None):
         self.cfg = cfg
         if attention_impl is not None and attention_impl not in attention.IMPLEMENTATIONS:
@@ -66,44 +67,46 @@ class ModelRunner:
         self.cache = kv_cache.allocate(self.cache_spec, mesh)
         self.replicated = sharding.replicated(mesh)
         self.penalty = jax.device_put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
-        self.sampled = jax.device_put(np.zeros(max_rows, np.int32), self.replicated)
+        # Each sequence's latest sampled token, by feed slot (the scheduler's SeqTable row).
+        self.feed_tokens = jax.device_put(np.zeros(feed_slots or max_rows, np.int32), self.replicated)
         self._executables: dict[tuple, concurrent.futures.Future] = {}  # forward per shape, sampler per rows
         self._lock = threading.Lock()
         self._made: dict[tuple, tuple] = {}  # (shape, ban width, full) -> (forward, sampler), once made
         self._cache_tree = jax.tree.structure(self.cache)
         self._penalty_tree = jax.tree.structure(self.penalty)
         self._forward_tree = jax.tree.structure((0, self.cache, 0))
-        self._sample_tree = jax.tree.structure((StepOutput(0, 0, 0), self.penalty, self.sampled))
+        self._sample_tree = jax.tree.structure((StepOutput(0, 0, 0), self.penalty, self.feed_tokens))
 
         self._logits = jax.jit(self._logits_fn, donate_argnums=(1,))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
         self._reset = jax.jit(reset_slot, donate_argnums=(0,))
 
-    def _forward(self, state, cache, batch: Batch, sampled):
-        # Tokens sampled by the previous step feed this one without a trip through the host.
-        tokens = jnp.where(batch.feed_index >= 0, sampled[jnp.maximum(batch.feed_index, 0)], batch.tokens)
+    def _forward(self, state, cache, batch: Batch, feed_tokens):
+        # Tokens sampled by earlier steps feed this one without a trip through the host.
+        tokens = jnp.where(batch.feed_index >= 0, feed_tokens[jnp.maximum(batch.feed_index, 0)], batch.tokens)
         model = nnx.merge(self.graphdef, state)
         with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
             return model(dataclasses.replace(batch, tokens=tokens), cache)
 
-    def _forward_step_fn(self, state, cache, sampled, inputs: StepInputs):
+    def _forward_step_fn(self, state, cache, feed_tokens, inputs: StepInputs):
         batch, _ = inputs.unpack()
-        logits, cache = self._forward(state, cache, batch, sampled)
+        logits, cache = self._forward(state, cache, batch, feed_tokens)
         logits = jax.lax.with_sharding_constraint(logits.astype(jnp.float32), self.replicated)
         return logits, cache, inputs.sampling_rows()
 
-    def _sample_fn(self, logits, penalty, sampled, rows, *, full: bool):
+    def _sample_fn(self, logits, penalty, feed_tokens, rows, *, full: bool):
         num_rows = logits.shape[0]
         ban_width = rows.shape[0] // num_rows - len(FLOAT_COLUMNS) - len(STEP_INT_COLUMNS)
-        out, penalty = sample(logits, unpack_sampling(rows, num_rows, ban_width), penalty,
-                              num_top=MAX_LOGPROBS, full=full)
-        sampled = jnp.zeros_like(sampled).at[:num_rows].set(out.tokens)
+        arrays = unpack_sampling(rows, num_rows, ban_width)
+        out, penalty = sample(logits, arrays, penalty, num_top=MAX_LOGPROBS, full=full)
+        slot = jnp.where(arrays.feed_slot >= 0, arrays.feed_slot, feed_tokens.shape[0])  # -1: dropped
+        feed_tokens = feed_tokens.at[slot].set(out.tokens, mode="drop")
         # Tokens and their logprobs come back to the host as one array.
         packed = jnp.concatenate([out.tokens, jax.lax.bitcast_convert_type(out.logprobs, jnp.int32)])
-        return StepOutput(packed, out.top_ids, out.top_logprobs), penalty, sampled
+        return StepOutput(packed, out.top_ids, out.top_logprobs), penalty, feed_tokens
 
-    def _logits_fn(self, state, cache, batch: Batch, sampled):
-        return self._forward(state, cache, batch, sampled)
+    def _logits_fn(self, state, cache, batch: Batch, feed_tokens):
+        return self._forward(state, cache, batch, feed_tokens)
 
     def _put(self, tree):
         return jax.device_put(tree, self.replicated)
@@ -113,12 +116,12 @@ class ModelRunner:
         forward, sampler = self._executables_for(inputs.shape, inputs.ban_width, inputs.needs_full_sampling())
         buffer = self._put(inputs.buffer)  # the one transfer
         # Over flat leaves: flattening the params' nnx.State every step costs milliseconds.
-        out = forward.flat(*self._state_leaves, *jax.tree.leaves(self.cache), self.sampled, buffer)
+        out = forward.flat(*self._state_leaves, *jax.tree.leaves(self.cache), self.feed_tokens, buffer)
         logits, rows = out[0], out[-1]
         self.cache = jax.tree.unflatten(self._cache_tree, out[1:-1])
-        out = sampler.flat(logits, *jax.tree.leaves(self.penalty), self.sampled, rows)
+        out = sampler.flat(logits, *jax.tree.leaves(self.penalty), self.feed_tokens, rows)
         self.penalty = jax.tree.unflatten(self._penalty_tree, out[3:-1])
-        self.sampled = out[-1]
+        self.feed_tokens = out[-1]
         return StepOutput(*out[:3])
 
     @property
@@ -150,12 +153,12 @@ class ModelRunner:
         rows = layout(shape, ban_width).size - layout(shape, ban_width).offset("floats")
         buffer = jax.ShapeDtypeStruct((layout(shape, ban_width).size,), jnp.int32, sharding=self.replicated)
         forward = self._executable(("forward", shape, ban_width), self._forward_step_fn, (
-            jax.tree.map(spec, self.state), jax.tree.map(spec, self.cache), spec(self.sampled),
+            jax.tree.map(spec, self.state), jax.tree.map(spec, self.cache), spec(self.feed_tokens),
             StepInputs(buffer, shape, ban_width)), self._forward_tree, (1,))
         logits = jax.ShapeDtypeStruct((shape.num_rows, self.cfg.vocab_size), jnp.float32, sharding=self.replicated)
         sampler = self._executable(("sample", shape.num_rows, ban_width, full),
                                    functools.partial(self._sample_fn, full=full), (
-            logits, jax.tree.map(spec, self.penalty), spec(self.sampled),
+            logits, jax.tree.map(spec, self.penalty), spec(self.feed_tokens),
             jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.replicated)), self._sample_tree, (1, 2))
         self._made[(shape, ban_width, full)] = forward, sampler
         return forward, sampler
@@ -182,7 +185,7 @@ class ModelRunner:
 
     def logits(self, batch: Batch) -> jax.Array:
         """Float32 logits [R, V] at batch.logits_indices, writing the batch's K/V (no sampling)."""
-        logits, self.cache = self._logits(self.state, self.cache, self._put(batch), self.sampled)
+        logits, self.cache = self._logits(self.state, self.cache, self._put(batch), self.feed_tokens)
         return logits
 
     def copy_pages(self, pairs: list[tuple[int, int]]) -> None:

@@ -55,7 +55,8 @@ class Row:
     sampled; penalty_slot: the row of `PenaltyState` holding this sequence's
     token counts, -1 for none; banned: token ids forbidden this step; target:
     score this token instead of the sampled one (prompt logprobs), -1 for none;
-    want_top: return the top-n logprobs.
+    want_top: return the top-n logprobs; feed_slot: keep the sampled token on the
+    device in this slot, for a later step to feed (`Batch.feed_index`), -1 for none.
     """
 
     params: SamplingParams
@@ -65,10 +66,11 @@ class Row:
     banned: Sequence[int] = ()
     target: int = -1
     want_top: bool = False
+    feed_slot: int = -1
 
 
 # A padding row: greedy, no penalties, nothing banned, nothing scored.
-_PAD = (0.0, 0, 1.0, 0.0, 0, 0, 0, 0.0, 0.0, 1.0, -1, -1, False)
+_PAD = (0.0, 0, 1.0, 0.0, 0, 0, 0, 0.0, 0.0, 1.0, -1, -1, False, -1)
 
 
 @jax.tree_util.register_dataclass
@@ -89,6 +91,7 @@ class SamplingArrays:
     banned: jax.Array  # i32 [R, B], -1 padding
     target: jax.Array  # i32, -1 = score the sampled token
     want_top: jax.Array  # bool
+    feed_slot: jax.Array  # i32, -1 = the token is not kept for feeding
 
     def needs_full(self) -> bool:
         """Whether `sample` must run with `full`: a sampled row cuts by top_k or top_p, or a
@@ -114,7 +117,7 @@ class SamplingArrays:
                 0.0 if greedy else p.temperature, p.top_k, p.top_p, p.min_p,
                 row.seed >> 32 & 0xFFFFFFFF, row.seed & 0xFFFFFFFF, row.position,
                 p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
-                row.penalty_slot, row.target, row.want_top))
+                row.penalty_slot, row.target, row.want_top, row.feed_slot))
             if row.banned:
                 if len(row.banned) > ban_width:
                     raise ValueError(f"row {i} bans {len(row.banned)} ids; "
@@ -122,7 +125,7 @@ class SamplingArrays:
                 banned[i, :len(row.banned)] = row.banned
         packed.extend([_PAD] * (num_rows - len(rows)))
         (temperature, top_k, top_p, min_p, seed_hi, seed_lo, position, presence, frequency,
-         repetition, penalty_slot, target, want_top) = zip(*packed) if packed else ((),) * 13
+         repetition, penalty_slot, target, want_top, feed_slot) = zip(*packed) if packed else ((),) * 14
         return cls(
             temperature=np.array(temperature, np.float32),
             top_k=np.array(top_k, np.int32),
@@ -137,6 +140,7 @@ class SamplingArrays:
             banned=banned,
             target=np.array(target, np.int32),
             want_top=np.array(want_top, np.bool_),
+            feed_slot=np.array(feed_slot, np.int32),
         )
 
 

@@ -84,7 +84,7 @@ def _put_sampling(lay: Layout, buf: np.ndarray, sampling: SamplingArrays) -> Non
     ints = lay.view(buf, "ints")
     seed = np.asarray(sampling.seed, np.uint32).view(np.int32)
     ints[:, SI["seed_hi"]], ints[:, SI["seed_lo"]] = seed[:, 0], seed[:, 1]
-    for c in ("top_k", "penalty_slot", "position", "target", "want_top"):
+    for c in ("top_k", "penalty_slot", "position", "target", "want_top", "feed_slot"):
         ints[:, SI[c]] = np.asarray(getattr(sampling, c))
     lay.view(buf, "banned")[:] = np.asarray(sampling.banned)
 
@@ -191,13 +191,14 @@ def unpack_sampling(rows, num_rows: int, ban_width: int) -> SamplingArrays:
         top_k=ints[:, SI["top_k"]],
         seed=bits(ints[:, SI["seed_hi"]:SI["seed_lo"] + 1], np.uint32),
         position=ints[:, SI["position"]], penalty_slot=ints[:, SI["penalty_slot"]],
-        banned=banned, target=ints[:, SI["target"]], want_top=ints[:, SI["want_top"]] != 0)
+        banned=banned, target=ints[:, SI["target"]], want_top=ints[:, SI["want_top"]] != 0,
+        feed_slot=ints[:, SI["feed_slot"]])
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeRegion:
     """The decode sequences of a step, one entry each (numpy): the token at `positions`
-    (ignored where fed), the previous step's sample row to feed or -1, and page tables."""
+    (ignored where fed), the feed slot whose kept token to feed or -1, and page tables."""
 
     tokens: np.ndarray
     feed: np.ndarray
@@ -219,7 +220,7 @@ def build(shape: BatchShape, decode: Sequence[SeqWork], prefill: Sequence[SeqWor
     for i, w in enumerate(decode):
         pages[i, :len(w.pages)] = w.pages
     region = DecodeRegion(np.array([w.token_ids[0] for w in decode], np.int32),
-                          np.array([w.feed_row for w in decode], np.int32),
+                          np.array([w.feed_slot for w in decode], np.int32),
                           np.array([w.start for w in decode], np.int32), pages)
     buf = _pack_work(layout(shape, 1), region, prefill, page_size)
     batch, _ = StepInputs(buf, shape, 1).unpack()
@@ -268,8 +269,8 @@ def _pack_work(lay: Layout, decode: DecodeRegion, prefill: Sequence[SeqWork], pa
                              f"{w.start + len(w.token_ids)} (page table width {P})")
         s, n = D + j, len(w.token_ids)
         tokens[t:t + n] = w.token_ids
-        if w.feed_row >= 0:
-            feed[t + n - 1] = w.feed_row
+        if w.feed_slot >= 0:
+            feed[t + n - 1] = w.feed_slot
         pos = np.arange(w.start, w.start + n)
         positions[t:t + n] = pos
         kv_lens[s] = w.start + n

@@ -186,6 +186,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     p.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: sized from memory)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="stream every N new tokens (the first and the last always go out at once)")
     p.add_argument("--attention", choices=["auto", "kernels", "xla", "reference"], default=None,
                    help="attention implementation (default auto: Pallas kernels on GPU/TPU, plain "
                         "JAX on CPU; reference forces the pure-JAX reference)")
@@ -199,7 +201,7 @@ def _load_llm(args, warmup: bool, progress: bool = True):
                page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                num_pages=args.num_pages, enable_prefix_caching=not args.no_prefix_caching,
-               attention=args.attention)
+               attention=args.attention, stream_interval=args.stream_interval)
 
 
 def cmd_generate(args) -> int:

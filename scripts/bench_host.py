@@ -8,6 +8,7 @@ are running and prefilled before the clock starts.
 
     python scripts/bench_host.py                      # 1, 64 and 256 running sequences
     python scripts/bench_host.py --running 64 --steps 500 --profile
+    python scripts/bench_host.py --stream-interval 8   # streamed outputs every 8 tokens
 
 The tokenizer is the default model's (a 49k BPE vocabulary, fetched once) when it is
 available, else the tests' byte tokenizer.
@@ -76,7 +77,7 @@ def tokenizer():
         return byte_tokenizer(), f"byte tokenizer (default model unavailable: {e})"
 
 
-def engine_for(running: int, tok):
+def engine_for(running: int, tok, stream_interval: int = 1):
     import jax.numpy as jnp
 
     from checkpoints import loader
@@ -93,17 +94,18 @@ def engine_for(running: int, tok):
                                 config=dataclasses.replace(model.config, max_position_embeddings=MAX_MODEL_LEN))
     pages = running * (MAX_MODEL_LEN // 16 + 1) + 1
     config = EngineConfig(max_num_seqs=max(running, 2), max_num_batched_tokens=max(512, running),
-                          max_model_len=MAX_MODEL_LEN, num_pages=pages, enable_prefix_caching=True)
+                          max_model_len=MAX_MODEL_LEN, num_pages=pages, enable_prefix_caching=True,
+                          stream_interval=stream_interval)
     engine = Engine(model, mesh, config)
     engine.runner = InstantDevice(tok.vocab_size, MAX_LOGPROBS)
     return engine
 
 
 def measure(running: int, steps: int, tok, profile: bool, step_thread_only: bool = False,
-            repeats: int = 3) -> dict:
+            repeats: int = 3, stream_interval: int = 1) -> dict:
     from jaxinfer.core.sampling_params import SamplingParams
 
-    engine = engine_for(running, tok)
+    engine = engine_for(running, tok, stream_interval)
     if step_thread_only:  # the output processor gets nothing: only the step thread's own work is timed
         engine.outputs.submit = lambda record: None
     rng = np.random.default_rng(1)
@@ -153,18 +155,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="steps per run")
     p.add_argument("--repeats", type=int, default=3, help="runs per size; the median is printed")
     p.add_argument("--profile", action="store_true", help="cProfile the timed steps (to stderr)")
+    p.add_argument("--stream-interval", type=int, default=1, help="EngineConfig.stream_interval")
     p.add_argument("--step-thread-only", action="store_true",
                    help="hand the output processor nothing: time the step thread's work alone")
     args = p.parse_args()
     tok, tok_name = tokenizer()
     print(f"# python scripts/bench_host.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"# decode steps against an instant device; tokenizer: {tok_name}; streamed outputs")
+    print(f"# decode steps against an instant device; tokenizer: {tok_name}; streamed outputs "
+          f"(every {args.stream_interval} tokens)")
     print("| running sequences | step thread µs / step (wall) | its CPU | output thread CPU µs / step "
           "| both, wall, outputs drained | goal (issue 11) |")
     print("|---:|---:|---:|---:|---:|---:|")
     goals = {64: "≤ 300", 256: "≤ 1,000"}
     for running in args.running:
-        r = measure(running, args.steps, tok, args.profile, args.step_thread_only, args.repeats)
+        r = measure(running, args.steps, tok, args.profile, args.step_thread_only, args.repeats, args.stream_interval)
         print(f"| {running} | {r['step_us']:,.0f} | {r['step_cpu_us']:,.0f} | {r['output_cpu_us']:,.0f} "
               f"| {r['all_us']:,.0f} | {goals.get(running, '')} |", flush=True)
 

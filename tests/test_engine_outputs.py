@@ -144,3 +144,27 @@ def test_streaming_yields_growing_text_that_ends_in_the_full_output(llm):
     assert len(texts) >= 2 and all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))
     assert texts[-1] == one(llm, "stream me", p).outputs[0].text
     assert not llm.engine.has_unfinished()
+
+
+def test_stream_interval_streams_every_n_tokens_and_always_the_first_and_the_last(llm):
+    p = greedy(max_tokens=13)
+    every = [len(o.outputs[0].token_ids) for o in llm.stream("stream me", p)]
+    assert every == list(range(1, 14))
+    llm.engine.outputs.stream_interval = 4  # as EngineConfig(stream_interval=4) sets it
+    try:
+        outs = list(llm.stream("stream me", p))
+        pair = list(llm.stream("stream me", greedy(max_tokens=13, n=2, temperature=0.8, seed=3)))
+    finally:
+        llm.engine.outputs.stream_interval = 1
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1, 5, 9, 13]
+    assert outs[-1].finished and outs[-1].outputs[0].text == one(llm, "stream me", p).outputs[0].text
+    assert 2 <= len(pair) <= 13 // 4 + 3 and pair[-1].finished  # n > 1: fewer outputs too
+    assert all(len(o.token_ids) == 13 for o in pair[-1].outputs)
+
+
+def test_stream_interval_is_validated():
+    from jaxinfer.core.config import EngineConfig
+    from jaxinfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stream_interval"):
+        EngineConfig(stream_interval=0)

@@ -27,6 +27,9 @@ class EngineConfig:
     decode_sizes: tuple[int, ...] = ()
     prefill_sizes: tuple[int, ...] = ()
     attention: str | None = None  # one of ATTENTION_IMPLEMENTATIONS; None: the process default
+    # A streamed request gets an output every this many new tokens, besides its first token
+    # and its end (vLLM's stream_interval): fewer outputs cost less host time per step.
+    stream_interval: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -34,7 +37,8 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise ConfigError naming every problem."""
         problems = []
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "block_q", "prompt_logprob_rows"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "block_q", "prompt_logprob_rows",
+                     "stream_interval"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 problems.append(f"{name} must be an integer >= 1, got {v!r}")

@@ -97,7 +97,8 @@ class Engine:
         self._arrivals = itertools.count()
         self._inflight: _InFlight | None = None
         self._streamed: set[str] = set()
-        self.outputs = OutputProcessor(self.tokenizer, self.requests, self._streamed, self.metrics)
+        self.outputs = OutputProcessor(self.tokenizer, self.requests, self._streamed, self.metrics,
+                                       stream_interval=config.stream_interval)
         self._warming: threading.Thread | None = None
         self._stop_warming = False
         compilations.install()

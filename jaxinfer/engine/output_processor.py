@@ -50,7 +50,7 @@ class SeqOutput:
     """What one sequence has produced so far, as its consumer sees it."""
 
     __slots__ = ("token_ids", "text", "decoder", "logprobs", "cumulative_logprob", "done",
-                 "finish_reason", "stop_reason")
+                 "finish_reason", "stop_reason", "streamed")
 
     def __init__(self):
         self.token_ids: list[int] = []
@@ -61,11 +61,14 @@ class SeqOutput:
         self.done = False
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.streamed = 0  # tokens in the last streamed output
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, requests: dict[str, Request], streamed: set[str], metrics: EngineMetrics):
+    def __init__(self, tokenizer, requests: dict[str, Request], streamed: set[str], metrics: EngineMetrics,
+                 stream_interval: int = 1):
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval  # EngineConfig.stream_interval
         self.requests = requests  # the engine's: a request leaves it when its final output is made
         self.streamed = streamed
         self.metrics = metrics
@@ -145,7 +148,8 @@ class OutputProcessor:
             touched[req.request_id] = req
         u = record.update
         logprobs = record.logprobs[u.sample_rows].tolist()
-        now, append, emit, streamed = record.time, self._append, self._emit, self.streamed
+        now, append, emit, streamed, interval = record.time, self._append, self._emit, self.streamed, \
+            self.stream_interval
         kept = 0
         # The hot loop of streaming: one pass per sampled row, its request emitted in the same pass
         # when it has one sequence (the common case).
@@ -167,7 +171,8 @@ class OutputProcessor:
                 touched[req.request_id] = req
             elif out.done:
                 emit(req, now)
-            elif req.request_id in streamed:
+            elif req.request_id in streamed and (not out.streamed or len(out.token_ids) - out.streamed >= interval):
+                out.streamed = len(out.token_ids)
                 self._outputs.append(_streamed_output(req, seq, out))
         self.metrics.generation_tokens += kept
         for req in touched.values():
@@ -260,8 +265,20 @@ class OutputProcessor:
             self.streamed.discard(req.request_id)
             self.requests.pop(req.request_id, None)
             self._outputs.append(output)
-        elif req.request_id in self.streamed:
+        elif req.request_id in self.streamed and (self.stream_interval == 1 or self._stream_due(seqs)):
+            for s in seqs:
+                if s.output is not None:
+                    s.output.streamed = len(s.output.token_ids)
             self._outputs.append(self._output(req, seqs, finished=False))
+
+    def _stream_due(self, seqs: list[Sequence]) -> bool:
+        """A sequence has its first token or `stream_interval` new ones since the last output."""
+        for s in seqs:
+            o = s.output
+            if o is not None and o.token_ids and (
+                    not o.streamed or len(o.token_ids) - o.streamed >= self.stream_interval):
+                return True
+        return False
 
     @staticmethod
     def _output(req: Request, seqs: list[Sequence], finished: bool) -> RequestOutput:

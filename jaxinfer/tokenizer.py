@@ -298,6 +298,18 @@ class StreamDecoder:
         self._pending = bool(self._utf8.getstate()[0])
         return self._leading(text)
 
+    def push_many(self, ids: Sequence[int]) -> str:
+        """`push` of each id in turn, at once: the same text as their deltas joined."""
+        tok = self._tok
+        if tok._token_bytes is None or len(ids) < 2:
+            return "".join([self.push(i) for i in ids])
+        ids = tok._check_ids(ids) if min(ids) < 0 or max(ids) >= tok.vocab_size else ids
+        if self._skip:
+            ids = [i for i in ids if i not in tok.special_ids]
+        text = self._utf8.decode(b"".join([tok._token_bytes[i] for i in ids]))
+        self._pending = bool(self._utf8.getstate()[0])
+        return self._leading(text)
+
     def flush(self) -> str:
         """Text still held back (an incomplete character becomes U+FFFD)."""
         if self._tok._token_bytes is None:

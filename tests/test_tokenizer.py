@@ -36,9 +36,13 @@ def spm() -> Tokenizer:
     return Tokenizer.from_gguf_metadata(SPM["metadata"])
 
 
-def _stream(tok: Tokenizer, ids, skip_special_tokens=False) -> list[str]:
+def _stream(tok: Tokenizer, ids, skip_special_tokens=False, cuts=None) -> list[str]:
+    """Deltas of pushing `ids` one by one, or (with `cuts`) in runs through push_many."""
     decoder = tok.stream_decoder(skip_special_tokens)
-    return [decoder.push(i) for i in ids] + [decoder.flush()]
+    if cuts is None:
+        return [decoder.push(i) for i in ids] + [decoder.flush()]
+    bounds = sorted({0, len(ids), *(c for c in cuts if c < len(ids))})
+    return [decoder.push_many(ids[a:b]) for a, b in zip(bounds, bounds[1:])] + [decoder.flush()]
 
 
 def _ids_with_partial_utf8(tok: Tokenizer):
@@ -89,6 +93,8 @@ def test_smollm2_stream_deltas_concatenate_to_decode(smollm2, data):
     skip = data.draw(st.booleans())
     deltas = _stream(smollm2, ids, skip)
     assert "".join(deltas) == smollm2.decode(ids, skip_special_tokens=skip)
+    cuts = data.draw(st.lists(st.integers(0, 24), max_size=6))
+    assert "".join(_stream(smollm2, ids, skip, cuts)) == "".join(deltas)
     # byte-level decoding is lossy UTF-8 in both, so tokenizers' own decoder must agree everywhere
     assert smollm2.decode(ids, skip) == smollm2.backend.decode(ids, skip_special_tokens=skip)
 
@@ -145,6 +151,8 @@ def test_spm_stream_deltas_concatenate_to_decode(spm, data):
     ids = data.draw(_ids_with_partial_utf8(spm))
     skip = data.draw(st.booleans())
     assert "".join(_stream(spm, ids, skip)) == spm.decode(ids, skip_special_tokens=skip)
+    cuts = data.draw(st.lists(st.integers(0, 24), max_size=6))
+    assert "".join(_stream(spm, ids, skip, cuts)) == spm.decode(ids, skip_special_tokens=skip)
     text = spm.decode(ids, skip)
     if "\ufffd" not in text:  # tokenizers' ByteFallback writes one U+FFFD per bad byte, Python per bad run
         assert text == spm.backend.decode(ids, skip_special_tokens=skip)

@@ -49,12 +49,13 @@ class AbortRecord:
 class SeqOutput:
     """What one sequence has produced so far, as its consumer sees it."""
 
-    __slots__ = ("token_ids", "text", "decoder", "logprobs", "cumulative_logprob", "done",
+    __slots__ = ("token_ids", "text", "decoded", "decoder", "logprobs", "cumulative_logprob", "done",
                  "finish_reason", "stop_reason", "streamed")
 
     def __init__(self):
         self.token_ids: list[int] = []
         self.text = ""
+        self.decoded = 0  # tokens whose text is in `text` (the rest is decoded when next needed)
         self.decoder = None
         self.logprobs: list[dict] = []
         self.cumulative_logprob = 0.0
@@ -173,6 +174,7 @@ class OutputProcessor:
                 emit(req, now)
             elif req.request_id in streamed and (not out.streamed or len(out.token_ids) - out.streamed >= interval):
                 out.streamed = len(out.token_ids)
+                self._catch_up(out, req.params)
                 self._outputs.append(_streamed_output(req, seq, out))
         self.metrics.generation_tokens += kept
         for req in touched.values():
@@ -185,18 +187,15 @@ class OutputProcessor:
         out.cumulative_logprob += logprob
         if p.logprobs is not None:
             out.logprobs.append(self._entry(token, logprob, record, row, p.logprobs))
-        if self.tokenizer is not None:
-            if out.decoder is None:
-                out.decoder = self.tokenizer.stream_decoder(skip_special_tokens=p.skip_special_tokens)
+        if p.stop and self.tokenizer is not None:  # stop strings need the text as it grows
             before = len(out.text)
-            out.text += out.decoder.push(token)
-            if p.stop and len(out.token_ids) >= p.min_tokens and self._match_stop(out, p, before):
+            self._catch_up(out, p)
+            if len(out.token_ids) >= p.min_tokens and self._match_stop(out, p, before):
                 out.done, out.finish_reason = True, "stop"
                 self._stops.append(seq)
                 return
         if finished:
-            if out.decoder is not None:
-                out.text += out.decoder.flush()
+            self._finish_text(out, p)
             out.done = True
             out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
 
@@ -234,6 +233,20 @@ class OutputProcessor:
             entry = {token: Logprob(logprob, None, self._token_text(token)), **entry}
         return entry
 
+    def _catch_up(self, out: SeqOutput, p) -> None:
+        """Decode the tokens appended since the text was last needed (text is made when an
+        output is, or at once for stop strings: not once per token)."""
+        if out.decoded < len(out.token_ids) and self.tokenizer is not None:
+            if out.decoder is None:
+                out.decoder = self.tokenizer.stream_decoder(skip_special_tokens=p.skip_special_tokens)
+            out.text += out.decoder.push_many(out.token_ids[out.decoded:])
+            out.decoded = len(out.token_ids)
+
+    def _finish_text(self, out: SeqOutput, p) -> None:
+        self._catch_up(out, p)
+        if out.decoder is not None:
+            out.text += out.decoder.flush()
+
     def _token_text(self, token: int) -> str | None:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else None
 
@@ -246,8 +259,7 @@ class OutputProcessor:
             if out is None:
                 out = seq.output = SeqOutput()
             if not out.done:
-                if out.decoder is not None:
-                    out.text += out.decoder.flush()
+                self._finish_text(out, req.params)
                 out.done, out.finish_reason = True, "abort"
         self._emit(req, record.time, aborted=True)
 
@@ -269,6 +281,7 @@ class OutputProcessor:
             for s in seqs:
                 if s.output is not None:
                     s.output.streamed = len(s.output.token_ids)
+                    self._catch_up(s.output, req.params)
             self._outputs.append(self._output(req, seqs, finished=False))
 
     def _stream_due(self, seqs: list[Sequence]) -> bool:

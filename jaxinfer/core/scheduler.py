@@ -77,7 +77,7 @@ class ScheduledStep:
     # Decode region, one entry per decode sequence, in batch order.
     decode_seq_rows: np.ndarray  # SeqTable rows
     decode_tokens: np.ndarray  # token at `position` (ignored where fed)
-    decode_feed: np.ndarray  # row of the previous step's samples to feed, or -1
+    decode_feed: np.ndarray  # feed slot (the sequence's own table row) whose kept token to feed, or -1
     decode_positions: np.ndarray
     decode_pages: np.ndarray  # [d, pages_per_seq] page tables
     decode_seqs: np.ndarray  # object: the Sequences

@@ -117,9 +117,10 @@ class ModelRunner:
         buffer = self._put(inputs.buffer)  # the one transfer
         # Over flat leaves: flattening the params' nnx.State every step costs milliseconds.
         out = forward.flat(*self._state_leaves, *jax.tree.leaves(self.cache), self.feed_tokens, buffer)
-        logits, rows = out[0], out[-1]
+        logits, rows = out[0], out[-1]  # (logits, *cache, sampling rows)
         self.cache = jax.tree.unflatten(self._cache_tree, out[1:-1])
         out = sampler.flat(logits, *jax.tree.leaves(self.penalty), self.feed_tokens, rows)
+        # (packed, top_ids, top_logprobs, *penalty, feed_tokens)
         self.penalty = jax.tree.unflatten(self._penalty_tree, out[3:-1])
         self.feed_tokens = out[-1]
         return StepOutput(*out[:3])
@@ -174,7 +175,7 @@ class ModelRunner:
         if mine:
             try:
                 # What the executable depends on beyond its arguments (see compilations.load_or_compile).
-                identity = repr((key[0], key[-1], self.cfg, self.attention_impl or attention.get_implementation(),
+                identity = repr((key, self.cfg, self.attention_impl or attention.get_implementation(),
                                  self.mesh.axis_names, self.mesh.devices.shape, self.max_model_len, MAX_LOGPROBS))
                 made.set_result(compilations.load_or_compile(fn, specs, out_tree, donate, identity))
             except BaseException as e:

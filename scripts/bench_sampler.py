@@ -12,6 +12,7 @@ Rows (GPU: summed CUPTI kernel time of one call; elsewhere: wall time per call, 
   cut: sort         sampler._cut_floor, the cut as the engine makes it
   cut: bisection    the same floor found without sorting: a binary search on the value threshold,
                     32 counting passes for top_k and 32 mass passes for top_p
+  cut: radix        the same floor, 8 bits at a time: 4 + 4 passes, each a 256-bin histogram
 """
 
 from __future__ import annotations
@@ -74,6 +75,53 @@ def cut_floor_bisection(scaled, top_k, top_p):
     return _from_ukey(jnp.where(top_p >= 1, floor_k, jnp.maximum(floor_k, floor_p)))
 
 
+def cut_floor_radix(scaled, top_k, top_p):
+    """The same floor as `cut_floor_bisection`, found 8 bits at a time: 4 passes that each make a
+    256-bin histogram (counts for top_k, then counts and masses for top_p) of the values that
+    share the bits decided so far."""
+    import jax.numpy as jnp
+
+    rows, vocab = scaled.shape
+    key = _ukey(scaled)
+    bins = jnp.arange(256, dtype=jnp.uint32)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+
+    def histogram(prefix, shift, weights=None):
+        """Per row and digit (bits shift..shift+7), how many (or how much weight) of the values
+        whose higher bits equal prefix's."""
+        hit = (key >> shift & 0xFF)[..., None] == bins
+        if shift < 24:
+            hit &= ((key >> (shift + 8)) == (prefix[:, None] >> (shift + 8)))[..., None]
+        if weights is None:
+            return jnp.sum(hit, axis=1, dtype=jnp.int32)
+        return jnp.sum(jnp.where(hit, weights[..., None], 0.0), axis=1)
+
+    prefix, need = jnp.zeros(rows, jnp.uint32), k
+    for shift in (24, 16, 8, 0):  # the k-th largest value: count down from the top digit
+        counts = histogram(prefix, shift)
+        at_least = jnp.cumsum(counts[:, ::-1], axis=1)[:, ::-1]  # values with digit >= b
+        digit = jnp.sum(at_least >= need[:, None], axis=1) - 1
+        need = need - (at_least[jnp.arange(rows), digit] - counts[jnp.arange(rows), digit])
+        prefix = prefix | digit.astype(jnp.uint32) << shift
+    floor_k = prefix
+    kept = key >= floor_k[:, None]
+    probs = jnp.where(kept, jnp.exp(scaled - scaled.max(-1, keepdims=True)), 0.0)
+    probs = probs / probs.sum(-1, keepdims=True)
+
+    prefix, above = jnp.zeros(rows, jnp.uint32), jnp.zeros(rows, jnp.float32)
+    for shift in (24, 16, 8, 0):  # the lowest value whose strictly-greater mass is < top_p
+        counts = histogram(prefix, shift)
+        mass = histogram(prefix, shift, probs)
+        higher = above[:, None] + jnp.cumsum(mass[:, ::-1], axis=1)[:, ::-1] - mass  # mass of higher digits
+        ok = (counts > 0) & (higher < top_p[:, None])
+        lowest = jnp.min(jnp.where(ok, bins.astype(jnp.int32), 256), axis=1)
+        present = jnp.max(jnp.where(counts > 0, bins.astype(jnp.int32), -1), axis=1)
+        digit = jnp.where(lowest < 256, lowest, present)  # none: rounding; keep the top bucket
+        above = higher[jnp.arange(rows), digit]
+        prefix = prefix | digit.astype(jnp.uint32) << shift
+    return _from_ukey(jnp.where(top_p >= 1, floor_k, jnp.maximum(floor_k, prefix)))
+
+
 def _timer():
     import jax
 
@@ -114,7 +162,15 @@ def check(vocab: int, rows: int = 256, seed: int = 0) -> None:
     import dataclasses
     arrays = dataclasses.replace(arrays, top_k=top_k, top_p=top_p)
     want = np.asarray(jax.jit(sampler._cut_floor)(scaled, arrays))
-    got = np.asarray(jax.jit(cut_floor_bisection)(jnp.asarray(scaled), top_k, top_p))
+    for candidate in (cut_floor_bisection, cut_floor_radix):
+        got = np.asarray(jax.jit(candidate)(jnp.asarray(scaled), top_k, top_p))
+        _explain(candidate.__name__, scaled, top_k, top_p, want, got)
+
+
+def _explain(name, scaled, top_k, top_p, want, got) -> None:
+    import numpy as np
+
+    rows, vocab = scaled.shape
     differ = np.flatnonzero(want != got)
     ties = 0
     for r in differ.tolist():
@@ -129,7 +185,7 @@ def check(vocab: int, rows: int = 256, seed: int = 0) -> None:
         p /= p.sum()
         before = np.concatenate([[0.0], np.cumsum(p)[:-1]])
         assert np.min(np.abs(before - top_p[r])) < 1e-5, (r, want[r], got[r], top_k[r], top_p[r])
-    print(f"check: {rows} rows over {vocab} tokens: {rows - len(differ)} floors equal; {ties} differ where "
+    print(f"check {name}: {rows} rows over {vocab} tokens: {rows - len(differ)} floors equal; {ties} differ where "
           f"ties straddle the top_k boundary, {len(differ) - ties} at a top_p boundary within rounding")
 
 
@@ -150,8 +206,8 @@ def main() -> None:
         check(min(args.vocab, 4096))
     timer, unit = _timer()
     print(f"device: {jax.devices()[0].device_kind}; vocabulary {args.vocab:,}; {unit}")
-    print("| batch | plain | full | sort | top_k 20 | cut: sort | cut: bisection |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | plain | full | sort | top_k 20 | cut: sort | cut: bisection | cut: radix |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in (int(x) for x in args.batches.split(",")):
         rng = np.random.default_rng(b)
         logits = jnp.asarray(rng.standard_normal((b, args.vocab)).astype(np.float32) * 3)
@@ -165,12 +221,20 @@ def main() -> None:
         top = jax.jit(lambda x: jax.lax.top_k(x, MAX_LOGPROBS))
         cut_sort = jax.jit(sampler._cut_floor)
         cut_bisect = jax.jit(cut_floor_bisection)
-        cells = [timer(lambda: plain(logits, arrays, state)[0].tokens),
-                 timer(lambda: full(logits, arrays, state)[0].tokens),
-                 timer(lambda: sort(logits)), timer(lambda: top(logits)[0]),
-                 timer(lambda: cut_sort(logits, arrays)),
-                 timer(lambda: cut_bisect(logits, arrays.top_k, arrays.top_p))]
-        print(f"| {b} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
+        cut_radix = jax.jit(cut_floor_radix)
+        def cell(fn) -> str:
+            try:
+                return f"{timer(fn):.3f}"
+            except Exception as e:  # e.g. out of memory: XLA may build the radix's histogram input
+                return f"failed ({type(e).__name__})"
+
+        cells = [cell(lambda: plain(logits, arrays, state)[0].tokens),
+                 cell(lambda: full(logits, arrays, state)[0].tokens),
+                 cell(lambda: sort(logits)), cell(lambda: top(logits)[0]),
+                 cell(lambda: cut_sort(logits, arrays)),
+                 cell(lambda: cut_bisect(logits, arrays.top_k, arrays.top_p)),
+                 cell(lambda: cut_radix(logits, arrays.top_k, arrays.top_p))]
+        print(f"| {b} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

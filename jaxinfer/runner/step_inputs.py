@@ -12,7 +12,9 @@ however many sequences run.
 
 Sampling settings are two row-major matrices, one row per logits row, in the
 column order of `jaxinfer.core.seq_table` (FLOAT_COLUMNS, then STEP_INT_COLUMNS),
-so the scheduler's gathered rows drop in with one assignment each.
+so the scheduler's gathered rows drop in with one assignment each. They and the
+banned ids sit at the buffer's tail, which the forward pass hands on to the
+sampler (`sampling_rows`, `unpack_sampling`).
 """
 
 from __future__ import annotations
@@ -143,12 +145,7 @@ class StepInputs:
     def unpack(self) -> tuple[Batch, SamplingArrays]:
         """The Batch and SamplingArrays back (under jit: static slices of the buffer)."""
         lay = layout(self.shape, self.ban_width)
-        host = isinstance(self.buffer, np.ndarray)
-        buf = self.buffer if host else jnp.asarray(self.buffer)
-
-        def bits(x, dtype):
-            return x.view(dtype) if host else jax.lax.bitcast_convert_type(x, dtype)
-
+        buf = self.buffer if isinstance(self.buffer, np.ndarray) else jnp.asarray(self.buffer)
         v = {name: lay.view(buf, name) for name in lay.fields}
         batch = Batch(tokens=v["tokens"], feed_index=v["feed_index"], positions=v["positions"],
                       slots=v["slots"], cu_q_lens=v["cu_q_lens"], kv_lens=v["kv_lens"],
@@ -164,8 +161,7 @@ class StepInputs:
     def needs_full_sampling(self) -> bool:
         """Whether the step's sampler must rank the vocabulary (see sampler.sample's `full`).
         On the host buffer, before it travels."""
-        return unpack_sampling(self.buffer[layout(self.shape, self.ban_width).offset("floats"):],
-                               self.shape.num_rows, self.ban_width).needs_full()
+        return unpack_sampling(self.sampling_rows(), self.shape.num_rows, self.ban_width).needs_full()
 
     @property
     def size(self) -> int:

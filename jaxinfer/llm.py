@@ -54,11 +54,12 @@ class LLM:
         dtype_name = dtype or default_dtype_name()
         if dtype_name not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+        config = EngineConfig(**engine_config)  # a bad setting is named before the model loads
         mesh = make_mesh(tensor=tensor_parallel_size)
         started = time.monotonic()
         loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress)
         log.info("start-up: loaded %s in %.1f s", loaded.source, time.monotonic() - started)
-        self._init(loaded, mesh, EngineConfig(**engine_config), warmup, progress, warmup_in_background)
+        self._init(loaded, mesh, config, warmup, progress, warmup_in_background)
 
     @classmethod
     def from_loaded(cls, loaded: loader.LoadedModel, mesh=None, *, warmup: bool = True,

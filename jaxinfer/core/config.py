@@ -1,5 +1,5 @@
-"""The engine's configuration: one dataclass, read by the scheduler (host policy) and the
-device side alike. Fields left None (`max_model_len`, `num_pages`) are resolved by the
+"""The engine's configuration: one dataclass, read by the scheduler and by the engine that
+runs its steps. Fields left None (`max_model_len`, `num_pages`) are resolved by the
 engine from the model and the memory it finds; the scheduler gets the resolved copy."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One request's sampling settings (vLLM's field names and defaults), checked on creation,
-and the per-sample seeds derived from them. Host side; the device's sampler reads them
-as columns of the step's inputs."""
+and the per-sample seeds derived from them. Plain data: a step carries them as columns
+of its inputs."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ MAX_STOP_TOKEN_IDS = 64
 # Temperatures below this sample greedily (as in vLLM): dividing logits by them
 # overflows float32.
 GREEDY_TEMPERATURE = 1e-5
-# The device computes in float32: logits / temperature and logits * or / the repetition
+# Sampling computes in float32: logits / temperature and logits * or / the repetition
 # penalty must stay finite, and the values themselves must survive the cast (1e308 does
 # not). Past these bounds sampling is uniform (temperature) or the penalty is total
 # anyway, so nothing a user could want is refused.
 MAX_TEMPERATURE = 1e4
 REPETITION_PENALTY_RANGE = (1e-4, 1e4)
-MAX_TOP_K = 2**31 - 1  # an int32 on the device
+MAX_TOP_K = 2**31 - 1  # fits a step's int32 columns
 _U64 = 2**64 - 1
 
 

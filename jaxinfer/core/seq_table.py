@@ -21,10 +21,10 @@ import numpy as np
 
 from jaxinfer.core.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
-# Sampling settings per sequence, in the layout of a step's logits rows (the device side packs
+# Sampling settings per sequence, in the layout of a step's logits rows (a step's inputs take
 # them as they are): a decode row is its sequence's row with `position` filled in.
 FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
-# feed_slot: where on the device the row's sampled token is kept for the next step to feed (the
+# feed_slot: the slot the row's sampled token is kept in for the next step to feed (the
 # sequence's row here; -1: not kept, as for prompt-scoring rows).
 STEP_INT_COLUMNS = ("top_k", "seed_hi", "seed_lo", "penalty_slot", "position", "target", "want_top", "feed_slot")
 F = {name: i for i, name in enumerate(FLOAT_COLUMNS)}
@@ -38,8 +38,8 @@ class SeqTable:
         width = min(max_model_len, 1024) + 2  # grows by doubling up to max_model_len (+ 2)
         self.token_ids = np.zeros((capacity, width), np.int32)
         self.num_tokens = np.zeros(capacity, np.int32)  # tokens known on the host
-        # Tokens sampled by dispatched steps, not yet read back. The latest is on the device in
-        # the row's feed slot, so a step can feed it before the host has it.
+        # Tokens sampled by dispatched steps, not yet read back. The latest is kept in the
+        # row's feed slot, so a step can feed it before it is read back.
         self.pending = np.zeros(capacity, np.int32)
         self.num_computed = np.zeros(capacity, np.int32)  # positions whose K/V is (being) written
         self.page_table = np.zeros((capacity, pages_per_seq), np.int32)

@@ -94,10 +94,8 @@ class SamplingArrays:
     feed_slot: jax.Array  # i32, -1 = the token is not kept for feeding
 
     def needs_full(self) -> bool:
-        """Whether `sample` must run with `full`: a sampled row cuts by top_k or top_p, or a
-        row wants top-n logprobs. Host arrays only."""
-        cut = (np.asarray(self.temperature) > 0) & ((np.asarray(self.top_k) > 0) | (np.asarray(self.top_p) < 1))
-        return bool(cut.any() or np.asarray(self.want_top).any())
+        """Whether `sample` must run with `full` (host arrays only; see `needs_full`)."""
+        return needs_full(self.temperature, self.top_k, self.top_p, self.want_top)
 
     @classmethod
     def from_rows(cls, rows: Sequence[Row | None], num_rows: int, ban_width: int
@@ -142,6 +140,13 @@ class SamplingArrays:
             want_top=np.array(want_top, np.bool_),
             feed_slot=np.array(feed_slot, np.int32),
         )
+
+
+def needs_full(temperature, top_k, top_p, want_top) -> bool:
+    """Whether rows with these settings (numpy, [R] each) need `sample`'s `full`: a sampled
+    row cuts by top_k or top_p, or a row wants top-n logprobs."""
+    cut = (np.asarray(temperature) > 0) & ((np.asarray(top_k) > 0) | (np.asarray(top_p) < 1))
+    return bool(cut.any() or np.asarray(want_top).any())
 
 
 # ----------------------------------------------------------------------------

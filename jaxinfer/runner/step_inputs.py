@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -31,7 +32,7 @@ from jaxinfer.runner.batch import Batch
 from jaxinfer.core.scheduler import ScheduledStep
 from jaxinfer.core.seq_table import FLOAT_COLUMNS, STEP_INT_COLUMNS, F, SI
 from jaxinfer.core.shapes import NULL_PAGE, BatchShape, SeqWork
-from jaxinfer.runner.sampler import SamplingArrays
+from jaxinfer.runner.sampler import SamplingArrays, needs_full
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -45,7 +46,7 @@ class Layout:
 
     def view(self, buffer, name):
         offset, shp = self.fields[name]
-        return buffer[offset:offset + int(np.prod(shp))].reshape(shp)
+        return buffer[offset:offset + math.prod(shp)].reshape(shp)  # math.prod: np.prod costs µs a call
 
     def offset(self, name) -> int:
         return self.fields[name][0]
@@ -63,7 +64,7 @@ def layout(shape: BatchShape, ban_width: int) -> Layout:
     fields, offset = {}, 0
     for name, shp in sizes:
         fields[name] = (offset, shp)
-        offset += int(np.prod(shp))
+        offset += math.prod(shp)
     out = Layout(shape, ban_width, fields, offset, np.zeros(offset, np.int32))
     t = out.template
     out.view(t, "feed_index")[:] = -1
@@ -161,7 +162,10 @@ class StepInputs:
     def needs_full_sampling(self) -> bool:
         """Whether the step's sampler must rank the vocabulary (see sampler.sample's `full`).
         On the host buffer, before it travels."""
-        return unpack_sampling(self.sampling_rows(), self.shape.num_rows, self.ban_width).needs_full()
+        lay = layout(self.shape, self.ban_width)  # read in place: this runs every step
+        floats, ints = lay.view(self.buffer, "floats").view(np.float32), lay.view(self.buffer, "ints")
+        return needs_full(floats[:, F["temperature"]], ints[:, SI["top_k"]], floats[:, F["top_p"]],
+                          ints[:, SI["want_top"]])
 
     @property
     def size(self) -> int:

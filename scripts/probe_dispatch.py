@@ -7,6 +7,9 @@ Builds the Llama-3-8B-shape engine (random bf16 weights) and, for each batch siz
   - how long calls take to return with the device kept busy by queued steps: the
     step's one input transfer and the whole runner.step. A call that takes about a
     device step to return is waiting on the device;
+  - how long the forward and the sampler alone take to return with 0, 1 or 3 steps
+    queued before them (the host's launch cost, and whether a deeper queue blocks it);
+  - eight steps in a row under CUPTI: wall per step against kernel time per step;
   - the sampler's two variants alone (plain, and full: top-k/top-p and top-n logprobs);
   - what the optimized forward and sampler hold (conditionals, loops, command buffers).
 
@@ -96,6 +99,12 @@ def main() -> None:
         device_ms = (time.perf_counter() - t) / args.iters * 1e3
         kernels = _cupti(lambda: jax.block_until_ready(runner.step(inputs)))
         kernel_ms = sum(k[1] for k in kernels)
+        t = time.perf_counter()
+        ks = _cupti(lambda: jax.block_until_ready([runner.step(inputs) for _ in range(8)]))
+        wall = (time.perf_counter() - t) * 1e3
+        if ks:
+            print(f"  8 steps in a row: {wall / 8:.2f} ms per step, kernels {sum(k[1] for k in ks) / 8:.2f} ms",
+                  flush=True)
         for _ in range(5):
             runner.step(inputs)  # keep the device busy
         put_ms = timed(lambda: jax.device_put(inputs.buffer, runner.replicated), 5)
@@ -136,6 +145,33 @@ def main() -> None:
             return (time.perf_counter() - t) / args.iters * 1e3
 
         loop(True, True)
+
+        def host_ms(with_sampler, ahead):  # host time for the call to return; `ahead` steps queued first
+            nonlocal logits, rows
+            _, sampler = runner._executables_for(shape, engine.ban_width, False)
+            out_ms = []
+            for _ in range(10):
+                jax.block_until_ready(runner.cache)
+                for _ in range(ahead):
+                    o = forward.flat(*state_leaves, *jax.tree.leaves(runner.cache), runner.feed_tokens, on_device)
+                    runner.cache = jax.tree.unflatten(runner._cache_tree, o[1:-1])
+                t = time.perf_counter()
+                if with_sampler:
+                    o = sampler.flat(logits, *jax.tree.leaves(runner.penalty), runner.feed_tokens, rows)
+                    runner.penalty = jax.tree.unflatten(runner._penalty_tree, o[3:-1])
+                    runner.feed_tokens = o[-1]
+                else:
+                    o = forward.flat(*state_leaves, *jax.tree.leaves(runner.cache), runner.feed_tokens, on_device)
+                    runner.cache = jax.tree.unflatten(runner._cache_tree, o[1:-1])
+                out_ms.append((time.perf_counter() - t) * 1e3)
+            jax.block_until_ready(runner.cache)
+            print(f"    host ms ({'sampler' if with_sampler else 'forward'}, {ahead} queued): min {min(out_ms):.2f} "
+                  f"max {max(out_ms):.2f}", flush=True)
+            return statistics.median(out_ms)
+
+        print(f"  host time to return: forward {host_ms(False, 0):.3f} ms idle, {host_ms(False, 1):.3f} ms with one "
+              f"step queued, {host_ms(False, 3):.3f} with three; sampler {host_ms(True, 0):.3f} idle, "
+              f"{host_ms(True, 1):.3f} with one forward queued", flush=True)
         print(f"  back to back: forward alone {loop(False, False):.2f} ms; forward + sampler {loop(True, False):.2f} ms;"
               f" forward + input transfer {loop(False, True):.2f} ms; all three {loop(True, True):.2f} ms", flush=True)
         if args.dump:

@@ -49,6 +49,7 @@ class Request:
     sequences: list["Sequence"] = dataclasses.field(default_factory=list)
     forked: bool = False  # n > 1: the sequences exist only after the prompt is prefilled
     aborted: bool = False
+    first_seq_id: int = 0  # sequence i is known to the frontend as first_seq_id + i
 
     def __post_init__(self):
         if self.seed is None:

@@ -127,6 +127,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by sort_key
         self.free_slots = list(range(cfg.max_num_seqs - 1, -1, -1))  # penalty-state rows
         self.num_preemptions = 0
+        self._first_scheduled: list[Request] = []  # since take_first_scheduled()
+        self._preempted_seqs: list[Sequence] = []  # since take_preempted()
         self._prefill_shapes = cfg.prefill_buckets()
         self._decode_shapes = cfg.decode_buckets()
         self._mixed_decode_shapes = cfg.mixed_decode_buckets()
@@ -157,6 +159,16 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+
+    def take_first_scheduled(self) -> list[Request]:
+        """Requests scheduled for the first time since the last call."""
+        out, self._first_scheduled = self._first_scheduled, []
+        return out
+
+    def take_preempted(self) -> list[Sequence]:
+        """Sequences preempted since the last call (one entry per preemption)."""
+        out, self._preempted_seqs = self._preempted_seqs, []
+        return out
 
     @property
     def num_running_weight(self) -> int:
@@ -400,6 +412,7 @@ class Scheduler:
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
             req.num_cached_tokens = len(hits) * cfg.page_size
+            self._first_scheduled.append(req)
         self.waiting.remove(seq)
         return True
 
@@ -583,6 +596,7 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self._preempted_seqs.append(seq)
         self._preempted = True
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
 

@@ -1,0 +1,348 @@
+"""The engine core: the scheduler and the device, one step at a time, and nothing per token
+that is Python-heavy.
+
+    CoreRequest ──▶ Scheduler.schedule() ──▶ StepInputs (one buffer) ──▶ runner.step (async)
+                                                                             │
+    CoreStep (plain arrays) ◀── Scheduler.update() ◀── read back ◀──────────┘
+
+The host runs one step ahead: `step()` schedules and dispatches step N, then reads step
+N-1's tokens (which blocks only until N-1 is done, while N is already queued on the
+device). Sequences in N-1 that sampled feed their new token into N straight from the
+device; the scheduler counts it as pending. A sequence that finishes in N-1 was already
+given a slot in N: that step's token for it is dropped (its SeqTable row changed occupant).
+
+What comes out is a CoreStep: plain numbers and arrays keyed by sequence ids, no live
+objects. Text, stop strings, logprobs entries and the outputs themselves are the
+frontend's (jaxinfer/engine/engine.py and its output processor), which tells the core
+when a stop string ends a sequence. The same values could cross to another process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from checkpoints.loader import LoadedModel
+from jaxinfer.core.config import EngineConfig
+from jaxinfer.core.request import Request, Sequence, Status
+from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
+from jaxinfer.core.scheduler import ScheduledStep, Scheduler
+from jaxinfer.core.shapes import next_bucket
+from jaxinfer.engine.metrics import EngineMetrics
+from jaxinfer.errors import ConfigError
+from jaxinfer.runner import compilations, kv_cache
+from jaxinfer.runner.model_runner import ModelRunner, StepOutput
+from jaxinfer.runner.step_inputs import StepInputs
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV pool on the CPU, where memory is shared with everything
+ACCELERATOR_KV_FRACTION = 0.9  # of the memory left after the weights
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreRequest:
+    """A checked request, as the frontend hands it to the core. Its sequences are numbered
+    `first_seq_id` + sample index (0 .. n-1) in every CoreStep."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    max_tokens: int
+    first_seq_id: int
+    seed: int  # drawn once, on arrival
+    priority: int = 0
+    arrival: int = 0
+    arrival_time: float = 0.0
+
+
+@dataclasses.dataclass
+class CoreStep:
+    """One step's results, read back: per accepted sample (arrays of [k]) and what else
+    happened to requests since the last CoreStep."""
+
+    seq_ids: np.ndarray  # int64: CoreRequest.first_seq_id + sample index
+    tokens: np.ndarray  # int32
+    logprobs: np.ndarray  # float32: the raw logprob of each sampled token
+    finished: np.ndarray  # bool: this token finished the sequence (a stop id or its length)
+    finish: dict[int, tuple[str, int | None]]  # seq id -> (finish reason, stop token) where finished
+    top_ids: np.ndarray | None  # [k, num_top] when some row asked for top-n logprobs
+    top_logprobs: np.ndarray | None
+    # Prompt logprobs: (request id, first position, logprob of each next prompt token, top ids, top logprobs).
+    prompt_scores: list[tuple[str, int, np.ndarray, np.ndarray | None, np.ndarray | None]]
+    scheduled: list[tuple[str, float, int]]  # first scheduled: (request id, time, prompt tokens cached)
+    preempted: list[int]  # seq ids preempted (once per preemption)
+    time: float
+
+
+@dataclasses.dataclass
+class _InFlight:
+    step: ScheduledStep
+    out: object  # StepOutput on the device
+    want_top: bool
+
+
+class EngineCore:
+    def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig()):
+        compilations.enable_persistent_cache()
+        self.model = model
+        cfg = model.config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        eos = set(cfg.eos_token_ids)
+        if model.tokenizer is not None:
+            eos |= set(model.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)  # the model's; a request brings its own
+        self.ban_width = next_bucket(MAX_STOP_TOKEN_IDS + len(self.eos_token_ids), 8)
+        try:
+            given = config.num_pages
+            config = config.replace(max_model_len=self.max_model_len, num_pages=given or 2)
+            spec = kv_cache.CacheSpec.for_model(cfg, num_pages=1, page_size=config.page_size,
+                                                dtype=model.kv_cache_dtype)
+            num_pages = given or self._pool_size(spec.bytes_per_page, config, mesh)
+            self.config = config = config.replace(num_pages=num_pages)
+        except ValueError as e:
+            raise ConfigError(f"invalid engine configuration: {e}") from None
+        self.scheduler = Scheduler(config, stop_width=self.ban_width)
+        max_rows = max(s.num_rows for s in config.all_shapes())
+        self.runner = ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
+                                  page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
+                                  penalty_slots=config.max_num_seqs, feed_slots=config.max_num_seqs,
+                                  max_model_len=self.max_model_len,
+                                  attention_impl=config.attention)
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB); max_model_len %d",
+                 num_pages, config.page_size, num_pages * spec.bytes_per_page / 2**30, self.max_model_len)
+        self.requests: dict[str, Request] = {}  # until every sequence of theirs has finished
+        self.metrics = EngineMetrics()
+        self._arrivals = itertools.count()
+        self._inflight: _InFlight | None = None
+        self._warming: threading.Thread | None = None
+        self._stop_warming = False
+        compilations.install()
+
+    def _pool_size(self, bytes_per_page: int, config: EngineConfig, mesh: Mesh) -> int:
+        """Pages for the KV pool: what the config allows, never more than every sequence at
+        full length needs. On accelerators the budget is set by the device of the mesh with
+        the least memory free, times the devices a page is split across."""
+        most = 1 + config.max_num_seqs * config.pages_per_seq
+        budget = config.kv_cache_bytes
+        if budget is None:
+            devices = list(mesh.devices.flat)
+            stats = [d.memory_stats() if d.platform != "cpu" else None for d in devices]
+            if all(s and "bytes_limit" in s for s in stats):
+                free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+                tensor = dict(mesh.shape).get("tensor", 1)
+                split = tensor if getattr(self.model.config, "num_kv_heads", 1) % tensor == 0 else 1
+                budget = int(free * ACCELERATOR_KV_FRACTION) * split
+            else:
+                budget = CPU_KV_CACHE_BYTES
+        pages = min(most, budget // bytes_per_page)
+        if pages < 2:
+            raise ConfigError(f"the KV cache budget of {budget} bytes holds no page of "
+                              f"{bytes_per_page} bytes")
+        return int(pages)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(self, r: CoreRequest) -> None:
+        """Queue a request the frontend checked."""
+        request = Request(r.request_id, r.prompt_token_ids, r.params, r.eos_token_ids, r.max_tokens,
+                          priority=r.priority, arrival=next(self._arrivals), arrival_time=r.arrival_time,
+                          seed=r.seed, first_seq_id=r.first_seq_id)
+        self.requests[r.request_id] = request
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> None:
+        """Free every sequence of a request now (its tokens still in flight are dropped)."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            request.aborted = True
+            for seq in list(request.sequences):
+                self.scheduler.finish(seq, "abort")
+
+    def finish_stop(self, request_id: str, index: int, stop_reason: str) -> None:
+        """The frontend found a stop string in sequence `index` of a request: free it."""
+        request = self.requests.get(request_id)
+        if request is not None and index < len(request.sequences):
+            self.scheduler.finish(request.sequences[index], "stop", stop_reason)
+            self._retire_if_done(request)
+
+    def _retire_if_done(self, request: Request) -> None:
+        if (request.forked or request.n == 1) and all(s.status is Status.FINISHED for s in request.sequences):
+            self.requests.pop(request.request_id, None)
+
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn automatic prefix caching on or off (the engine must be idle); the cache
+        starts empty either way."""
+        if self.has_work():
+            raise RuntimeError("prefix caching can only be switched while the engine is idle")
+        self.config = self.config.replace(enable_prefix_caching=enabled)
+        self.scheduler.cfg = self.config
+        self.scheduler.pool.reset_prefix_cache()
+        self.scheduler.pool.enable_prefix_caching = enabled
+
+    def has_work(self) -> bool:
+        return bool(self.requests) or self._inflight is not None or self.scheduler.has_work()
+
+    def gauges(self) -> dict:
+        """The core's current state, cheap enough to read every step."""
+        pool = self.scheduler.pool
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_usage": pool.usage, "kv_pages": pool.num_pages - 1,
+                "prefix_cache_hit_rate": pool.prefix_hit_rate, "preemptions": self.scheduler.num_preemptions}
+
+    def counters(self) -> dict:
+        pool = self.scheduler.pool
+        return {"prefix_cache_queried_tokens": pool.prefix_queried_tokens,
+                "prefix_cache_hit_tokens": pool.prefix_hit_tokens, "steps": self.metrics.steps,
+                "compilations": compilations.count()}
+
+    # ---- the step loop ------------------------------------------------------------------------
+
+    def step(self) -> tuple[CoreStep | None, bool]:
+        """Dispatch the next step, then read back the previous one: (what the previous one
+        produced or None, whether a step was dispatched)."""
+        scheduled = self.scheduler.schedule()
+        dispatched = self._dispatch(scheduled) if scheduled is not None else None
+        record = self._read_back(self._inflight) if self._inflight is not None else None
+        self._inflight = dispatched
+        return record, dispatched is not None
+
+    def _dispatch(self, step: ScheduledStep) -> _InFlight:
+        runner = self.runner
+        if step.page_copies:
+            runner.copy_pages(step.page_copies)
+        for slot, tokens, prompt_len in step.slot_resets:
+            runner.reset_penalty_slot(slot, tokens, prompt_len)
+        out = runner.step(self.inputs(step))
+        self.metrics.steps += 1
+        self.metrics.computed_tokens += step.num_tokens
+        return _InFlight(step, out, bool(step.logits.want_top.any()))
+
+    def inputs(self, step: ScheduledStep) -> StepInputs:
+        """The step's inputs as one value, from the scheduler's decision alone."""
+        return StepInputs.from_step(step, self.ban_width, self.config.page_size)
+
+    def _read_back(self, inflight: _InFlight) -> CoreStep:
+        out = inflight.out
+        if inflight.want_top:
+            packed, top_ids, top_lps = jax.device_get([out.packed, out.top_ids, out.top_logprobs])
+        else:
+            packed, top_ids, top_lps = np.asarray(out.packed), None, None  # one transfer
+        tokens, logprobs = StepOutput.split(np.asarray(packed))
+        now = time.monotonic()
+        s = self.scheduler
+        u = s.update(inflight.step, tokens)
+        seqs: list[Sequence] = u.seqs.tolist()
+        seq_ids = np.fromiter((q.request.first_seq_id + q.index for q in seqs), np.int64, len(seqs))
+        finish = {}
+        for i in np.flatnonzero(u.finished).tolist():
+            seq = seqs[i]
+            finish[int(seq_ids[i])] = (seq.finish_reason, seq.stop_reason)
+            self._retire_if_done(seq.request)
+        rows = u.sample_rows
+        scores = [(req.request_id, first, logprobs[r], None if top_ids is None else top_ids[r],
+                   None if top_lps is None else top_lps[r]) for req, first, r in inflight.step.prompt_scores]
+        scheduled = [(r.request_id, r.first_scheduled_time, r.num_cached_tokens) for r in s.take_first_scheduled()]
+        preempted = [q.request.first_seq_id + q.index for q in s.take_preempted()]
+        return CoreStep(seq_ids, u.tokens, logprobs[rows], u.finished, finish,
+                        None if top_ids is None else top_ids[rows], None if top_lps is None else top_lps[rows],
+                        scores, scheduled, preempted, now)
+
+    # ---- warm-up ------------------------------------------------------------------------------
+
+    def warmup(self, progress: bool = False, background: bool = False) -> int:
+        """Make every step shape ready (loaded or compiled) before it is needed; returns how many.
+
+        The shapes a first request needs (the fewest decode rows, alone or beside a prefill)
+        are made now. With `background`, the rest are made on a thread while the engine
+        already serves: a step that needs one of them first waits for it (a compile, or a
+        load from the caches on a restart). `wait_for_warmup()` waits for them all."""
+        if self.has_work():
+            raise RuntimeError("warm up before adding requests")
+        started = time.monotonic()
+        shapes = self.config.all_shapes()
+        # Made before anything runs: the shape every small step fits (the fewest decode rows
+        # beside the smallest prefill); with `background`, only it, else all of them.
+        fewest = min(s.decode_rows for s in shapes)
+        first = [min((s for s in shapes if s.decode_rows == fewest and s.prefill_tokens),
+                     key=lambda s: s.prefill_tokens, default=shapes[0])]
+        rest = [s for s in shapes if s not in first]
+        bar = _progress(len(first) + (0 if background else len(rest)) + 2, "compiling", progress)
+        for shape in first:
+            # In the background, the sampler that ranks the vocabulary (top-k/top-p, top-n
+            # logprobs) comes first thing after; a step that needs it sooner waits for it.
+            self.runner.prepare(StepInputs.empty(shape, self.ban_width), full=(False,) if background else (False, True))
+            bar.update(1)
+        self.runner.copy_pages([(0, 0)])
+        bar.update(1)
+        self.runner.reset_penalty_slot(0, [0], 1)
+        bar.update(1)
+        jax.block_until_ready(self.runner.cache)
+        if background:
+            self.scheduler.ready_shapes = frozenset(first)  # steps fit these until the rest are made
+            self._warming = threading.Thread(target=self._prepare_all, args=(first + rest, started),
+                                             name="jaxinfer-warmup", daemon=True)
+            self._warming.start()
+            _stop_at_exit(self)
+        else:
+            for shape in rest:
+                self.runner.prepare(StepInputs.empty(shape, self.ban_width))
+                bar.update(1)
+        bar.close()
+        s = compilations.stats
+        log.info("start-up: warm-up of %d step shapes in %.1f s (%d traced and lowered in %.1f s, %d loaded lowered "
+                 "in %.1f s; compiling %.1f s)%s", len(shapes) - (len(rest) if background else 0),
+                 time.monotonic() - started, s["traced"], s["trace_seconds"], s["loaded"], s["load_seconds"],
+                 s["compile_seconds"], f"; {len(rest)} more in the background" if background and rest else "")
+        return len(shapes)
+
+    def _prepare_all(self, shapes, started: float) -> None:
+        try:
+            for shape in shapes:
+                if self._stop_warming:
+                    return
+                self.runner.prepare(StepInputs.empty(shape, self.ban_width))
+                self.scheduler.ready_shapes = self.scheduler.ready_shapes | {shape}
+        except Exception:  # the step that needs the shape will make it (and raise) itself
+            log.exception("background warm-up failed")
+            return
+        finally:
+            self.scheduler.ready_shapes = None
+        log.info("start-up: background warm-up done: all %d step shapes ready %.1f s after warm-up began",
+                 len(self.config.all_shapes()), time.monotonic() - started)
+
+    def stop_warmup(self) -> None:
+        """Stop a background warm-up after the shape it is on (the rest compile when first
+        needed)."""
+        self._stop_warming = True
+        self.wait_for_warmup()
+
+    def wait_for_warmup(self) -> None:
+        """Until a background warm-up has made every step shape."""
+        if self._warming is not None:
+            self._warming.join()
+
+
+def _stop_at_exit(core: EngineCore) -> None:
+    """At interpreter exit, let a background warm-up finish the shape it is on and stop: a
+    compile still running when the interpreter goes away would abort the process."""
+    register = getattr(threading, "_register_atexit", None)  # runs before non-daemon threads are joined
+    if register is not None:
+        register(core.stop_warmup)
+    else:
+        import atexit
+        atexit.register(core.stop_warmup)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)

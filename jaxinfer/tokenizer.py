@@ -109,6 +109,16 @@ class Tokenizer:
             log.warning("the model's chat template does not compile (%s): chat requests will be refused; "
                         "text and token-id prompts work", e)
 
+    def __getstate__(self) -> dict:
+        # The compiled template holds jinja's functions, which do not pickle: a process that
+        # gets this tokenizer (the frontend of a core process) compiles it again.
+        return {**self.__dict__, "_compiled_template": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.chat_template_error is None:
+            self._compiled_template = compile_template(self.chat_template or CHATML_TEMPLATE)
+
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod

@@ -83,3 +83,14 @@ def run_arriving(llm: LLM, prompts, params, rng: np.random.Generator, arrive_pro
 
 __all__ = ["SMALL", "byte_level_backend", "byte_tokenizer", "tiny_model", "tiny_llm", "random_prompts",
            "run_alone", "run_arriving"]
+
+
+def tiny_core(data_dir: str, **config):
+    """An EngineCore over the tiny model: the factory a core process builds itself from."""
+    import pathlib
+
+    from jaxinfer.core.config import EngineConfig
+    from jaxinfer.engine.engine_core import EngineCore
+
+    return EngineCore(tiny_model(pathlib.Path(data_dir)), make_mesh(),
+                      EngineConfig(**{**SMALL, "num_pages": 400, **config}))

@@ -33,7 +33,26 @@ from jaxinfer.errors import InputError
 
 class Engine:
     def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig()):
-        self.core = EngineCore(model, mesh, config)
+        """The core in this process, stepped on the caller's thread."""
+        self._attach(EngineCore(model, mesh, config), model)
+
+    @classmethod
+    def with_core_process(cls, factory, *, warmup: bool = True, background: bool = False,
+                          progress: bool = False) -> Engine:
+        """The core in a child process of its own (jaxinfer/engine/core_process.py), built
+        there by `factory` (a picklable callable returning an EngineCore) and warmed up before
+        this returns. The model's weights live in the child only."""
+        from jaxinfer.engine.core_process import CoreProcessClient
+
+        client = CoreProcessClient(factory, warmup=warmup, background=background, progress=progress)
+        info = client.info
+        engine = cls.__new__(cls)
+        engine._attach(client, LoadedModel(info.model_config, None, None, info.tokenizer, info.source,
+                                           dtype=info.dtype))
+        return engine
+
+    def _attach(self, core, model: LoadedModel) -> None:
+        self.core = core
         self.model = model
         self.tokenizer = model.tokenizer
         self.vocab_size = model.config.vocab_size
@@ -130,16 +149,29 @@ class Engine:
         return bool(self.requests) or self.core.has_work() or self.outputs.busy
 
     @property
+    def in_process(self) -> bool:
+        return isinstance(self.core, EngineCore)
+
+    @property
     def num_running(self) -> int:
-        return len(self.core.scheduler.running)
+        if self.in_process:
+            return len(self.core.scheduler.running)
+        return self.core.gauges().get("running", 0)
 
     @property
     def num_waiting(self) -> int:
-        return len(self.core.scheduler.waiting)
+        if self.in_process:
+            return len(self.core.scheduler.waiting)
+        return max(0, len(self.requests) - self.num_running)  # the core's own count lags what was sent
 
     @property
     def kv_usage(self) -> float:
-        return self.core.scheduler.pool.usage
+        return self.gauges().get("kv_usage", 0.0)
+
+    def close(self) -> None:
+        """Stop the core process, if there is one (an in-process core needs nothing)."""
+        if not self.in_process:
+            self.core.close()
 
     def gauges(self) -> dict:
         """The engine's current state, cheap enough to read every step."""
@@ -164,8 +196,8 @@ class Engine:
         tokens."""
         for request_id, index, stop in self.outputs.take_stops():  # stop strings the output processor found
             self.core.finish_stop(request_id, index, stop)
-        record, dispatched = self.core.step()
-        if record is not None:
+        records, dispatched = self.core.step()
+        for record in records:
             self.outputs.submit(record)
         if not dispatched:
             self.outputs.wait(timeout=1.0)  # nothing on the device: let the outputs catch up

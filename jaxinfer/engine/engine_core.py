@@ -207,14 +207,14 @@ class EngineCore:
 
     # ---- the step loop ------------------------------------------------------------------------
 
-    def step(self) -> tuple[CoreStep | None, bool]:
+    def step(self) -> tuple[list[CoreStep], bool]:
         """Dispatch the next step, then read back the previous one: (what the previous one
-        produced or None, whether a step was dispatched)."""
+        produced, if there was one; whether a step was dispatched)."""
         scheduled = self.scheduler.schedule()
         dispatched = self._dispatch(scheduled) if scheduled is not None else None
-        record = self._read_back(self._inflight) if self._inflight is not None else None
+        records = [self._read_back(self._inflight)] if self._inflight is not None else []
         self._inflight = dispatched
-        return record, dispatched is not None
+        return records, dispatched is not None
 
     def _dispatch(self, step: ScheduledStep) -> _InFlight:
         runner = self.runner

@@ -1,0 +1,271 @@
+"""The engine core in a process of its own (vLLM's engine-core process).
+
+In one process the output processor's Python (a RequestOutput per streamed request per
+step, text, stop strings) shares the GIL with the core's step loop, and on a small host
+the step loop slows with every stream. Here the core runs in a child process with its
+own interpreter: it steps whenever it has work, between steps takes the commands the
+frontend sent, and sends each CoreStep back as it is read. The frontend (Engine) keeps
+its input and output processing and its consumers; it never waits for the core, and the
+core never waits for it.
+
+    frontend ── CoreRequest, abort, stop ─▶ child: EngineCore.step() in a loop
+             ◀──── CoreStep, gauges ─────────┘
+
+The child builds its core from a picklable `factory` (a module-level callable returning
+an EngineCore), so it loads the model itself; the frontend gets the model's config and
+tokenizer from it once the core is ready.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import pickle
+import queue
+import time
+import traceback
+from collections.abc import Callable
+
+from jaxinfer.engine.engine_core import CoreRequest, CoreStep
+from jaxinfer.engine.metrics import EngineMetrics
+
+START_TIMEOUT_S = 600.0  # model load, compile and warm-up in the child
+POLL_S = 0.05  # how often a waiting frontend checks the child is alive
+
+
+@dataclasses.dataclass
+class CoreInfo:
+    """What the frontend needs from the core, sent once it is ready."""
+
+    config: object  # the resolved EngineConfig
+    model_config: object
+    tokenizer: object
+    source: str
+    dtype: object
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    ban_width: int
+
+
+class CoreProcessClient:
+    """The EngineCore interface the frontend uses, over a child process."""
+
+    def __init__(self, factory: Callable, *, warmup: bool = True, background: bool = False, progress: bool = False):
+        ctx = multiprocessing.get_context("spawn")  # jax and fork do not mix
+        self._to_core = ctx.Queue()
+        self._from_core = ctx.Queue()
+        self._process = ctx.Process(target=_core_main, args=(factory, warmup, background, progress,
+                                                             self._to_core, self._from_core),
+                                    name="jaxinfer-core", daemon=True)
+        self._process.start()
+        self.metrics = EngineMetrics()  # the core's counters, as last reported
+        self._gauges: dict = {}
+        self._counters: dict = {}
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: list[CoreStep] = []  # steps that arrived while waiting for a reply
+        try:
+            got = self._get(START_TIMEOUT_S)
+        except RuntimeError as e:
+            self._process.kill()
+            raise RuntimeError(f"the engine core did not start: {e}") from None
+        if got is None or got[0] != "ready":
+            self._process.kill()
+            raise RuntimeError(f"the engine core did not start within {START_TIMEOUT_S:.0f} s")
+        payload = got[1]
+        self.info: CoreInfo = payload
+        self.config = payload.config
+        self.max_model_len = payload.max_model_len
+        self.eos_token_ids = payload.eos_token_ids
+        self.ban_width = payload.ban_width
+        self._closed = False
+
+    # ---- commands -----------------------------------------------------------------------------
+
+    def add_request(self, request: CoreRequest) -> None:
+        self._to_core.put(("add", request))
+
+    def abort(self, request_id: str) -> None:
+        self._to_core.put(("abort", request_id))
+
+    def finish_stop(self, request_id: str, index: int, stop_reason: str) -> None:
+        self._to_core.put(("stop", (request_id, index, stop_reason)))
+
+    def set_prefix_caching(self, enabled: bool) -> None:
+        self._call("prefix_caching", enabled)
+
+    def wait_for_warmup(self) -> None:
+        self._call("wait_for_warmup", None)
+
+    def stop_warmup(self) -> None:
+        self._call("stop_warmup", None)
+
+    def warmup(self, progress: bool = False, background: bool = False) -> int:
+        return self._call("warmup", (progress, background))
+
+    # ---- what comes back ----------------------------------------------------------------------
+
+    def step(self, wait: bool = True) -> tuple[list[CoreStep], bool]:
+        """The CoreSteps that arrived (waiting a little for the first when `wait`). Never
+        says the core is busy: the frontend has nothing else to do meanwhile."""
+        records, self._pending = self._pending, []
+        timeout = POLL_S if wait and not records else 0.0
+        while True:
+            got = self._get(timeout, block=timeout > 0)
+            if got is None:
+                return records, False
+            kind, payload = got
+            if kind == "step":
+                records.append(payload)
+                timeout = 0.0
+            elif kind == "reply":
+                self._replies.put(payload)
+
+    def has_work(self) -> bool:
+        return False  # the frontend's own requests say whether anything is left
+
+    def gauges(self) -> dict:
+        return dict(self._gauges)
+
+    def counters(self) -> dict:
+        return dict(self._counters)
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True) and not self._process.is_alive():
+            return
+        self._closed = True
+        try:
+            self._to_core.put(("shutdown", None))
+        except (ValueError, OSError):
+            pass
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+
+    def _call(self, kind: str, payload):
+        self._to_core.put((kind, payload))
+        while True:
+            try:
+                ok, value = self._replies.get_nowait()
+                break
+            except queue.Empty:
+                pass
+            got = self._get(POLL_S)
+            if got is None:
+                continue
+            k, p = got
+            if k == "reply":
+                ok, value = p
+                break
+            if k == "step":  # a step of requests still being made: keep it for step()
+                self._pending.append(p)
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def _get(self, timeout: float, block: bool = True):
+        """The next message (gauges and counters are taken in as they pass); None on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                kind, payload = self._from_core.get(block=block, timeout=min(POLL_S, max(timeout, 1e-3))
+                                                    if block else None)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    raise RuntimeError(f"the engine core process exited (code {self._process.exitcode})")
+                if not block or time.monotonic() >= deadline:
+                    return None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"the engine core failed:\n{payload}")
+            if kind == "step":
+                record, gauges, counters = payload
+                self._take_stats(gauges, counters)
+                return kind, record
+            if kind == "idle":
+                self._take_stats(*payload)
+                continue
+            return kind, payload
+
+    def _take_stats(self, gauges: dict, counters: dict) -> None:
+        self._gauges, self._counters = gauges, counters
+        self.metrics.steps = counters.get("steps", 0)
+        self.metrics.computed_tokens = counters.get("computed_tokens", 0)
+
+
+def _core_main(factory, warmup: bool, background: bool, progress: bool, commands, results) -> None:
+    """The child: build the core, then step it whenever it has work, taking in the frontend's
+    commands between steps (and waiting for them when idle)."""
+    try:
+        core = factory()
+        if warmup:
+            core.warmup(progress=progress, background=background)
+        m = core.model
+        info = CoreInfo(core.config, m.config, m.tokenizer, m.source, m.dtype, core.max_model_len,
+                        core.eos_token_ids, core.ban_width)
+        _put_checked(results, ("ready", info))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+        return
+    calls = {  # commands the frontend waits on: each gets a reply
+        "prefix_caching": core.set_prefix_caching,
+        "wait_for_warmup": lambda _: core.wait_for_warmup(),
+        "stop_warmup": lambda _: core.stop_warmup(),
+        "warmup": lambda args: core.warmup(progress=args[0], background=args[1]),
+    }
+
+    def apply(kind: str, payload) -> bool:
+        if kind == "shutdown":
+            core.stop_warmup()
+            return False
+        if kind == "add":
+            core.add_request(payload)
+        elif kind == "abort":
+            core.abort(payload)
+        elif kind == "stop":
+            core.finish_stop(*payload)
+        else:
+            try:
+                _put_checked(results, ("reply", (True, calls[kind](payload))))
+            except Exception as e:
+                results.put(("reply", (False, f"{type(e).__name__}: {e}")))
+        return True
+
+    busy = False
+    try:
+        while True:
+            if not core.has_work():
+                if busy:
+                    results.put(("idle", (core.gauges(), _counters(core))))
+                    busy = False
+                try:
+                    if not apply(*commands.get(timeout=1.0)):
+                        return
+                except queue.Empty:
+                    continue
+            while True:  # whatever else arrived, without waiting
+                try:
+                    command = commands.get_nowait()
+                except queue.Empty:
+                    break
+                if not apply(*command):
+                    return
+            if core.has_work():
+                busy = True
+                records, _ = core.step()
+                for record in records:
+                    results.put(("step", (record, core.gauges(), _counters(core))))
+    except BaseException:
+        results.put(("error", traceback.format_exc()))
+
+
+def _put_checked(q, message) -> None:
+    """Pickle on this thread first: a message that cannot be sent raises here, where the core
+    reports it, not on the queue's feeder thread, where it would be lost and leave the
+    frontend waiting. (Steps are plain arrays and skip the check.)"""
+    pickle.dumps(message)
+    q.put(message)
+
+
+def _counters(core) -> dict:
+    return {**core.counters(), "computed_tokens": core.metrics.computed_tokens}

@@ -13,6 +13,7 @@ A prompt is text, a list of token ids, or a dict with one of `prompt`,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -35,6 +36,15 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _core_for(model, dtype_name: str, tensor_parallel_size: int, config: EngineConfig, progress: bool):
+    """The engine core a core process builds: it loads the model itself."""
+    from jaxinfer.engine.engine_core import EngineCore
+
+    mesh = make_mesh(tensor=tensor_parallel_size)
+    loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress)
+    return EngineCore(loaded, mesh, config)
+
+
 def default_dtype_name() -> str:
     """bfloat16 on accelerators; float32 on the CPU, where bf16 matmuls are slow."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -43,18 +53,28 @@ def default_dtype_name() -> str:
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str | None = None,
                  tensor_parallel_size: int = 1, warmup: bool = True, warmup_in_background: bool = True,
-                 progress: bool = True, **engine_config):
+                 progress: bool = True, core_process: bool = False, **engine_config):
         """Load `model` (GGUF file, HF directory or jaxinfer checkpoint; None: the default
         model) and start an engine. Extra keywords are EngineConfig fields
         (max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, ...).
 
         Warm-up makes the step shapes a first request needs before returning; with
         `warmup_in_background` the others are made on a thread meanwhile (a step that
-        needs one sooner waits for it), else before returning too."""
+        needs one sooner waits for it), else before returning too.
+
+        With `core_process` the engine core (scheduler, device, weights) runs in a child
+        process of its own, and this process keeps input and output processing: streaming
+        many requests then never slows the step loop (jaxinfer/engine/core_process.py)."""
         dtype_name = dtype or default_dtype_name()
         if dtype_name not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
         config = EngineConfig(**engine_config)  # a bad setting is named before the model loads
+        if core_process:
+            factory = functools.partial(_core_for, model, dtype_name, tensor_parallel_size, config, progress)
+            self.engine = Engine.with_core_process(factory, warmup=warmup, background=warmup_in_background,
+                                                   progress=progress)
+            self.model, self.tokenizer, self._ids = self.engine.model, self.engine.tokenizer, itertools.count()
+            return
         mesh = make_mesh(tensor=tensor_parallel_size)
         started = time.monotonic()
         loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress)
@@ -86,6 +106,10 @@ class LLM:
     @property
     def config(self):
         return self.model.config
+
+    def close(self) -> None:
+        """Stop the engine core's process, if it has one."""
+        self.engine.close()
 
     # ---- prompts ------------------------------------------------------------------------------
 

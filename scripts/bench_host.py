@@ -9,6 +9,11 @@ are running and prefilled before the clock starts.
     python scripts/bench_host.py                      # 1, 64 and 256 running sequences
     python scripts/bench_host.py --running 64 --steps 500 --profile
     python scripts/bench_host.py --stream-interval 8   # streamed outputs every 8 tokens
+    python scripts/bench_host.py --core-process        # the engine core in its own process
+
+With --core-process the core steps in a child process as fast as it can; its µs per
+step come from the read-back times of consecutive steps, and the frontend (this
+process) turns them into outputs on its own core, behind.
 
 The tokenizer is the default model's (a 49k BPE vocabulary, fetched once) when it is
 available, else the tests' byte tokenizer.
@@ -77,17 +82,31 @@ def tokenizer():
         return byte_tokenizer(), f"byte tokenizer (default model unavailable: {e})"
 
 
-def engine_for(running: int, tok, stream_interval: int = 1):
+def instant_core(running: int, tok, stream_interval: int = 1):
+    """An EngineCore for `running` sequences over the tiny model, with the instant device
+    standing in for the runner: the factory of a core process (module-level: it pickles)."""
+    from jaxinfer.engine.engine_core import EngineCore
+    from jaxinfer.sharding import make_mesh
+
+    model, config = _model_and_config(running, tok, stream_interval)
+    core = EngineCore(model, make_mesh(), config)
+    core.runner = InstantDevice(tok.vocab_size, _max_logprobs())
+    return core
+
+
+def _max_logprobs() -> int:
+    from jaxinfer.core.sampling_params import MAX_LOGPROBS
+    return MAX_LOGPROBS
+
+
+def _model_and_config(running: int, tok, stream_interval: int):
     import jax.numpy as jnp
 
     from checkpoints import loader
-    from jaxinfer.core.sampling_params import MAX_LOGPROBS
     from jaxinfer.core.config import EngineConfig
-    from jaxinfer.engine.engine import Engine
     from jaxinfer.sharding import make_mesh
 
-    mesh = make_mesh()
-    model = loader.load(ROOT / "tests" / "data" / "hf_tiny" / "llama_gqa", dtype=jnp.float32, mesh=mesh,
+    model = loader.load(ROOT / "tests" / "data" / "hf_tiny" / "llama_gqa", dtype=jnp.float32, mesh=make_mesh(),
                         progress=False)
     # The tiny model's context is short; the bench runs long sequences.
     model = dataclasses.replace(model, tokenizer=tok,
@@ -96,18 +115,22 @@ def engine_for(running: int, tok, stream_interval: int = 1):
     config = EngineConfig(max_num_seqs=max(running, 2), max_num_batched_tokens=max(512, running),
                           max_model_len=MAX_MODEL_LEN, num_pages=pages, enable_prefix_caching=True,
                           stream_interval=stream_interval)
-    engine = Engine(model, mesh, config)
-    engine.runner = InstantDevice(tok.vocab_size, MAX_LOGPROBS)
+    return model, config
+
+
+def engine_for(running: int, tok, stream_interval: int = 1):
+    from jaxinfer.engine.engine import Engine
+    from jaxinfer.sharding import make_mesh
+
+    model, config = _model_and_config(running, tok, stream_interval)
+    engine = Engine(model, make_mesh(), config)
+    engine.runner = InstantDevice(tok.vocab_size, _max_logprobs())
     return engine
 
 
-def measure(running: int, steps: int, tok, profile: bool, step_thread_only: bool = False,
-            repeats: int = 3, stream_interval: int = 1) -> dict:
+def _add_requests(engine, running: int) -> None:
     from jaxinfer.core.sampling_params import SamplingParams
 
-    engine = engine_for(running, tok, stream_interval)
-    if step_thread_only:  # the output processor gets nothing: only the step thread's own work is timed
-        engine.outputs.submit = lambda record: None
     rng = np.random.default_rng(1)
     for i in range(running):
         sampled = i % 2 == 1  # half greedy, half sampled with top-p and a seed
@@ -116,6 +139,58 @@ def measure(running: int, steps: int, tok, profile: bool, step_thread_only: bool
                                 stop=["\n\n\n\n"] if i % 4 == 0 else None)
         prompt = rng.integers(100, engine.vocab_size, PROMPT_TOKENS).tolist()  # the tiny model's vocabulary
         engine.add_request(f"r{i}", prompt, params, stream=True)
+
+
+def measure_core_process(running: int, steps: int, tok, repeats: int = 3, stream_interval: int = 1,
+                         core_only: bool = False) -> dict:
+    """The core in its own process, stepping as fast as it can: its µs per step from the
+    read-back times of consecutive steps, and the frontend's time to turn `steps` of them
+    into outputs."""
+    import functools
+
+    from jaxinfer.engine.engine import Engine
+
+    engine = Engine.with_core_process(functools.partial(instant_core, running, tok, stream_interval), warmup=False)
+    try:
+        runs = []
+        for r in range(repeats):
+            if r == 0 or len(engine.requests) < running:
+                for rid in list(engine.requests):
+                    engine.abort(rid)
+                engine.drain()
+                _add_requests(engine, running)
+                while any(s.first_token_time is None for s in engine.requests.values()):
+                    engine.step()
+            times, cpu_before = [], engine.outputs.cpu_seconds
+            t = time.perf_counter()
+            original = engine.outputs.submit
+
+            def submit(record, original=original):
+                if hasattr(record, "seq_ids"):
+                    times.append(record.time)
+                if not core_only:
+                    original(record)
+            engine.outputs.submit = submit
+            while len(times) < steps:
+                engine.step()
+            engine.outputs.wait()
+            took = time.perf_counter() - t
+            engine.outputs.submit = original
+            core_us = (times[steps - 1] - times[0]) / (steps - 1) * 1e6
+            runs.append({"step_us": core_us, "step_cpu_us": float("nan"),
+                         "output_cpu_us": (engine.outputs.cpu_seconds - cpu_before) / len(times) * 1e6,
+                         "all_us": took / len(times) * 1e6})
+        return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    finally:
+        engine.close()
+
+
+def measure(running: int, steps: int, tok, profile: bool, step_thread_only: bool = False,
+            repeats: int = 3, stream_interval: int = 1) -> dict:
+    engine = engine_for(running, tok, stream_interval)
+    if step_thread_only:  # the output processor gets nothing: only the step thread's own work is timed
+        engine.outputs.submit = lambda record: None
+    _add_requests(engine, running)
     while engine.scheduler.waiting or any(s.remaining > 1 for s in engine.scheduler.running):
         engine.step()  # admit and prefill everyone
     for _ in range(5):
@@ -158,6 +233,9 @@ def main() -> None:
     p.add_argument("--stream-interval", type=int, default=1, help="EngineConfig.stream_interval")
     p.add_argument("--step-thread-only", action="store_true",
                    help="hand the output processor nothing: time the step thread's work alone")
+    p.add_argument("--core-process", action="store_true",
+                   help="the engine core in its own process (Engine.with_core_process): the core's µs per step "
+                        "and the frontend's time per step's outputs")
     args = p.parse_args()
     tok, tok_name = tokenizer()
     print(f"# python scripts/bench_host.py {' '.join(sys.argv[1:])}".rstrip())
@@ -167,8 +245,16 @@ def main() -> None:
           "| both, wall, outputs drained | goal (issue 11) |")
     print("|---:|---:|---:|---:|---:|---:|")
     goals = {64: "≤ 300", 256: "≤ 1,000"}
+    if args.core_process:
+        print("(core process: 'step thread' is the core's own loop in its process, from its read-back times; "
+              "'both' is the frontend's wall time per step's outputs, the core running ahead)")
     for running in args.running:
-        r = measure(running, args.steps, tok, args.profile, args.step_thread_only, args.repeats, args.stream_interval)
+        if args.core_process:
+            r = measure_core_process(running, args.steps, tok, args.repeats, args.stream_interval,
+                                     core_only=args.step_thread_only)
+        else:
+            r = measure(running, args.steps, tok, args.profile, args.step_thread_only, args.repeats,
+                        args.stream_interval)
         print(f"| {running} | {r['step_us']:,.0f} | {r['step_cpu_us']:,.0f} | {r['output_cpu_us']:,.0f} "
               f"| {r['all_us']:,.0f} | {goals.get(running, '')} |", flush=True)
 

@@ -91,3 +91,47 @@ def test_aborts_and_bad_requests_leave_the_others_whole(local, remote):
 def test_a_core_that_cannot_start_is_named():
     with pytest.raises(RuntimeError, match="did not start|core failed"):
         Engine.with_core_process(functools.partial(tiny_core, "/nonexistent"))
+
+
+def test_a_core_step_crosses_as_bytes_unchanged():
+    from jaxinfer.engine.engine_core import CoreStep
+
+    rng = np.random.default_rng(3)
+    k = 5
+    plain = CoreStep(np.arange(k, dtype=np.int64) * 7, rng.integers(0, 100, k).astype(np.int32),
+                     rng.standard_normal(k).astype(np.float32), np.array([0, 1, 0, 0, 1], bool), {7: ("stop", 3)},
+                     None, None, [], [("r1", 1.5, 16)], [14], 123.25)
+    top = CoreStep(plain.seq_ids, plain.tokens, plain.logprobs, np.zeros(k, bool), {},
+                   rng.integers(0, 9, (k, 3)).astype(np.int32), rng.standard_normal((k, 3)).astype(np.float32),
+                   [("r2", 4, np.array([-1.0, -2.0], np.float32), None, None)], [], [], 9.0)
+    bare = CoreStep(plain.seq_ids[:0], plain.tokens[:0], plain.logprobs[:0], plain.finished[:0], {}, None, None,
+                    [], [], [], 1.0)
+    for step in (plain, top, bare):
+        back = CoreStep.decode(step.encode())
+        for name in ("seq_ids", "tokens", "logprobs", "finished", "top_ids", "top_logprobs"):
+            a, b = getattr(step, name), getattr(back, name)
+            assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), name
+        assert (back.finish, back.scheduled, back.preempted, back.time) == \
+               (step.finish, step.scheduled, step.preempted, step.time)
+        assert [(r, f, list(lp)) for r, f, lp, *_ in back.prompt_scores] == \
+               [(r, f, list(lp)) for r, f, lp, *_ in step.prompt_scores]
+
+
+def test_llm_with_a_core_process_generates_what_the_in_process_llm_does(data_dir, local):
+    from engine_fixtures import SMALL
+    from jaxinfer.llm import LLM
+
+    prompts = random_prompts(np.random.default_rng(5), 6, 1, 40)
+    params = SamplingParams(max_tokens=12, temperature=0.7, seed=11, ignore_eos=True)
+    llm = LLM(str(data_dir / "hf_tiny" / "llama_gqa"), dtype="float32", core_process=True, progress=False,
+              **{**SMALL, "num_pages": 400})
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.close()
+    expected = []
+    for p in prompts:
+        local.add_request(f"x{len(expected)}", p, params)
+        while local.has_unfinished():
+            expected += [o.outputs[0].token_ids for o in local.step() if o.finished]
+    assert got == expected

@@ -22,6 +22,8 @@ import dataclasses
 import multiprocessing
 import pickle
 import queue
+import struct
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -53,11 +55,12 @@ class CoreProcessClient:
     def __init__(self, factory: Callable, *, warmup: bool = True, background: bool = False, progress: bool = False):
         ctx = multiprocessing.get_context("spawn")  # jax and fork do not mix
         self._to_core = ctx.Queue()
-        self._from_core = ctx.Queue()
+        self._from_core, writer = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_core_main, args=(factory, warmup, background, progress,
-                                                             self._to_core, self._from_core),
+                                                             self._to_core, writer),
                                     name="jaxinfer-core", daemon=True)
         self._process.start()
+        writer.close()  # the child's end
         self.metrics = EngineMetrics()  # the core's counters, as last reported
         self._gauges: dict = {}
         self._counters: dict = {}
@@ -167,21 +170,24 @@ class CoreProcessClient:
         """The next message (gauges and counters are taken in as they pass); None on timeout."""
         deadline = time.monotonic() + timeout
         while True:
+            wait = min(POLL_S, max(deadline - time.monotonic(), 0.0)) if block else 0.0
             try:
-                kind, payload = self._from_core.get(block=block, timeout=min(POLL_S, max(timeout, 1e-3))
-                                                    if block else None)
-            except queue.Empty:
+                ready = self._from_core.poll(wait)
+                data = self._from_core.recv_bytes() if ready else None
+            except (EOFError, OSError):
+                data, ready = None, False
+            if not ready:
                 if not self._process.is_alive():
                     raise RuntimeError(f"the engine core process exited (code {self._process.exitcode})")
                 if not block or time.monotonic() >= deadline:
                     return None
                 continue
+            if data[:1] == b"S":
+                self._take_stats(*_unpack_stats(data))
+                return "step", CoreStep.decode(memoryview(data)[1 + _STATS.size:])
+            kind, payload = pickle.loads(memoryview(data)[1:])
             if kind == "error":
                 raise RuntimeError(f"the engine core failed:\n{payload}")
-            if kind == "step":
-                record, gauges, counters = payload
-                self._take_stats(gauges, counters)
-                return kind, record
             if kind == "idle":
                 self._take_stats(*payload)
                 continue
@@ -193,9 +199,17 @@ class CoreProcessClient:
         self.metrics.computed_tokens = counters.get("computed_tokens", 0)
 
 
-def _core_main(factory, warmup: bool, background: bool, progress: bool, commands, results) -> None:
+def _core_main(factory, warmup: bool, background: bool, progress: bool, commands, writer) -> None:
     """The child: build the core, then step it whenever it has work, taking in the frontend's
     commands between steps (and waiting for them when idle)."""
+    results = _Sender(writer)
+    try:
+        _serve(factory, warmup, background, progress, commands, results)
+    finally:
+        results.close()  # what is sent gets there before the process ends
+
+
+def _serve(factory, warmup: bool, background: bool, progress: bool, commands, results: _Sender) -> None:
     try:
         core = factory()
         if warmup:
@@ -203,7 +217,7 @@ def _core_main(factory, warmup: bool, background: bool, progress: bool, commands
         m = core.model
         info = CoreInfo(core.config, m.config, m.tokenizer, m.source, m.dtype, core.max_model_len,
                         core.eos_token_ids, core.ban_width)
-        _put_checked(results, ("ready", info))
+        results.put(("ready", info))
     except BaseException:
         results.put(("error", traceback.format_exc()))
         return
@@ -226,7 +240,7 @@ def _core_main(factory, warmup: bool, background: bool, progress: bool, commands
             core.finish_stop(*payload)
         else:
             try:
-                _put_checked(results, ("reply", (True, calls[kind](payload))))
+                results.put(("reply", (True, calls[kind](payload))))
             except Exception as e:
                 results.put(("reply", (False, f"{type(e).__name__}: {e}")))
         return True
@@ -254,17 +268,55 @@ def _core_main(factory, warmup: bool, background: bool, progress: bool, commands
                 busy = True
                 records, _ = core.step()
                 for record in records:
-                    results.put(("step", (record, core.gauges(), _counters(core))))
+                    results.put_step(record, core)
     except BaseException:
         results.put(("error", traceback.format_exc()))
 
 
-def _put_checked(q, message) -> None:
-    """Pickle on this thread first: a message that cannot be sent raises here, where the core
-    reports it, not on the queue's feeder thread, where it would be lost and leave the
-    frontend waiting. (Steps are plain arrays and skip the check.)"""
-    pickle.dumps(message)
-    q.put(message)
+class _Sender:
+    """Messages to the frontend: pickled on the caller's thread (a message that cannot be sent
+    raises there, where the core reports it), written by a thread of their own, so the step
+    loop never waits on a full pipe and spends no time in writes."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._write, name="jaxinfer-core-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, message) -> None:
+        self.queue.put(b"P" + pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def put_step(self, record: CoreStep, core) -> None:
+        """A step, encoded (CoreStep.encode), with the core's gauges and counters."""
+        g, c = core.gauges(), core.counters()
+        stats = _STATS.pack(g["running"], g["waiting"], g["kv_usage"], g["kv_pages"], g["prefix_cache_hit_rate"],
+                            g["preemptions"], c["prefix_cache_queried_tokens"], c["prefix_cache_hit_tokens"],
+                            c["steps"], c["compilations"], core.metrics.computed_tokens)
+        self.queue.put(b"S" + stats + record.encode())
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    def _write(self) -> None:
+        while (data := self.queue.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:  # the frontend is gone
+                return
+
+
+_STATS = struct.Struct("<qqdqdqqqqqq")
+
+
+def _unpack_stats(data) -> tuple[dict, dict]:
+    (running, waiting, kv_usage, kv_pages, hit_rate, preemptions, queried, hits, steps, compilations,
+     computed) = _STATS.unpack_from(data, 1)
+    return ({"running": running, "waiting": waiting, "kv_usage": kv_usage, "kv_pages": kv_pages,
+             "prefix_cache_hit_rate": hit_rate, "preemptions": preemptions},
+            {"prefix_cache_queried_tokens": queried, "prefix_cache_hit_tokens": hits, "steps": steps,
+             "compilations": compilations, "computed_tokens": computed})
 
 
 def _counters(core) -> dict:

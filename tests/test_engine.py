@@ -2,8 +2,10 @@
 aborts and seeded sampling never change a request's output; nothing compiles
 after warm-up; bad requests are refused without disturbing the rest."""
 
+import logging
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -103,7 +105,7 @@ def test_a_small_kv_pool_preempts_yet_every_output_is_unchanged_and_every_page_c
     assert not small.engine.requests
 
 
-def test_nothing_compiles_after_warm_up_across_a_randomized_workload(llm):
+def test_nothing_compiles_after_warm_up_across_a_randomized_workload(llm, caplog):
     rng = np.random.default_rng(4)
     before = compilations.count()
     prompts = random_prompts(rng, 40, 1, 100)
@@ -120,9 +122,11 @@ def test_nothing_compiles_after_warm_up_across_a_randomized_workload(llm):
             logprobs=int(rng.integers(0, 5)) if kind == 4 else None,
             prompt_logprobs=int(rng.integers(0, 3)) if kind == 5 else None,
             stop=["ab"] if kind == 0 else None, stop_token_ids=[5, 6]))
-    outputs, _ = run_arriving(llm, prompts, params, rng, abort_prob=0.02)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        outputs, _ = run_arriving(llm, prompts, params, rng, abort_prob=0.02)
     assert len(outputs) > 30
-    assert compilations.count() == before
+    compiled = [r.getMessage()[:200] for r in caplog.records if "ompil" in r.getMessage()]
+    assert compilations.count() == before, compiled  # names what compiled, if anything did
 
 
 def test_bad_requests_are_refused_by_name_and_the_others_keep_running(llm):

@@ -108,6 +108,7 @@ class StepUpdate:
     """What `update` did with one step's samples: per accepted sample (arrays of [k])."""
 
     seqs: np.ndarray  # object: the Sequence
+    seq_ids: np.ndarray  # int64: each Sequence's id for the frontend
     tokens: np.ndarray
     sample_rows: np.ndarray  # batch logits row it was sampled at
     finished: np.ndarray  # bool: this token finished the sequence (stop id or length)
@@ -375,7 +376,7 @@ class Scheduler:
                 self.finish(seq, "stop", None if eos else token)
             else:
                 self.finish(seq, "length")
-        return StepUpdate(seqs, new, at, done)
+        return StepUpdate(seqs, t.seq_ids[rows], new, at, done)
 
     # ---- admission and prefill ----------------------------------------------------------------
 

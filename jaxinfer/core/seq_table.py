@@ -55,6 +55,7 @@ class SeqTable:
         self.num_parents = 0  # rows with target_cut set
         self.occupancy = np.full(capacity, -1, np.int64)
         self.seqs = np.empty(capacity, object)  # the Sequence in each row, None if free
+        self.seq_ids = np.full(capacity, -1, np.int64)  # its id for the frontend (Request.first_seq_id + index)
         self._free = list(range(capacity - 1, -1, -1))
         self._occupants = itertools.count()
 
@@ -89,6 +90,7 @@ class SeqTable:
                               1 if params.logprobs else 0, row)
         self.occupancy[row] = next(self._occupants)
         self.seqs[row] = seq
+        self.seq_ids[row] = seq.request.first_seq_id + seq.index
         return row
 
     def release(self, row: int) -> None:
@@ -113,6 +115,7 @@ class SeqTable:
         self.int_cols[row, SI["feed_slot"]] = row
         self.occupancy[row] = next(self._occupants)
         self.seqs[row] = seq
+        self.seq_ids[row] = seq.request.first_seq_id + seq.index
         return row
 
     def clear_cut(self, row: int) -> None:

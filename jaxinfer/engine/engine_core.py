@@ -273,11 +273,10 @@ class EngineCore:
         now = time.monotonic()
         s = self.scheduler
         u = s.update(inflight.step, tokens)
-        seqs: list[Sequence] = u.seqs.tolist()
-        seq_ids = np.fromiter((q.request.first_seq_id + q.index for q in seqs), np.int64, len(seqs))
+        seq_ids = u.seq_ids
         finish = {}
         for i in np.flatnonzero(u.finished).tolist():
-            seq = seqs[i]
+            seq: Sequence = u.seqs[i]
             finish[int(seq_ids[i])] = (seq.finish_reason, seq.stop_reason)
             self._retire_if_done(seq.request)
         rows = u.sample_rows

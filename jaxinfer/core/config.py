@@ -24,7 +24,7 @@ class EngineConfig:
     block_q: int = 64  # prefill query block
     enable_prefix_caching: bool = True
     prompt_logprob_rows: int = 32  # logits rows per step for prompt logprobs
-    # Compiled step sizes; empty: powers of two (decode rows) and block_q * 4^k (prefill tokens).
+    # Step sizes; empty: powers of two (decode rows) and block_q * 4^k (prefill tokens).
     decode_sizes: tuple[int, ...] = ()
     prefill_sizes: tuple[int, ...] = ()
     attention: str | None = None  # one of ATTENTION_IMPLEMENTATIONS; None: the process default
@@ -83,9 +83,8 @@ class EngineConfig:
         return -(-self.max_num_batched_tokens // self.block_q) * self.block_q
 
     def decode_buckets(self) -> list[int]:
-        # Never one row: XLA compiles a one-row matmul as a matrix-vector product (split-K partial
-        # sums, then a reduction), and on an H200 the Llama-3-8B decode step took 5.6 ms that
-        # way against 4.4 ms with two rows. A size of 1 is served by 2.
+        # Never one row: a one-row step runs much slower than a two-row one (measured for
+        # issue 11, see docs/benchmarks.md), so a size of 1 is served by 2.
         if self.decode_sizes:
             return sorted({max(MIN_DECODE_ROWS, d) for d in self.decode_sizes})
         out, d, top = [], MIN_DECODE_ROWS, next_bucket(self.max_num_seqs, MIN_DECODE_ROWS)
@@ -106,7 +105,7 @@ class EngineConfig:
 
     def mixed_decode_buckets(self) -> list[int]:
         """Decode rows of a step that also prefills: the fewest or the most. Such a step is
-        dominated by its prefill, so two sizes suffice, and the compiled shapes stay few."""
+        dominated by its prefill, so two sizes suffice, and the step shapes stay few."""
         buckets = self.decode_buckets()
         return sorted({buckets[0], buckets[-1]})
 

@@ -21,13 +21,13 @@ MAX_STOP_TOKEN_IDS = 64
 # Temperatures below this sample greedily (as in vLLM): dividing logits by them
 # overflows float32.
 GREEDY_TEMPERATURE = 1e-5
-# Sampling computes in float32: logits / temperature and logits * or / the repetition
-# penalty must stay finite, and the values themselves must survive the cast (1e308 does
+# Sampling works in single precision: logits / temperature and logits * or / the repetition
+# penalty must stay finite, and the values themselves must fit single precision (1e308 does
 # not). Past these bounds sampling is uniform (temperature) or the penalty is total
 # anyway, so nothing a user could want is refused.
 MAX_TEMPERATURE = 1e4
 REPETITION_PENALTY_RANGE = (1e-4, 1e4)
-MAX_TOP_K = 2**31 - 1  # fits a step's int32 columns
+MAX_TOP_K = 2**31 - 1  # the largest signed 32-bit integer, what a step's columns hold
 _U64 = 2**64 - 1
 
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from jaxinfer.core.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
-# Sampling settings per sequence, in the layout of a step's logits rows (a step's inputs take
-# them as they are): a decode row is its sequence's row with `position` filled in.
+# Sampling settings per sequence, in the layout of a step's logits rows (a step packs them
+# as they are): a decode row is its sequence's row with `position` filled in.
 FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 # feed_slot: the slot the row's sampled token is kept in for the next step to feed (the
 # sequence's row here; -1: not kept, as for prompt-scoring rows).

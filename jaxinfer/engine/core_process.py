@@ -60,6 +60,7 @@ class CoreProcessClient:
                                                              self._to_core, writer),
                                     name="jaxinfer-core", daemon=True)
         self._process.start()
+        self._closed = False
         writer.close()  # the child's end
         self.metrics = EngineMetrics()  # the core's counters, as last reported
         self._gauges: dict = {}
@@ -80,7 +81,6 @@ class CoreProcessClient:
         self.max_model_len = payload.max_model_len
         self.eos_token_ids = payload.eos_token_ids
         self.ban_width = payload.ban_width
-        self._closed = False
 
     # ---- commands -----------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class CoreProcessClient:
         return dict(self._counters)
 
     def close(self) -> None:
-        if getattr(self, "_closed", True) and not self._process.is_alive():
+        if self._closed:
             return
         self._closed = True
         try:
@@ -182,21 +182,17 @@ class CoreProcessClient:
                 if not block or time.monotonic() >= deadline:
                     return None
                 continue
-            if data[:1] == b"S":
-                self._take_stats(*_unpack_stats(data))
+            tag = data[:1]
+            if tag in (b"S", b"I"):  # a step, or the core going idle: both bring its stats
+                self._gauges, self._counters, self.metrics.computed_tokens = _unpack_stats(data)
+                self.metrics.steps = self._counters["steps"]
+                if tag == b"I":
+                    continue
                 return "step", CoreStep.decode(memoryview(data)[1 + _STATS.size:])
             kind, payload = pickle.loads(memoryview(data)[1:])
             if kind == "error":
                 raise RuntimeError(f"the engine core failed:\n{payload}")
-            if kind == "idle":
-                self._take_stats(*payload)
-                continue
             return kind, payload
-
-    def _take_stats(self, gauges: dict, counters: dict) -> None:
-        self._gauges, self._counters = gauges, counters
-        self.metrics.steps = counters.get("steps", 0)
-        self.metrics.computed_tokens = counters.get("computed_tokens", 0)
 
 
 def _core_main(factory, warmup: bool, background: bool, progress: bool, commands, writer) -> None:
@@ -250,7 +246,7 @@ def _serve(factory, warmup: bool, background: bool, progress: bool, commands, re
         while True:
             if not core.has_work():
                 if busy:
-                    results.put(("idle", (core.gauges(), _counters(core))))
+                    results.put_idle(core)
                     busy = False
                 try:
                     if not apply(*commands.get(timeout=1.0)):
@@ -289,11 +285,11 @@ class _Sender:
 
     def put_step(self, record: CoreStep, core) -> None:
         """A step, encoded (CoreStep.encode), with the core's gauges and counters."""
-        g, c = core.gauges(), core.counters()
-        stats = _STATS.pack(g["running"], g["waiting"], g["kv_usage"], g["kv_pages"], g["prefix_cache_hit_rate"],
-                            g["preemptions"], c["prefix_cache_queried_tokens"], c["prefix_cache_hit_tokens"],
-                            c["steps"], c["compilations"], core.metrics.computed_tokens)
-        self.queue.put(b"S" + stats + record.encode())
+        self.queue.put(b"S" + _pack_stats(core) + record.encode())
+
+    def put_idle(self, core) -> None:
+        """The core has nothing left to do: its gauges and counters as they end."""
+        self.queue.put(b"I" + _pack_stats(core))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -310,14 +306,18 @@ class _Sender:
 _STATS = struct.Struct("<qqdqdqqqqqq")
 
 
-def _unpack_stats(data) -> tuple[dict, dict]:
+def _pack_stats(core) -> bytes:
+    g, c = core.gauges(), core.counters()
+    return _STATS.pack(g["running"], g["waiting"], g["kv_usage"], g["kv_pages"], g["prefix_cache_hit_rate"],
+                       g["preemptions"], c["prefix_cache_queried_tokens"], c["prefix_cache_hit_tokens"], c["steps"],
+                       c["compilations"], core.metrics.computed_tokens)
+
+
+def _unpack_stats(data) -> tuple[dict, dict, int]:
+    """(gauges, counters, computed tokens), as EngineCore.gauges() and counters() gave them."""
     (running, waiting, kv_usage, kv_pages, hit_rate, preemptions, queried, hits, steps, compilations,
      computed) = _STATS.unpack_from(data, 1)
     return ({"running": running, "waiting": waiting, "kv_usage": kv_usage, "kv_pages": kv_pages,
              "prefix_cache_hit_rate": hit_rate, "preemptions": preemptions},
             {"prefix_cache_queried_tokens": queried, "prefix_cache_hit_tokens": hits, "steps": steps,
-             "compilations": compilations, "computed_tokens": computed})
-
-
-def _counters(core) -> dict:
-    return {**core.counters(), "computed_tokens": core.metrics.computed_tokens}
+             "compilations": compilations}, computed)

@@ -63,7 +63,7 @@ class Engine:
         self.input_processor = InputProcessor.for_engine(self)  # encodes and checks every prompt
         self.requests: dict[str, RequestState] = {}  # until their final output is made
         self._arrivals = itertools.count()
-        self._seq_ids = itertools.count()
+        self._next_seq_id = 0  # a request's n sequences take the next n ids
         self.outputs = OutputProcessor(self.tokenizer, self.requests, self.metrics,
                                        stream_interval=self.config.stream_interval)
 
@@ -103,9 +103,7 @@ class Engine:
             self.metrics.rejected += 1
             raise
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        first_seq_id = next(self._seq_ids)
-        for _ in range(params.n - 1):
-            next(self._seq_ids)
+        first_seq_id, self._next_seq_id = self._next_seq_id, self._next_seq_id + params.n
         state = RequestState(request_id, prompt, ids, params, stream, arrival_time, first_seq_id)
         self.outputs.add(state)
         self.core.add_request(CoreRequest(request_id, ids, params, self.eos_token_ids, max_tokens, first_seq_id,

@@ -109,7 +109,7 @@ class CoreStep:
             finish, top_ids, top_lps, scores, scheduled, preempted = pickle.loads(data[at:at + rare])
         else:
             finish, top_ids, top_lps, scores, scheduled, preempted = {}, None, None, [], [], []
-        return cls(*arrays[:3], arrays[3], finish, top_ids, top_lps, scores, scheduled, preempted, when)
+        return cls(*arrays, finish, top_ids, top_lps, scores, scheduled, preempted, when)
 
 
 _HEAD = struct.Struct("<idi")  # rows, time, bytes of the pickled rare parts

@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the roofline, TB/s")
     p.add_argument("--split-iters", type=int, default=20, help="back-to-back calls per timing round")
     p.add_argument("--no-split", action="store_true", help="skip the forward/sampling/host split")
+    p.add_argument("--compare-inline", action="store_true",
+                   help="time the repeats again with the step launched inline (no launch thread; GPU only)")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-jaxinfer", action="store_true", help="skip part 1 (e.g. to re-run only the peer)")
     p.add_argument("--peer-script", default=str(DEFAULT_PEER))
@@ -262,6 +264,35 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
     return step, lambda: forward()[0], sampling
 
 
+def timed_repeats(run, args, b, cfg, loaded, dtype) -> dict:
+    """args.repeats timed generate runs of args.new_tokens each: decode tok/s from the median TPOT, and more."""
+    import numpy as np
+
+    compiled = compile_count()
+    tpots, medians, ttfts, walls, spreads = [], [], [], [], []
+    for _ in range(args.repeats):
+        outs, wall = run(args.new_tokens)
+        got = {len(o.outputs[0].token_ids) for o in outs}
+        if got != {args.new_tokens}:
+            raise RuntimeError(f"outputs of {sorted(got)} tokens, expected {args.new_tokens}")
+        tp = decode_tpot(outs)
+        tpots += tp
+        medians.append(statistics.median(tp))
+        ttfts += [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
+        firsts = [o.metrics.first_token_time for o in outs]
+        spreads.append(max(firsts) - min(firsts))  # ~0: every request left prefill in the same step
+        walls.append(wall)
+    tpot = statistics.median(tpots)
+    kv_itemsize = np.dtype(dtype).itemsize
+    context = args.prompt_len + args.new_tokens / 2
+    w_bytes, kv_bytes = bytes_per_step(cfg, loaded.state, b, context, kv_itemsize)
+    return dict(tpot_ms=tpot * 1e3, tok_s=b / tpot, repeat_tpot_ms=[m * 1e3 for m in medians],
+                ttft_ms_median=statistics.median(ttfts) * 1e3, generate_wall_s=walls,
+                first_token_spread_ms=max(spreads) * 1e3, weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9,
+                roofline=(w_bytes + kv_bytes) / tpot / (args.hbm_tbps * 1e12),
+                compilations_in_timed_runs=(None if compiled is None else compile_count() - compiled))
+
+
 def run_jaxinfer(args) -> None:
     import logging
 
@@ -323,43 +354,28 @@ def run_jaxinfer(args) -> None:
                 return outs, time.perf_counter() - t
 
             run(4)  # untimed: first calls of each shape, first transfers
-            compiled = compile_count()
-            tpots, medians, ttfts, walls, spreads = [], [], [], [], []
-            for _ in range(args.repeats):
-                outs, wall = run(args.new_tokens)
-                got = {len(o.outputs[0].token_ids) for o in outs}
-                if got != {args.new_tokens}:
-                    raise RuntimeError(f"outputs of {sorted(got)} tokens, expected {args.new_tokens}")
-                tp = decode_tpot(outs)
-                tpots += tp
-                medians.append(statistics.median(tp))
-                ttfts += [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
-                firsts = [o.metrics.first_token_time for o in outs]
-                spreads.append(max(firsts) - min(firsts))  # ~0: every request left prefill in the same step
-                walls.append(wall)
-            tpot = statistics.median(tpots)
-            kv_itemsize = np.dtype(dtype).itemsize
-            context = args.prompt_len + args.new_tokens / 2
-            w_bytes, kv_bytes = bytes_per_step(cfg, loaded.state, b, context, kv_itemsize)
-            rec.update(tpot_ms=tpot * 1e3, tok_s=b / tpot, repeat_tpot_ms=[m * 1e3 for m in medians],
-                       ttft_ms_median=statistics.median(ttfts) * 1e3, generate_wall_s=walls,
-                       first_token_spread_ms=max(spreads) * 1e3,
-                       weight_GB=w_bytes / 1e9, kv_GB=kv_bytes / 1e9,
-                       roofline=(w_bytes + kv_bytes) / tpot / (args.hbm_tbps * 1e12),
-                       compilations_in_timed_runs=(None if compiled is None else compile_count() - compiled))
+            rec.update(timed_repeats(run, args, b, cfg, loaded, dtype))
             say(f"B={b}: {rec['tok_s']:,.1f} tok/s, {rec['tpot_ms']:.2f} ms/step "
                 f"(repeats {', '.join(f'{m:.2f}' for m in rec['repeat_tpot_ms'])} ms; "
                 f"compilations in timed runs: {rec['compilations_in_timed_runs']}; first tokens within "
                 f"{rec['first_token_spread_ms']:.2f} ms)")
+            if args.compare_inline and llm.engine.core.launch_thread:
+                llm.engine.core.launch_thread = False
+                inline = rec["inline"] = timed_repeats(run, args, b, cfg, loaded, dtype)
+                llm.engine.core.launch_thread = True
+                say(f"B={b}: launched inline (no launch thread): {inline['tok_s']:,.1f} tok/s, "
+                    f"{inline['tpot_ms']:.2f} ms/step")
             save()
             if not args.no_split:
+                context = args.prompt_len + args.new_tokens / 2
                 step, forward, sampling = decode_step_pieces(llm, b, int(context), args.temperature)
                 split = {}
                 for name, fn in (("step", step), ("forward", forward), ("sampling", sampling)):
                     total, dispatch = timed_per_call(fn, args.split_iters)
                     split[name + "_ms"], split[name + "_dispatch_ms"] = total * 1e3, dispatch * 1e3
                 split["host_ms"] = rec["tpot_ms"] - split["step_ms"]
-                split["forward_roofline"] = (w_bytes + kv_bytes) / (split["forward_ms"] / 1e3) / (args.hbm_tbps * 1e12)
+                split["forward_roofline"] = ((rec["weight_GB"] + rec["kv_GB"]) * 1e9 / (split["forward_ms"] / 1e3)
+                                             / (args.hbm_tbps * 1e12))
                 rec["split"] = split
                 say(f"B={b}: split " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
                 save()

@@ -105,6 +105,40 @@ def test_a_small_kv_pool_preempts_yet_every_output_is_unchanged_and_every_page_c
     assert not small.engine.requests
 
 
+def test_the_launch_thread_changes_no_output_and_a_failed_launch_raises_from_the_next_step(llm, data_dir):
+    # GPUs launch each step from a thread of its own; here on the CPU it is switched on by hand.
+    rng = np.random.default_rng(8)
+    prompts = random_prompts(rng, 20, 10, 40)
+    params = [greedy(int(rng.integers(5, 30)), **({"repetition_penalty": 1.3} if i % 3 == 0 else {}))
+              for i in range(len(prompts))]
+    params[2] = SamplingParams(max_tokens=25, temperature=0.9, seed=5, n=3, ignore_eos=True)  # page copies
+    inline = tiny_llm(data_dir, num_pages=40)  # small: preemptions too
+    assert not inline.engine.core.launch_thread
+    expected = inline.generate(prompts, params, use_tqdm=False)
+
+    threaded = tiny_llm(data_dir, num_pages=40)
+    threaded.engine.core.launch_thread = True
+    got = threaded.generate(prompts, params, use_tqdm=False)
+    assert threaded.engine.core._launcher is not None  # the steps went through it
+    assert threaded.engine.scheduler.num_preemptions > 0
+    assert [tokens(o) for o in got] == [tokens(o) for o in expected]
+
+    runner = threaded.engine.runner
+    real_step = runner.step
+
+    def failing(inputs):
+        raise RuntimeError("device lost")
+
+    threaded.engine.add_request("doomed", prompts[0], greedy(5))
+    runner.step = failing
+    try:
+        threaded.engine.step()  # launched on the thread: the failure surfaces when read back
+        with pytest.raises(RuntimeError, match="device lost"):
+            threaded.engine.step()
+    finally:
+        runner.step = real_step
+
+
 def test_nothing_compiles_after_warm_up_across_a_randomized_workload(llm, caplog):
     rng = np.random.default_rng(4)
     before = compilations.count()

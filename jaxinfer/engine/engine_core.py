@@ -5,9 +5,9 @@ that is Python-heavy.
                                                                              │
     CoreStep (plain arrays) ◀── Scheduler.update() ◀── read back ◀──────────┘
 
-The host runs one step ahead: `step()` schedules and dispatches step N, then reads step
-N-1's tokens (which blocks only until N-1 is done, while N is already queued on the
-device). Sequences in N-1 that sampled feed their new token into N straight from the
+The host runs one step ahead: `step()` schedules step N and hands it to the launch thread,
+then reads step N-1's tokens (which blocks only until N-1 is done, while N is already
+being launched). Sequences in N-1 that sampled feed their new token into N straight from the
 device; the scheduler counts it as pending. A sequence that finishes in N-1 was already
 given a slot in N: that step's token for it is dropped (its SeqTable row changed occupant).
 
@@ -19,6 +19,7 @@ when a stop string ends a sequence. The same values could cross to another proce
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -118,7 +119,7 @@ _HEAD = struct.Struct("<idi")  # rows, time, bytes of the pickled rare parts
 @dataclasses.dataclass
 class _InFlight:
     step: ScheduledStep
-    out: object  # StepOutput on the device
+    out: concurrent.futures.Future  # of the StepOutput on the device, once the launch thread issued it
     want_top: bool
 
 
@@ -156,6 +157,15 @@ class EngineCore:
         self.metrics = EngineMetrics()
         self._arrivals = itertools.count()
         self._inflight: _InFlight | None = None
+        # On a GPU the runner's device calls go out on a thread of their own, in order. Calling
+        # a compiled step there returns only once XLA has launched its few hundred kernels,
+        # which takes about as long as the device takes to run them (4 ms for the 8B shape at
+        # two rows), and the call releases the GIL meanwhile. So the step thread's read-back,
+        # scheduling and packing of the next step run during that launch, not between two
+        # launches, where the device would wait for them. The CPU and TPU clients return at
+        # once: there the thread would only add a hand-off, so the calls stay inline.
+        self.launch_thread = mesh.devices.flat[0].platform == "gpu"
+        self._launcher: concurrent.futures.ThreadPoolExecutor | None = None
         self._warming: threading.Thread | None = None
         self._stop_warming = False
         compilations.install()
@@ -241,30 +251,41 @@ class EngineCore:
 
     def step(self) -> tuple[list[CoreStep], bool]:
         """Dispatch the next step, then read back the previous one: (what the previous one
-        produced, if there was one; whether a step was dispatched)."""
+        produced, if there was one; whether a step was dispatched). With the launch thread, a
+        step whose launch failed raises when it is read back, from the next call."""
         scheduled = self.scheduler.schedule()
-        dispatched = self._dispatch(scheduled) if scheduled is not None else None
-        records = [self._read_back(self._inflight)] if self._inflight is not None else []
-        self._inflight = dispatched
-        return records, dispatched is not None
+        previous = self._inflight
+        self._inflight = self._dispatch(scheduled) if scheduled is not None else None
+        records = [self._read_back(previous)] if previous is not None else []
+        return records, self._inflight is not None
 
     def _dispatch(self, step: ScheduledStep) -> _InFlight:
-        runner = self.runner
-        if step.page_copies:
-            runner.copy_pages(step.page_copies)
-        for slot, tokens, prompt_len in step.slot_resets:
-            runner.reset_penalty_slot(slot, tokens, prompt_len)
-        out = runner.step(self.inputs(step))
+        inputs = self.inputs(step)  # packed on this thread, whichever thread launches it
+        if self.launch_thread:
+            if self._launcher is None:
+                self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-launch")
+            out = self._launcher.submit(self._launch, step.page_copies, step.slot_resets, inputs)
+        else:
+            out = concurrent.futures.Future()
+            out.set_result(self._launch(step.page_copies, step.slot_resets, inputs))
         self.metrics.steps += 1
         self.metrics.computed_tokens += step.num_tokens
         return _InFlight(step, out, bool(step.logits.want_top.any()))
+
+    def _launch(self, page_copies, slot_resets, inputs: StepInputs) -> StepOutput:
+        runner = self.runner
+        if page_copies:
+            runner.copy_pages(page_copies)
+        for slot, tokens, prompt_len in slot_resets:
+            runner.reset_penalty_slot(slot, tokens, prompt_len)
+        return runner.step(inputs)
 
     def inputs(self, step: ScheduledStep) -> StepInputs:
         """The step's inputs as one value, from the scheduler's decision alone."""
         return StepInputs.from_step(step, self.ban_width, self.config.page_size)
 
     def _read_back(self, inflight: _InFlight) -> CoreStep:
-        out = inflight.out
+        out = inflight.out.result()
         if inflight.want_top:
             packed, top_ids, top_lps = jax.device_get([out.packed, out.top_ids, out.top_logprobs])
         else:

@@ -50,7 +50,7 @@ class ScheduledItem:
     prompt_positions: range  # positions whose logits score prompt token position + 1
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # made every step: slots, not frozen (a frozen init costs µs); never changed
 class LogitsRows:
     """What each logits row of a step is for; [n] each. The first `num_decode` are the
     decode rows 0..d-1 of the batch, the rest the prefill rows from D on."""
@@ -69,7 +69,7 @@ class LogitsRows:
         return self.ints[:, SI["want_top"]] > 0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # made every step: slots, not frozen (a frozen init costs µs); never changed
 class ScheduledStep:
     """One step, decided: a value that nothing changes after `schedule()` returns."""
 
@@ -103,7 +103,7 @@ class ScheduledStep:
         return [*self.decode_seqs.tolist(), *(i.seq for i in self.prefill)]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # made every step: slots, not frozen (a frozen init costs µs); never changed
 class StepUpdate:
     """What `update` did with one step's samples: per accepted sample (arrays of [k])."""
 
@@ -134,6 +134,9 @@ class Scheduler:
         self._decode_shapes = cfg.decode_buckets()
         self._mixed_decode_shapes = cfg.mixed_decode_buckets()
         self._max_decode_rows = self._decode_shapes[-1]
+        # The decode-only shape for each number of decodes (looked up every step).
+        self._decode_shape_for = [cfg.shape(next(d for d in self._decode_shapes if d >= max(n, 1)), 0)
+                                  for n in range(self._max_decode_rows + 1)]
         self._running_rows: np.ndarray | None = None  # rows of `running`, in order (cached)
         # While a background warm-up runs: the shapes already compiled. Steps are fitted to
         # them where the work allows (shorter prefill chunks, more decode rows than needed);
@@ -232,7 +235,8 @@ class Scheduler:
                 break
 
         # Decodes preempted by a later prefill (from the back) leave the step.
-        decode = np.concatenate([decode, np.array(self._extra_decodes, np.int64)])
+        if self._extra_decodes:
+            decode = np.concatenate([decode, np.array(self._extra_decodes, np.int64)])
         decode = decode[self._in_step[decode]]
         self._in_step[:] = False
         if not len(decode) and not self._prefill:
@@ -368,7 +372,7 @@ class Scheduler:
         stop = (t.stop_ids[rows, :t.stop_cols] == new[:, None]).any(axis=1) & (n > t.min_len[rows])
         done = stop | (n >= t.max_len[rows])
         seqs = t.seqs[rows]
-        for i in np.flatnonzero(done).tolist():
+        for i in np.flatnonzero(done).tolist() if done.any() else ():
             seq, token = seqs[i], int(new[i])
             req = seq.request
             if stop[i]:
@@ -505,7 +509,7 @@ class Scheduler:
                 return min(fits, key=lambda s: (s.num_tokens, s.decode_rows))
         cfg = self.cfg
         if not self._prefill:
-            return cfg.shape(next(d for d in self._decode_shapes if d >= num_decode), 0)
+            return self._decode_shape_for[num_decode]
         decode_rows = next(d for d in self._mixed_decode_shapes if d >= num_decode)
         rows = sum(len(i.work.logit_offsets) for i in self._prefill)
         for tokens in self._prefill_shapes[1:]:

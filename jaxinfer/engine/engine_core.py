@@ -119,7 +119,7 @@ _HEAD = struct.Struct("<idi")  # rows, time, bytes of the pickled rare parts
 @dataclasses.dataclass
 class _InFlight:
     step: ScheduledStep
-    out: concurrent.futures.Future  # of the StepOutput on the device, once the launch thread issued it
+    out: StepOutput | concurrent.futures.Future  # on the device (a Future of it from the launch thread)
     want_top: bool
 
 
@@ -266,8 +266,7 @@ class EngineCore:
                 self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-launch")
             out = self._launcher.submit(self._launch, step.page_copies, step.slot_resets, inputs)
         else:
-            out = concurrent.futures.Future()
-            out.set_result(self._launch(step.page_copies, step.slot_resets, inputs))
+            out = self._launch(step.page_copies, step.slot_resets, inputs)
         self.metrics.steps += 1
         self.metrics.computed_tokens += step.num_tokens
         return _InFlight(step, out, bool(step.logits.want_top.any()))
@@ -285,7 +284,9 @@ class EngineCore:
         return StepInputs.from_step(step, self.ban_width, self.config.page_size)
 
     def _read_back(self, inflight: _InFlight) -> CoreStep:
-        out = inflight.out.result()
+        out = inflight.out
+        if isinstance(out, concurrent.futures.Future):
+            out = out.result()
         if inflight.want_top:
             packed, top_ids, top_lps = jax.device_get([out.packed, out.top_ids, out.top_logprobs])
         else:
@@ -296,7 +297,7 @@ class EngineCore:
         u = s.update(inflight.step, tokens)
         seq_ids = u.seq_ids
         finish = {}
-        for i in np.flatnonzero(u.finished).tolist():
+        for i in np.flatnonzero(u.finished).tolist() if u.finished.any() else ():
             seq: Sequence = u.seqs[i]
             finish[int(seq_ids[i])] = (seq.finish_reason, seq.stop_reason)
             self._retire_if_done(seq.request)

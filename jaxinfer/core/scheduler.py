@@ -58,7 +58,7 @@ class LogitsRows:
     floats: np.ndarray  # [n, len(FLOAT_COLUMNS)] float32 sampling settings
     ints: np.ndarray  # [n, len(STEP_INT_COLUMNS)] int32 (position, target and want_top included)
     banned: np.ndarray  # bool: ban the sequence's stop ids (min_tokens not reached)
-    stop_ids: np.ndarray  # [n, stop_width] the ids `banned` bans (only read where banned)
+    stop_ids: np.ndarray  # [n, stop_width] the ids `banned` bans (only read where banned; [0] when none is)
 
     def __len__(self) -> int:
         return len(self.ints)
@@ -367,8 +367,7 @@ class Scheduler:
         rows, at = step.sample_seq_rows[fresh], step.sample_rows[fresh]
         new = np.asarray(tokens)[at]
         t.pending[rows] -= 1
-        t.append(rows, new)
-        n = t.num_tokens[rows]
+        n = t.append(rows, new)
         stop = (t.stop_ids[rows, :t.stop_cols] == new[:, None]).any(axis=1) & (n > t.min_len[rows])
         done = stop | (n >= t.max_len[rows])
         seqs = t.seqs[rows]

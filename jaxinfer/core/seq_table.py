@@ -131,13 +131,14 @@ class SeqTable:
         self.page_table[row, :len(pages)] = pages
         self.num_pages[row] = len(pages)
 
-    def append(self, rows: np.ndarray, tokens: np.ndarray) -> None:
-        """Append one token to each of `rows` (distinct)."""
+    def append(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Append one token to each of `rows` (distinct); returns their new lengths."""
         at = self.num_tokens[rows]
         if at.size and int(at.max()) + 2 > self.token_ids.shape[1]:
             self._ensure_width(int(at.max()) + 2)  # room for the pending one after it, too
         self.token_ids[rows, at] = tokens
-        self.num_tokens[rows] = at + 1
+        self.num_tokens[rows] = n = at + 1
+        return n
 
     def _ensure_width(self, n: int) -> None:
         width = self.token_ids.shape[1]

@@ -124,7 +124,7 @@ class StepInputs:
             if hi > lo:
                 at("floats", start * len(FLOAT_COLUMNS), rows.floats[lo:hi].view(np.int32))
                 at("ints", start * len(STEP_INT_COLUMNS), rows.ints[lo:hi])
-        if rows.banned.any():
+        if len(rows.stop_ids):  # some row is banned
             banned = lay.view(buf, "banned")
             which = np.flatnonzero(rows.banned)
             batch_rows = np.where(which < d, which, which - d + D)

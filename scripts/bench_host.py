@@ -15,6 +15,11 @@ With --core-process the core steps in a child process as fast as it can; its µs
 step come from the read-back times of consecutive steps, and the frontend (this
 process) turns them into outputs on its own core, behind.
 
+This machine's speed is not steady: the same loop has measured 150 µs a step in one
+stretch and 300 in the next, often within one run. So each row also times a fixed
+reference (50 small numpy operations on 64-element arrays, about what a decode step of
+64 sequences does) just before its runs: read the step times against it.
+
 The tokenizer is the default model's (a 49k BPE vocabulary, fetched once) when it is
 available, else the tests' byte tokenizer.
 """
@@ -118,6 +123,26 @@ def _model_and_config(running: int, tok, stream_interval: int):
     return model, config
 
 
+def reference_us(rounds: int = 400) -> float:
+    """µs for a fixed batch of 50 small numpy operations (the median of `rounds`): the machine's
+    speed at the moment, for reading the step times beside it."""
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 100, (256, 8)).astype(np.int32)
+    col = rng.integers(0, 100, 256).astype(np.int32)
+    rows = np.sort(rng.choice(256, 64, replace=False))
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(10):
+            a = col[rows] + 1
+            b = table[rows]
+            col[rows] = a
+            np.flatnonzero(a > 50)
+            (b == a[:, None]).any(axis=1)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
 def engine_for(running: int, tok, stream_interval: int = 1):
     from jaxinfer.engine.engine import Engine
     from jaxinfer.sharding import make_mesh
@@ -153,14 +178,15 @@ def measure_core_process(running: int, steps: int, tok, repeats: int = 3, stream
     engine = Engine.with_core_process(functools.partial(instant_core, running, tok, stream_interval), warmup=False)
     try:
         runs = []
-        for r in range(repeats):
-            if r == 0 or len(engine.requests) < running:
-                for rid in list(engine.requests):
-                    engine.abort(rid)
-                engine.drain()
-                _add_requests(engine, running)
-                while any(s.first_token_time is None for s in engine.requests.values()):
-                    engine.step()
+        for _ in range(repeats):
+            # Fresh requests each run: the core runs ahead of the frontend, so by the end of a
+            # run it may have taken the last ones to their length already.
+            for rid in list(engine.requests):
+                engine.abort(rid)
+            engine.drain()
+            _add_requests(engine, running)
+            while any(s.first_token_time is None for s in engine.requests.values()):
+                engine.step()
             times, cpu_before = [], engine.outputs.cpu_seconds
             t = time.perf_counter()
             original = engine.outputs.submit
@@ -172,6 +198,9 @@ def measure_core_process(running: int, steps: int, tok, repeats: int = 3, stream
                     original(record)
             engine.outputs.submit = submit
             while len(times) < steps:
+                if not engine.has_unfinished():
+                    raise RuntimeError(f"the requests finished after {len(times)} of {steps} steps: "
+                                       "use fewer --steps")
                 engine.step()
             engine.outputs.wait()
             took = time.perf_counter() - t
@@ -242,13 +271,14 @@ def main() -> None:
     print(f"# decode steps against an instant device; tokenizer: {tok_name}; streamed outputs "
           f"(every {args.stream_interval} tokens)")
     print("| running sequences | step thread µs / step (wall) | its CPU | output thread CPU µs / step "
-          "| both, wall, outputs drained | goal (issue 11) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          "| both, wall, outputs drained | goal (issue 11) | reference µs |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     goals = {64: "≤ 300", 256: "≤ 1,000"}
     if args.core_process:
         print("(core process: 'step thread' is the core's own loop in its process, from its read-back times; "
               "'both' is the frontend's wall time per step's outputs, the core running ahead)")
     for running in args.running:
+        ref = reference_us()
         if args.core_process:
             r = measure_core_process(running, args.steps, tok, args.repeats, args.stream_interval,
                                      core_only=args.step_thread_only)
@@ -256,7 +286,7 @@ def main() -> None:
             r = measure(running, args.steps, tok, args.profile, args.step_thread_only, args.repeats,
                         args.stream_interval)
         print(f"| {running} | {r['step_us']:,.0f} | {r['step_cpu_us']:,.0f} | {r['output_cpu_us']:,.0f} "
-              f"| {r['all_us']:,.0f} | {goals.get(running, '')} |", flush=True)
+              f"| {r['all_us']:,.0f} | {goals.get(running, '')} | {ref:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

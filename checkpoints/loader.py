@@ -39,6 +39,7 @@ class LoadedModel:
     tokenizer: object | None  # jaxinfer.tokenizer.Tokenizer
     source: str
     dtype: Any = dataclasses.field(kw_only=True)  # the compute dtype the model was built for
+    quantization: Any = dataclasses.field(default=None, kw_only=True)  # QuantScheme of its projections, or None
 
     def __post_init__(self):
         self.dtype = np.dtype(self.dtype)
@@ -64,8 +65,18 @@ def _is_gguf(path: pathlib.Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool = True) -> LoadedModel:
+def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool = True,
+         quantization=None) -> LoadedModel:
+    """`quantization`: None (the checkpoint's float weights), or "int8", "int4" (group 128),
+    "fp8", "int4-g64-zp", ... (pallas_kernels.quantized_matmul.parse): every projection but
+    the output head is quantized on the host as it loads."""
     from jaxinfer.tokenizer import Tokenizer
+    from pallas_kernels.quantized_matmul import parse
+
+    try:
+        quantization = parse(quantization)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
     if path is None:
         from checkpoints.default_model import default_model_path
@@ -80,24 +91,27 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
             raise CheckpointError(f"{path} is a bare safetensors file: pass the directory that "
                                   "holds it together with config.json")
         if path.suffix == ".gguf" or _is_gguf(path):
-            return _load_gguf(path, dtype, mesh, progress)
+            return _load_gguf(path, dtype, mesh, progress, quantization)
         raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory")
     if orbax_io.is_checkpoint(path):
-        cfg, graphdef, state, dtype = orbax_io.restore(path, mesh, dtype)
+        cfg, graphdef, state, dtype, saved = orbax_io.restore(path, mesh, dtype)
+        if quantization is not None and quantization != saved:
+            raise CheckpointError(f"{path} holds {saved.name + ' ' if saved else 'float '}weights: load it "
+                                  f"without a quantization, or convert its source again with {quantization.name}")
         tok_dir = path / "tokenizer"
         tokenizer = Tokenizer.from_hf_dir(tok_dir) if tok_dir.is_dir() else None
-        return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype)
+        return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype, quantization=saved)
     cfg = safetensors_loader.read_config(path)
     tensors = safetensors_loader.iter_tensors(path)
     tensors = tqdm(tensors, desc="loading weights", unit=" tensors", disable=not progress)
-    graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors))
+    graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors), quantization)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     if tokenizer is None:
         log.warning("%s has no tokenizer.json: text prompts cannot be used with it", path)
-    return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype)
+    return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype, quantization=quantization)
 
 
-def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool) -> LoadedModel:
+def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool, quantization=None) -> LoadedModel:
     from checkpoints.gguf_loader import gguf_hf_tensors, gguf_model_config, open_gguf
     from jaxinfer.tokenizer import Tokenizer
 
@@ -106,5 +120,5 @@ def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool) -> LoadedM
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     tensors = tqdm(gguf_hf_tensors(gguf), desc="loading GGUF", unit=" tensors",
                    total=len(gguf.tensor_names), disable=not progress)
-    graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors))
-    return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype)
+    graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors), quantization)
+    return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype, quantization=quantization)

@@ -50,6 +50,7 @@ def save(directory: str | pathlib.Path, model) -> None:
         model.tokenizer.save(directory / "tokenizer")
     (directory / MARKER).write_text(json.dumps(
         {"format_version": FORMAT_VERSION, "dtype": str(np.dtype(model.dtype)),
+         "quantization": None if model.quantization is None else model.quantization.name,
          "config": model.config.to_dict()}, indent=1))
 
 
@@ -57,28 +58,32 @@ def is_checkpoint(directory: pathlib.Path) -> bool:
     return (directory / MARKER).is_file()
 
 
-def read_meta(directory: pathlib.Path) -> tuple[ModelConfig, str]:
+def read_meta(directory: pathlib.Path) -> tuple[ModelConfig, str, object]:
+    """(model config, compute dtype name, QuantScheme or None) of a jaxinfer checkpoint."""
+    from pallas_kernels.quantized_matmul import parse
+
     try:
         meta = json.loads((directory / MARKER).read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{directory} has format version {meta.get('format_version')}, "
                                   f"this jaxinfer reads version {FORMAT_VERSION}: convert the "
                                   "source checkpoint again with `jaxinfer convert`")
-        return config_from_dict(meta["config"]), meta["dtype"]
+        return config_from_dict(meta["config"]), meta["dtype"], parse(meta.get("quantization"))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{directory / MARKER} is malformed: {e}") from None
 
 
 def restore(directory: str | pathlib.Path, mesh: Mesh, dtype=None
-            ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, np.dtype]:
+            ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, np.dtype, object]:
     """Restore params with every array placed as the sharding rules say for `mesh`.
     dtype: the compute dtype to build the model for (None: the saved one); each array is
-    cast to its parameter's declared dtype. Returns (config, graphdef, state, compute dtype)."""
+    cast to its parameter's declared dtype. Returns (config, graphdef, state, compute dtype,
+    QuantScheme or None)."""
     directory = pathlib.Path(directory).absolute()
-    cfg, saved_dtype = read_meta(directory)
+    cfg, saved_dtype, quantization = read_meta(directory)
     dtype = np.dtype(saved_dtype if dtype is None else dtype)
-    _, saved = params_lib.abstract_model(cfg, np.dtype(saved_dtype))
-    graphdef, abstract = params_lib.abstract_model(cfg, dtype)
+    _, saved = params_lib.abstract_model(cfg, np.dtype(saved_dtype), quantization)
+    graphdef, abstract = params_lib.abstract_model(cfg, dtype, quantization)
     shardings = params_lib.param_shardings(abstract, mesh)
     flat = params_lib.flat_params(abstract)
     target = {_key(p): jax.ShapeDtypeStruct(value_of(v).shape, value_of(v).dtype, sharding=shardings[p])
@@ -95,4 +100,4 @@ def restore(directory: str | pathlib.Path, mesh: Mesh, dtype=None
         if value.dtype != declared:
             value = jax.jit(lambda x, d=declared: x.astype(d), out_shardings=shardings[p])(value)
         flat[p] = v.replace(value)
-    return cfg, graphdef, nnx.from_flat_state(flat), dtype
+    return cfg, graphdef, nnx.from_flat_state(flat), dtype, quantization

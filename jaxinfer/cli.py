@@ -26,6 +26,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         "(default: SmolLM2-135M-Instruct, downloaded once)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--quantization", "-q", default=None, metavar="METHOD",
+                   help="quantize the projections as the model loads: int8, int4 (group 128), fp8, "
+                        "or int4-g64, int4-g128-zp, ... (default: the checkpoint's own weights)")
     p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
                    help="split the model over N devices")
 
@@ -196,7 +199,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 def _load_llm(args, warmup: bool, progress: bool = True):
     from jaxinfer.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel, warmup=warmup,
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+               tensor_parallel_size=args.tensor_parallel, warmup=warmup,
                progress=progress,
                page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
@@ -389,7 +393,8 @@ def cmd_convert(args) -> int:
     from jaxinfer.sharding import make_mesh
 
     dtype = args.dtype or default_dtype_name()
-    model = loader.load(args.model, dtype=DTYPES[dtype], mesh=make_mesh(tensor=args.tensor_parallel))
+    model = loader.load(args.model, dtype=DTYPES[dtype], mesh=make_mesh(tensor=args.tensor_parallel),
+                        quantization=args.quantization)
     orbax_io.save(args.output, model)
     log.info("saved %s to %s", model.source, args.output)
     return 0

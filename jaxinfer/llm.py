@@ -30,18 +30,20 @@ from jaxinfer.errors import InputError
 from jaxinfer.engine.input_processor import ProcessedPrompt, PromptType
 from jaxinfer.engine.outputs import RequestOutput
 from jaxinfer.sharding import make_mesh
+from pallas_kernels.quantized_matmul import parse as parse_quantization
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _core_for(model, dtype_name: str, tensor_parallel_size: int, config: EngineConfig, progress: bool):
+def _core_for(model, dtype_name: str, tensor_parallel_size: int, config: EngineConfig, progress: bool,
+              quantization=None):
     """The engine core a core process builds: it loads the model itself."""
     from jaxinfer.engine.engine_core import EngineCore
 
     mesh = make_mesh(tensor=tensor_parallel_size)
-    loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress)
+    loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress, quantization=quantization)
     return EngineCore(loaded, mesh, config)
 
 
@@ -51,12 +53,16 @@ def default_dtype_name() -> str:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str | None = None,
+    def __init__(self, model: str | None = None, *, dtype: str | None = None, quantization: str | None = None,
                  tensor_parallel_size: int = 1, warmup: bool = True, warmup_in_background: bool = True,
                  progress: bool = True, core_process: bool = False, **engine_config):
         """Load `model` (GGUF file, HF directory or jaxinfer checkpoint; None: the default
         model) and start an engine. Extra keywords are EngineConfig fields
         (max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, ...).
+
+        `quantization` (vLLM's name): "int8", "int4" (group 128), "fp8", or a variant such as
+        "int4-g64" or "int4-g128-zp" (zero points): every projection but the output head is
+        quantized as the model loads, and the float weights never reach the device.
 
         Warm-up makes the step shapes a first request needs before returning; with
         `warmup_in_background` the others are made on a thread meanwhile (a step that
@@ -69,15 +75,20 @@ class LLM:
         if dtype_name not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
         config = EngineConfig(**engine_config)  # a bad setting is named before the model loads
+        try:
+            quantization = parse_quantization(quantization)
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if core_process:
-            factory = functools.partial(_core_for, model, dtype_name, tensor_parallel_size, config, progress)
+            factory = functools.partial(_core_for, model, dtype_name, tensor_parallel_size, config, progress,
+                                        quantization)
             self.engine = Engine.with_core_process(factory, warmup=warmup, background=warmup_in_background,
                                                    progress=progress)
             self.model, self.tokenizer, self._ids = self.engine.model, self.engine.tokenizer, itertools.count()
             return
         mesh = make_mesh(tensor=tensor_parallel_size)
         started = time.monotonic()
-        loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress)
+        loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress, quantization=quantization)
         log.info("start-up: loaded %s in %.1f s", loaded.source, time.monotonic() - started)
         self._init(loaded, mesh, config, warmup, progress, warmup_in_background)
 

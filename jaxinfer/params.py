@@ -21,17 +21,23 @@ from jax.sharding import Mesh, NamedSharding
 from jaxinfer import sharding
 from jaxinfer.errors import CheckpointError
 from jaxinfer.layers import param as param_lib
+from jaxinfer.layers.linear import quantize_model
 from jaxinfer.layers.param import initial_value
 from jaxinfer.models import ModelConfig, family
+from pallas_kernels.quantized_matmul import QuantScheme, quantize
 
 log = logging.getLogger(__name__)
 
 
-def abstract_model(cfg: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: ModelConfig, dtype, quantization: QuantScheme | None = None
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStructs) without allocating anything. `dtype` is the
-    compute dtype; each parameter's own dtype is what its declaration says."""
+    compute dtype; each parameter's own dtype is what its declaration says. With
+    `quantization`, the projections are QuantizedLinear (layers/linear.py)."""
     with param_lib.abstract():
         model = family(cfg).Model(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+        if quantization is not None:
+            quantize_model(model, quantization, dtype=dtype, rngs=nnx.Rngs(0))
     return nnx.split(model)
 
 
@@ -62,15 +68,34 @@ def _with_values(state: nnx.State, values: dict[tuple, jax.Array]) -> nnx.State:
     return nnx.from_flat_state(flat)
 
 
-def place_params(cfg: ModelConfig, dtype, mesh: Mesh,
-                 tensors: Iterable[tuple[tuple, np.ndarray]]) -> tuple[nnx.GraphDef, nnx.State]:
+def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tuple, np.ndarray]],
+                 quantization: QuantScheme | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """Load host arrays (our layout) onto the mesh, one tensor at a time, each cast to its
-    parameter's declared dtype."""
-    graphdef, state = abstract_model(cfg, dtype)
+    parameter's declared dtype. With `quantization`, a projection's float weight is quantized
+    on the host as it arrives: only its values and scales reach the device."""
+    graphdef, state = abstract_model(cfg, dtype, quantization)
     flat = flat_params(state)
     shardings = param_shardings(state, mesh)
     values = {}
     for path, array in tensors:
+        parent = path[:-1]
+        if path not in flat and path[-1] == "weight" and parent + ("values",) in flat:
+            name = ".".join(map(str, path))
+            n = value_of(flat[parent + ("scales",)]).shape[1]
+            host = np.asarray(array, np.float32)
+            if host.size % n:
+                raise CheckpointError(f"tensor {name} has shape {tuple(host.shape)}, which does not hold {n} outputs")
+            try:
+                parts = quantize(host.reshape(host.size // n, n), quantization)
+            except ValueError as e:
+                raise CheckpointError(f"tensor {name}: {e}") from None
+            for key, part in parts.items():
+                declared = value_of(flat[parent + (key,)])
+                if tuple(part.shape) != tuple(declared.shape):
+                    raise CheckpointError(f"tensor {name} quantizes to {key} of shape {tuple(part.shape)}, "
+                                          f"the config implies {tuple(declared.shape)}")
+                values[parent + (key,)] = jax.device_put(part, shardings[parent + (key,)])
+            continue
         if path not in flat:
             raise CheckpointError(f"checkpoint has a tensor for {'.'.join(map(str, path))}, "
                                   "which this model does not have")
@@ -89,12 +114,12 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh,
     return graphdef, _with_values(state, values)
 
 
-def dummy_params(cfg: ModelConfig, dtype, mesh: Mesh, seed: int = 0
+def dummy_params(cfg: ModelConfig, dtype, mesh: Mesh, seed: int = 0, quantization: QuantScheme | None = None
                  ) -> tuple[nnx.GraphDef, nnx.State]:
     """Random weights made directly on the devices, in their shardings (for benchmarks):
-    each parameter as its declaration's init says (norm scales ones, biases zeros, the rest
-    small normals), in its declared dtype."""
-    graphdef, state = abstract_model(cfg, dtype)
+    each parameter as its declaration's init says (norm scales ones, biases zeros, quantized
+    values random levels under fixed scales, the rest small normals), in its declared dtype."""
+    graphdef, state = abstract_model(cfg, dtype, quantization)
     flat = flat_params(state)
     shardings = param_shardings(state, mesh)
     values, makers = {}, {}  # one compiled maker per distinct declaration (9, not 291, for an 8B)

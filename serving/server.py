@@ -431,7 +431,8 @@ class Server:
         ctx = engine.max_model_len
         return pb.ModelInfo(
             model=str(engine.model.source), architecture=cfg.architecture, vocab_size=cfg.vocab_size,
-            context_length=ctx, dtype=str(dtype), quantization="none",
+            context_length=ctx, dtype=str(dtype),
+            quantization="none" if engine.model.quantization is None else engine.model.quantization.name,
             num_params=params_lib.num_params(engine.model.state),
             limits=pb.Limits(
                 max_concurrent_streams=limits.max_concurrent_streams,

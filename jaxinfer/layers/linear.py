@@ -1,14 +1,15 @@
 """The one matmul entry point: every projection of every model goes through `einsum`.
 
-A weight is a small pytree handed to `einsum`. Today that is a float array. A
-quantized weight type (int8/int4/fp8 values plus per-channel or per-group
-scales) is one more case in `einsum` and one more Linear-like module holding
-`values` and `scales` parameters (each declared with its own dtype and logical
-axes); swapping `Linear` for it in a built model leaves the model files alone.
+A weight is a float array or a `QuantizedWeight` (int8/int4/fp8 values plus per-channel
+or per-group scales, pallas_kernels/quantized_matmul). `QuantizedLinear` holds the
+latter as parameters of their own dtypes; `quantize_model` swaps it in for each
+`Linear` of a built model, so the model files never change.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -16,16 +17,52 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.layers.param import param
+from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A projection's weight [K, N] quantized (see pallas_kernels/quantized_matmul/reference.py);
+    `out_shape` is its output axes' shape, N their product."""
+
+    values: jax.Array
+    scales: jax.Array
+    zeros: jax.Array | None
+    scheme: QuantScheme = dataclasses.field(metadata={"static": True})
+    out_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
 
 
 def einsum(equation: str, x: jax.Array, weight, *, preferred_element_type=None) -> jax.Array:
     """`x` times `weight` as `equation` says, e.g. "te,ehd->thd" (activations first).
 
-    weight: a float array. The result is in the promoted dtype of x and weight unless
-    `preferred_element_type` asks for another (the logits ask for float32)."""
+    weight: a float array, or a QuantizedWeight (then the equation contracts x's trailing
+    axes with the weight's leading ones, as every projection's does). The result is in the
+    promoted dtype of x and weight (x's, for a quantized one) unless `preferred_element_type`
+    asks for another (the logits ask for float32)."""
     if isinstance(weight, jax.Array):
         return jnp.einsum(equation, x, weight, preferred_element_type=preferred_element_type)
+    if isinstance(weight, QuantizedWeight):
+        contracted, _ = split_equation(equation)
+        lead = x.shape[:x.ndim - len(contracted)]
+        k = math.prod(x.shape[len(lead):])
+        y = quantized_matmul(x.reshape(-1, k), weight.values, weight.scales, weight.zeros, weight.scheme,
+                             out_dtype=preferred_element_type or x.dtype)
+        return y.reshape(*lead, *weight.out_shape)
     raise TypeError(f"no matmul for a weight of type {type(weight).__name__}")
+
+
+def split_equation(equation: str) -> tuple[str, str]:
+    """(contracted, output) axes of a projection's weight: "te,ehd->thd" gives ("e", "hd").
+    Refuses an equation whose weight is not its contracted axes then its output axes, with
+    x ending in the contracted ones."""
+    inputs, out = equation.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    contracted = "".join(c for c in ws if c not in out)
+    produced = ws[len(contracted):]
+    if ws != contracted + produced or not xs.endswith(contracted) or out != xs[:-len(contracted)] + produced:
+        raise ValueError(f"{equation!r} is not a projection (x[..., in] times w[in, out])")
+    return contracted, produced
 
 
 class Linear(nnx.Module):
@@ -52,6 +89,65 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = einsum(self.equation, x, self.weight[...], preferred_element_type=self.preferred_element_type)
         return y if self.bias is None else y + self.bias[...]
+
+
+class QuantizedLinear(nnx.Module):
+    """A Linear whose weight is quantized: `values`, `scales` (and `zeros`) parameters for the
+    weight viewed as [K, N] (K its contracted axes, N its output axes). Their logical axes
+    are the weight's first contracted and first output axis, which keeps a sharded axis
+    (heads, mlp) sharded: both are the major ones of their merged dimension."""
+
+    def __init__(self, equation: str, shape: Sequence[int], logical_axes: Sequence[str | None], *,
+                 scheme: QuantScheme, dtype, rngs: nnx.Rngs, bias: bool = False, preferred_element_type=None):
+        contracted, produced = split_equation(equation)
+        nk = len(contracted)
+        self.equation = equation
+        self.preferred_element_type = preferred_element_type
+        self.scheme = scheme
+        self.out_shape = tuple(shape[nk:])
+        k, n = math.prod(shape[:nk]), math.prod(shape[nk:])
+        scheme.check(k, n)
+        axes = (logical_axes[0], logical_axes[nk])
+        made = {name: param(rngs, shp, axes, dt, init="levels" if name == "values" else "fill",
+                            scale=_FILL.get((name, scheme.method), 0.0))
+                for name, (shp, dt) in scheme.shapes(k, n).items()}
+        self.values, self.scales = made["values"], made["scales"]
+        self.zeros = made.get("zeros")
+        if bias:
+            keep = [i for i, c in enumerate(contracted + produced) if c in produced]
+            self.bias = param(rngs, [shape[i] for i in keep], [logical_axes[i] for i in keep], dtype,
+                              init="zeros")
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = QuantizedWeight(self.values[...], self.scales[...], None if self.zeros is None else self.zeros[...],
+                            self.scheme, self.out_shape)
+        y = einsum(self.equation, x, w, preferred_element_type=self.preferred_element_type)
+        return y if self.bias is None else y + self.bias[...]
+
+
+# Scales of random (benchmark) weights: about the size of a 0.02-normal weight's.
+_FILL = {("scales", "int8"): 0.02 / 64, ("scales", "int4"): 0.02 / 4, ("scales", "fp8"): 0.02 / 224,
+         ("zeros", "int4"): 8.0}
+
+
+def quantize_model(model: nnx.Module, scheme: QuantScheme, *, dtype, rngs: nnx.Rngs,
+                   skip: Sequence[str] = ("lm_head",)) -> nnx.Module:
+    """Swap a QuantizedLinear in for every Linear of `model` (but those named in `skip`; the
+    output head stays in float, as vLLM keeps it by default). Built under
+    `param.abstract()` the new parameters are declarations only."""
+    for _, module in list(model.iter_modules()):
+        for name, child in list(vars(module).items()):
+            if isinstance(child, Linear) and name not in skip:
+                declared = child.weight.get_metadata()
+                get = getattr(child.weight, "get_value", None)
+                shape = tuple((get() if get is not None else child.weight.value).shape)
+                q = QuantizedLinear(child.equation, shape, declared["logical_axes"], scheme=scheme, dtype=dtype,
+                                    rngs=rngs, bias=child.bias is not None,
+                                    preferred_element_type=child.preferred_element_type)
+                setattr(module, name, q)
+    return model
 
 
 class Embed(nnx.Module):

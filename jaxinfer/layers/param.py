@@ -16,13 +16,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-INITS = ("normal", "ones", "zeros")
+INITS = ("normal", "ones", "zeros", "levels", "fill")
 
 
 def initial_value(init: str, key: jax.Array | None, shape: Sequence[int], dtype,
                   scale: float = 0.02) -> jax.Array:
     """A value for a parameter declared with `init`: "ones" (norm scales), "zeros"
-    (biases) or "normal" (scale * N(0, 1), drawn in float32 then cast)."""
+    (biases), "normal" (scale * N(0, 1), drawn in float32 then cast), "fill" (every
+    element `scale`: a quantized weight's scales) or "levels" (a quantized weight's values:
+    uniform over an integer dtype's range, N(0, 1) for a float8)."""
+    if init == "fill":
+        return jnp.full(shape, scale, dtype)
+    if init == "levels":
+        if jnp.issubdtype(dtype, jnp.integer):
+            info = jnp.iinfo(dtype)
+            return jax.random.randint(key, shape, info.min, info.max, jnp.int32).astype(dtype)
+        return jax.random.normal(key, shape, jnp.float32).astype(dtype)
     if init == "ones":
         return jnp.ones(shape, dtype)
     if init == "zeros":
@@ -41,7 +50,7 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | Non
     if _abstract.get():
         value = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
     else:
-        value = initial_value(init, rngs.params() if init == "normal" else None, shape, dtype, scale)
+        value = initial_value(init, rngs.params() if init in ("normal", "levels") else None, shape, dtype, scale)
     return nnx.Param(value, logical_axes=tuple(logical_axes), init=init, init_scale=scale)
 
 

@@ -73,7 +73,12 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tu
     """Load host arrays (our layout) onto the mesh, one tensor at a time, each cast to its
     parameter's declared dtype. With `quantization`, a projection's float weight is quantized
     on the host as it arrives: only its values and scales reach the device."""
-    graphdef, state = abstract_model(cfg, dtype, quantization)
+    try:
+        graphdef, state = abstract_model(cfg, dtype, quantization)
+    except ValueError as e:  # a projection the scheme cannot hold, named
+        if quantization is None:
+            raise
+        raise CheckpointError(f"cannot quantize this model with {quantization.name}: {e}") from None
     flat = flat_params(state)
     shardings = param_shardings(state, mesh)
     values = {}

@@ -98,7 +98,8 @@ class QuantizedLinear(nnx.Module):
     (heads, mlp) sharded: both are the major ones of their merged dimension."""
 
     def __init__(self, equation: str, shape: Sequence[int], logical_axes: Sequence[str | None], *,
-                 scheme: QuantScheme, dtype, rngs: nnx.Rngs, bias: bool = False, preferred_element_type=None):
+                 scheme: QuantScheme, dtype, rngs: nnx.Rngs, bias: bool = False, preferred_element_type=None,
+                 name: str = "weight"):
         contracted, produced = split_equation(equation)
         nk = len(contracted)
         self.equation = equation
@@ -106,7 +107,7 @@ class QuantizedLinear(nnx.Module):
         self.scheme = scheme
         self.out_shape = tuple(shape[nk:])
         k, n = math.prod(shape[:nk]), math.prod(shape[nk:])
-        scheme.check(k, n)
+        scheme.check(k, n, name)  # a ValueError naming the projection
         axes = (logical_axes[0], logical_axes[nk])
         made = {name: param(rngs, shp, axes, dt, init="levels" if name == "values" else "fill",
                             scale=_FILL.get((name, scheme.method), 0.0))
@@ -137,7 +138,7 @@ def quantize_model(model: nnx.Module, scheme: QuantScheme, *, dtype, rngs: nnx.R
     """Swap a QuantizedLinear in for every Linear of `model` (but those named in `skip`; the
     output head stays in float, as vLLM keeps it by default). Built under
     `param.abstract()` the new parameters are declarations only."""
-    for _, module in list(model.iter_modules()):
+    for path, module in list(nnx.iter_modules(model)):
         for name, child in list(vars(module).items()):
             if isinstance(child, Linear) and name not in skip:
                 declared = child.weight.get_metadata()
@@ -145,7 +146,8 @@ def quantize_model(model: nnx.Module, scheme: QuantScheme, *, dtype, rngs: nnx.R
                 shape = tuple((get() if get is not None else child.weight.value).shape)
                 q = QuantizedLinear(child.equation, shape, declared["logical_axes"], scheme=scheme, dtype=dtype,
                                     rngs=rngs, bias=child.bias is not None,
-                                    preferred_element_type=child.preferred_element_type)
+                                    preferred_element_type=child.preferred_element_type,
+                                    name=".".join(map(str, (*path, name))))
                 setattr(module, name, q)
     return model
 

@@ -1,0 +1,169 @@
+"""Quantized weights: the format against its definition, the matmul entry point against the
+pure-JAX reference, and a quantized model loaded, served and saved like a float one."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from checkpoints import loader, orbax_io
+from engine_fixtures import SMALL, byte_tokenizer, random_prompts, run_alone
+from jaxinfer import params as params_lib
+from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.errors import CheckpointError, InputError
+from jaxinfer.layers.linear import QuantizedWeight, einsum
+from jaxinfer.llm import LLM
+from jaxinfer.sharding import make_mesh
+from pallas_kernels.quantized_matmul import QuantScheme, dequantize, parse, quantize, quantized_matmul, reference
+
+SCHEMES = [parse(s) for s in ("int8", "int8-g64", "fp8", "int4-g32", "int4-g64", "int4-g128", "int4-g128-zp",
+                              "int4-ch")]
+
+
+def test_parse_reads_back_every_scheme_name_and_refuses_unknown_ones():
+    for scheme in SCHEMES:
+        assert parse(scheme.name) == scheme
+    assert parse("int4") == QuantScheme("int4", 128)
+    assert parse("int8") == QuantScheme("int8", None)
+    for bad in ("int3", "int4-g48", "int8-zp", "fp8-x"):
+        with pytest.raises(ValueError):
+            parse(bad)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_dequantized_weights_are_within_half_a_level_and_numpy_equals_jax(scheme):
+    rng = np.random.default_rng(0)
+    k, n = 256, 40
+    w = (rng.standard_normal((k, n)) * np.linspace(0.01, 2.0, n)).astype(np.float32)  # channels of many sizes
+    host = quantize(w, scheme)
+    device = quantize(jnp.asarray(w), scheme)
+    assert set(host) == set(device) == set(scheme.shapes(k, n))
+    for name, (shape, dtype) in scheme.shapes(k, n).items():
+        assert host[name].shape == shape and host[name].dtype == dtype, name
+        a, b = np.asarray(device[name]).astype(np.float32), host[name].astype(np.float32)
+        if name == "values":  # XLA may divide by a reciprocal: a value on a rounding edge may move a level
+            assert np.mean(a != b) < 0.002, name
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=name)
+    back = np.asarray(dequantize(host["values"], host["scales"], host.get("zeros"), scheme))
+    g = scheme.group(k)
+    step = np.repeat(host["scales"], g, axis=0)  # one level, per element
+    if scheme.method == "fp8":  # 3 mantissa bits: a relative step of 2^-3 at most
+        assert np.all(np.abs(back - w) <= np.abs(w) * 2.0 ** -4 + step * 2.0 ** -9)
+    else:
+        assert np.all(np.abs(back - w) <= step * 0.5 + 1e-6)
+    assert np.abs(back - w).max() > 0  # it did quantize
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_quantized_matmul_equals_the_reference_on_ragged_shapes(scheme, m):
+    rng = np.random.default_rng(m)
+    k, n = 384, 24 + m  # odd output widths too
+    parts = quantize(rng.standard_normal((k, n)).astype(np.float32), scheme)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    got = quantized_matmul(x, parts["values"], parts["scales"], parts.get("zeros"), scheme)
+    want = reference(x, parts["values"], parts["scales"], parts.get("zeros"), scheme)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    dense = x @ dequantize(parts["values"], parts["scales"], parts.get("zeros"), scheme)
+    np.testing.assert_allclose(np.asarray(want), np.asarray(dense), rtol=2e-5, atol=2e-5)
+
+
+def test_einsum_takes_a_quantized_weight_for_every_projection_shape():
+    rng = np.random.default_rng(1)
+    scheme = parse("int4-g32")
+    for equation, x_shape, w_shape in (("te,ehd->thd", (5, 64), (64, 4, 16)),
+                                       ("thd,hde->te", (5, 4, 16), (4, 16, 64)),
+                                       ("tm,me->te", (5, 96), (96, 32))):
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        nk = len(x_shape) - 1
+        k = int(np.prod(w_shape[:nk]))
+        parts = quantize(w.reshape(k, -1), scheme)
+        qw = QuantizedWeight(jnp.asarray(parts["values"]), jnp.asarray(parts["scales"]), None, scheme, w_shape[nk:])
+        dense = np.asarray(dequantize(parts["values"], parts["scales"], None, scheme)).reshape(w_shape)
+        np.testing.assert_allclose(np.asarray(einsum(equation, x, qw)),
+                                   np.asarray(jnp.einsum(equation, x, dense)), rtol=2e-5, atol=2e-5)
+
+
+def test_a_weight_the_scheme_cannot_hold_is_refused_by_name(data_dir):
+    with pytest.raises(ValueError, match="does not divide"):
+        QuantScheme("int4", 64).check(96, 8, "w")
+    with pytest.raises(ValueError, match="odd"):
+        QuantScheme("int4", None).check(7, 8, "w")
+    # The tiny model's 64-wide projections take no group of 128: the loader names the tensor.
+    with pytest.raises(CheckpointError, match=r"q_proj.*does not divide"):
+        loader.load(data_dir / "hf_tiny" / "llama_gqa", dtype=jnp.float32, mesh=make_mesh(), progress=False,
+                    quantization="int4-g128")
+    with pytest.raises(InputError, match="unknown quantization"):
+        LLM("unused", quantization="int5")
+
+
+@pytest.fixture(scope="module")
+def int8_model(data_dir):
+    model = loader.load(data_dir / "hf_tiny" / "llama_gqa", dtype=jnp.float32, mesh=make_mesh(), progress=False,
+                        quantization="int8")
+    return dataclasses.replace(model, tokenizer=byte_tokenizer())
+
+
+def test_a_model_loads_quantized_and_its_logits_stay_near_the_float_ones(data_dir, int8_model):
+    flat = params_lib.flat_params(int8_model.state)
+    names = {".".join(map(str, p)) for p in flat}
+    assert "layers.0.attn.q_proj.values" in names and "layers.0.attn.q_proj.weight" not in names
+    assert params_lib.value_of(flat[("layers", 0, "mlp", "down_proj", "values")]).dtype == jnp.int8
+    assert not any(n.startswith("lm_head") and n.endswith("values") for n in names)  # the head stays float
+
+    float_model = loader.load(data_dir / "hf_tiny" / "llama_gqa", dtype=jnp.float32, mesh=make_mesh(),
+                              progress=False)
+    prompt = np.random.default_rng(2).integers(3, 256, 24).tolist()
+    logits = []
+    for model in (float_model, int8_model):
+        llm = LLM.from_loaded(model, **{**SMALL, "num_pages": 100}, warmup=False)
+        out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0,
+                                                    ignore_eos=True), use_tqdm=False)[0]
+        logits.append(np.array([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]))
+    # The prompt tokens' log-probabilities under int8 weights: close to the float model's.
+    assert np.abs(logits[1] - logits[0]).max() < 0.05 * np.abs(logits[0]).max()
+    assert np.abs(logits[1] - logits[0]).max() > 0
+
+
+def test_quantized_outputs_do_not_depend_on_batch_mates(int8_model):
+    llm = LLM.from_loaded(int8_model, **{**SMALL, "num_pages": 200})
+    rng = np.random.default_rng(3)
+    prompts = random_prompts(rng, 10)
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 12)), temperature=0.0, ignore_eos=True) for _ in prompts]
+    batched = llm.generate(prompts, params, use_tqdm=False)
+    for i in (0, 4, 9):
+        assert batched[i].outputs[0].token_ids == run_alone(llm, prompts[i], params[i]).outputs[0].token_ids
+
+
+def test_convert_saves_and_restores_quantized_weights(tmp_path, int8_model):
+    orbax_io.save(tmp_path / "q", int8_model)
+    restored = loader.load(tmp_path / "q", dtype=jnp.float32, mesh=make_mesh(), progress=False)
+    assert restored.quantization == int8_model.quantization
+    for (p, a), (q, b) in zip(params_lib.flat_params(int8_model.state).items(),
+                              params_lib.flat_params(restored.state).items()):
+        assert p == q
+        np.testing.assert_array_equal(np.asarray(params_lib.value_of(a)), np.asarray(params_lib.value_of(b)))
+    with pytest.raises(CheckpointError, match="holds int8 weights"):
+        loader.load(tmp_path / "q", dtype=jnp.float32, mesh=make_mesh(), progress=False, quantization="fp8")
+
+
+def test_random_quantized_weights_for_benchmarks_have_their_declared_types():
+    from jaxinfer.models import LlamaConfig
+
+    cfg = LlamaConfig(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=64)
+    for spec in ("int8", "int4-g32-zp", "fp8"):
+        scheme = parse(spec)
+        _, state = params_lib.dummy_params(cfg, jnp.float32, make_mesh(), quantization=scheme)
+        flat = params_lib.flat_params(state)
+        values = params_lib.value_of(flat[("layers", 0, "mlp", "up_proj", "values")])
+        assert values.dtype == scheme.shapes(64, 128)["values"][1]
+        assert float(jnp.abs(values.astype(jnp.float32)).max()) > 0
+        assert jax.tree.leaves(state)  # and it runs: nothing else to check here
+    assert ml_dtypes.float8_e4m3fn  # the fp8 storage type comes from ml_dtypes

@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="CPU check: a 2-layer Llama shape, float32, batches 1,2, 8 new tokens, no restart unless --restart")
     p.add_argument("--attention", default=None, help="jaxinfer attention implementation (default: auto)")
+    p.add_argument("--quantization", default=None,
+                   help="jaxinfer's projections quantized: int8, int4 (group 128), fp8, ... (random weights)")
     p.add_argument("--prefix-caching", action="store_true", help="leave automatic prefix caching on")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the roofline, TB/s")
     p.add_argument("--split-iters", type=int, default=20, help="back-to-back calls per timing round")
@@ -126,16 +128,20 @@ def model_config(tiny: bool):
         rope_theta=500000.0, max_position_embeddings=8192)
 
 
-def dummy_model(cfg, dtype, mesh):
-    """Random weights on the device (params.dummy_params: one compiled initializer per kind)."""
+def dummy_model(cfg, dtype, mesh, quantization=None):
+    """Random weights on the device (params.dummy_params: one compiled initializer per kind);
+    with `quantization` ("int8", "int4", "fp8", ...), every projection but the head quantized."""
     import jax
 
     from checkpoints.loader import LoadedModel
     from jaxinfer import params as P
+    from pallas_kernels.quantized_matmul import parse
 
-    graphdef, state = P.dummy_params(cfg, dtype, mesh)
+    scheme = parse(quantization)
+    graphdef, state = P.dummy_params(cfg, dtype, mesh, quantization=scheme)
     jax.block_until_ready(jax.tree.leaves(state))
-    return LoadedModel(cfg, graphdef, state, None, "dummy (params.dummy_params)", dtype=dtype)
+    return LoadedModel(cfg, graphdef, state, None, "dummy (params.dummy_params)" + (f", {scheme.name}" if scheme else ""),
+                       dtype=dtype, quantization=scheme)
 
 
 def engine_config(b: int, args) -> dict:
@@ -322,7 +328,7 @@ def run_jaxinfer(args) -> None:
     mesh = make_mesh()
     out["startup"]["import_s"] = time.perf_counter() - t_start
     t = time.perf_counter()
-    loaded = dummy_model(cfg, dtype, mesh)
+    loaded = dummy_model(cfg, dtype, mesh, args.quantization)
     out["startup"]["weights_s"] = time.perf_counter() - t
     say(f"weights: {loaded.source} in {out['startup']['weights_s']:.1f} s")
     save()

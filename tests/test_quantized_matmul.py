@@ -167,3 +167,47 @@ def test_random_quantized_weights_for_benchmarks_have_their_declared_types():
         assert float(jnp.abs(values.astype(jnp.float32)).max()) > 0
         assert jax.tree.leaves(state)  # and it runs: nothing else to check here
     assert ml_dtypes.float8_e4m3fn  # the fp8 storage type comes from ml_dtypes
+
+
+TPU_CASES = [("int8", 1, 256, 40), ("int8-g64", 5, 1024, 130), ("fp8", 17, 384, 24), ("int4-g32", 3, 256, 40),
+             ("int4-g128", 5, 1024, 130), ("int4-g128-zp", 17, 384, 24), ("int4-ch", 1, 1024, 256)]
+
+
+@pytest.mark.parametrize("spec,m,k,n", TPU_CASES)
+def test_the_tpu_kernel_matches_the_reference_in_interpret_mode_with_race_detection(spec, m, k, n):
+    from jax.experimental.pallas import tpu as pltpu
+
+    scheme = parse(spec)
+    rng = np.random.default_rng(k + n)
+    parts = {name: jnp.asarray(a) for name, a in quantize(rng.standard_normal((k, n)).astype(np.float32),
+                                                           scheme).items()}
+    for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)):
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        want = reference(x.astype(jnp.float32), parts["values"], parts["scales"], parts.get("zeros"), scheme)
+        got = quantized_matmul(x, parts["values"], parts["scales"], parts.get("zeros"), scheme,
+                               out_dtype=jnp.float32, interpret=pltpu.InterpretParams(detect_races=True))
+        assert got.shape == (m, n)
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=tol)
+
+
+@pytest.mark.parametrize("device_kind", ["TPU v5 lite", "TPU v6 lite"])
+def test_the_entry_point_lowers_to_the_mosaic_kernel_for_tpu(device_kind):
+    from jax import export
+
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+    for spec in ("int8", "int4-g128", "int4-g128-zp", "fp8"):
+        scheme = parse(spec)
+        k, n = 4096, 14336
+        shapes = scheme.shapes(k, n)
+        args = [jax.ShapeDtypeStruct((16, k), jnp.bfloat16)] + [jax.ShapeDtypeStruct(*shapes[name])
+                                                                 for name in ("values", "scales", "zeros")
+                                                                 if name in shapes]
+
+        def matmul(x, values, scales, *zeros, scheme=scheme):
+            return quantized_matmul(x, values, scales, zeros[0] if zeros else None, scheme)
+
+        with jax.sharding.use_abstract_mesh(mesh):
+            exported = export.export(jax.jit(matmul), platforms=["tpu"])(*args)
+        assert "tpu_custom_call" in exported.mlir_module(), spec

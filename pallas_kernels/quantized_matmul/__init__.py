@@ -1,10 +1,11 @@
 """Matmuls over quantized weights (int8, packed int4, fp8 values plus scales).
 
 `reference.py` defines the format (`QuantScheme`, `quantize`, `dequantize`) and the pure-JAX
-matmul the kernels are checked against. `quantized_matmul` is the one entry point the model's
-projections reach (through jaxinfer/layers/linear.py). Today it runs XLA's own fusion of the
-dequantization into a dot everywhere; the Mosaic GPU and TPU kernels plug in here by platform,
-as the attention kernels do, where their `supports` takes the shapes.
+matmul the kernels are checked against; `tpu.py` is the Mosaic TPU kernel. `quantized_matmul`
+is the one entry point the model's projections reach (through jaxinfer/layers/linear.py). It
+picks by the platform it is lowered for, as the attention kernels do: the TPU kernel on TPU
+(where its `supports` takes the shapes), XLA's dequantize-then-dot elsewhere until the Mosaic
+GPU kernel comes. `interpret=` forces the TPU kernel in interpret mode, for tests.
 """
 
 from __future__ import annotations
@@ -19,15 +20,29 @@ reference = _reference.quantized_matmul  # the pure-JAX matmul the kernels are c
 
 
 def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None,
-                     scheme: QuantScheme, *, out_dtype=None) -> jax.Array:
+                     scheme: QuantScheme, *, out_dtype=None, interpret=None) -> jax.Array:
     """x [M, K] (bf16 or float32) times the quantized weight [K, N]: [M, N] in `out_dtype`
-    (default x's dtype), accumulated in float32.
+    (default x's dtype), accumulated in float32. The weight is never stored as floats."""
+    from pallas_kernels.quantized_matmul import tpu as _tpu  # Pallas is imported when traced
 
-    The weight is dequantized into x's dtype inside the step, one projection at a time, and
-    never stored as floats."""
+    out_dtype = out_dtype or x.dtype
+    if interpret is not None and interpret is not False:
+        return _tpu.quantized_matmul(x, values, scales, zeros, scheme, out_dtype=out_dtype, interpret=interpret)
+    operands = (x, values, scales) + (() if zeros is None else (zeros,))
+
+    def call(fn):
+        def run(*ops):
+            return fn(*ops[:3], ops[3] if zeros is not None else None, scheme, out_dtype=out_dtype)
+        return run
+
+    tpu = _tpu.quantized_matmul if _tpu.supports(x, values, scheme) else _xla
+    return jax.lax.platform_dependent(*operands, tpu=call(tpu), default=call(_xla))
+
+
+def _xla(x, values, scales, zeros, scheme: QuantScheme, *, out_dtype):
+    """XLA: the weight dequantized into x's dtype inside the step, one projection at a time."""
     w = dequantize(values, scales, zeros, scheme, x.dtype)
-    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 __all__ = ["QuantScheme", "dequantize", "parse", "quantize", "quantized_matmul", "reference"]

@@ -26,10 +26,14 @@ SMALL_128 = LlamaConfig(architecture="llama", vocab_size=512, hidden_size=256, i
                         rope_theta=10000.0, max_position_embeddings=256)
 
 
-@pytest.mark.parametrize("dtype,device_kind", [(jnp.float32, "TPU v5 lite"), (jnp.bfloat16, "TPU v6 lite")])
-def test_engine_step_lowers_for_tpu(dtype, device_kind):
+@pytest.mark.parametrize("dtype,device_kind,quantization", [
+    (jnp.float32, "TPU v5 lite", None), (jnp.bfloat16, "TPU v6 lite", None),
+    (jnp.bfloat16, "TPU v5 lite", "int8"), (jnp.bfloat16, "TPU v6 lite", "int4-g128-zp")])
+def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization):
+    from pallas_kernels.quantized_matmul import parse
+
     mesh = make_mesh()
-    graphdef, state = params_lib.dummy_params(SMALL_128, dtype, mesh)
+    graphdef, state = params_lib.dummy_params(SMALL_128, dtype, mesh, quantization=parse(quantization))
     cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=16,
                           num_pages=16, block_q=16)
     runner = ModelRunner(SMALL_128, graphdef, state, mesh, num_pages=16, page_size=16,
@@ -57,4 +61,7 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind):
     assert exported.platforms == ("tpu",)
     # The default attention ("auto") is the Mosaic TPU kernel there.
     assert attention.get_implementation() == "auto" or "JAXINFER_ATTENTION" in os.environ
-    assert "tpu_custom_call" in exported.mlir_module(), exported.mlir_module().count("tpu_custom_call")
+    calls = exported.mlir_module().count("tpu_custom_call")
+    # One kernel body per distinct call: attention, and with quantized weights the matmul at each of
+    # the 3 projection shapes ([256, 512] q/gate/up, [256, 256] k/v, [512, 256] o/down).
+    assert calls >= (4 if quantization else 1), calls

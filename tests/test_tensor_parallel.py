@@ -14,8 +14,8 @@ from jaxinfer.sharding import make_mesh
 from tests.paged_runs import teacher_forced_logits
 
 
-def run(model_dir, mesh, attention_impl=None):
-    loaded = loader.load(model_dir, dtype=jnp.float32, mesh=mesh, progress=False)
+def run(model_dir, mesh, attention_impl=None, quantization=None):
+    loaded = loader.load(model_dir, dtype=jnp.float32, mesh=mesh, progress=False, quantization=quantization)
     ref = np.load(model_dir / "reference.npz")
     runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, mesh, num_pages=32, page_size=4,
                          attention_impl=attention_impl)
@@ -37,6 +37,19 @@ def test_tensor_parallel_logits_equal_single_device(name, tp, data_dir):
     assert len(value.sharding.device_set) == tp
     assert value.addressable_shards[0].data.shape[1] == loaded.config.num_heads // tp
     assert len(runner.cache[0]["k"].sharding.device_set) == tp
+    for a, b in zip(single, sharded):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quantization,tp", [("int8", 2), ("int4-g32", 2), ("int4-g32-zp", 4), ("fp8", 4)])
+def test_quantized_weights_under_tensor_parallelism_give_the_single_device_logits(quantization, tp, data_dir):
+    model_dir = data_dir / "hf_tiny" / "llama_gqa"
+    _, _, single = run(model_dir, make_mesh(), quantization=quantization)
+    loaded, _, sharded = run(model_dir, make_mesh(tensor=tp), quantization=quantization)
+    flat = params_lib.flat_params(loaded.state)
+    for name in ("q_proj", "o_proj"):  # column- and row-parallel: the values are split either way
+        value = params_lib.value_of(flat[("layers", 0, "attn", name, "values")])
+        assert value.addressable_shards[0].data.size * tp == value.size, name
     for a, b in zip(single, sharded):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 

@@ -102,6 +102,7 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
         tokenizer = Tokenizer.from_hf_dir(tok_dir) if tok_dir.is_dir() else None
         return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype, quantization=saved)
     cfg = safetensors_loader.read_config(path)
+    quantization = params_lib.fit_quantization(cfg, dtype, quantization)
     tensors = safetensors_loader.iter_tensors(path)
     tensors = tqdm(tensors, desc="loading weights", unit=" tensors", disable=not progress)
     graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors), quantization)
@@ -117,6 +118,7 @@ def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool, quantizati
 
     gguf = open_gguf(path)
     cfg = gguf_model_config(gguf)
+    quantization = params_lib.fit_quantization(cfg, dtype, quantization)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     tensors = tqdm(gguf_hf_tensors(gguf), desc="loading GGUF", unit=" tensors",
                    total=len(gguf.tensor_names), disable=not progress)

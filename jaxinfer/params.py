@@ -41,6 +41,24 @@ def abstract_model(cfg: ModelConfig, dtype, quantization: QuantScheme | None = N
     return nnx.split(model)
 
 
+def fit_quantization(cfg: ModelConfig, dtype, scheme: QuantScheme | None) -> QuantScheme | None:
+    """`scheme` for this model: an int4 whose group was not asked for takes the largest of 128,
+    64 and 32 that divides every projection (logged); otherwise `scheme` as it is."""
+    if scheme is None or not scheme.fit_group:
+        return scheme
+    for group in (128, 64, 32):
+        fitted = QuantScheme(scheme.method, group, scheme.zero_points)
+        try:
+            abstract_model(cfg, dtype, fitted)
+        except ValueError as e:
+            reason = e
+            continue
+        if group != scheme.group_size:
+            log.info("quantization %s: group size %d (%s)", scheme.method, group, reason)
+        return fitted
+    return QuantScheme(scheme.method, scheme.group_size, scheme.zero_points)  # refused by name where it loads
+
+
 def flat_params(state: nnx.State) -> dict[tuple, Any]:
     """path -> nnx.Param (value and metadata) for every parameter."""
     return dict(nnx.to_flat_state(state))

@@ -100,6 +100,10 @@ def test_a_weight_the_scheme_cannot_hold_is_refused_by_name(data_dir):
                     quantization="int4-g128")
     with pytest.raises(InputError, match="unknown quantization"):
         LLM("unused", quantization="int5")
+    # Plain "int4" asks for no group: it takes the largest that divides every projection.
+    fitted = loader.load(data_dir / "hf_tiny" / "llama_gqa", dtype=jnp.float32, mesh=make_mesh(), progress=False,
+                         quantization="int4")
+    assert fitted.quantization == QuantScheme("int4", 32) and fitted.quantization.name == "int4-g32"  # 96-wide MLP
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,9 @@ class QuantScheme:
     method: str  # "int8" | "int4" | "fp8"
     group_size: int | None = None  # input channels per scale; None: one scale per output channel
     zero_points: bool = False  # int4 only: asymmetric, with a zero level per group
+    # The group was not asked for ("int4"): a model whose projections 128 does not divide takes
+    # the largest of 64 and 32 that divides them all (params.fit_quantization).
+    fit_group: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self):
         if self.method not in ("int8", "int4", "fp8"):
@@ -84,18 +87,19 @@ def parse(spec: str | QuantScheme | None) -> QuantScheme | None:
         return spec
     parts = spec.lower().split("-")
     method, group, zero = parts[0], None, False
+    fit = method == "int4"
     if method == "int4":
         group = 128
     for p in parts[1:]:
         if p.startswith("g") and p[1:].isdigit():
-            group = int(p[1:])
+            group, fit = int(p[1:]), False
         elif p == "zp":
             zero = True
         elif p == "ch":
-            group = None
+            group, fit = None, False
         else:
             raise ValueError(f"unknown quantization option {p!r} in {spec!r}")
-    return QuantScheme(method, group, zero)
+    return QuantScheme(method, group, zero, fit_group=fit)
 
 
 def quantize(w, scheme: QuantScheme) -> dict:

@@ -6,7 +6,8 @@ A projection's weight is viewed as a matrix [K, N] (K input channels, N outputs)
     values  [K, N]      int8 or float8_e4m3fn; int4: [K // 2, N] uint8, two per byte along K
                         (the low nibble holds the even input channel, the high one the odd)
     scales  [K // g, N] float32: one per group of g input channels per output (g = K: per channel)
-    zeros   [K // g, N] float32, int4 with zero points only: the level that stands for 0
+    zeros   [K // g, N] float32, int4 with zero points only: the level that stands for 0 (not
+                        always a whole level: an integer one, GPTQ's, is one case)
 
 and W[k, n] = (values[k, n] - zero) * scales[k // g, n], where zero is zeros[k // g, n] when
 there are zero points, 8 for symmetric int4 (its levels 0..15 hold -8..7) and 0 otherwise.
@@ -111,10 +112,12 @@ def quantize(w, scheme: QuantScheme) -> dict:
     g = scheme.group(k)
     wg = w.astype(xp.float32).reshape(k // g, g, n)
     if scheme.method == "int4" and scheme.zero_points:
+        # The zero level is kept exact (a float, as GGUF's Q4_1 keeps its minimum): rounding it to
+        # an integer, as GPTQ does, would shift every level of the group by up to half a step.
         lo, hi = wg.min(axis=1), wg.max(axis=1)
         scales = xp.where(hi > lo, (hi - lo) / 15.0, 1.0)
-        zeros = xp.clip(xp.round(-lo / scales), 0, 15)
-        q = xp.clip(xp.round(wg / scales[:, None]) + zeros[:, None], 0, 15)
+        zeros = -lo / scales
+        q = xp.clip(xp.round((wg - lo[:, None]) / scales[:, None]), 0, 15)
         out = {"values": _pack_int4(q.reshape(k, n), xp), "scales": scales.astype(xp.float32),
                "zeros": zeros.astype(xp.float32)}
         return out

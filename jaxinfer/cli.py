@@ -27,8 +27,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--quantization", "-q", default=None, metavar="METHOD",
-                   help="quantize the projections as the model loads: int8, int4 (group 128), fp8, "
-                        "or int4-g64, int4-g128-zp, ... (default: the checkpoint's own weights)")
+                   help="quantize the projections as the model loads: int8, int4 (groups of 128, or "
+                        "64/32 where 128 does not fit), fp8, or int8-ch, int4-g64, int4-g32-zp, ... "
+                        "(default: the checkpoint's own weights)")
     p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
                    help="split the model over N devices")
 

@@ -60,8 +60,9 @@ class LLM:
         model) and start an engine. Extra keywords are EngineConfig fields
         (max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, ...).
 
-        `quantization` (vLLM's name): "int8", "int4" (group 128), "fp8", or a variant such as
-        "int4-g64" or "int4-g128-zp" (zero points): every projection but the output head is
+        `quantization` (vLLM's name): "int8" or "int4" (groups of 128 input channels, or the
+        largest of 64 and 32 that fits), "fp8" (per channel), or a variant such as "int8-ch",
+        "int4-g64" or "int4-g32-zp" (zero points): every projection but the output head is
         quantized as the model loads, and the float weights never reach the device.
 
         Warm-up makes the step shapes a first request needs before returning; with

@@ -42,8 +42,8 @@ def abstract_model(cfg: ModelConfig, dtype, quantization: QuantScheme | None = N
 
 
 def fit_quantization(cfg: ModelConfig, dtype, scheme: QuantScheme | None) -> QuantScheme | None:
-    """`scheme` for this model: an int4 whose group was not asked for takes the largest of 128,
-    64 and 32 that divides every projection (logged); otherwise `scheme` as it is."""
+    """`scheme` for this model: an int8 or int4 whose group was not asked for takes the largest
+    of 128, 64 and 32 that divides every projection (logged); otherwise `scheme` as it is."""
     if scheme is None or not scheme.fit_group:
         return scheme
     for group in (128, 64, 32):
@@ -142,7 +142,7 @@ def dummy_params(cfg: ModelConfig, dtype, mesh: Mesh, seed: int = 0, quantizatio
     """Random weights made directly on the devices, in their shardings (for benchmarks):
     each parameter as its declaration's init says (norm scales ones, biases zeros, quantized
     values random levels under fixed scales, the rest small normals), in its declared dtype."""
-    graphdef, state = abstract_model(cfg, dtype, quantization)
+    graphdef, state = abstract_model(cfg, dtype, fit_quantization(cfg, dtype, quantization))
     flat = flat_params(state)
     shardings = param_shardings(state, mesh)
     values, makers = {}, {}  # one compiled maker per distinct declaration (9, not 291, for an 8B)

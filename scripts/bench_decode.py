@@ -137,7 +137,7 @@ def dummy_model(cfg, dtype, mesh, quantization=None):
     from jaxinfer import params as P
     from pallas_kernels.quantized_matmul import parse
 
-    scheme = parse(quantization)
+    scheme = P.fit_quantization(cfg, dtype, parse(quantization))
     graphdef, state = P.dummy_params(cfg, dtype, mesh, quantization=scheme)
     jax.block_until_ready(jax.tree.leaves(state))
     return LoadedModel(cfg, graphdef, state, None, "dummy (params.dummy_params)" + (f", {scheme.name}" if scheme else ""),

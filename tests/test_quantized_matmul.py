@@ -19,7 +19,7 @@ from jaxinfer.llm import LLM
 from jaxinfer.sharding import make_mesh
 from pallas_kernels.quantized_matmul import QuantScheme, dequantize, parse, quantize, quantized_matmul, reference
 
-SCHEMES = [parse(s) for s in ("int8", "int8-g64", "fp8", "int4-g32", "int4-g64", "int4-g128", "int4-g128-zp",
+SCHEMES = [parse(s) for s in ("int8", "int8-ch", "int8-g64", "fp8", "int4-g32", "int4-g64", "int4-g128", "int4-g128-zp",
                               "int4-ch")]
 
 
@@ -27,7 +27,7 @@ def test_parse_reads_back_every_scheme_name_and_refuses_unknown_ones():
     for scheme in SCHEMES:
         assert parse(scheme.name) == scheme
     assert parse("int4") == QuantScheme("int4", 128)
-    assert parse("int8") == QuantScheme("int8", None)
+    assert parse("int8") == QuantScheme("int8", 128) and parse("int8-ch") == QuantScheme("int8", None)
     for bad in ("int3", "int4-g48", "int8-zp", "fp8-x"):
         with pytest.raises(ValueError):
             parse(bad)
@@ -152,7 +152,7 @@ def test_convert_saves_and_restores_quantized_weights(tmp_path, int8_model):
                               params_lib.flat_params(restored.state).items()):
         assert p == q
         np.testing.assert_array_equal(np.asarray(params_lib.value_of(a)), np.asarray(params_lib.value_of(b)))
-    with pytest.raises(CheckpointError, match="holds int8 weights"):
+    with pytest.raises(CheckpointError, match="holds int8-g32 weights"):
         loader.load(tmp_path / "q", dtype=jnp.float32, mesh=make_mesh(), progress=False, quantization="fp8")
 
 

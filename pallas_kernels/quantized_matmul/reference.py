@@ -36,7 +36,7 @@ class QuantScheme:
     method: str  # "int8" | "int4" | "fp8"
     group_size: int | None = None  # input channels per scale; None: one scale per output channel
     zero_points: bool = False  # int4 only: asymmetric, with a zero level per group
-    # The group was not asked for ("int4"): a model whose projections 128 does not divide takes
+    # The group was not asked for ("int8", "int4"): a model whose projections 128 does not divide takes
     # the largest of 64 and 32 that divides them all (params.fit_quantization).
     fit_group: bool = dataclasses.field(default=False, compare=False)
 
@@ -51,7 +51,7 @@ class QuantScheme:
     @property
     def name(self) -> str:
         """The spec `parse` reads back: "int8", "int4-g128", "int4-g64-zp", "int4-ch", ..."""
-        default = 128 if self.method == "int4" else None
+        default = 128 if self.method in ("int8", "int4") else None
         group = "" if self.group_size == default else ("-ch" if self.group_size is None else f"-g{self.group_size}")
         return self.method + group + ("-zp" if self.zero_points else "")
 
@@ -83,13 +83,16 @@ class QuantScheme:
 
 
 def parse(spec: str | QuantScheme | None) -> QuantScheme | None:
-    """"int8", "fp8", "int4" (group 128, symmetric), "int4-g64", "int4-g128-zp": a scheme."""
+    """"int8" / "int4" (group 128, symmetric), "fp8" (per channel), "int4-g64", "int4-g128-zp",
+    "int8-ch" (per channel): a scheme."""
     if spec is None or isinstance(spec, QuantScheme):
         return spec
     parts = spec.lower().split("-")
     method, group, zero = parts[0], None, False
-    fit = method == "int4"
-    if method == "int4":
+    # Plain int8 and int4 group by 128 (or the largest of 64 and 32 that fits the model): one scale
+    # per output channel (-ch) misses the quality goal on small models; fp8 keeps one per channel.
+    fit = method in ("int8", "int4")
+    if fit:
         group = 128
     for p in parts[1:]:
         if p.startswith("g") and p[1:].isdigit():

@@ -5,7 +5,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -168,9 +167,7 @@ def test_random_quantized_weights_for_benchmarks_have_their_declared_types():
         flat = params_lib.flat_params(state)
         values = params_lib.value_of(flat[("layers", 0, "mlp", "up_proj", "values")])
         assert values.dtype == scheme.shapes(64, 128)["values"][1]
-        assert float(jnp.abs(values.astype(jnp.float32)).max()) > 0
-        assert jax.tree.leaves(state)  # and it runs: nothing else to check here
-    assert ml_dtypes.float8_e4m3fn  # the fp8 storage type comes from ml_dtypes
+        assert float(jnp.abs(values.astype(jnp.float32)).max()) > 0  # random levels, not zeros
 
 
 TPU_CASES = [("int8", 1, 256, 40), ("int8-g64", 5, 1024, 130), ("fp8", 17, 384, 24), ("int4-g32", 3, 256, 40),

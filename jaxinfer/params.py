@@ -22,7 +22,7 @@ from jaxinfer import sharding
 from jaxinfer.errors import CheckpointError
 from jaxinfer.layers import param as param_lib
 from jaxinfer.layers.linear import quantize_model
-from jaxinfer.layers.param import initial_value
+from jaxinfer.layers.param import initial_value, value_of
 from jaxinfer.models import ModelConfig, family
 from pallas_kernels.quantized_matmul import QuantScheme, quantize
 
@@ -62,12 +62,6 @@ def fit_quantization(cfg: ModelConfig, dtype, scheme: QuantScheme | None) -> Qua
 def flat_params(state: nnx.State) -> dict[tuple, Any]:
     """path -> nnx.Param (value and metadata) for every parameter."""
     return dict(nnx.to_flat_state(state))
-
-
-def value_of(variable):
-    """A Variable's array (or ShapeDtypeStruct), across flax versions."""
-    get = getattr(variable, "get_value", None)
-    return get() if get is not None else variable.value
 
 
 def logical_axes(variable) -> tuple:

@@ -37,7 +37,6 @@ from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from jaxinfer.core.scheduler import ScheduledStep, Scheduler
-from jaxinfer.core.seq_table import SI
 from jaxinfer.core.shapes import next_bucket
 from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.errors import ConfigError
@@ -270,7 +269,7 @@ class EngineCore:
             out = self._launch(step.page_copies, step.slot_resets, inputs)
         self.metrics.steps += 1
         self.metrics.computed_tokens += step.num_tokens
-        return _InFlight(step, out, bool(step.logits.ints[:, SI["want_top"]].any()))
+        return _InFlight(step, out, bool(step.logits.want_top.any()))
 
     def _launch(self, page_copies, slot_resets, inputs: StepInputs) -> StepOutput:
         runner = self.runner

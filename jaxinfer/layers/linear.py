@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer.layers.param import param
+from jaxinfer.layers.param import param, value_of
 from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul
 
 
@@ -141,10 +141,9 @@ def quantize_model(model: nnx.Module, scheme: QuantScheme, *, dtype, rngs: nnx.R
     for path, module in list(nnx.iter_modules(model)):
         for name, child in list(vars(module).items()):
             if isinstance(child, Linear) and name not in skip:
-                declared = child.weight.get_metadata()
-                get = getattr(child.weight, "get_value", None)
-                shape = tuple((get() if get is not None else child.weight.value).shape)
-                q = QuantizedLinear(child.equation, shape, declared["logical_axes"], scheme=scheme, dtype=dtype,
+                shape = tuple(value_of(child.weight).shape)
+                axes = child.weight.get_metadata()["logical_axes"]
+                q = QuantizedLinear(child.equation, shape, axes, scheme=scheme, dtype=dtype,
                                     rngs=rngs, bias=child.bias is not None,
                                     preferred_element_type=child.preferred_element_type,
                                     name=".".join(map(str, (*path, name))))

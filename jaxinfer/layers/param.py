@@ -54,6 +54,12 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | Non
     return nnx.Param(value, logical_axes=tuple(logical_axes), init=init, init_scale=scale)
 
 
+def value_of(variable):
+    """A Variable's array (or ShapeDtypeStruct), across flax versions."""
+    get = getattr(variable, "get_value", None)
+    return get() if get is not None else variable.value
+
+
 _abstract = contextvars.ContextVar("jaxinfer_abstract_params", default=False)
 
 

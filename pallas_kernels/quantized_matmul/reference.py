@@ -56,6 +56,12 @@ class QuantScheme:
         return self.method + group + ("-zp" if self.zero_points else "")
 
     @property
+    def zero_level(self) -> float:
+        """The level that stands for 0 when no zeros are stored: 8 for int4 (levels 0..15 hold
+        -8..7), 0 otherwise."""
+        return 8.0 if self.method == "int4" and not self.zero_points else 0.0
+
+    @property
     def bits(self) -> int:
         return 4 if self.method == "int4" else 8
 
@@ -159,11 +165,9 @@ def dequantize(values: jax.Array, scales: jax.Array, zeros: jax.Array | None, sc
         q = jnp.asarray(values).astype(jnp.float32)
     k, n = q.shape
     rows = scales.shape[0]
-    zero = 8.0 if scheme.method == "int4" and zeros is None else 0.0
     q = q.reshape(rows, k // rows, n)
-    if zeros is not None:
-        q = q - zeros[:, None, :]
-    w = (q - zero) * scales[:, None, :]
+    q = q - (scheme.zero_level if zeros is None else zeros[:, None, :])
+    w = q * scales[:, None, :]
     return w.reshape(k, n).astype(dtype)
 
 

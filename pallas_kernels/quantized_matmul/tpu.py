@@ -48,7 +48,6 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
     g = scheme.group(k)
     bk = _tile_k(k, g)
     int4 = scheme.method == "int4"
-    zero = 8.0 if int4 and zeros is None else 0.0
     if int4:  # per K tile: its even channels, then its odd ones (the nibbles' order)
         x = x.reshape(m, k // bk, bk // 2, 2).transpose(0, 1, 3, 2).reshape(m, k)
     # Pad M to the sublane tile and N to the block (zero levels and unit scales: zero columns).
@@ -93,7 +92,7 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
         for j in range(groups):
             row = first_row + j
             s = s_ref[pl.ds(row, 1), :]  # [1, bn]
-            z = zero if z_ref is None else z_ref[pl.ds(row, 1), :]
+            z = scheme.zero_level if z_ref is None else z_ref[pl.ds(row, 1), :]
             part = None
             for col, levels in halves:
                 q = levels[j * span:(j + 1) * span].astype(jnp.float32) - z

@@ -23,7 +23,8 @@ from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    """A projection's weight [K, N] quantized (see pallas_kernels/quantized_matmul/reference.py);
+    """A projection's weight [K, N] quantized: values [N, K], scales [K // g, N] (see
+    pallas_kernels/quantized_matmul/reference.py);
     `out_shape` is its output axes' shape, N their product."""
 
     values: jax.Array
@@ -92,8 +93,8 @@ class Linear(nnx.Module):
 
 
 class QuantizedLinear(nnx.Module):
-    """A Linear whose weight is quantized: `values`, `scales` (and `zeros`) parameters for the
-    weight viewed as [K, N] (K its contracted axes, N its output axes). Their logical axes
+    """A Linear whose weight is quantized: `values` [N, K], `scales` (and `zeros`) [K // g, N]
+    parameters for the weight viewed as [K, N] (K its contracted axes, N its output axes). Their logical axes
     are the weight's first contracted and first output axis, which keeps a sharded axis
     (heads, mlp) sharded: both are the major ones of their merged dimension."""
 
@@ -108,8 +109,9 @@ class QuantizedLinear(nnx.Module):
         self.out_shape = tuple(shape[nk:])
         k, n = math.prod(shape[:nk]), math.prod(shape[nk:])
         scheme.check(k, n, name)  # a ValueError naming the projection
-        axes = (logical_axes[0], logical_axes[nk])
-        made = {name: param(rngs, shp, axes, dt, init="levels" if name == "values" else "fill",
+        axes = (logical_axes[0], logical_axes[nk])  # (input, output); values are output-major
+        made = {name: param(rngs, shp, axes[::-1] if name == "values" else axes, dt,
+                            init="levels" if name == "values" else "fill",
                             scale=_FILL.get((name, scheme.method), 0.0))
                 for name, (shp, dt) in scheme.shapes(k, n).items()}
         self.values, self.scales = made["values"], made["scales"]
@@ -129,8 +131,7 @@ class QuantizedLinear(nnx.Module):
 
 
 # Scales of random (benchmark) weights: about the size of a 0.02-normal weight's.
-_FILL = {("scales", "int8"): 0.02 / 64, ("scales", "int4"): 0.02 / 4, ("scales", "fp8"): 0.02 / 224,
-         ("zeros", "int4"): 8.0}
+_FILL = {("scales", "int8"): 0.02 / 64, ("scales", "int4"): 0.02 / 4, ("scales", "fp8"): 0.02 / 224}
 
 
 def quantize_model(model: nnx.Module, scheme: QuantScheme, *, dtype, rngs: nnx.Rngs,

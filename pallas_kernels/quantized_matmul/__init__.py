@@ -1,11 +1,13 @@
 """Matmuls over quantized weights (int8, packed int4, fp8 values plus scales).
 
 `reference.py` defines the format (`QuantScheme`, `quantize`, `dequantize`) and the pure-JAX
-matmul the kernels are checked against; `tpu.py` is the Mosaic TPU kernel. `quantized_matmul`
-is the one entry point the model's projections reach (through jaxinfer/layers/linear.py). It
-picks by the platform it is lowered for, as the attention kernels do: the TPU kernel on TPU
-(where its `supports` takes the shapes), XLA's dequantize-then-dot elsewhere until the Mosaic
-GPU kernel comes. `interpret=` forces the TPU kernel in interpret mode, for tests.
+matmul the kernels are checked against; `tpu.py` is the Mosaic TPU kernel, `gpu.py` the Mosaic
+GPU (Hopper) one. `quantized_matmul` is the one entry point the model's projections reach
+(through jaxinfer/layers/linear.py). It picks by the platform it is lowered for, as the attention
+kernels do: the TPU kernel on TPU and the GPU kernel on CUDA where their `supports` take the
+shapes (the GPU one: decode-sized M), XLA's dequantize-then-dot otherwise. `interpret=` forces a
+kernel in interpret mode, for tests: `plgpu.InterpretGPUParams` the GPU kernel, `True` or
+`pltpu.InterpretParams` the TPU one.
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
                      scheme: QuantScheme, *, out_dtype=None, interpret=None) -> jax.Array:
     """x [M, K] (bf16 or float32) times the quantized weight [K, N]: [M, N] in `out_dtype`
     (default x's dtype), accumulated in float32. The weight is never stored as floats."""
-    from pallas_kernels.quantized_matmul import tpu as _tpu  # Pallas is imported when traced
+    # Pallas (and Mosaic GPU) are imported when traced, not when this package is.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels.quantized_matmul import gpu as _gpu
+    from pallas_kernels.quantized_matmul import tpu as _tpu
 
     out_dtype = out_dtype or x.dtype
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return _gpu.quantized_matmul(x, values, scales, zeros, scheme, out_dtype=out_dtype, interpret=interpret)
     if interpret is not None and interpret is not False:
         return _tpu.quantized_matmul(x, values, scales, zeros, scheme, out_dtype=out_dtype, interpret=interpret)
     operands = (x, values, scales) + (() if zeros is None else (zeros,))
@@ -36,13 +44,15 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
         return run
 
     tpu = _tpu.quantized_matmul if _tpu.supports(x, values, scheme) else _xla
-    return jax.lax.platform_dependent(*operands, tpu=call(tpu), default=call(_xla))
+    gpu = _gpu.quantized_matmul if _gpu.supports(x, values, scheme) is None else _xla
+    return jax.lax.platform_dependent(*operands, tpu=call(tpu), cuda=call(gpu), default=call(_xla))
 
 
 def _xla(x, values, scales, zeros, scheme: QuantScheme, *, out_dtype):
-    """XLA: the weight dequantized into x's dtype inside the step, one projection at a time."""
-    w = dequantize(values, scales, zeros, scheme, x.dtype)
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    """XLA: the weight dequantized into x's dtype inside the step, one projection at a time, and
+    contracted on its stored minor axis (x W^T, as a Linear layer's)."""
+    w = _reference.dequantize_output_major(values, scales, zeros, scheme, x.dtype)
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 __all__ = ["QuantScheme", "dequantize", "parse", "quantize", "quantized_matmul", "reference"]

@@ -1,16 +1,19 @@
 """Quantized weights and the pure-JAX matmul over them: the reference the kernels are checked
 against.
 
-A projection's weight is viewed as a matrix [K, N] (K input channels, N outputs). Quantized:
+A projection's weight is the matrix W [K, N] (K input channels, N outputs). Quantized, it is
+stored output-major, each output's K levels contiguous (the layout of GGUF, of PyTorch's Linear
+and of compressed-tensors, and the one the GPU kernel streams into registers):
 
-    values  [K, N]      int8 or float8_e4m3fn; int4: [K // 2, N] uint8, two per byte along K
-                        (the low nibble holds the even input channel, the high one the odd)
+    values  [N, K]      int8, int4 (signed, packed two a byte on the device) or float8_e4m3fn
     scales  [K // g, N] float32: one per group of g input channels per output (g = K: per channel)
-    zeros   [K // g, N] float32, int4 with zero points only: the level that stands for 0 (not
-                        always a whole level: an integer one, GPTQ's, is one case)
+    zeros   [K // g, N] float32, int4 with zero points only: the level that stands for 0, in the
+                        values' signed domain (-8..7; not always a whole level: GGUF's Q4_1
+                        keeps a float minimum)
 
-and W[k, n] = (values[k, n] - zero) * scales[k // g, n], where zero is zeros[k // g, n] when
-there are zero points, 8 for symmetric int4 (its levels 0..15 hold -8..7) and 0 otherwise.
+and W[k, n] = (values[n, k] - zero) * scales[k // g, n], with zero = zeros[k // g, n] when there
+are zero points and 0 otherwise. Scales stay input-major, so a kernel reads one row of a tile's
+outputs per group.
 
 `quantize` works on numpy arrays (on the host, as a checkpoint loads: the float weight never
 reaches the device) and on jax arrays (random weights made on the device).
@@ -56,10 +59,8 @@ class QuantScheme:
         return self.method + group + ("-zp" if self.zero_points else "")
 
     @property
-    def zero_level(self) -> float:
-        """The level that stands for 0 when no zeros are stored: 8 for int4 (levels 0..15 hold
-        -8..7), 0 otherwise."""
-        return 8.0 if self.method == "int4" and not self.zero_points else 0.0
+    def values_dtype(self) -> np.dtype:
+        return np.dtype({"int8": np.int8, "int4": ml_dtypes.int4, "fp8": ml_dtypes.float8_e4m3fn}[self.method])
 
     @property
     def bits(self) -> int:
@@ -80,9 +81,7 @@ class QuantScheme:
     def shapes(self, k: int, n: int) -> dict[str, tuple[tuple[int, int], np.dtype]]:
         """name -> (shape, dtype) of the arrays that hold a quantized [K, N] weight."""
         rows = k // self.group(k)
-        values = {"int8": ((k, n), np.dtype(np.int8)), "int4": ((k // 2, n), np.dtype(np.uint8)),
-                  "fp8": ((k, n), np.dtype(ml_dtypes.float8_e4m3fn))}[self.method]
-        out = {"values": values, "scales": ((rows, n), np.dtype(np.float32))}
+        out = {"values": ((n, k), self.values_dtype), "scales": ((rows, n), np.dtype(np.float32))}
         if self.zero_points:
             out["zeros"] = ((rows, n), np.dtype(np.float32))
         return out
@@ -125,50 +124,43 @@ def quantize(w, scheme: QuantScheme) -> dict:
         # an integer, as GPTQ does, would shift every level of the group by up to half a step.
         lo, hi = wg.min(axis=1), wg.max(axis=1)
         scales = xp.where(hi > lo, (hi - lo) / 15.0, 1.0)
-        zeros = -lo / scales
-        q = xp.clip(xp.round((wg - lo[:, None]) / scales[:, None]), 0, 15)
-        out = {"values": _pack_int4(q.reshape(k, n), xp), "scales": scales.astype(xp.float32),
-               "zeros": zeros.astype(xp.float32)}
-        return out
+        q = xp.clip(xp.round((wg - lo[:, None]) / scales[:, None]), 0, 15) - 8
+        return {"values": _output_major(q, scheme, xp), "scales": scales.astype(xp.float32),
+                "zeros": (-lo / scales - 8).astype(xp.float32)}
     top = {"int8": 127.0, "int4": 7.0, "fp8": FP8_MAX}[scheme.method]
     amax = xp.abs(wg).max(axis=1)
     scales = xp.where(amax > 0, amax / top, 1.0).astype(xp.float32)
     scaled = wg / scales[:, None]
     if scheme.method == "fp8":
-        values = xp.clip(scaled, -FP8_MAX, FP8_MAX).reshape(k, n).astype(ml_dtypes.float8_e4m3fn)
-    elif scheme.method == "int8":
-        values = xp.clip(xp.round(scaled), -127, 127).reshape(k, n).astype(xp.int8)
+        q = xp.clip(scaled, -FP8_MAX, FP8_MAX)
     else:
-        values = _pack_int4(xp.clip(xp.round(scaled), -8, 7).reshape(k, n) + 8, xp)
-    return {"values": values, "scales": scales}
+        q = xp.clip(xp.round(scaled), -127 if scheme.method == "int8" else -8, top)
+    return {"values": _output_major(q, scheme, xp), "scales": scales}
 
 
-def _pack_int4(levels, xp):
-    """[K, N] levels 0..15 -> [K // 2, N] uint8 (even channel in the low nibble)."""
-    q = levels.astype(xp.uint8)
-    return (q[0::2] | (q[1::2] << 4)).astype(xp.uint8)
-
-
-def unpack_int4(packed: jax.Array) -> jax.Array:
-    """[K // 2, N] uint8 -> [K, N] levels 0..15 (int8)."""
-    lo = (packed & 0xF).astype(jnp.int8)
-    hi = (packed >> 4).astype(jnp.int8)
-    return jnp.stack([lo, hi], axis=1).reshape(packed.shape[0] * 2, packed.shape[1])
+def _output_major(q, scheme: QuantScheme, xp):
+    """Levels [K // g, g, N] (floats) -> values [N, K] in the scheme's dtype."""
+    rows, g, n = q.shape
+    return q.reshape(rows * g, n).T.astype(scheme.values_dtype)
 
 
 def dequantize(values: jax.Array, scales: jax.Array, zeros: jax.Array | None, scheme: QuantScheme,
                dtype=jnp.float32) -> jax.Array:
     """The float [K, N] weight back."""
-    if scheme.method == "int4":
-        q = unpack_int4(jnp.asarray(values)).astype(jnp.float32)
-    else:
-        q = jnp.asarray(values).astype(jnp.float32)
-    k, n = q.shape
+    return dequantize_output_major(values, scales, zeros, scheme, dtype).T
+
+
+def dequantize_output_major(values: jax.Array, scales: jax.Array, zeros: jax.Array | None,
+                            scheme: QuantScheme, dtype=jnp.float32) -> jax.Array:
+    """The float weight as stored, [N, K] (W transposed)."""
+    q = jnp.asarray(values).astype(jnp.float32)
+    n, k = q.shape
     rows = scales.shape[0]
-    q = q.reshape(rows, k // rows, n)
-    q = q - (scheme.zero_level if zeros is None else zeros[:, None, :])
-    w = q * scales[:, None, :]
-    return w.reshape(k, n).astype(dtype)
+    q = q.reshape(n, rows, k // rows)
+    if zeros is not None:
+        q = q - zeros.T[:, :, None]
+    w = q * scales.T[:, :, None]
+    return w.reshape(n, k).astype(dtype)
 
 
 def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None,

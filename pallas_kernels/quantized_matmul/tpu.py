@@ -1,16 +1,11 @@
-"""Mosaic TPU kernel: x [M, K] (bf16 or float32) times a quantized weight [K, N] (int8, packed
-int4 or fp8 values with scales per group of input channels), dequantized tile by tile in VMEM.
+"""Mosaic TPU kernel: x [M, K] (bf16 or float32) times a quantized weight [K, N] (int8, int4 or
+fp8 values [N, K] with scales per group of input channels), dequantized tile by tile in VMEM.
 
 Grid (M blocks, N blocks, K blocks), K innermost with a float32 accumulator in VMEM. Each K tile
-holds whole scale groups (or lies inside one, per channel). Per group, the kernel takes one dot of
-the activations with the group's raw levels (minus the zero level) and scales the product's
-columns, so a scale never has to be spread over rows.
-
-Packed int4 holds an even input channel in the low nibble and the odd one after it in the high
-nibble. Rather than interleave the nibbles back in VMEM, the activations' columns are put in the
-same order outside the kernel (per K tile: its even channels, then its odd ones), which costs one
-small permutation of x; the low nibbles then meet the first half of the tile and the high ones
-the second.
+holds whole scale groups (or lies inside one, per channel). Per group, the kernel contracts the
+activations with the group's raw levels (a [N, K] tile contracted on its minor axis, as the MXU
+takes a transposed operand), subtracts the zero level times the activations' sum, and scales
+the product's columns, so neither a scale nor a zero has to be spread over rows.
 """
 
 from __future__ import annotations
@@ -44,12 +39,9 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
                      scheme: QuantScheme, *, out_dtype=None, block_m: int = 256, block_n: int = 256,
                      interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
     m, k = x.shape
-    n = values.shape[1]
+    n = values.shape[0]
     g = scheme.group(k)
     bk = _tile_k(k, g)
-    int4 = scheme.method == "int4"
-    if int4:  # per K tile: its even channels, then its odd ones (the nibbles' order)
-        x = x.reshape(m, k // bk, bk // 2, 2).transpose(0, 1, 3, 2).reshape(m, k)
     # Pad M to the sublane tile and N to the block (zero levels and unit scales: zero columns).
     bm = min(block_m, -(-m // 16) * 16)
     mp = -(-m // bm) * bm
@@ -57,12 +49,12 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
     np_ = -(-n // bn) * bn
     x = jnp.pad(x, ((0, mp - m), (0, 0)))
     pad_n = ((0, 0), (0, np_ - n))
-    values = jnp.pad(values, pad_n)
+    values = jnp.pad(values, ((0, np_ - n), (0, 0)))
     scales = jnp.pad(scales, pad_n, constant_values=1.0)
     rows = scales.shape[0]
     operands = [x, values, scales]
     in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-                pl.BlockSpec((bk // 2 if int4 else bk, bn), lambda i, j, kk: (kk, j)),
+                pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk)),
                 pl.BlockSpec((rows, bn), lambda i, j, kk: (0, j))]
     if zeros is not None:
         operands.append(jnp.pad(zeros, pad_n))
@@ -80,25 +72,18 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
             acc_ref[...] = jnp.zeros_like(acc_ref)
 
         xt = x_ref[...]
-        if int4:
-            packed = v_ref[...].astype(jnp.int32)
-            halves = [(0, packed & 0xF), (bk // 2, packed >> 4)]  # (first column of x, levels)
-            span = width // 2
-        else:
-            halves = [(0, v_ref[...])]
-            span = width
+        levels = v_ref[...]  # [bn, bk]
         first_row = kk * bk // g  # the tile's first scale group
         acc = acc_ref[...]
         for j in range(groups):
             row = first_row + j
             s = s_ref[pl.ds(row, 1), :]  # [1, bn]
-            z = scheme.zero_level if z_ref is None else z_ref[pl.ds(row, 1), :]
-            part = None
-            for col, levels in halves:
-                q = levels[j * span:(j + 1) * span].astype(jnp.float32) - z
-                d = jnp.dot(xt[:, col + j * span:col + (j + 1) * span], q.astype(xt.dtype),
-                            preferred_element_type=jnp.float32)
-                part = d if part is None else part + d
+            cols = slice(j * width, (j + 1) * width)
+            xg = xt[:, cols]
+            part = jax.lax.dot_general(xg, levels[:, cols].astype(xt.dtype), (((1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+            if z_ref is not None:  # sum_k x_k (q_k - z) = x . q - z sum_k x_k: no zero spread over rows
+                part = part - jnp.sum(xg.astype(jnp.float32), axis=1, keepdims=True) * z_ref[pl.ds(row, 1), :]
             acc = acc + part * s
         acc_ref[...] = acc
 

@@ -1,0 +1,226 @@
+"""Mosaic GPU (Hopper) kernel: x [M, K] (bf16) times a quantized weight [K, N] (int8, int4 or fp8
+values [N, K] with scales per group of input channels), for decode-sized M (1..128).
+
+The weight is the operand that streams from HBM, so it is the one that goes through registers:
+the kernel computes y^T = W^T x^T, with the weight as wgmma's left operand (held in registers,
+where it is dequantized) and the activations as its right one (x^T: a transposed view of the x
+tile in SMEM, N = M rounded up to 8). The weight's output-major layout [N, K] is what makes this
+work: a [64, k] tile of it is the left operand as stored, with no transpose in the kernel.
+
+One CUDA block per (64 outputs, K split): a pipeline of `stages` TMA loads (x tile [Mp, tile_k],
+values tile [64, tile_k], the tile's scale rows [tile_k / g, 64]) feeds one warpgroup. Per chunk
+of the tile (one scale group, or 128 channels when scales are per channel) it loads the values
+into registers in the layout made for widening (WGMMA_UPCAST_2X for 8 bits, _4X for 4 bits, then
+2X), widens them (int8 -> bf16 by the byte-permute trick, int4 -> bf16 by its own trick, fp8 ->
+f16 by cvt), subtracts the zero and multiplies by the scale in float32, rounds to bf16 and issues
+a wgmma accumulating [64, Mp] in float32 registers. Per-channel scales (and zeros) are left out
+of the kernel and applied to its output instead.
+
+K is split so that about two blocks run per SM (a 4096-output projection has only 64 tiles); the
+splits write float32 partials [splits, N, Mp] that a small XLA epilogue sums, transposes, scales
+(per channel) and casts.
+
+`interpret=plgpu.InterpretGPUParams()` runs the kernel on the CPU. GPU interpret mode cannot run
+a wgmma whose left operand is in registers, so there the accumulation is a plain dot into SMEM;
+everything else (the pipeline, the tiles' indices, the dequantization) is the kernel's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.quantized_matmul.reference import QuantScheme
+
+TILE_N = 64  # outputs per block: one wgmma M
+MAX_M = 128  # larger batches take the dequantize-then-dot path (see __init__.py)
+SMEM_BUDGET = 110 * 1024  # two blocks per SM (228 KiB each)
+_DEFAULT_SMS = 132  # H100 / H200, when no GPU is attached (export)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    tile_k: int  # input channels per pipeline step
+    stages: int  # steps in flight
+    splits: int  # K splits (blocks per output tile)
+
+
+def _chunk(scheme: QuantScheme, k: int) -> int:
+    """Channels widened and fed to one wgmma together: a scale group (at least 32 bytes of values
+    per row, the smallest swizzle), or 128 when scales are per channel."""
+    g = scheme.group(k)
+    return max(min(g, 128), 256 // scheme.bits)
+
+
+def supports(x: jax.Array, values: jax.Array, scheme: QuantScheme) -> str | None:
+    """None when the kernel takes these shapes, else why not."""
+    m, k = x.shape
+    n = values.shape[0]
+    if x.dtype != jnp.bfloat16:
+        return f"x dtype {x.dtype} (bf16 only)"
+    if m > MAX_M:
+        return f"M = {m} > {MAX_M}"
+    if n % TILE_N:
+        return f"N = {n} is not a multiple of {TILE_N}"
+    if k % _chunk(scheme, k):
+        return f"K = {k} is not a multiple of {_chunk(scheme, k)}"
+    return None
+
+
+def default_config(m: int, k: int, n: int, scheme: QuantScheme, num_sms: int | None = None) -> Config:
+    """The largest K tile (up to 512 channels) dividing K in whole chunks whose pipeline fits the
+    SMEM budget with at least 2 stages, and K splits for about two blocks per SM."""
+    mp = _padded_m(m)
+    chunk = _chunk(scheme, k)
+    for tile_k in (512, 384, 256, 192, 128, 64, 32):
+        if tile_k % chunk or k % tile_k:
+            continue
+        stage = _stage_bytes(mp, tile_k, scheme, k)
+        if 2 * stage + TILE_N * mp * 4 <= SMEM_BUDGET or tile_k == chunk:
+            break
+    stages = max(2, min(4, (SMEM_BUDGET - TILE_N * mp * 4) // stage))
+    steps = k // tile_k
+    target = 2 * (num_sms or _num_sms())
+    tiles = n // TILE_N
+    splits = 1
+    for s in range(1, steps + 1):
+        if steps % s == 0 and tiles * s <= target and steps // s >= 2:
+            splits = s
+    return Config(tile_k, stages, splits)
+
+
+def _num_sms() -> int:
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return _DEFAULT_SMS
+    return (getattr(device, "core_count", None) or _DEFAULT_SMS) if device.platform == "gpu" else _DEFAULT_SMS
+
+
+def _padded_m(m: int) -> int:
+    return max(8, -(-m // 8) * 8)
+
+
+def _stage_bytes(mp: int, tile_k: int, scheme: QuantScheme, k: int) -> int:
+    scales = 0 if scheme.group_size is None else (tile_k // scheme.group(k)) * TILE_N * 4 * (1 + scheme.zero_points)
+    return mp * tile_k * 2 + TILE_N * tile_k * scheme.bits // 8 + scales
+
+
+def _transforms(cols: int, bits: int):
+    swizzle = min(128, cols * bits // 8)
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "out_dtype", "config", "interpret"))
+def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None,
+                     scheme: QuantScheme, *, out_dtype=None, config: Config | None = None,
+                     interpret=None) -> jax.Array:
+    """x [M, K] bf16 times the weight (values [N, K], scales/zeros [K // g, N]): [M, N]."""
+    m, k = x.shape
+    n = values.shape[0]
+    why = supports(x, values, scheme)
+    if why is not None:
+        raise ValueError(f"quantized_matmul GPU kernel: {why}")
+    config = config or default_config(m, k, n, scheme)
+    mp = _padded_m(m)
+    grouped = scheme.group_size is not None
+    g = scheme.group(k)
+    chunk = _chunk(scheme, k)
+    piece = min(g, chunk)  # channels sharing one scale within a chunk
+    tile_k, splits = config.tile_k, config.splits
+    if tile_k % chunk or k % (tile_k * splits):
+        raise ValueError(f"quantized_matmul GPU kernel: {config} does not tile K = {k} in chunks of {chunk}")
+    steps = k // tile_k // splits
+    bits = scheme.bits
+    on_gpu = interpret in (None, False)
+    x = jnp.pad(x, ((0, mp - m), (0, 0)))
+    in_kernel_zeros = zeros is not None and grouped  # per channel, the epilogue subtracts them
+    operands = [x, values] + ([scales] if grouped else []) + ([zeros] if in_kernel_zeros else [])
+    wide = {8: plgpu.Layout.WGMMA_UPCAST_2X, 4: plgpu.Layout.WGMMA_UPCAST_4X}[bits]
+
+    def kernel(x_gmem, v_gmem, *rest):
+        s_gmem = rest[0] if grouped else None
+        z_gmem = rest[1] if in_kernel_zeros else None
+        out_gmem, out_smem = rest[-2], rest[-1]
+        tile, split = lax.axis_index("n"), lax.axis_index("split")
+        first = split * steps
+
+        def widen(q):
+            """Values [64, chunk] from SMEM -> float32 in the WGMMA layout."""
+            if bits == 4:
+                q = plgpu.layout_cast(q, plgpu.Layout.WGMMA_UPCAST_2X)
+            q = q.astype(jnp.float16 if scheme.method == "fp8" else jnp.bfloat16)
+            if on_gpu:
+                q = plgpu.layout_cast(q, plgpu.Layout.WGMMA)
+            return q.astype(jnp.float32)
+
+        def row(ref, r):
+            if on_gpu:
+                return plgpu.load(ref.at[r], layout=plgpu.Layout.WGMMA.reduce(1))
+            return ref[r]
+
+        def scope(acc):
+            def body(_, x_smem, v_smem, *group_smem):
+                for c in range(tile_k // chunk):
+                    cols = pl.ds(c * chunk, chunk)
+                    if on_gpu:
+                        q = widen(plgpu.load(v_smem.at[:, cols], layout=wide))
+                    else:
+                        q = widen(v_smem[:, cols])
+                    for p in range(chunk // piece):
+                        w = q if piece == chunk else q[:, p * piece:(p + 1) * piece]
+                        r = (c * chunk + p * piece) // g  # the scale row within the tile
+                        if in_kernel_zeros:
+                            w = w - row(group_smem[1], r)[:, None]
+                        if grouped:
+                            w = w * row(group_smem[0], r)[:, None]
+                        w = w.astype(jnp.bfloat16)
+                        xt = x_smem.at[:, pl.ds(c * chunk + p * piece, piece)]
+                        if on_gpu:
+                            plgpu.wgmma(acc, w, xt.T)
+                        else:
+                            acc[...] += lax.dot_general(w, xt[...], (((1,), (1,)), ((), ())),
+                                                        preferred_element_type=jnp.float32)
+                if on_gpu:
+                    plgpu.wgmma_wait(0)
+
+            rows = tile_k // g if grouped else 0
+            specs = [plgpu.BlockSpec((mp, tile_k), lambda kk: (0, first + kk), transforms=_transforms(piece, 16)),
+                     plgpu.BlockSpec((TILE_N, tile_k), lambda kk: (tile, first + kk), transforms=_transforms(chunk, bits))]
+            refs = [x_gmem, v_gmem]
+            for ref in (s_gmem, z_gmem):
+                if ref is not None:
+                    specs.append(plgpu.BlockSpec((rows, TILE_N), lambda kk: (first + kk, tile)))
+                    refs.append(ref)
+            plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages)(*refs)
+            out_smem[...] = acc[...]
+
+        if on_gpu:
+            pl.run_scoped(scope, plgpu.ACC((TILE_N, mp), jnp.float32))
+        else:
+            def zeroed(acc):
+                acc[...] = jnp.zeros_like(acc)
+                scope(acc)
+            pl.run_scoped(zeroed, plgpu.SMEM((TILE_N, mp), jnp.float32))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[split, pl.ds(tile * TILE_N, TILE_N)])
+        plgpu.wait_smem_to_gmem(0)
+
+    partial = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+        grid=(n // TILE_N, splits), grid_names=("n", "split"),
+        scratch_types=[plgpu.SMEM((TILE_N, mp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(), interpret=interpret,
+    )(*operands)
+    y = partial.sum(axis=0)[:, :m].T
+    if not grouped:  # per channel: sum_k x_k (q_k - z) s = (x . q - z sum_k x_k) s
+        if zeros is not None:
+            y = y - x[:m].astype(jnp.float32).sum(axis=1, keepdims=True) * zeros[0]
+        y = y * scales[0]
+    return y.astype(out_dtype or x.dtype)

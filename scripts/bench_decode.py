@@ -14,7 +14,8 @@ eagerly):
      decode step carries prefill work) and exactly two compiled shapes (B decode rows with and without the
      prefill region). An untimed `generate` of 4 tokens, then --repeats timed `LLM.generate` runs on fresh prompts.
      Then the step split (below) on that engine's runner. Largest B first, so a cut-short run keeps B = 64.
-  2. the peer: `python <carry>/bench/peer_gptfast.py llama-3-8b bf16 1,16,64` (--peer-script), if not --no-peer.
+  2. the peer: `python <carry>/bench/peer_gptfast.py llama-3-8b bf16 1,16,64` (--peer-script, --peer-quantization),
+     if not --no-peer.
   3. a restart: a fresh process makes the weights and starts the B = 64 engine again, now with the persistent XLA
      cache and the lowered steps on disk warm: the "8B shape to ready, warm cache" of issue 11, for this
      benchmark's two-shape engine (--no-restart skips it).
@@ -90,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--peer-script", default=str(DEFAULT_PEER))
     p.add_argument("--peer-python", default=sys.executable, help="a python with torch (the device's python3)")
     p.add_argument("--peer-model", default="llama-3-8b")
+    p.add_argument("--peer-quantization", choices=("bf16", "int8", "int4"), default="bf16",
+                   help="the peer's weights (its int4 groups by 128)")
     p.add_argument("--restart", action=argparse.BooleanOptionalAction, default=None,
                    help="restart the largest-B engine with warm caches (default: on, off with --tiny)")
     p.add_argument("--budget-s", type=float, default=570, help="wall-clock budget of the whole run")
@@ -572,7 +575,8 @@ def main() -> None:
             lines: list[str] = []
             batches = args.batches
             _, report["seconds"]["peer"] = run_child(
-                [args.peer_python, args.peer_script, args.peer_model, "bf16", batches], out_dir / "peer.log",
+                [args.peer_python, args.peer_script, args.peer_model, args.peer_quantization, batches],
+                out_dir / "peer.log",
                 min(args.peer_timeout, budget.left() - (0 if args.no_restart else args.restart_reserve_s)),
                 "peer gpt-fast", on_line=lines.append)
             report["peer"] = peer_results(lines)

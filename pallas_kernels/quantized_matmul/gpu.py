@@ -108,7 +108,8 @@ def _padded_m(m: int) -> int:
 
 
 def _stage_bytes(mp: int, tile_k: int, scheme: QuantScheme, k: int) -> int:
-    scales = 0 if scheme.group_size is None else (tile_k // scheme.group(k)) * TILE_N * 4 * (1 + scheme.zero_points)
+    rows = 0 if scheme.group_size is None else tile_k // scheme.group(k)
+    scales = rows * TILE_N * 4 * (1 + scheme.zero_points) + rows * mp * 4 * scheme.zero_points
     return mp * tile_k * 2 + TILE_N * tile_k * scheme.bits // 8 + scales
 
 
@@ -140,74 +141,92 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
     bits = scheme.bits
     on_gpu = interpret in (None, False)
     x = jnp.pad(x, ((0, mp - m), (0, 0)))
-    in_kernel_zeros = zeros is not None and grouped  # per channel, the epilogue subtracts them
-    operands = [x, values] + ([scales] if grouped else []) + ([zeros] if in_kernel_zeros else [])
+    operands = [x, values]
+    if grouped:
+        operands.append(scales)
+        if zeros is not None:  # sum_k x_k (q_k - z) = x . q - z sum_k x_k, per group
+            operands += [zeros, x.astype(jnp.float32).reshape(mp, k // g, g).sum(axis=2).T]  # [K // g, Mp]
     wide = {8: plgpu.Layout.WGMMA_UPCAST_2X, 4: plgpu.Layout.WGMMA_UPCAST_4X}[bits]
+    acc_layout = plgpu.Layout.WGMMA
 
     def kernel(x_gmem, v_gmem, *rest):
-        s_gmem = rest[0] if grouped else None
-        z_gmem = rest[1] if in_kernel_zeros else None
+        group_gmem = rest[:-2]  # scales (, zeros, x's group sums)
         out_gmem, out_smem = rest[-2], rest[-1]
         tile, split = lax.axis_index("n"), lax.axis_index("split")
         first = split * steps
 
-        def widen(q):
-            """Values [64, chunk] from SMEM -> float32 in the WGMMA layout."""
-            if bits == 4:
+        def widened(v_smem, c):
+            """Values [64, chunk] of chunk c from SMEM, in bf16 (exact) in the WGMMA layout."""
+            cols = pl.ds(c * chunk, chunk)
+            q = plgpu.load(v_smem.at[:, cols], layout=wide) if on_gpu else v_smem[:, cols]
+            if bits == 4 and on_gpu:
                 q = plgpu.layout_cast(q, plgpu.Layout.WGMMA_UPCAST_2X)
-            q = q.astype(jnp.float16 if scheme.method == "fp8" else jnp.bfloat16)
-            if on_gpu:
-                q = plgpu.layout_cast(q, plgpu.Layout.WGMMA)
-            return q.astype(jnp.float32)
+            if scheme.method == "fp8":  # the hardware widens e4m3 to f16 only
+                q = q.astype(jnp.float16)
+                q = plgpu.layout_cast(q, acc_layout) if on_gpu else q
+                return q.astype(jnp.float32).astype(jnp.bfloat16)
+            q = q.astype(jnp.bfloat16)
+            return plgpu.layout_cast(q, acc_layout) if on_gpu else q
 
-        def row(ref, r):
-            if on_gpu:
-                return plgpu.load(ref.at[r], layout=plgpu.Layout.WGMMA.reduce(1))
-            return ref[r]
+        def vector(ref, r, axis):
+            """Row r of a group operand: per output (axis 1 reduced) or per x row (axis 0 reduced)."""
+            return plgpu.load(ref.at[r], layout=acc_layout.reduce(axis)) if on_gpu else ref[r]
 
-        def scope(acc):
-            def body(_, x_smem, v_smem, *group_smem):
-                for c in range(tile_k // chunk):
-                    cols = pl.ds(c * chunk, chunk)
-                    if on_gpu:
-                        q = widen(plgpu.load(v_smem.at[:, cols], layout=wide))
-                    else:
-                        q = widen(v_smem[:, cols])
-                    for p in range(chunk // piece):
-                        w = q if piece == chunk else q[:, p * piece:(p + 1) * piece]
-                        r = (c * chunk + p * piece) // g  # the scale row within the tile
-                        if in_kernel_zeros:
-                            w = w - row(group_smem[1], r)[:, None]
-                        if grouped:
-                            w = w * row(group_smem[0], r)[:, None]
-                        w = w.astype(jnp.bfloat16)
-                        xt = x_smem.at[:, pl.ds(c * chunk + p * piece, piece)]
-                        if on_gpu:
-                            plgpu.wgmma(acc, w, xt.T)
-                        else:
-                            acc[...] += lax.dot_general(w, xt[...], (((1,), (1,)), ((), ())),
-                                                        preferred_element_type=jnp.float32)
+        def product(w, xt):
+            """w [64, piece] bf16 times x^T [piece, Mp]: a fresh float32 [64, Mp]."""
+            if on_gpu:
+                zero = plgpu.layout_cast(jnp.zeros((TILE_N, mp), jnp.float32), acc_layout)
+                return pl.run_state(lambda acc: plgpu.wgmma(acc, w, xt.T))(plgpu.ACC.init(zero))
+            return lax.dot_general(w, xt[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+        def grouped_body(_, x_smem, v_smem, *group_smem):
+            """Each group's product is scaled (and its zero taken off) on the small accumulator, in float32,
+            not on the weight: Mp / 2 operations a thread per group instead of g / 2."""
+            *group_smem, total = group_smem
+            for c in range(tile_k // chunk):
+                q = widened(v_smem, c)
+                for p in range(chunk // piece):
+                    w = q if piece == chunk else q[:, p * piece:(p + 1) * piece]
+                    r = (c * chunk + p * piece) // g  # the group's row within the tile
+                    part = product(w, x_smem.at[:, pl.ds(c * chunk + p * piece, piece)])
+                    if len(group_smem) == 3:
+                        part = part - vector(group_smem[1], r, 1)[:, None] * vector(group_smem[2], r, 0)[None, :]
+                    total = total + part * vector(group_smem[0], r, 1)[:, None]
+            return total
+
+        def channel_body(_, x_smem, v_smem, acc):
+            """Per-channel scales come after the kernel: every chunk accumulates in place."""
+            for c in range(tile_k // chunk):
+                w = widened(v_smem, c)
+                xt = x_smem.at[:, pl.ds(c * chunk, chunk)]
                 if on_gpu:
-                    plgpu.wgmma_wait(0)
+                    plgpu.wgmma(acc, w, xt.T)
+                else:
+                    acc[...] += product(w, xt)
+            if on_gpu:
+                plgpu.wgmma_wait(0)  # the slot's x is read until the wgmma is done
 
-            rows = tile_k // g if grouped else 0
-            specs = [plgpu.BlockSpec((mp, tile_k), lambda kk: (0, first + kk), transforms=_transforms(piece, 16)),
-                     plgpu.BlockSpec((TILE_N, tile_k), lambda kk: (tile, first + kk), transforms=_transforms(chunk, bits))]
-            refs = [x_gmem, v_gmem]
-            for ref in (s_gmem, z_gmem):
-                if ref is not None:
-                    specs.append(plgpu.BlockSpec((rows, TILE_N), lambda kk: (first + kk, tile)))
-                    refs.append(ref)
-            plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages)(*refs)
-            out_smem[...] = acc[...]
-
-        if on_gpu:
+        specs = [plgpu.BlockSpec((mp, tile_k), lambda kk: (0, first + kk), transforms=_transforms(piece, 16)),
+                 plgpu.BlockSpec((TILE_N, tile_k), lambda kk: (tile, first + kk), transforms=_transforms(chunk, bits))]
+        rows = tile_k // g
+        specs += [plgpu.BlockSpec((rows, TILE_N), lambda kk: (first + kk, tile))] * min(len(group_gmem), 2)
+        specs += [plgpu.BlockSpec((rows, mp), lambda kk: (first + kk, 0))] * (len(group_gmem) == 3)
+        refs = (x_gmem, v_gmem, *group_gmem)
+        if grouped:
+            zero = jnp.zeros((TILE_N, mp), jnp.float32)
+            total = plgpu.emit_pipeline(grouped_body, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages,
+                                        init_carry=plgpu.layout_cast(zero, acc_layout) if on_gpu else zero)(*refs)
+            out_smem[...] = total
+        elif on_gpu:
+            def scope(acc):
+                plgpu.emit_pipeline(functools.partial(channel_body, acc=acc), grid=(steps,), in_specs=specs,
+                                    max_concurrent_steps=config.stages)(*refs)
+                out_smem[...] = acc[...]
             pl.run_scoped(scope, plgpu.ACC((TILE_N, mp), jnp.float32))
         else:
-            def zeroed(acc):
-                acc[...] = jnp.zeros_like(acc)
-                scope(acc)
-            pl.run_scoped(zeroed, plgpu.SMEM((TILE_N, mp), jnp.float32))
+            out_smem[...] = jnp.zeros_like(out_smem)
+            plgpu.emit_pipeline(functools.partial(channel_body, acc=out_smem), grid=(steps,), in_specs=specs,
+                                max_concurrent_steps=config.stages)(*refs)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[split, pl.ds(tile * TILE_N, TILE_N)])
         plgpu.wait_smem_to_gmem(0)

@@ -140,18 +140,29 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
     steps = k // tile_k // splits
     bits = scheme.bits
     on_gpu = interpret in (None, False)
-    x = jnp.pad(x, ((0, mp - m), (0, 0)))
-    operands = [x, values]
+    out_dtype = out_dtype or x.dtype
+    # With one block per output tile the kernel writes y [M, N] itself (scaled, in out_dtype); K splits write
+    # float32 partials [splits, N, Mp] that XLA sums and transposes.
+    final = splits == 1 and (grouped or zeros is None)
+    rows = m if m < 8 else mp  # x's and y's rows in the kernel: M below 8 (the TMA fills the tile), else padded
+    x_in = jnp.pad(x, ((0, rows - m), (0, 0)))
+    operands = [x_in, values]
     if grouped:
         operands.append(scales)
         if zeros is not None:  # sum_k x_k (q_k - z) = x . q - z sum_k x_k, per group
-            operands += [zeros, x.astype(jnp.float32).reshape(mp, k // g, g).sum(axis=2).T]  # [K // g, Mp]
+            xs = x.astype(jnp.float32).reshape(m, k // g, g).sum(axis=2).T
+            operands += [zeros, jnp.pad(xs, ((0, 0), (0, mp - m)))]  # [K // g, Mp]
+    elif final:
+        operands.append(scales)  # [1, N], applied at the end
     wide = {8: plgpu.Layout.WGMMA_UPCAST_2X, 4: plgpu.Layout.WGMMA_UPCAST_4X}[bits]
     acc_layout = plgpu.Layout.WGMMA
 
     def kernel(x_gmem, v_gmem, *rest):
-        group_gmem = rest[:-2]  # scales (, zeros, x's group sums)
-        out_gmem, out_smem = rest[-2], rest[-1]
+        if grouped or not final:
+            group_gmem, (out_gmem, out_smem) = rest[:-2], rest[-2:]  # scales (, zeros, x's group sums)
+            channel_scales = None
+        else:
+            group_gmem, (channel_scales, out_gmem, out_smem, s_smem, s_ready) = (), rest
         tile, split = lax.axis_index("n"), lax.axis_index("split")
         first = split * steps
 
@@ -212,34 +223,58 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
         specs += [plgpu.BlockSpec((rows, TILE_N), lambda kk: (first + kk, tile))] * min(len(group_gmem), 2)
         specs += [plgpu.BlockSpec((rows, mp), lambda kk: (first + kk, 0))] * (len(group_gmem) == 3)
         refs = (x_gmem, v_gmem, *group_gmem)
+        outputs = pl.ds(tile * TILE_N, TILE_N)
+        if channel_scales is not None:  # the tile's per-channel scales, fetched while the pipeline runs
+            plgpu.copy_gmem_to_smem(channel_scales.at[:, outputs], s_smem, s_ready)
+
+        def finish(total):
+            """total [64, Mp] float32 -> the output: final, y's tile stored transposed ([Mp, 64], in out_dtype; rows
+            past M are not copied out); else the float32 partial as it is."""
+            if final:
+                if channel_scales is not None:
+                    plgpu.barrier_wait(s_ready)
+                    total = total * vector(s_smem, 0, 1)[:, None]
+                out_smem.T[...] = total.astype(out_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, m)] if m < 8 else out_smem, out_gmem.at[:, outputs])
+            else:
+                out_smem[...] = total
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[split, outputs])
+            plgpu.wait_smem_to_gmem(0)
+
         if grouped:
             zero = jnp.zeros((TILE_N, mp), jnp.float32)
-            total = plgpu.emit_pipeline(grouped_body, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages,
-                                        init_carry=plgpu.layout_cast(zero, acc_layout) if on_gpu else zero)(*refs)
-            out_smem[...] = total
+            finish(plgpu.emit_pipeline(grouped_body, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages,
+                                       init_carry=plgpu.layout_cast(zero, acc_layout) if on_gpu else zero)(*refs))
         elif on_gpu:
             def scope(acc):
                 plgpu.emit_pipeline(functools.partial(channel_body, acc=acc), grid=(steps,), in_specs=specs,
                                     max_concurrent_steps=config.stages)(*refs)
-                out_smem[...] = acc[...]
+                finish(acc[...])
             pl.run_scoped(scope, plgpu.ACC((TILE_N, mp), jnp.float32))
         else:
-            out_smem[...] = jnp.zeros_like(out_smem)
-            plgpu.emit_pipeline(functools.partial(channel_body, acc=out_smem), grid=(steps,), in_specs=specs,
-                                max_concurrent_steps=config.stages)(*refs)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[split, pl.ds(tile * TILE_N, TILE_N)])
-        plgpu.wait_smem_to_gmem(0)
+            def scope(acc):
+                acc[...] = jnp.zeros_like(acc)
+                plgpu.emit_pipeline(functools.partial(channel_body, acc=acc), grid=(steps,), in_specs=specs,
+                                    max_concurrent_steps=config.stages)(*refs)
+                finish(acc[...])
+            pl.run_scoped(scope, plgpu.SMEM((TILE_N, mp), jnp.float32))
 
-    partial = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+    out_type = jax.ShapeDtypeStruct((rows, n), out_dtype) if final else jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
+    scratch = [plgpu.SMEM((mp, TILE_N), out_dtype) if final else plgpu.SMEM((TILE_N, mp), jnp.float32)]
+    if final and not grouped:
+        scratch += [plgpu.SMEM((1, TILE_N), jnp.float32), plgpu.Barrier()]
+    out = plgpu.kernel(
+        kernel, out_type=out_type,
         grid=(n // TILE_N, splits), grid_names=("n", "split"),
-        scratch_types=[plgpu.SMEM((TILE_N, mp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(), interpret=interpret,
+        scratch_types=scratch, compiler_params=plgpu.CompilerParams(), interpret=interpret,
     )(*operands)
-    y = partial.sum(axis=0)[:, :m].T
+    if final:
+        return out[:m]
+    y = out.sum(axis=0)[:, :m].T
     if not grouped:  # per channel: sum_k x_k (q_k - z) s = (x . q - z sum_k x_k) s
         if zeros is not None:
-            y = y - x[:m].astype(jnp.float32).sum(axis=1, keepdims=True) * zeros[0]
+            y = y - x.astype(jnp.float32).sum(axis=1, keepdims=True) * zeros[0]
         y = y * scales[0]
-    return y.astype(out_dtype or x.dtype)
+    return y.astype(out_dtype)

@@ -280,3 +280,29 @@ def test_the_entry_point_lowers_to_the_mosaic_gpu_kernel_for_cuda_at_decode_size
 
         exported = export.export(jax.jit(matmul), platforms=["cuda"])(*args)
         assert ("custom_call @mosaic_gpu" in exported.mlir_module()) == kernel, (spec, m, k, n)
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_the_gpu_kernel_lowers_for_cuda_for_each_output_dtype_and_tiny_batch(out_dtype):
+    """y written by the kernel itself (bf16, one block per tile), or float32 partials summed after; M below 8
+    rows reaches the kernel unpadded."""
+    from jax import export
+
+    from pallas_kernels.quantized_matmul import gpu
+
+    for spec, m, config in (("int8", 1, None), ("int4-g32-zp", 5, None), ("int4-ch", 3, None),
+                            ("fp8", 12, None), ("int8-g64", 2, (256, 2, 2))):
+        scheme = parse(spec)
+        k, n = 1024, 256
+        shapes = scheme.shapes(k, n)
+        args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16)] + [jax.ShapeDtypeStruct(*shapes[name])
+                                                                for name in ("values", "scales", "zeros")
+                                                                if name in shapes]
+
+        def matmul(x, values, scales, *zeros, scheme=scheme, config=config):
+            return gpu.quantized_matmul(x, values, scales, zeros[0] if zeros else None, scheme, out_dtype=out_dtype,
+                                        config=None if config is None else gpu.Config(*config))
+
+        exported = export.export(jax.jit(matmul), platforms=["cuda"])(*args)
+        assert "custom_call @mosaic_gpu" in exported.mlir_module(), spec
+        assert exported.out_avals[0].shape == (m, n) and exported.out_avals[0].dtype == out_dtype

@@ -143,7 +143,8 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
     out_dtype = out_dtype or x.dtype
     # With one block per output tile the kernel writes y [M, N] itself (scaled, in out_dtype); K splits write
     # float32 partials [splits, N, Mp] that XLA sums and transposes.
-    final = splits == 1 and (grouped or zeros is None)
+    # (The transposed store takes 16-bit values only: a float32 y goes the partials' way.)
+    final = splits == 1 and (grouped or zeros is None) and jnp.dtype(out_dtype).itemsize == 2
     rows = m if m < 8 else mp  # x's and y's rows in the kernel: M below 8 (the TMA fills the tile), else padded
     x_in = jnp.pad(x, ((0, rows - m), (0, 0)))
     operands = [x_in, values]

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -256,19 +257,48 @@ def gguf_tensor_count(f: GGUFFile) -> int:
     return len(_hf_names(f))
 
 
-def gguf_hf_tensors(f: GGUFFile) -> Iterator[tuple[str, np.ndarray]]:
+def gguf_hf_tensors(f: GGUFFile, keep_quantized: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, float32 array in HF layout) for every weight, in file order.
 
     Linear weights are `[out_features, in_features]`, embeddings `[vocab, hidden]`,
     norms and biases `[n]`. Unknown tensor names raise CheckpointError before any work.
+    With `keep_quantized`, each projection (see `gguf_projections`) comes as a
+    QuantizedTensor, repacked from its blocks (checkpoints/gguf_repack.py), not as floats.
     """
+    from checkpoints import gguf_repack
+
     names = _hf_names(f)
     cfg = gguf_model_config(f)
     to_hf = models.family(cfg).gguf_to_hf
     for name, hf in names.items():
-        w = f.array(name)
         try:
-            w = to_hf(cfg, name, w)
+            if keep_quantized and PROJECTION.search(hf):
+                t = f.tensors[name]
+                w = gguf_repack.repack(t.data, t.tensor_type, f.tensor_shape(name), name=name)
+                w = w.with_rows(lambda a, name=name: to_hf(cfg, name, a))
+            else:
+                w = to_hf(cfg, name, f.array(name))
         except CheckpointError as e:
             raise CheckpointError(f"{f.path}: {e}") from None
         yield hf, w
+
+
+PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")  # HF names of the quantizable Linears
+
+
+def gguf_kept_scheme(f: GGUFFile):
+    """The QuantScheme that holds every projection of `f` as it is stored (`quantization="gguf"`), or a
+    CheckpointError naming the tensors whose GGML type is not kept (or that differ)."""
+    from checkpoints import gguf_repack
+
+    types: dict[str, list[str]] = {}
+    for name, hf in _hf_names(f).items():
+        if PROJECTION.search(hf):
+            types.setdefault(qtype_name(f.tensors[name].tensor_type), []).append(name)
+    kept = [t for t in types if t in gguf_repack.KEPT]
+    if len(types) == 1 and kept:
+        return gguf_repack.scheme_of(gguf_repack.T[kept[0]])
+    listing = "; ".join(f"{t}: {', '.join(ns[:3])}{' ...' if len(ns) > 3 else ''}" for t, ns in types.items())
+    raise CheckpointError(f"{f.path}: quantization 'gguf' keeps projections stored in one of "
+                          f"{', '.join(gguf_repack.KEPT)}, all alike; this file has {listing}. Load it without "
+                          "a quantization (dequantized), or with int8 / int4 to requantize")

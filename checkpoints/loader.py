@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from checkpoints import orbax_io, safetensors_loader
+from checkpoints.quantized_tensor import QuantizedTensor
 from jaxinfer import params as params_lib
 from jaxinfer.errors import CheckpointError
 from jaxinfer.models import ModelConfig, family
@@ -55,7 +56,7 @@ def hf_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
     """(HF name, array) -> (parameter path, array in the model's layout), by the family's names."""
     hf_param = family(cfg).hf_param
     for name, t in tensors:
-        converted = hf_param(cfg, name, np.asarray(t))
+        converted = hf_param(cfg, name, t if isinstance(t, QuantizedTensor) else np.asarray(t))
         if converted is not None:
             yield converted
 
@@ -69,14 +70,16 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
          quantization=None) -> LoadedModel:
     """`quantization`: None (the checkpoint's float weights), or "int8", "int4" (group 128),
     "fp8", "int4-g64-zp", ... (pallas_kernels.quantized_matmul.parse): every projection but
-    the output head is quantized on the host as it loads."""
+    the output head is quantized on the host as it loads. "gguf" (a GGUF file only): its
+    projections stay as the file quantizes them (Q8_0, Q4_0, Q4_1), repacked level for level."""
     from jaxinfer.tokenizer import Tokenizer
     from pallas_kernels.quantized_matmul import parse
 
+    keep_gguf = isinstance(quantization, str) and quantization.lower() == "gguf"
     try:
-        quantization = parse(quantization)
+        quantization = None if keep_gguf else parse(quantization)
     except ValueError as e:
-        raise CheckpointError(str(e)) from None
+        raise CheckpointError(f"{e} (or gguf, for a GGUF file's own)") from None
 
     if path is None:
         from checkpoints.default_model import default_model_path
@@ -91,7 +94,10 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
             raise CheckpointError(f"{path} is a bare safetensors file: pass the directory that "
                                   "holds it together with config.json")
         if path.suffix == ".gguf" or _is_gguf(path):
-            return _load_gguf(path, dtype, mesh, progress, quantization)
+            return _load_gguf(path, dtype, mesh, progress, quantization, keep_gguf)
+    if keep_gguf:
+        raise CheckpointError(f"{path}: quantization 'gguf' keeps a GGUF file's own quantization; this is not "
+                              "a GGUF file")
         raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory")
     if orbax_io.is_checkpoint(path):
         cfg, graphdef, state, dtype, saved = orbax_io.restore(path, mesh, dtype)
@@ -112,15 +118,20 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
     return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype, quantization=quantization)
 
 
-def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool, quantization=None) -> LoadedModel:
-    from checkpoints.gguf_loader import gguf_hf_tensors, gguf_model_config, open_gguf
+def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool, quantization=None,
+               keep_gguf: bool = False) -> LoadedModel:
+    from checkpoints.gguf_loader import gguf_hf_tensors, gguf_kept_scheme, gguf_model_config, open_gguf
     from jaxinfer.tokenizer import Tokenizer
 
     gguf = open_gguf(path)
     cfg = gguf_model_config(gguf)
-    quantization = params_lib.fit_quantization(cfg, dtype, quantization)
+    if keep_gguf:
+        quantization = gguf_kept_scheme(gguf)
+        log.info("%s: projections kept as stored, %s", path.name, quantization.name)
+    else:
+        quantization = params_lib.fit_quantization(cfg, dtype, quantization)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    tensors = tqdm(gguf_hf_tensors(gguf), desc="loading GGUF", unit=" tensors",
+    tensors = tqdm(gguf_hf_tensors(gguf, keep_quantized=keep_gguf), desc="loading GGUF", unit=" tensors",
                    total=len(gguf.tensor_names), disable=not progress)
     graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors), quantization)
     return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype, quantization=quantization)

@@ -84,7 +84,8 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tu
                  quantization: QuantScheme | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """Load host arrays (our layout) onto the mesh, one tensor at a time, each cast to its
     parameter's declared dtype. With `quantization`, a projection's float weight is quantized
-    on the host as it arrives: only its values and scales reach the device."""
+    on the host as it arrives (or comes quantized already, a QuantizedTensor of that scheme):
+    only its values and scales reach the device."""
     try:
         graphdef, state = abstract_model(cfg, dtype, quantization)
     except ValueError as e:  # a projection the scheme cannot hold, named
@@ -98,14 +99,21 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tu
         parent = path[:-1]
         if path not in flat and path[-1] == "weight" and parent + ("values",) in flat:
             name = ".".join(map(str, path))
-            n = value_of(flat[parent + ("scales",)]).shape[1]
-            host = np.asarray(array, np.float32)
-            if host.size % n:
-                raise CheckpointError(f"tensor {name} has shape {tuple(host.shape)}, which does not hold {n} outputs")
-            try:
-                parts = quantize(host.reshape(host.size // n, n), quantization)
-            except ValueError as e:
-                raise CheckpointError(f"tensor {name}: {e}") from None
+            if hasattr(array, "parts"):  # it came quantized (checkpoints/quantized_tensor.py)
+                if array.scheme != quantization:
+                    raise CheckpointError(f"tensor {name} is {array.scheme.name}, the model's projections "
+                                          f"{quantization.name}")
+                parts = array.parts()
+            else:
+                n = value_of(flat[parent + ("scales",)]).shape[1]
+                host = np.asarray(array, np.float32)
+                if host.size % n:
+                    raise CheckpointError(f"tensor {name} has shape {tuple(host.shape)}, which does not hold "
+                                          f"{n} outputs")
+                try:
+                    parts = quantize(host.reshape(host.size // n, n), quantization)
+                except ValueError as e:
+                    raise CheckpointError(f"tensor {name}: {e}") from None
             for key, part in parts.items():
                 declared = value_of(flat[parent + (key,)])
                 if tuple(part.shape) != tuple(declared.shape):

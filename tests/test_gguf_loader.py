@@ -24,7 +24,7 @@ def llama_permute(weights, n_head, n_head_kv):
             .reshape(weights.shape))
 
 
-def hf_weights(rng, head_dim=HIDDEN // HEADS, bias=False, qk_norm=False, tied=True):
+def hf_weights(rng, head_dim=HIDDEN // HEADS, bias=False, qk_norm=False, tied=True, ffn=FFN):
     """Random HF-layout float32 weights of a tiny 2-layer GQA model."""
     def w(*shape):
         return rng.standard_normal(shape).astype(np.float32)
@@ -45,9 +45,9 @@ def hf_weights(rng, head_dim=HIDDEN // HEADS, bias=False, qk_norm=False, tied=Tr
         if qk_norm:
             out[p + "self_attn.q_norm.weight"] = w(head_dim)
             out[p + "self_attn.k_norm.weight"] = w(head_dim)
-        out[p + "mlp.gate_proj.weight"] = w(FFN, HIDDEN)
-        out[p + "mlp.up_proj.weight"] = w(FFN, HIDDEN)
-        out[p + "mlp.down_proj.weight"] = w(HIDDEN, FFN)
+        out[p + "mlp.gate_proj.weight"] = w(ffn, HIDDEN)
+        out[p + "mlp.up_proj.weight"] = w(ffn, HIDDEN)
+        out[p + "mlp.down_proj.weight"] = w(HIDDEN, ffn)
     return out
 
 
@@ -78,7 +78,7 @@ def write_gguf(path, arch, weights, head_dim=None, quantize=(), extra=None, tens
     w.add_block_count(LAYERS)
     w.add_context_length(256)
     w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
+    w.add_feed_forward_length(weights["model.layers.0.mlp.up_proj.weight"].shape[0])
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_rope_freq_base(10000.0)

@@ -250,6 +250,8 @@ def hf_param(cfg: LlamaConfig, name: str, t: np.ndarray) -> tuple[tuple, np.ndar
     if rest not in table:
         raise CheckpointError(f"unexpected tensor {name!r} for a {cfg.architecture} model")
     path, fn = table[rest]
+    if not isinstance(t, np.ndarray):  # a QuantizedTensor: [out, in] already is the kernels' [N, K]
+        return ("layers", i, *path), t
     try:
         return ("layers", i, *path), fn()
     except ValueError:

@@ -42,7 +42,17 @@ def einsum(equation: str, x: jax.Array, weight, *, preferred_element_type=None) 
     promoted dtype of x and weight (x's, for a quantized one) unless `preferred_element_type`
     asks for another (the logits ask for float32)."""
     if isinstance(weight, jax.Array):
-        return jnp.einsum(equation, x, weight, preferred_element_type=preferred_element_type)
+        try:
+            contracted, _ = split_equation(equation)
+        except ValueError:  # not a projection (the tied head's "te,ve->tv")
+            return jnp.einsum(equation, x, weight, preferred_element_type=preferred_element_type)
+        # One 2-D matmul over the merged axes (bitcasts of both operands): left to itself, XLA on the
+        # CPU matched a multi-axis contraction to the activations' layout by transposing the weight,
+        # a copy of o_proj's weight in every layer of every step.
+        nk = len(contracted)
+        lead, k = x.shape[:x.ndim - nk], math.prod(weight.shape[:nk])
+        y = jnp.dot(x.reshape(-1, k), weight.reshape(k, -1), preferred_element_type=preferred_element_type)
+        return y.reshape(*lead, *weight.shape[nk:])
     if isinstance(weight, QuantizedWeight):
         contracted, _ = split_equation(equation)
         lead = x.shape[:x.ndim - len(contracted)]

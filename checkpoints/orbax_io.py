@@ -73,6 +73,23 @@ def read_meta(directory: pathlib.Path) -> tuple[ModelConfig, str, object]:
         raise CheckpointError(f"{directory / MARKER} is malformed: {e}") from None
 
 
+def _check_stored(stored, target: dict, directory: pathlib.Path, quantization) -> None:
+    """Refuse, naming the tensor, a stored array whose shape or dtype is not the one the recorded
+    config and quantization declare: orbax would cast it (int8 levels read as int4, say) or fail deep
+    inside. Floats may differ in dtype (a float checkpoint restores into another compute dtype)."""
+    for key, want in target.items():
+        have = stored.get(key) if hasattr(stored, "get") else None
+        if have is None:
+            raise CheckpointError(f"{directory / 'params'} lacks the tensor {key}")
+        shape, dtype = tuple(getattr(have, "shape", ()) or ()), np.dtype(getattr(have, "dtype", want.dtype))
+        kind = "quantized " if key.rsplit(".", 1)[-1] in ("values", "scales", "zeros") else ""
+        if shape != tuple(want.shape) or (kind and dtype != np.dtype(want.dtype)):
+            scheme = f" for {quantization.name}" if quantization is not None else ""
+            raise CheckpointError(f"{directory / 'params'}: {kind}tensor {key} is {dtype.name}{list(shape)}; "
+                                  f"the recorded config{scheme} declares {np.dtype(want.dtype).name}"
+                                  f"{list(want.shape)}")
+
+
 def restore(directory: str | pathlib.Path, mesh: Mesh, dtype=None
             ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, np.dtype, object]:
     """Restore params with every array placed as the sharding rules say for `mesh`.
@@ -82,8 +99,12 @@ def restore(directory: str | pathlib.Path, mesh: Mesh, dtype=None
     directory = pathlib.Path(directory).absolute()
     cfg, saved_dtype, quantization = read_meta(directory)
     dtype = np.dtype(saved_dtype if dtype is None else dtype)
-    _, saved = params_lib.abstract_model(cfg, np.dtype(saved_dtype), quantization)
-    graphdef, abstract = params_lib.abstract_model(cfg, dtype, quantization)
+    try:
+        _, saved = params_lib.abstract_model(cfg, np.dtype(saved_dtype), quantization)
+        graphdef, abstract = params_lib.abstract_model(cfg, dtype, quantization)
+    except ValueError as e:  # a projection the recorded scheme cannot hold, named
+        raise CheckpointError(f"{directory / MARKER} records {quantization.name} weights, which this model "
+                              f"cannot hold: {e}") from None
     shardings = params_lib.param_shardings(abstract, mesh)
     flat = params_lib.flat_params(abstract)
     target = {_key(p): jax.ShapeDtypeStruct(value_of(v).shape, value_of(v).dtype, sharding=shardings[p])
@@ -92,7 +113,11 @@ def restore(directory: str | pathlib.Path, mesh: Mesh, dtype=None
         import orbax.checkpoint as ocp
 
         with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(directory / "params")
+            _check_stored(getattr(stored, "item_metadata", stored), target, directory, quantization)
             restored = checkpointer.restore(directory / "params", target)
+    except CheckpointError:
+        raise
     except Exception as e:  # orbax raises many types for missing or mismatched data
         raise CheckpointError(f"cannot restore params from {directory / 'params'}: {e}") from None
     for p, v in flat.items():

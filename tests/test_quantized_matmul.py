@@ -306,3 +306,23 @@ def test_the_gpu_kernel_lowers_for_cuda_for_each_output_dtype_and_tiny_batch(out
         exported = export.export(jax.jit(matmul), platforms=["cuda"])(*args)
         assert "custom_call @mosaic_gpu" in exported.mlir_module(), spec
         assert exported.out_avals[0].shape == (m, n) and exported.out_avals[0].dtype == out_dtype
+
+
+@pytest.mark.parametrize("recorded,message", [
+    ("int4-g32", "quantized tensor layers.0.attn.k_proj.values is int8\\[16, 64\\]; the recorded config for "
+                 "int4-g32 declares int4"),  # another bit width: orbax would cast the levels
+    ("int8-ch", "quantized tensor layers.0.attn.k_proj.scales is float32\\[2, 16\\].*declares float32\\[1, 16\\]"),
+    ("int8-g64", "records int8-g64 weights, which this model cannot hold: layers.0.mlp.down_proj: group size 64 "
+                 "does not divide its 96 input channels"),
+    ("int3", "jaxinfer.json is malformed: unknown quantization 'int3'"),
+])
+def test_an_inconsistent_quantized_checkpoint_is_refused_naming_the_tensor(tmp_path, data_dir, recorded, message):
+    import json
+
+    model = loader.load(data_dir / "hf_tiny" / "llama_gqa", dtype=jnp.float32, mesh=make_mesh(), progress=False,
+                        quantization="int8-g32")
+    orbax_io.save(tmp_path / "q", model)
+    marker = tmp_path / "q" / "jaxinfer.json"
+    marker.write_text(json.dumps(dict(json.loads(marker.read_text()), quantization=recorded)))
+    with pytest.raises(CheckpointError, match=message):
+        loader.load(tmp_path / "q", dtype=jnp.float32, mesh=make_mesh(), progress=False)

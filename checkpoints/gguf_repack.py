@@ -48,22 +48,16 @@ def repack(data: np.ndarray, qtype: int, shape: tuple[int, int], *, name: str = 
     qtype = T(int(qtype))
     if qtype not in LAYOUTS:
         raise CheckpointError(f"{name}: GGUF type {qtype.name} is not kept quantized (only {', '.join(KEPT)})")
-    scheme, type_size, fields = LAYOUTS[qtype]
+    scheme = LAYOUTS[qtype][0]
     out, k = (int(d) for d in shape)
     if k % BLOCK:
         raise CheckpointError(f"{name}: {k} input channels are not whole {qtype.name} blocks of {BLOCK}")
-    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    if raw.size != out * (k // BLOCK) * type_size:
-        raise CheckpointError(f"{name}: {qtype.name} tensor of shape {[out, k]} needs "
-                              f"{out * (k // BLOCK) * type_size} bytes, found {raw.size}")
-    b = raw.view(np.dtype(fields)).reshape(out, k // BLOCK)
-    d = b["d"].astype(np.float32)  # [out, blocks]
+    b, d = _blocks(data, qtype, out, k, name)
     if qtype == T.Q8_0:
         values = b["qs"].reshape(out, k)
         zeros = None
     else:
-        qs = b["qs"]  # [out, blocks, 16]
-        nibbles = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int8)  # values 0..15, then 16..31
+        nibbles = _nibbles(b)
         zeros = None
         if qtype == T.Q4_1:
             m = b["m"].astype(np.float32)
@@ -75,3 +69,36 @@ def repack(data: np.ndarray, qtype: int, shape: tuple[int, int], *, name: str = 
             d = np.where(flat, np.float32(1.0), d)
         values = (nibbles - 8).reshape(out, k).astype(ml_dtypes.int4)
     return QuantizedTensor(np.ascontiguousarray(values), np.ascontiguousarray(d.T), zeros, scheme)
+
+
+def to_float(data: np.ndarray, qtype: int, shape: tuple[int, int], *, name: str = "tensor") -> np.ndarray:
+    """The same blocks as float32 [rows, in], by GGML's own formulas (d q, d (n - 8), d n + m), so
+    the float path matches llama.cpp's dequantization bit for bit (the repacked Q4_1 zero, -8 - m / d,
+    rounds)."""
+    qtype = T(int(qtype))
+    out, k = (int(v) for v in shape)
+    b, d = _blocks(data, qtype, out, k, name)
+    q = (b["qs"] if qtype == T.Q8_0 else _nibbles(b)).astype(np.float32)  # [out, blocks, 32]
+    if qtype == T.Q4_0:
+        q -= 8.0
+    q *= d[:, :, None]
+    if qtype == T.Q4_1:
+        q += b["m"].astype(np.float32)[:, :, None]
+    return q.reshape(out, k)
+
+
+def _blocks(data: np.ndarray, qtype: T, out: int, k: int, name: str):
+    """(the block structs [out, K / 32], their scales d as float32), the byte count checked."""
+    scheme, type_size, fields = LAYOUTS[qtype]
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if raw.size != out * (k // BLOCK) * type_size:
+        raise CheckpointError(f"{name}: {qtype.name} tensor of shape {[out, k]} needs "
+                              f"{out * (k // BLOCK) * type_size} bytes, found {raw.size}")
+    b = raw.view(np.dtype(fields)).reshape(out, k // BLOCK)
+    return b, b["d"].astype(np.float32)
+
+
+def _nibbles(b) -> np.ndarray:
+    """A Q4 block's 32 levels 0..15, int8 [out, blocks, 32]: the low nibbles (values 0..15), then the high."""
+    qs = b["qs"]
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int8)

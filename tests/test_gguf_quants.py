@@ -1,4 +1,5 @@
-"""checkpoints.gguf_quants against gguf-py's own dequantizer (gguf.quants.dequantize)."""
+"""checkpoints.gguf_quants: the checks and row chunking it wraps around gguf-py's dequantizer
+(gguf.quants.dequantize), and float types against numpy's own conversions."""
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def random_float_bytes(qtype: T, shape: tuple, rng: np.random.Generator) -> np.n
 
 @pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", [(3, 5), (1, 1), (2, 3, 2), (7,)], ids=str)
-def test_block_types_match_gguf_py(qtype, shape):
+def test_block_types_keep_any_shape_through_the_row_chunks(qtype, shape):
     """shape counts blocks per axis; the last axis is multiplied by the block size."""
     rng = np.random.default_rng(int(qtype))
     block, type_size = GGML_QUANT_SIZES[qtype]
@@ -57,9 +58,12 @@ def test_block_types_match_gguf_py(qtype, shape):
 
 @pytest.mark.parametrize("qtype", FLOATS, ids=lambda t: t.name)
 @pytest.mark.parametrize("shape", [(3, 5), (1,), (2, 3, 7)], ids=str)
-def test_float_types_match_gguf_py(qtype, shape):
+def test_float_types_match_numpys_conversion(qtype, shape):
     data = random_float_bytes(qtype, shape, np.random.default_rng(1))
-    expected = ref.dequantize(data, qtype).astype(np.float32)
+    if qtype == T.BF16:  # the top half of a float32's bits
+        expected = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        expected = data.astype(np.float32)
     got = dequantize(data, qtype, shape)
     assert got.dtype == np.float32 and got.shape == shape
     np.testing.assert_array_equal(got, expected.reshape(shape))
@@ -88,7 +92,7 @@ def test_required_types_are_supported():
         assert name in SUPPORTED_TYPES
 
 
-@pytest.mark.parametrize("qtype", [T.IQ2_XXS, T.Q8_K, T.TQ1_0, 999], ids=str)
+@pytest.mark.parametrize("qtype", [T.Q8_K, 999], ids=str)
 def test_unsupported_type_raises_checkpoint_error_listing_supported(qtype):
     with pytest.raises(CheckpointError) as e:
         dequantize(np.zeros(4096, np.uint8), qtype, (256,), name="blk.0.attn_q.weight")

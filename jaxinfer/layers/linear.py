@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.layers.param import param, value_of
-from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul
+from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul, quantized_matmul_many
 
 
 @jax.tree_util.register_dataclass
@@ -74,6 +74,23 @@ def split_equation(equation: str) -> tuple[str, str]:
     if ws != contracted + produced or not xs.endswith(contracted) or out != xs[:-len(contracted)] + produced:
         raise ValueError(f"{equation!r} is not a projection (x[..., in] times w[in, out])")
     return contracted, produced
+
+
+def project(x: jax.Array, *linears) -> tuple[jax.Array, ...]:
+    """`x` through several projections that read it (q, k and v; gate and up), as each would alone.
+    Quantized alike (one scheme, the same input axes, no bias), they take one kernel launch on the GPU:
+    fewer launches a step, and the narrow ones (k, v) share the SMs with the wide."""
+    first = linears[0]
+    if not all(isinstance(lin, QuantizedLinear) and lin.bias is None and lin.scheme == first.scheme
+               and lin.preferred_element_type == first.preferred_element_type
+               and split_equation(lin.equation)[0] == split_equation(first.equation)[0] for lin in linears):
+        return tuple(lin(x) for lin in linears)
+    nk = len(split_equation(first.equation)[0])
+    lead = x.shape[:x.ndim - nk]
+    weights = [(lin.values[...], lin.scales[...], None if lin.zeros is None else lin.zeros[...]) for lin in linears]
+    ys = quantized_matmul_many(x.reshape(math.prod(lead), -1), weights, first.scheme,
+                               out_dtype=first.preferred_element_type or x.dtype)
+    return tuple(y.reshape(*lead, *lin.out_shape) for y, lin in zip(ys, linears))
 
 
 class Linear(nnx.Module):

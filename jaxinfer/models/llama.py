@@ -27,7 +27,7 @@ from jaxinfer.runner.batch import Batch
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.layers import kv
 from jaxinfer.layers.attention import paged_attention
-from jaxinfer.layers.linear import Embed, Linear
+from jaxinfer.layers.linear import Embed, Linear, project
 from jaxinfer.layers.norm import RMSNorm
 from jaxinfer.layers.rope import RopeScaling, apply_rope, llama3_scaling_from_factors, rope_inv_freq
 from jaxinfer.models.base import ModelConfig, hf_common
@@ -349,7 +349,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, batch: Batch,
                  cache: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H, D], [T, K, D], [T, K, D]
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # [T, H, D], [T, K, D], [T, K, D]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # trace-time constant
@@ -369,7 +369,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear("tm,me->te", (M, E), ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

@@ -48,6 +48,40 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
     return jax.lax.platform_dependent(*operands, tpu=call(tpu), cuda=call(gpu), default=call(_xla))
 
 
+def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dtype=None,
+                          interpret=None) -> list[jax.Array]:
+    """x [M, K] times each of several weights of one scheme ((values, scales, zeros) tuples): q, k and v,
+    or gate and up. On CUDA one kernel launch for all of them (fewer launches a step, and small widths
+    share the SMs); elsewhere one `quantized_matmul` each."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels.quantized_matmul import gpu as _gpu
+    from pallas_kernels.quantized_matmul import tpu as _tpu
+
+    out_dtype = out_dtype or x.dtype
+    weights = tuple(tuple(w) for w in weights)
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return _gpu.quantized_matmul_many(x, weights, scheme, out_dtype=out_dtype, interpret=interpret)
+    if interpret is not None and interpret is not False:
+        return [quantized_matmul(x, *w, scheme, out_dtype=out_dtype, interpret=interpret) for w in weights]
+    tree = jax.tree.structure(weights)
+    leaves = jax.tree.leaves(weights)
+
+    def each(pick):
+        def run(x, *leaves):
+            return [pick(x, v)(x, v, s, z, scheme, out_dtype=out_dtype)
+                    for v, s, z in jax.tree.unflatten(tree, leaves)]
+        return run
+
+    def fused(x, *leaves):
+        return _gpu.quantized_matmul_many(x, jax.tree.unflatten(tree, leaves), scheme, out_dtype=out_dtype)
+
+    tpu = each(lambda x, v: _tpu.quantized_matmul if _tpu.supports(x, v, scheme) else _xla)
+    xla = each(lambda x, v: _xla)
+    gpu_ok = all(_gpu.supports(x, v, scheme) is None for v, _, _ in weights)
+    return jax.lax.platform_dependent(x, *leaves, tpu=tpu, cuda=fused if gpu_ok else xla, default=xla)
+
+
 def _xla(x, values, scales, zeros, scheme: QuantScheme, *, out_dtype):
     """XLA: the weight dequantized into x's dtype inside the step, one projection at a time, and
     contracted on its stored minor axis (x W^T, as a Linear layer's)."""
@@ -55,4 +89,4 @@ def _xla(x, values, scales, zeros, scheme: QuantScheme, *, out_dtype):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-__all__ = ["QuantScheme", "dequantize", "parse", "quantize", "quantized_matmul", "reference"]
+__all__ = ["QuantScheme", "dequantize", "parse", "quantize", "quantized_matmul", "quantized_matmul_many", "reference"]

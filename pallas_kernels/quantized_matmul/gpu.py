@@ -118,19 +118,29 @@ def _transforms(cols: int, bits: int):
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "out_dtype", "config", "interpret"))
 def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: jax.Array | None,
                      scheme: QuantScheme, *, out_dtype=None, config: Config | None = None,
                      interpret=None) -> jax.Array:
     """x [M, K] bf16 times the weight (values [N, K], scales/zeros [K // g, N]): [M, N]."""
+    return quantized_matmul_many(x, ((values, scales, zeros),), scheme, out_dtype=out_dtype, config=config,
+                                 interpret=interpret)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "out_dtype", "config", "interpret"))
+def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dtype=None,
+                          config: Config | None = None, interpret=None) -> list[jax.Array]:
+    """x [M, K] bf16 times each weight of `weights` ((values [N_i, K], scales, zeros) of one scheme) in one
+    kernel launch (q, k and v; gate and up): [[M, N_i], ...]. The weights' output tiles share the grid."""
     m, k = x.shape
-    n = values.shape[0]
-    why = supports(x, values, scheme)
-    if why is not None:
-        raise ValueError(f"quantized_matmul GPU kernel: {why}")
-    config = config or default_config(m, k, n, scheme)
+    ns = [values.shape[0] for values, _, _ in weights]
+    for values, _, _ in weights:
+        why = supports(x, values, scheme)
+        if why is not None:
+            raise ValueError(f"quantized_matmul GPU kernel: {why}")
+    config = config or default_config(m, k, sum(ns), scheme)
     mp = _padded_m(m)
     grouped = scheme.group_size is not None
+    with_zeros = weights[0][2] is not None
     g = scheme.group(k)
     chunk = _chunk(scheme, k)
     piece = min(g, chunk)  # channels sharing one scale within a chunk
@@ -144,27 +154,29 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
     # With one block per output tile the kernel writes y [M, N] itself (scaled, in out_dtype); K splits write
     # float32 partials [splits, N, Mp] that XLA sums and transposes.
     # (The transposed store takes 16-bit values only: a float32 y goes the partials' way.)
-    final = splits == 1 and (grouped or zeros is None) and jnp.dtype(out_dtype).itemsize == 2
+    final = splits == 1 and (grouped or not with_zeros) and jnp.dtype(out_dtype).itemsize == 2
     rows = m if m < 8 else mp  # x's and y's rows in the kernel: M below 8 (the TMA fills the tile), else padded
-    x_in = jnp.pad(x, ((0, rows - m), (0, 0)))
-    operands = [x_in, values]
-    if grouped:
-        operands.append(scales)
-        if zeros is not None:  # sum_k x_k (q_k - z) = x . q - z sum_k x_k, per group
-            xs = x.astype(jnp.float32).reshape(m, k // g, g).sum(axis=2).T
-            operands += [zeros, jnp.pad(xs, ((0, 0), (0, mp - m)))]  # [K // g, Mp]
-    elif final:
-        operands.append(scales)  # [1, N], applied at the end
+    operands = [jnp.pad(x, ((0, rows - m), (0, 0)))]
+    if grouped and with_zeros:  # sum_k x_k (q_k - z) = x . q - z sum_k x_k, per group: [K // g, Mp]
+        xs = x.astype(jnp.float32).reshape(m, k // g, g).sum(axis=2).T
+        operands.append(jnp.pad(xs, ((0, 0), (0, mp - m))))
+    per_weight = 1 + (grouped or final) + (grouped and with_zeros)  # values, scales, zeros in the kernel
+    for values, scales, zeros in weights:
+        operands += [values] + [scales] * (grouped or final) + [zeros] * (grouped and with_zeros)
+    bounds = [0]
+    for n in ns:
+        bounds.append(bounds[-1] + n // TILE_N)  # the weights' output tiles, one after another on the grid
     wide = {8: plgpu.Layout.WGMMA_UPCAST_2X, 4: plgpu.Layout.WGMMA_UPCAST_4X}[bits]
     acc_layout = plgpu.Layout.WGMMA
+    n_out = len(weights)
 
-    def kernel(x_gmem, v_gmem, *rest):
-        if grouped or not final:
-            group_gmem, (out_gmem, out_smem) = rest[:-2], rest[-2:]  # scales (, zeros, x's group sums)
-            channel_scales = None
-        else:
-            group_gmem, (channel_scales, out_gmem, out_smem, s_smem, s_ready) = (), rest
-        tile, split = lax.axis_index("n"), lax.axis_index("split")
+    def kernel(x_gmem, *rest):
+        xs_gmem = rest[0] if grouped and with_zeros else None
+        rest = rest[1:] if xs_gmem is not None else rest
+        weight_gmem = [rest[i * per_weight:(i + 1) * per_weight] for i in range(n_out)]
+        out_gmems = rest[n_out * per_weight:n_out * per_weight + n_out]
+        out_smem, *channel_scratch = rest[n_out * per_weight + n_out:]
+        global_tile, split = lax.axis_index("n"), lax.axis_index("split")
         first = split * steps
 
         def widened(v_smem, c):
@@ -191,23 +203,27 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
                 return pl.run_state(lambda acc: plgpu.wgmma(acc, w, xt.T))(plgpu.ACC.init(zero))
             return lax.dot_general(w, xt[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-        def grouped_body(_, x_smem, v_smem, *group_smem):
+        def grouped_body(_, x_smem, *refs):
             """Each group's product is scaled (and its zero taken off) on the small accumulator, in float32,
             not on the weight: Mp / 2 operations a thread per group instead of g / 2."""
-            *group_smem, total = group_smem
+            *refs, total = refs
+            if with_zeros:
+                xs_smem, v_smem, s_smem, z_smem = refs
+            else:
+                v_smem, s_smem = refs
             for c in range(tile_k // chunk):
                 q = widened(v_smem, c)
                 for p in range(chunk // piece):
                     w = q if piece == chunk else q[:, p * piece:(p + 1) * piece]
                     r = (c * chunk + p * piece) // g  # the group's row within the tile
                     part = product(w, x_smem.at[:, pl.ds(c * chunk + p * piece, piece)])
-                    if len(group_smem) == 3:
-                        part = part - vector(group_smem[1], r, 1)[:, None] * vector(group_smem[2], r, 0)[None, :]
-                    total = total + part * vector(group_smem[0], r, 1)[:, None]
+                    if with_zeros:
+                        part = part - vector(z_smem, r, 1)[:, None] * vector(xs_smem, r, 0)[None, :]
+                    total = total + part * vector(s_smem, r, 1)[:, None]
             return total
 
         def channel_body(_, x_smem, v_smem, acc):
-            """Per-channel scales come after the kernel: every chunk accumulates in place."""
+            """Per-channel scales come after the pipeline: every chunk accumulates in place."""
             for c in range(tile_k // chunk):
                 w = widened(v_smem, c)
                 xt = x_smem.at[:, pl.ds(c * chunk, chunk)]
@@ -218,64 +234,86 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
             if on_gpu:
                 plgpu.wgmma_wait(0)  # the slot's x is read until the wgmma is done
 
-        specs = [plgpu.BlockSpec((mp, tile_k), lambda kk: (0, first + kk), transforms=_transforms(piece, 16)),
-                 plgpu.BlockSpec((TILE_N, tile_k), lambda kk: (tile, first + kk), transforms=_transforms(chunk, bits))]
-        rows = tile_k // g
-        specs += [plgpu.BlockSpec((rows, TILE_N), lambda kk: (first + kk, tile))] * min(len(group_gmem), 2)
-        specs += [plgpu.BlockSpec((rows, mp), lambda kk: (first + kk, 0))] * (len(group_gmem) == 3)
-        refs = (x_gmem, v_gmem, *group_gmem)
-        outputs = pl.ds(tile * TILE_N, TILE_N)
-        if channel_scales is not None:  # the tile's per-channel scales, fetched while the pipeline runs
-            plgpu.copy_gmem_to_smem(channel_scales.at[:, outputs], s_smem, s_ready)
-
-        def finish(total):
-            """total [64, Mp] float32 -> the output: final, y's tile stored transposed ([Mp, 64], in out_dtype; rows
-            past M are not copied out); else the float32 partial as it is."""
-            if final:
-                if channel_scales is not None:
-                    plgpu.barrier_wait(s_ready)
-                    total = total * vector(s_smem, 0, 1)[:, None]
-                out_smem.T[...] = total.astype(out_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, m)] if m < 8 else out_smem, out_gmem.at[:, outputs])
+        def one_weight(refs, out_gmem, tile):
+            """The pipeline and epilogue of output tile `tile` of one weight."""
+            v_gmem, *group_gmem = refs
+            group_rows = tile_k // g
+            x_spec = plgpu.BlockSpec((mp, tile_k), lambda kk: (0, first + kk), transforms=_transforms(piece, 16))
+            v_spec = plgpu.BlockSpec((TILE_N, tile_k), lambda kk: (tile, first + kk),
+                                     transforms=_transforms(chunk, bits))
+            outputs = pl.ds(tile * TILE_N, TILE_N)
+            if grouped:
+                specs = [x_spec] + ([plgpu.BlockSpec((group_rows, mp), lambda kk: (first + kk, 0))] * with_zeros)
+                specs += [v_spec] + [plgpu.BlockSpec((group_rows, TILE_N), lambda kk: (first + kk, tile))] * (
+                    1 + with_zeros)
+                refs = (x_gmem,) + ((xs_gmem,) if with_zeros else ()) + (v_gmem, *group_gmem)
             else:
-                out_smem[...] = total
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[split, outputs])
-            plgpu.wait_smem_to_gmem(0)
+                specs, refs = [x_spec, v_spec], (x_gmem, v_gmem)
+            channel_scales = group_gmem[0] if final and not grouped else None
+            if channel_scales is not None:  # the tile's per-channel scales, fetched while the pipeline runs
+                s_smem, s_ready = channel_scratch
+                plgpu.copy_gmem_to_smem(channel_scales.at[:, outputs], s_smem, s_ready)
 
-        if grouped:
-            zero = jnp.zeros((TILE_N, mp), jnp.float32)
-            finish(plgpu.emit_pipeline(grouped_body, grid=(steps,), in_specs=specs, max_concurrent_steps=config.stages,
-                                       init_carry=plgpu.layout_cast(zero, acc_layout) if on_gpu else zero)(*refs))
-        elif on_gpu:
-            def scope(acc):
-                plgpu.emit_pipeline(functools.partial(channel_body, acc=acc), grid=(steps,), in_specs=specs,
-                                    max_concurrent_steps=config.stages)(*refs)
-                finish(acc[...])
-            pl.run_scoped(scope, plgpu.ACC((TILE_N, mp), jnp.float32))
-        else:
-            def scope(acc):
-                acc[...] = jnp.zeros_like(acc)
-                plgpu.emit_pipeline(functools.partial(channel_body, acc=acc), grid=(steps,), in_specs=specs,
-                                    max_concurrent_steps=config.stages)(*refs)
-                finish(acc[...])
-            pl.run_scoped(scope, plgpu.SMEM((TILE_N, mp), jnp.float32))
+            def finish(total):
+                """total [64, Mp] float32 -> the output: final, y's tile stored transposed ([Mp, 64], in out_dtype;
+                rows past M are not copied out); else the float32 partial as it is."""
+                if final:
+                    if channel_scales is not None:
+                        plgpu.barrier_wait(s_ready)
+                        total = total * vector(s_smem, 0, 1)[:, None]
+                    out_smem.T[...] = total.astype(out_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, m)] if m < 8 else out_smem, out_gmem.at[:, outputs])
+                else:
+                    out_smem[...] = total
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[split, outputs])
+                plgpu.wait_smem_to_gmem(0)
 
-    out_type = jax.ShapeDtypeStruct((rows, n), out_dtype) if final else jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
+            if grouped:
+                zero = jnp.zeros((TILE_N, mp), jnp.float32)
+                finish(plgpu.emit_pipeline(grouped_body, grid=(steps,), in_specs=specs,
+                                           max_concurrent_steps=config.stages,
+                                           init_carry=plgpu.layout_cast(zero, acc_layout) if on_gpu else zero)(*refs))
+            elif on_gpu:
+                def scope(acc):
+                    plgpu.emit_pipeline(functools.partial(channel_body, acc=acc), grid=(steps,), in_specs=specs,
+                                        max_concurrent_steps=config.stages)(*refs)
+                    finish(acc[...])
+                pl.run_scoped(scope, plgpu.ACC((TILE_N, mp), jnp.float32))
+            else:
+                def scope(acc):
+                    acc[...] = jnp.zeros_like(acc)
+                    plgpu.emit_pipeline(functools.partial(channel_body, acc=acc), grid=(steps,), in_specs=specs,
+                                        max_concurrent_steps=config.stages)(*refs)
+                    finish(acc[...])
+                pl.run_scoped(scope, plgpu.SMEM((TILE_N, mp), jnp.float32))
+
+        if n_out == 1:
+            one_weight(weight_gmem[0], out_gmems[0], global_tile)
+        for i in range(n_out if n_out > 1 else 0):
+            pl.when((global_tile >= bounds[i]) & (global_tile < bounds[i + 1]))(
+                functools.partial(one_weight, weight_gmem[i], out_gmems[i], global_tile - bounds[i]))
+
+    out_types = [jax.ShapeDtypeStruct((rows, n), out_dtype) if final else
+                 jax.ShapeDtypeStruct((splits, n, mp), jnp.float32) for n in ns]
     scratch = [plgpu.SMEM((mp, TILE_N), out_dtype) if final else plgpu.SMEM((TILE_N, mp), jnp.float32)]
     if final and not grouped:
         scratch += [plgpu.SMEM((1, TILE_N), jnp.float32), plgpu.Barrier()]
-    out = plgpu.kernel(
-        kernel, out_type=out_type,
-        grid=(n // TILE_N, splits), grid_names=("n", "split"),
+    outs = plgpu.kernel(
+        kernel, out_type=out_types,
+        grid=(bounds[-1], splits), grid_names=("n", "split"),
         scratch_types=scratch, compiler_params=plgpu.CompilerParams(), interpret=interpret,
     )(*operands)
-    if final:
-        return out[:m]
-    y = out.sum(axis=0)[:, :m].T
-    if not grouped:  # per channel: sum_k x_k (q_k - z) s = (x . q - z sum_k x_k) s
-        if zeros is not None:
-            y = y - x.astype(jnp.float32).sum(axis=1, keepdims=True) * zeros[0]
-        y = y * scales[0]
-    return y.astype(out_dtype)
+    results = []
+    for out, (_, scales, zeros) in zip(outs, weights):
+        if final:
+            results.append(out[:m])
+            continue
+        y = out.sum(axis=0)[:, :m].T
+        if not grouped:  # per channel: sum_k x_k (q_k - z) s = (x . q - z sum_k x_k) s
+            if zeros is not None:
+                y = y - x.astype(jnp.float32).sum(axis=1, keepdims=True) * zeros[0]
+            y = y * scales[0]
+        results.append(y.astype(out_dtype))
+    return results

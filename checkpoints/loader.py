@@ -66,6 +66,19 @@ def _is_gguf(path: pathlib.Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def quantization_spec(spec):
+    """`quantization` as the loader takes it: None, a QuantScheme, or "gguf" (a GGUF file's own). A
+    ValueError names what is wrong."""
+    from pallas_kernels.quantized_matmul import parse
+
+    if isinstance(spec, str) and spec.lower() == "gguf":
+        return "gguf"
+    try:
+        return parse(spec)
+    except ValueError as e:
+        raise ValueError(f"{e} (or gguf, a GGUF file's own quantization kept)") from None
+
+
 def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool = True,
          quantization=None) -> LoadedModel:
     """`quantization`: None (the checkpoint's float weights), or "int8", "int4" (group 128),
@@ -73,13 +86,13 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
     the output head is quantized on the host as it loads. "gguf" (a GGUF file only): its
     projections stay as the file quantizes them (Q8_0, Q4_0, Q4_1), repacked level for level."""
     from jaxinfer.tokenizer import Tokenizer
-    from pallas_kernels.quantized_matmul import parse
 
-    keep_gguf = isinstance(quantization, str) and quantization.lower() == "gguf"
     try:
-        quantization = None if keep_gguf else parse(quantization)
+        quantization = quantization_spec(quantization)
     except ValueError as e:
-        raise CheckpointError(f"{e} (or gguf, for a GGUF file's own)") from None
+        raise CheckpointError(str(e)) from None
+    keep_gguf = quantization == "gguf"
+    quantization = None if keep_gguf else quantization
 
     if path is None:
         from checkpoints.default_model import default_model_path

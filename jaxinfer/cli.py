@@ -28,8 +28,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--quantization", "-q", default=None, metavar="METHOD",
                    help="quantize the projections as the model loads: int8, int4 (groups of 128, or "
-                        "64/32 where 128 does not fit), fp8, or int8-ch, int4-g64, int4-g32-zp, ... "
-                        "(default: the checkpoint's own weights)")
+                        "64/32 where 128 does not fit), fp8, or int8-ch, int4-g64, int4-g32-zp, ...; "
+                        "gguf: a GGUF's own Q8_0/Q4_0/Q4_1 weights kept (default: the checkpoint's own "
+                        "weights, dequantized)")
     p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
                    help="split the model over N devices")
 

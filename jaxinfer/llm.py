@@ -30,7 +30,6 @@ from jaxinfer.errors import InputError
 from jaxinfer.engine.input_processor import ProcessedPrompt, PromptType
 from jaxinfer.engine.outputs import RequestOutput
 from jaxinfer.sharding import make_mesh
-from pallas_kernels.quantized_matmul import parse as parse_quantization
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,8 @@ class LLM:
         `quantization` (vLLM's name): "int8" or "int4" (groups of 128 input channels, or the
         largest of 64 and 32 that fits), "fp8" (per channel), or a variant such as "int8-ch",
         "int4-g64" or "int4-g32-zp" (zero points): every projection but the output head is
-        quantized as the model loads, and the float weights never reach the device.
+        quantized as the model loads, and the float weights never reach the device. "gguf": a
+        GGUF file's own Q8_0 / Q4_0 / Q4_1 projections, kept as they are.
 
         Warm-up makes the step shapes a first request needs before returning; with
         `warmup_in_background` the others are made on a thread meanwhile (a step that
@@ -77,7 +77,7 @@ class LLM:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
         config = EngineConfig(**engine_config)  # a bad setting is named before the model loads
         try:
-            quantization = parse_quantization(quantization)
+            quantization = loader.quantization_spec(quantization)
         except ValueError as e:
             raise InputError(str(e)) from None
         if core_process:

@@ -61,3 +61,20 @@ def test_greedy_continuations_equal_hf_for_most_prompts(smollm, reference):
     same = sum(r.outputs[0].token_ids == c["ids"][c["prompt_len"]:] for r, c in zip(results, reference))
     print(f"identical greedy continuations: {same}/{len(reference)}")
     assert same >= 0.75 * len(reference)
+
+
+def test_the_default_model_kept_quantized_agrees_with_hf_transformers(default_model_path, reference):
+    """quantization="gguf": the Q4_1 projections run from their own 4-bit levels (int4-g32-zp), never
+    dequantized on load, and still agree with HF transformers' dequantized model token for token."""
+    llm = LLM(str(default_model_path), dtype="float32", quantization="gguf", progress=False, warmup=False,
+              max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, num_pages=64)
+    m = llm.model
+    assert m.quantization.name == "int4-g32-zp"
+    prompts = [np.array(c["ids"][:c["prompt_len"]]) for c in reference]
+    continuations = [np.array(c["ids"][c["prompt_len"]:]) for c in reference]
+    runner = ModelRunner(m.config, m.graphdef, m.state, llm.engine.runner.mesh, num_pages=128)
+    logits = teacher_forced_logits(runner, prompts, continuations)
+    agree = sum(int((ours.argmax(-1) == np.array(c["argmax"])).sum()) for c, ours in zip(reference, logits))
+    total = sum(len(c["argmax"]) for c in reference)
+    print(f"teacher-forced top-1 agreement, kept quantized: {agree}/{total} = {agree / total:.4f}")
+    assert agree / total >= 0.995

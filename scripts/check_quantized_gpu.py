@@ -147,6 +147,47 @@ def random_parts(shapes, seed):
             for name, (shape, dtype) in shapes.items()}
 
 
+def fused(hbm, rows_out):
+    """q/k/v (K 4096, N 4096 + 1024 + 1024) and gate/up (K 4096, N 2 x 14336) at decode sizes: one launch for the
+    group (quantized_matmul_many) against one launch each, and bf16 (one cuBLAS call each)."""
+    from pallas_kernels.quantized_matmul import quantized_matmul_many
+
+    print("\n## One launch for q/k/v and for gate/up, against one launch each (CUPTI kernel time per group)\n")
+    print("| group | M | bf16 | method | one each | one launch | speed-up |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for label, k, ns in (("q/k/v", 4096, (4096, 1024, 1024)), ("gate/up", 4096, (14336, 14336))):
+        for m in (1, 16, 64):
+            x = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)) * 0.5, jnp.bfloat16)
+            n_copies = 6
+            bf = [[jax.random.normal(jax.random.key(10 * i + j), (k, n), jnp.bfloat16) * 0.02
+                   for j, n in enumerate(ns)] for i in range(n_copies)]
+            t_bf16 = time_per_call(jax.jit(lambda x, cs: [[jnp.dot(x, w) for w in c] for c in cs]), x, bf)
+            del bf
+            for method in ("int8", "int4"):
+                scheme = parse(method)
+                copies = [[random_parts(scheme.shapes(k, n), 100 * i + j) for j, n in enumerate(ns)]
+                          for i in range(n_copies)]
+
+                def each(x, cs, scheme=scheme):
+                    return [[quantized_matmul(x, w["values"], w["scales"], w.get("zeros"), scheme) for w in c]
+                            for c in cs]
+
+                def one(x, cs, scheme=scheme):
+                    return [quantized_matmul_many(x, [(w["values"], w["scales"], w.get("zeros")) for w in c], scheme)
+                            for c in cs]
+
+                try:
+                    t_each = time_per_call(jax.jit(each), x, copies)
+                    t_one = time_per_call(jax.jit(one), x, copies)
+                except Exception as e:  # noqa: BLE001
+                    print(f"| {label} | {m} | - | {method} | {type(e).__name__}: {str(e)[:80]} | | |", flush=True)
+                    continue
+                rows_out.append(dict(group=label, m=m, method=method, bf16_us=t_bf16 * 1e6, each_us=t_each * 1e6,
+                                     one_us=t_one * 1e6))
+                print(f"| {label} | {m} | {t_bf16 * 1e6:.1f} µs | {method} | {t_each * 1e6:.1f} µs | "
+                      f"{t_one * 1e6:.1f} µs | {t_each / t_one:.2f}× (vs bf16 {t_bf16 / t_one:.2f}×) |", flush=True)
+
+
 def sweep(hbm, budget_s):
     deadline = time.perf_counter() + budget_s
     print("\n== sweep (M = 1 and 64, int4-g128 and int8, 4096 x 14336 and 14336 x 4096)")
@@ -181,6 +222,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="checks only")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--no-fused", action="store_true", help="skip the one-launch q/k/v and gate/up table")
     p.add_argument("--sweep-s", type=float, default=150, help="time limit of the sweep")
     p.add_argument("--hbm-tbps", type=float, default=4.8)
     p.add_argument("--out", default=None, help="write the table as JSON here")
@@ -222,6 +264,8 @@ def main():
                 else:
                     cells.append(f"{r['us']:.1f} us ({r['roofline']:.0%}, {r.get('vs_bf16', 0):.2f}x)")
             print(f"| {k} x {n} | {m} | " + " | ".join(cells) + " |")
+    if not args.no_fused:
+        fused(hbm, rows)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     if args.sweep:

@@ -72,3 +72,34 @@ def test_kernels_run_per_device_under_tensor_parallelism(data_dir, monkeypatch):
                     attention_impl="nope")
     with pytest.raises(ConfigError, match="attention must be one of"):
         EngineConfig(attention="nope").validate()
+
+
+@pytest.mark.parametrize("spec", ["int8-g32", "int4-g32-zp", "fp8"])
+def test_quantized_projections_run_per_device_under_a_tensor_mesh(spec):
+    """Traced under a tensor-parallel mesh, a quantized projection is one shard_map: column-parallel weights
+    (q, gate) each device on its outputs, row-parallel ones (o, down) each on its inputs, partial sums added;
+    the result is the single-device one. A split that would cut scale groups is left to XLA, named."""
+    from flax import nnx
+
+    from jaxinfer.layers import attention
+    from jaxinfer.layers.linear import QuantizedLinear, project
+    from pallas_kernels.quantized_matmul import parse
+
+    scheme, rngs = parse(spec), nnx.Rngs(0)
+    up = QuantizedLinear("te,em->tm", (128, 256), ("embed", "mlp"), scheme=scheme, dtype=jnp.float32, rngs=rngs)
+    down = QuantizedLinear("tm,me->te", (256, 128), ("mlp", "embed"), scheme=scheme, dtype=jnp.float32, rngs=rngs)
+    x = jax.random.normal(jax.random.key(1), (3, 128), jnp.float32)
+
+    def make_mlp():  # a new function per trace: the mesh is read when traced, not part of jit's cache key
+        def mlp(x):
+            (h,) = project(x, up)
+            return down(jax.nn.relu(h))
+        return mlp
+
+    alone = jax.jit(make_mlp())(x)
+    mesh = make_mesh(tensor=2)
+    with attention.on_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(make_mlp())(x))
+        sharded = jax.jit(make_mlp())(x)
+    assert jaxpr.count("shard_map") == 2 and "psum" in jaxpr
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(alone), rtol=1e-5, atol=1e-5)

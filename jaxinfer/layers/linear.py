@@ -32,6 +32,7 @@ class QuantizedWeight:
     zeros: jax.Array | None
     scheme: QuantScheme = dataclasses.field(metadata={"static": True})
     out_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    axes: tuple = dataclasses.field(default=(None, None), metadata={"static": True})  # logical (input, output)
 
 
 def einsum(equation: str, x: jax.Array, weight, *, preferred_element_type=None) -> jax.Array:
@@ -57,8 +58,7 @@ def einsum(equation: str, x: jax.Array, weight, *, preferred_element_type=None) 
         contracted, _ = split_equation(equation)
         lead = x.shape[:x.ndim - len(contracted)]
         k = math.prod(x.shape[len(lead):])
-        y = quantized_matmul(x.reshape(-1, k), weight.values, weight.scales, weight.zeros, weight.scheme,
-                             out_dtype=preferred_element_type or x.dtype)
+        (y,) = _matmuls(x.reshape(-1, k), [weight], out_dtype=preferred_element_type or x.dtype)
         return y.reshape(*lead, *weight.out_shape)
     raise TypeError(f"no matmul for a weight of type {type(weight).__name__}")
 
@@ -87,10 +87,67 @@ def project(x: jax.Array, *linears) -> tuple[jax.Array, ...]:
         return tuple(lin(x) for lin in linears)
     nk = len(split_equation(first.equation)[0])
     lead = x.shape[:x.ndim - nk]
-    weights = [(lin.values[...], lin.scales[...], None if lin.zeros is None else lin.zeros[...]) for lin in linears]
-    ys = quantized_matmul_many(x.reshape(math.prod(lead), -1), weights, first.scheme,
-                               out_dtype=first.preferred_element_type or x.dtype)
+    ys = _matmuls(x.reshape(math.prod(lead), -1), [lin.quantized_weight() for lin in linears],
+                  out_dtype=first.preferred_element_type or x.dtype)
     return tuple(y.reshape(*lead, *lin.out_shape) for y, lin in zip(ys, linears))
+
+
+def _matmuls(x: jax.Array, weights: list[QuantizedWeight], *, out_dtype) -> list[jax.Array]:
+    """x [M, K] times quantized weights of one scheme (one kernel launch for several on the GPU).
+
+    A Pallas kernel is one custom call that XLA cannot split: traced under a mesh with a `tensor` axis
+    (attention.on_mesh, as the runner traces its step), the kernels run inside `shard_map`, each device on
+    its own slice of the weights. Column-parallel weights (outputs sharded: q, k, v, gate, up) give each
+    device its outputs; row-parallel ones (inputs sharded: o, down) give each a partial sum, added across
+    devices. A slice must hold whole scale groups; where it does not, the call is left to XLA's partitioner
+    (which replicates it) with a warning naming the sizes."""
+    from jaxinfer.layers import attention
+
+    scheme = weights[0].scheme
+
+    def call(x, *leaves):
+        parts = [leaves[i:i + 3] for i in range(0, len(leaves), 3)]
+        if len(parts) == 1:
+            return [quantized_matmul(x, *parts[0], scheme, out_dtype=out_dtype)]
+        return quantized_matmul_many(x, parts, scheme, out_dtype=out_dtype)
+
+    leaves = [a for w in weights for a in (w.values, w.scales, w.zeros)]
+    mesh = attention._mesh
+    tp = 1 if mesh is None else mesh.shape.get("tensor", 1)
+    if tp == 1:
+        return call(x, *leaves)
+    from jax.sharding import PartitionSpec as P
+
+    from jaxinfer.sharding import DEFAULT_RULES
+    in_axes = {DEFAULT_RULES.get(w.axes[0]) for w in weights}
+    out_axes = {DEFAULT_RULES.get(w.axes[1]) for w in weights}
+    k = x.shape[1]
+    g = scheme.group(k)
+    if out_axes == {"tensor"} and in_axes == {None} and all(w.values.shape[0] % tp == 0 for w in weights):
+        specs = [(P("tensor", None), P(None, "tensor"), None if w.zeros is None else P(None, "tensor"))
+                 for w in weights]
+        x_spec, out_spec, reduce = P(), P(None, "tensor"), False
+    elif in_axes == {"tensor"} and out_axes == {None} and k % tp == 0 and (scheme.group_size is None
+                                                                           or (k // g) % tp == 0):
+        # Per channel, the one scale row applies to every device's partial sum alike (it is linear).
+        group = P() if scheme.group_size is None else P("tensor", None)
+        specs = [(P(None, "tensor"), group, None if w.zeros is None else group) for w in weights]
+        x_spec, out_spec, reduce = P(None, "tensor"), P(), True
+    else:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "quantized matmul of K=%d (groups of %d) over %d devices: no per-device split of whole groups for "
+            "logical axes %s; XLA replicates the call", k, g, tp, sorted(map(str, in_axes | out_axes)))
+        return call(x, *leaves)
+    flat_specs = [sp for w_specs in specs for sp in w_specs]
+
+    def per_device(x, *leaves):
+        ys = call(x, *leaves)
+        return [jax.lax.psum(y.astype(jnp.float32), "tensor").astype(y.dtype) for y in ys] if reduce else ys
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(x_spec, *flat_specs),
+                         out_specs=[out_spec] * len(weights), check_vma=False)(x, *leaves)
 
 
 class Linear(nnx.Module):
@@ -137,6 +194,7 @@ class QuantizedLinear(nnx.Module):
         k, n = math.prod(shape[:nk]), math.prod(shape[nk:])
         scheme.check(k, n, name)  # a ValueError naming the projection
         axes = (logical_axes[0], logical_axes[nk])  # (input, output); values are output-major
+        self.axes = axes
         made = {name: param(rngs, shp, axes[::-1] if name == "values" else axes, dt,
                             init="levels" if name == "values" else "fill",
                             scale=_FILL.get((name, scheme.method), 0.0))
@@ -150,10 +208,12 @@ class QuantizedLinear(nnx.Module):
         else:
             self.bias = None
 
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.values[...], self.scales[...], None if self.zeros is None else self.zeros[...],
+                               self.scheme, self.out_shape, self.axes)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = QuantizedWeight(self.values[...], self.scales[...], None if self.zeros is None else self.zeros[...],
-                            self.scheme, self.out_shape)
-        y = einsum(self.equation, x, w, preferred_element_type=self.preferred_element_type)
+        y = einsum(self.equation, x, self.quantized_weight(), preferred_element_type=self.preferred_element_type)
         return y if self.bias is None else y + self.bias[...]
 
 

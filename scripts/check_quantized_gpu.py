@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -202,20 +203,19 @@ def sweep(hbm, budget_s):
                 for tile_k in (256, 512, 1024):
                     if tile_k % chunk or k % tile_k:
                         continue
-                    for stages in (2, 4, 6):
-                        for splits in (1, 2, 4, 7, 8):
-                            steps = k // tile_k
-                            if steps % splits or steps // splits < 2 or time.perf_counter() > deadline:
-                                continue
-                            cfg = gpu.Config(tile_k, stages, splits)
-                            fn = jax.jit(lambda x, cs, cfg=cfg, scheme=scheme: [
-                                gpu.quantized_matmul(x, c["values"], c["scales"], c.get("zeros"), scheme, config=cfg)
-                                for c in cs])
-                            try:
-                                t = time_per_call(fn, x, copies, reps=5)
-                                print(f"  {spec:5s} K={k:5d} N={n:5d} M={m:3d} {cfg}: {t * 1e6:7.1f} us", flush=True)
-                            except Exception as e:  # noqa: BLE001
-                                print(f"  {spec} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    for stages, splits, overlap in itertools.product((2, 4, 6), (1, 2, 4, 7, 8), (False, True)):
+                        steps = k // tile_k
+                        if steps % splits or steps // splits < 2 or time.perf_counter() > deadline:
+                            continue
+                        cfg = gpu.Config(tile_k, stages, splits, overlap)
+                        fn = jax.jit(lambda x, cs, cfg=cfg, scheme=scheme: [
+                            gpu.quantized_matmul(x, c["values"], c["scales"], c.get("zeros"), scheme, config=cfg)
+                            for c in cs])
+                        try:
+                            t = time_per_call(fn, x, copies, reps=5)
+                            print(f"  {spec:5s} K={k:5d} N={n:5d} M={m:3d} {cfg}: {t * 1e6:7.1f} us", flush=True)
+                        except Exception as e:  # noqa: BLE001
+                            print(f"  {spec} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
 
 
 def main():
@@ -235,7 +235,10 @@ def main():
                                   ("int4-g128-zp", 64, 4096, 6144, None), ("int4-g32-zp", 5, 512, 192, None),
                                   ("int4-g64", 128, 2048, 256, (256, 3, 4)), ("int4-ch", 3, 1024, 128, None),
                                   ("fp8", 64, 4096, 1024, None), ("fp8-g128", 9, 1024, 256, (128, 4, 2)),
-                                  ("int8", 100, 14336, 4096, (256, 2, 7))]:
+                                  ("int8", 100, 14336, 4096, (256, 2, 7)),
+                                  ("int4", 1, 4096, 14336, (512, 2, 1, True)),  # groups issued back to back
+                                  ("int4-g32-zp", 16, 1024, 256, (256, 2, 2, True)),
+                                  ("int8-g64", 64, 2048, 512, (256, 2, 1, True))]:
         check(spec, m, k, n, config)
     failed = [r for r in RESULTS if r[1] == "FAIL"]
     print(f"\nchecks: {len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)

@@ -291,7 +291,8 @@ def test_the_gpu_kernel_lowers_for_cuda_for_each_output_dtype_and_tiny_batch(out
     from pallas_kernels.quantized_matmul import gpu
 
     for spec, m, config in (("int8", 1, None), ("int4-g32-zp", 5, None), ("int4-ch", 3, None),
-                            ("fp8", 12, None), ("int8-g64", 2, (256, 2, 2))):
+                            ("fp8", 12, None), ("int8-g64", 2, (256, 2, 2)),
+                            ("int4-g64", 3, (512, 2, 1, True))):  # every group's wgmma issued, then one wait
         scheme = parse(spec)
         k, n = 1024, 256
         shapes = scheme.shapes(k, n)

@@ -49,6 +49,9 @@ class Config:
     tile_k: int  # input channels per pipeline step
     stages: int  # steps in flight
     splits: int  # K splits (blocks per output tile)
+    # Grouped scales: issue every group's wgmma of a pipeline step before waiting for any (the next group
+    # widens while the last multiplies), instead of one wait per group. Off until measured on a GPU.
+    overlap: bool = False
 
 
 def _chunk(scheme: QuantScheme, k: int) -> int:
@@ -211,15 +214,32 @@ def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dty
                 xs_smem, v_smem, s_smem, z_smem = refs
             else:
                 v_smem, s_smem = refs
-            for c in range(tile_k // chunk):
-                q = widened(v_smem, c)
-                for p in range(chunk // piece):
-                    w = q if piece == chunk else q[:, p * piece:(p + 1) * piece]
-                    r = (c * chunk + p * piece) // g  # the group's row within the tile
-                    part = product(w, x_smem.at[:, pl.ds(c * chunk + p * piece, piece)])
-                    if with_zeros:
-                        part = part - vector(z_smem, r, 1)[:, None] * vector(xs_smem, r, 0)[None, :]
-                    total = total + part * vector(s_smem, r, 1)[:, None]
+            pieces = [(c, p) for c in range(tile_k // chunk) for p in range(chunk // piece)]
+
+            def weight_of(c, p, q):
+                return q if piece == chunk else q[:, p * piece:(p + 1) * piece]
+
+            def x_of(c, p):
+                return x_smem.at[:, pl.ds(c * chunk + p * piece, piece)]
+
+            if config.overlap and on_gpu:
+                def issue(accs):
+                    q = None
+                    for acc, (c, p) in zip(accs, pieces):
+                        q = widened(v_smem, c) if p == 0 else q
+                        plgpu.wgmma(acc, weight_of(c, p, q), x_of(c, p).T)
+                zero = plgpu.layout_cast(jnp.zeros((TILE_N, mp), jnp.float32), acc_layout)
+                parts = pl.run_state(issue)(tuple(plgpu.ACC.init(zero) for _ in pieces))
+            else:
+                parts, q = [], None
+                for c, p in pieces:
+                    q = widened(v_smem, c) if p == 0 else q
+                    parts.append(product(weight_of(c, p, q), x_of(c, p)))
+            for part, (c, p) in zip(parts, pieces):
+                r = (c * chunk + p * piece) // g  # the group's row within the tile
+                if with_zeros:
+                    part = part - vector(z_smem, r, 1)[:, None] * vector(xs_smem, r, 0)[None, :]
+                total = total + part * vector(s_smem, r, 1)[:, None]
             return total
 
         def channel_body(_, x_smem, v_smem, acc):

@@ -9,16 +9,22 @@ work: a [64, k] tile of it is the left operand as stored, with no transpose in t
 
 One CUDA block per (64 outputs, K split): a pipeline of `stages` TMA loads (x tile [Mp, tile_k],
 values tile [64, tile_k], the tile's scale rows [tile_k / g, 64]) feeds one warpgroup. Per chunk
-of the tile (one scale group, or 128 channels when scales are per channel) it loads the values
-into registers in the layout made for widening (WGMMA_UPCAST_2X for 8 bits, _4X for 4 bits, then
-2X), widens them (int8 -> bf16 by the byte-permute trick, int4 -> bf16 by its own trick, fp8 ->
-f16 by cvt), subtracts the zero and multiplies by the scale in float32, rounds to bf16 and issues
-a wgmma accumulating [64, Mp] in float32 registers. Per-channel scales (and zeros) are left out
-of the kernel and applied to its output instead.
+of the tile (a scale group, at least 32 bytes of values a row, or 128 channels when scales are
+per channel) it loads the values into registers in the layout made for widening
+(WGMMA_UPCAST_2X for 8 bits; _4X for 4 bits, cast to 2X while still 4-bit), widens them exactly
+to bf16 (int8 by the byte-permute trick, int4 by Mosaic's int4 trick, fp8 through f16 by cvt)
+and feeds them to wgmma as they are. Each group's product is a fresh [64, Mp] float32
+accumulator; its zero (z * the x group's sum) is taken off and its scale applied there, on M
+columns rather than on g weights a row (`Config.overlap` issues a step's group wgmmas before
+waiting for any). Per-channel scales multiply the finished tile.
 
-K is split so that about two blocks run per SM (a 4096-output projection has only 64 tiles); the
-splits write float32 partials [splits, N, Mp] that a small XLA epilogue sums, transposes, scales
-(per channel) and casts.
+With one block per output tile the kernel writes y [M, N] itself: the tile stored transposed
+from registers into SMEM, in out_dtype, then only its first M rows to HBM; below 8 rows x
+reaches the kernel unpadded (the TMA fills the tile with zeros). K is split where the outputs
+alone leave SMs idle (a 4096-output projection has only 64 tiles): the splits then write float32
+partials [splits, N, Mp] that a small XLA epilogue sums, transposes and casts.
+`quantized_matmul_many` puts several weights that read one x (q, k, v; gate, up) on one grid:
+one launch for them all.
 
 `interpret=plgpu.InterpretGPUParams()` runs the kernel on the CPU. GPU interpret mode cannot run
 a wgmma whose left operand is in registers, so there the accumulation is a plain dot into SMEM;

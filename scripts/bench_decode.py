@@ -84,8 +84,6 @@ def parse_args(argv=None):
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the roofline, TB/s")
     p.add_argument("--split-iters", type=int, default=20, help="back-to-back calls per timing round")
     p.add_argument("--no-split", action="store_true", help="skip the forward/sampling/host split")
-    p.add_argument("--kernels", type=int, default=0, metavar="N",
-                   help="after the split, list the N largest kernel groups of one forward (CUPTI)")
     p.add_argument("--compare-inline", action="store_true",
                    help="time the repeats again with the step launched inline (no launch thread; GPU only)")
     p.add_argument("--no-peer", action="store_true")
@@ -275,25 +273,6 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
     return step, lambda: forward()[0], sampling
 
 
-def kernel_census(forward) -> list[dict]:
-    """The GPU kernels one forward launches, by name (CUPTI through Mosaic GPU's profiler): count and device
-    time, largest total first. Names are shortened at the first digit run so per-layer copies group together."""
-    import re
-
-    from jax.experimental.mosaic.gpu import profiler
-
-    _, timings = profiler.measure(forward, aggregate=False)()
-    census: dict[str, dict] = {}
-    for name, ms in timings or []:
-        key = re.sub(r"[._]?\d+$", "", name)
-        c = census.setdefault(key, {"name": key, "count": 0, "ms": 0.0})
-        c["count"] += 1
-        c["ms"] += ms
-    total = {"name": "TOTAL", "count": sum(c["count"] for c in census.values()),
-             "ms": sum(c["ms"] for c in census.values())}
-    return [total] + sorted(census.values(), key=lambda c: -c["ms"])
-
-
 def timed_repeats(run, args, b, cfg, loaded, dtype) -> dict:
     """args.repeats timed generate runs of args.new_tokens each: decode tok/s from the median TPOT, and more."""
     import numpy as np
@@ -408,10 +387,6 @@ def run_jaxinfer(args) -> None:
                                              / (args.hbm_tbps * 1e12))
                 rec["split"] = split
                 say(f"B={b}: split " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
-                if args.kernels:
-                    rec["kernels"] = kernel_census(forward)
-                    say(f"B={b}: forward kernels (CUPTI): " + "; ".join(
-                        f"{k['name'][:60]} x{k['count']} {k['ms']:.3f} ms" for k in rec["kernels"][:args.kernels]))
                 save()
         except Exception as e:  # noqa: BLE001 -- keep going: the other batch sizes still tell something
             import traceback

@@ -262,7 +262,7 @@ def gguf_hf_tensors(f: GGUFFile, keep_quantized: bool = False) -> Iterator[tuple
 
     Linear weights are `[out_features, in_features]`, embeddings `[vocab, hidden]`,
     norms and biases `[n]`. Unknown tensor names raise CheckpointError before any work.
-    With `keep_quantized`, each projection (see `gguf_projections`) comes as a
+    With `keep_quantized`, each projection (HF names matching PROJECTION) comes as a
     QuantizedTensor, repacked from its blocks (checkpoints/gguf_repack.py), not as floats.
     """
     from checkpoints import gguf_repack

@@ -53,12 +53,11 @@ def repack(data: np.ndarray, qtype: int, shape: tuple[int, int], *, name: str = 
     if k % BLOCK:
         raise CheckpointError(f"{name}: {k} input channels are not whole {qtype.name} blocks of {BLOCK}")
     b, d = _blocks(data, qtype, out, k, name)
+    zeros = None
     if qtype == T.Q8_0:
         values = b["qs"].reshape(out, k)
-        zeros = None
     else:
         nibbles = _nibbles(b)
-        zeros = None
         if qtype == T.Q4_1:
             m = b["m"].astype(np.float32)
             # x = d n + m = d (q + 8) + m = d (q - z) with z = -8 - m / d. A block with d = 0 holds m alone:

@@ -108,10 +108,10 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
                                   "holds it together with config.json")
         if path.suffix == ".gguf" or _is_gguf(path):
             return _load_gguf(path, dtype, mesh, progress, quantization, keep_gguf)
+        raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory")
     if keep_gguf:
         raise CheckpointError(f"{path}: quantization 'gguf' keeps a GGUF file's own quantization; this is not "
                               "a GGUF file")
-        raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory")
     if orbax_io.is_checkpoint(path):
         cfg, graphdef, state, dtype, saved = orbax_io.restore(path, mesh, dtype)
         if quantization is not None and quantization != saved:

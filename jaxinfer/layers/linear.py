@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.layers.param import param, value_of
-from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul, quantized_matmul_many
+from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul_many
 
 
 @jax.tree_util.register_dataclass
@@ -106,10 +106,8 @@ def _matmuls(x: jax.Array, weights: list[QuantizedWeight], *, out_dtype) -> list
     scheme = weights[0].scheme
 
     def call(x, *leaves):
-        parts = [leaves[i:i + 3] for i in range(0, len(leaves), 3)]
-        if len(parts) == 1:
-            return [quantized_matmul(x, *parts[0], scheme, out_dtype=out_dtype)]
-        return quantized_matmul_many(x, parts, scheme, out_dtype=out_dtype)
+        return quantized_matmul_many(x, [leaves[i:i + 3] for i in range(0, len(leaves), 3)], scheme,
+                                     out_dtype=out_dtype)
 
     leaves = [a for w in weights for a in (w.values, w.scales, w.zeros)]
     mesh = attention._mesh

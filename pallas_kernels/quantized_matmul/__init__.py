@@ -25,34 +25,16 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, zeros: 
                      scheme: QuantScheme, *, out_dtype=None, interpret=None) -> jax.Array:
     """x [M, K] (bf16 or float32) times the quantized weight [K, N]: [M, N] in `out_dtype`
     (default x's dtype), accumulated in float32. The weight is never stored as floats."""
-    # Pallas (and Mosaic GPU) are imported when traced, not when this package is.
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    from pallas_kernels.quantized_matmul import gpu as _gpu
-    from pallas_kernels.quantized_matmul import tpu as _tpu
-
-    out_dtype = out_dtype or x.dtype
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return _gpu.quantized_matmul(x, values, scales, zeros, scheme, out_dtype=out_dtype, interpret=interpret)
-    if interpret is not None and interpret is not False:
-        return _tpu.quantized_matmul(x, values, scales, zeros, scheme, out_dtype=out_dtype, interpret=interpret)
-    operands = (x, values, scales) + (() if zeros is None else (zeros,))
-
-    def call(fn):
-        def run(*ops):
-            return fn(*ops[:3], ops[3] if zeros is not None else None, scheme, out_dtype=out_dtype)
-        return run
-
-    tpu = _tpu.quantized_matmul if _tpu.supports(x, values, scheme) else _xla
-    gpu = _gpu.quantized_matmul if _gpu.supports(x, values, scheme) is None else _xla
-    return jax.lax.platform_dependent(*operands, tpu=call(tpu), cuda=call(gpu), default=call(_xla))
+    return quantized_matmul_many(x, [(values, scales, zeros)], scheme, out_dtype=out_dtype, interpret=interpret)[0]
 
 
 def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dtype=None,
                           interpret=None) -> list[jax.Array]:
     """x [M, K] times each of several weights of one scheme ((values, scales, zeros) tuples): q, k and v,
     or gate and up. On CUDA one kernel launch for all of them (fewer launches a step, and small widths
-    share the SMs); elsewhere one `quantized_matmul` each."""
+    share the SMs); on TPU one kernel call each; XLA's dequantize-then-dot where a kernel does not
+    take the shapes, and on other platforms."""
+    # Pallas (and Mosaic GPU) are imported when traced, not when this package is.
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from pallas_kernels.quantized_matmul import gpu as _gpu
@@ -63,7 +45,7 @@ def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dty
     if isinstance(interpret, plgpu.InterpretGPUParams):
         return _gpu.quantized_matmul_many(x, weights, scheme, out_dtype=out_dtype, interpret=interpret)
     if interpret is not None and interpret is not False:
-        return [quantized_matmul(x, *w, scheme, out_dtype=out_dtype, interpret=interpret) for w in weights]
+        return [_tpu.quantized_matmul(x, *w, scheme, out_dtype=out_dtype, interpret=interpret) for w in weights]
     tree = jax.tree.structure(weights)
     leaves = jax.tree.leaves(weights)
 

@@ -3,7 +3,9 @@
     None                      -> the default model (downloaded once, cached)
     *.gguf file               -> GGUF (quantized tensors dequantized, then cast like any other)
     directory with jaxinfer.json -> jaxinfer's Orbax format (restored into the sharding)
-    directory with config.json   -> HF safetensors (single file or sharded with an index)
+    directory with config.json   -> HF safetensors (single file or sharded with an index); one
+                                    quantized by AWQ, GPTQ or compressed-tensors keeps its
+                                    quantization (checkpoints/hf_quantized.py)
     .bin / .pt / ... pickles  -> refused
 
 Every reader hands over tensors; each becomes the parameter its model family
@@ -23,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from checkpoints import orbax_io, safetensors_loader
+from checkpoints import hf_quantized, orbax_io, safetensors_loader
 from checkpoints.quantized_tensor import QuantizedTensor
 from jaxinfer import params as params_lib
 from jaxinfer.errors import CheckpointError
@@ -81,10 +83,12 @@ def quantization_spec(spec):
 
 def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool = True,
          quantization=None) -> LoadedModel:
-    """`quantization`: None (the checkpoint's float weights), or "int8", "int4" (group 128),
+    """`quantization`: None (the checkpoint as it is: float weights, or those an AWQ / GPTQ /
+    compressed-tensors checkpoint holds, kept quantized), or "int8", "int4" (group 128),
     "fp8", "int4-g64-zp", ... (pallas_kernels.quantized_matmul.parse): every projection but
     the output head is quantized on the host as it loads. "gguf" (a GGUF file only): its
-    projections stay as the file quantizes them (Q8_0, Q4_0, Q4_1), repacked level for level."""
+    projections stay as the file quantizes them (Q8_0, Q4_0, Q4_1), repacked level for level.
+    A checkpoint that comes quantized is refused with any other quantization than its own."""
     from jaxinfer.tokenizer import Tokenizer
 
     try:
@@ -121,8 +125,19 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
         tokenizer = Tokenizer.from_hf_dir(tok_dir) if tok_dir.is_dir() else None
         return LoadedModel(cfg, graphdef, state, tokenizer, str(path), dtype=dtype, quantization=saved)
     cfg = safetensors_loader.read_config(path)
-    quantization = params_lib.fit_quantization(cfg, dtype, quantization)
     tensors = safetensors_loader.iter_tensors(path)
+    stored = hf_quantized.read_quantization(path)
+    kept = None
+    if stored is not None:
+        kept, tensors = hf_quantized.kept_tensors(tensors, stored)
+    if kept is not None:
+        if quantization is not None and quantization != kept:
+            raise CheckpointError(f"{path} holds {stored.method} weights, {kept.name}: load it without a "
+                                  f"quantization (or with {kept.name}); quantized weights are not requantized")
+        quantization = kept
+        log.info("%s: projections kept as stored (%s), %s", path.name, stored.method, kept.name)
+    else:
+        quantization = params_lib.fit_quantization(cfg, dtype, quantization)
     tensors = tqdm(tensors, desc="loading weights", unit=" tensors", disable=not progress)
     graphdef, state = params_lib.place_params(cfg, dtype, mesh, hf_params(cfg, tensors), quantization)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None

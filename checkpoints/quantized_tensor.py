@@ -1,8 +1,11 @@
-"""A Linear weight that arrives already quantized (GGUF blocks; AWQ, GPTQ and compressed-tensors
-next), carried from the file to `params.place_params` without ever being expanded to floats.
+"""A Linear weight that arrives already quantized (GGUF blocks, checkpoints/gguf_repack.py; AWQ, GPTQ
+and compressed-tensors, checkpoints/hf_quantized.py), carried from the file to `params.place_params`
+without ever being expanded to floats.
 
 It is in HF orientation, which is the kernels' [N, K]: values [out_features, in_features], and
 scales (and zeros) [in_features // g, out_features], in pallas_kernels/quantized_matmul's format.
+An act-order scheme (GPTQ desc_act) stores the input channels sorted by group and says which
+of x's channels each one is in `input_order` [in_features] int32.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class QuantizedTensor:
     scales: np.ndarray  # [in // g, out] float32
     zeros: np.ndarray | None  # [in // g, out] float32, zero-point schemes only
     scheme: QuantScheme
+    input_order: np.ndarray | None = None  # [in] int32, act-order schemes only
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -33,11 +37,13 @@ class QuantizedTensor:
         def cols(a):
             return None if a is None else np.ascontiguousarray(reorder(a.T).T)
         return QuantizedTensor(np.ascontiguousarray(reorder(self.values)), cols(self.scales), cols(self.zeros),
-                               self.scheme)
+                               self.scheme, self.input_order)
 
     def parts(self) -> dict[str, np.ndarray]:
-        """{"values", "scales"(, "zeros")}: the arrays a QuantizedLinear holds."""
+        """{"values", "scales"(, "zeros")(, "input_order")}: the arrays a QuantizedLinear holds."""
         out = {"values": self.values, "scales": self.scales}
         if self.zeros is not None:
             out["zeros"] = self.zeros
+        if self.input_order is not None:
+            out["input_order"] = self.input_order
         return out

@@ -114,6 +114,8 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tu
                     parts = quantize(host.reshape(host.size // n, n), quantization)
                 except ValueError as e:
                     raise CheckpointError(f"tensor {name}: {e}") from None
+                if quantization.act_order:  # a float weight among act-order ones: its channels in order
+                    parts["input_order"] = np.arange(host.size // n, dtype=np.int32)
             for key, part in parts.items():
                 declared = value_of(flat[parent + (key,)])
                 if tuple(part.shape) != tuple(declared.shape):

@@ -25,7 +25,8 @@ from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul_many
 class QuantizedWeight:
     """A projection's weight [K, N] quantized: values [N, K], scales [K // g, N] (see
     pallas_kernels/quantized_matmul/reference.py);
-    `out_shape` is its output axes' shape, N their product."""
+    `out_shape` is its output axes' shape, N their product. An act-order scheme's weight also holds
+    `input_order` [K] int32: its stored input channel j is x's channel input_order[j]."""
 
     values: jax.Array
     scales: jax.Array
@@ -33,6 +34,7 @@ class QuantizedWeight:
     scheme: QuantScheme = dataclasses.field(metadata={"static": True})
     out_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     axes: tuple = dataclasses.field(default=(None, None), metadata={"static": True})  # logical (input, output)
+    input_order: jax.Array | None = None
 
 
 def einsum(equation: str, x: jax.Array, weight, *, preferred_element_type=None) -> jax.Array:
@@ -81,7 +83,9 @@ def project(x: jax.Array, *linears) -> tuple[jax.Array, ...]:
     Quantized alike (one scheme, the same input axes, no bias), they take one kernel launch on the GPU:
     fewer launches a step, and the narrow ones (k, v) share the SMs with the wide."""
     first = linears[0]
+    # Act-order weights each gather x's channels in their own order: never fused.
     if not all(isinstance(lin, QuantizedLinear) and lin.bias is None and lin.scheme == first.scheme
+               and not lin.scheme.act_order
                and lin.preferred_element_type == first.preferred_element_type
                and split_equation(lin.equation)[0] == split_equation(first.equation)[0] for lin in linears):
         return tuple(lin(x) for lin in linears)
@@ -103,6 +107,14 @@ def _matmuls(x: jax.Array, weights: list[QuantizedWeight], *, out_dtype) -> list
     (which replicates it) with a warning naming the sizes."""
     from jaxinfer.layers import attention
 
+    if any(w.input_order is not None for w in weights):
+        # Act-order: x's columns gathered into each weight's stored order, after which the weight is a plain
+        # grouped one (the kernels never see the order). Under tensor parallelism the gather is XLA's (it
+        # gathers a sharded x whole); the matmul after it splits as any other.
+        return [y for w in weights for y in _matmuls(
+            jnp.take(x, w.input_order, axis=1),
+            [dataclasses.replace(w, input_order=None, scheme=dataclasses.replace(w.scheme, act_order=False))],
+            out_dtype=out_dtype)]
     scheme = weights[0].scheme
 
     def call(x, *leaves):
@@ -199,6 +211,9 @@ class QuantizedLinear(nnx.Module):
                 for name, (shp, dt) in scheme.shapes(k, n).items()}
         self.values, self.scales = made["values"], made["scales"]
         self.zeros = made.get("zeros")
+        # Act-order (GPTQ desc_act): which of x's channels each stored input channel is. Replicated: it is
+        # K int32s. Random (benchmark) weights take all zeros, a valid order.
+        self.input_order = (param(rngs, (k,), (None,), jnp.int32, init="zeros") if scheme.act_order else None)
         if bias:
             keep = [i for i, c in enumerate(contracted + produced) if c in produced]
             self.bias = param(rngs, [shape[i] for i in keep], [logical_axes[i] for i in keep], dtype,
@@ -208,7 +223,8 @@ class QuantizedLinear(nnx.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.values[...], self.scales[...], None if self.zeros is None else self.zeros[...],
-                               self.scheme, self.out_shape, self.axes)
+                               self.scheme, self.out_shape, self.axes,
+                               None if self.input_order is None else self.input_order[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = einsum(self.equation, x, self.quantized_weight(), preferred_element_type=self.preferred_element_type)

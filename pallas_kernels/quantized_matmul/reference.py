@@ -39,6 +39,10 @@ class QuantScheme:
     method: str  # "int8" | "int4" | "fp8"
     group_size: int | None = None  # input channels per scale; None: one scale per output channel
     zero_points: bool = False  # int4 only: asymmetric, with a zero level per group
+    # GPTQ's act-order (desc_act): the checkpoint groups input channels out of order. They are stored
+    # sorted by group, and each projection holds `input_order` [K] int32: x's columns are gathered into
+    # that order before the matmul (jaxinfer/layers/linear.py), so the kernels see contiguous groups.
+    act_order: bool = False
     # The group was not asked for ("int8", "int4"): a model whose projections 128 does not divide takes
     # the largest of 64 and 32 that divides them all (params.fit_quantization).
     fit_group: bool = dataclasses.field(default=False, compare=False)
@@ -50,13 +54,15 @@ class QuantScheme:
             raise ValueError(f"group size {self.group_size} is not one of {GROUP_SIZES}")
         if self.zero_points and self.method != "int4":
             raise ValueError(f"zero points are for int4, not {self.method}")
+        if self.act_order and self.group_size is None:
+            raise ValueError("act-order reorders groups of input channels; per channel there are none")
 
     @property
     def name(self) -> str:
-        """The spec `parse` reads back: "int8", "int4-g128", "int4-g64-zp", "int4-ch", ..."""
+        """The spec `parse` reads back: "int8", "int4-g128", "int4-g64-zp", "int4-ch", "int4-g32-act", ..."""
         default = 128 if self.method in ("int8", "int4") else None
         group = "" if self.group_size == default else ("-ch" if self.group_size is None else f"-g{self.group_size}")
-        return self.method + group + ("-zp" if self.zero_points else "")
+        return self.method + group + ("-zp" if self.zero_points else "") + ("-act" if self.act_order else "")
 
     @property
     def values_dtype(self) -> np.dtype:
@@ -89,11 +95,11 @@ class QuantScheme:
 
 def parse(spec: str | QuantScheme | None) -> QuantScheme | None:
     """"int8" / "int4" (group 128, symmetric), "fp8" (per channel), "int4-g64", "int4-g128-zp",
-    "int8-ch" (per channel): a scheme."""
+    "int8-ch" (per channel), "int4-g32-act" (GPTQ act-order, from a checkpoint): a scheme."""
     if spec is None or isinstance(spec, QuantScheme):
         return spec
     parts = spec.lower().split("-")
-    method, group, zero = parts[0], None, False
+    method, group, zero, act = parts[0], None, False, False
     # Plain int8 and int4 group by 128 (or the largest of 64 and 32 that fits the model): one scale
     # per output channel (-ch) misses the quality goal on small models; fp8 keeps one per channel.
     fit = method in ("int8", "int4")
@@ -106,9 +112,11 @@ def parse(spec: str | QuantScheme | None) -> QuantScheme | None:
             zero = True
         elif p == "ch":
             group, fit = None, False
+        elif p == "act":
+            act, fit = True, False
         else:
             raise ValueError(f"unknown quantization option {p!r} in {spec!r}")
-    return QuantScheme(method, group, zero, fit_group=fit)
+    return QuantScheme(method, group, zero, act, fit_group=fit)
 
 
 def quantize(w, scheme: QuantScheme) -> dict:

@@ -59,8 +59,15 @@ def fixtures(data_dir) -> pathlib.Path:
     return data_dir / "hf_quantized"
 
 
+@pytest.fixture(scope="module")
+def runners() -> dict:
+    """One ModelRunner per scheme: fixtures of one scheme have one parameter structure, so the next one's
+    state runs through the step the first compiled (a compilation is most of each case's time)."""
+    return {}
+
+
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_quantized_checkpoint_loads_quantized_and_matches_transformers(name, fixtures):
+def test_quantized_checkpoint_loads_quantized_and_matches_transformers(name, fixtures, runners):
     loaded = load(fixtures / name)
     assert loaded.quantization.name == EXPECTED[name]
     # Every projection holds its values in the scheme's dtype: nothing was expanded to floats.
@@ -76,19 +83,38 @@ def test_quantized_checkpoint_loads_quantized_and_matches_transformers(name, fix
     ref = np.load(fixtures / name / "reference.npz")
     # One packed prefill over prompt + generation gives the logits at every position (causal).
     sequence = np.concatenate([ref["prompt_0"], ref["generated_0"][:-1]])
-    runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, make_mesh(), num_pages=16, page_size=4)
+    runner = runners.get(loaded.quantization)
+    if runner is None:
+        runner = runners[loaded.quantization] = ModelRunner(loaded.config, loaded.graphdef, loaded.state, make_mesh(),
+                                                            num_pages=16, page_size=4)
+    runner.state = loaded.state
     (ours,) = teacher_forced_logits(runner, [sequence], [np.zeros(0, np.int32)])
     np.testing.assert_allclose(ours, ref["logits_0"][:-1], atol=1e-4, rtol=0)
     assert (ours[len(ref["prompt_0"]) - 1:].argmax(-1) == ref["generated_0"]).all()
 
 
-def test_act_order_checkpoint_decodes_through_paged_cache(fixtures):
-    """Decode steps (M = 1 rows) gather the activations in the stored order too."""
-    loaded = load(fixtures / "gptq_act_order_g32")
+def test_act_order_checkpoint_decodes_with_tensor_parallelism(fixtures):
+    """Over two devices (column- and row-parallel projections), prefill and decode steps (M = 1) gather
+    the activations in each projection's stored order too."""
+    mesh = make_mesh(tensor=2)
+    loaded = loader.load(fixtures / "gptq_act_order_g32", dtype=jnp.float32, mesh=mesh, progress=False)
     ref = np.load(fixtures / "gptq_act_order_g32" / "reference.npz")
-    runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, make_mesh(), num_pages=16, page_size=4)
+    runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, mesh, num_pages=16, page_size=4)
     (ours,) = teacher_forced_logits(runner, [ref["prompt_0"]], [ref["generated_0"]])
     np.testing.assert_allclose(ours, ref["logits_0"][:-1], atol=1e-4, rtol=0)
+
+
+def test_act_order_checkpoint_converts_to_orbax_and_back(fixtures, tmp_path):
+    """`jaxinfer convert` keeps the scheme and each projection's input order."""
+    from checkpoints import orbax_io
+
+    loaded = load(fixtures / "gptq_act_order_g32")
+    orbax_io.save(tmp_path / "converted", loaded)
+    restored = load(tmp_path / "converted")
+    assert restored.quantization == loaded.quantization
+    before, after = flat_params(loaded.state), flat_params(restored.state)
+    for path in [p for p in before if p[-1] in ("input_order", "values", "zeros")]:
+        np.testing.assert_array_equal(np.asarray(value_of(after[path])), np.asarray(value_of(before[path])))
 
 
 def test_explicit_quantization_must_be_the_checkpoints_own(fixtures):

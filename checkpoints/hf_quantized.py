@@ -36,7 +36,6 @@ import dataclasses
 import json
 import logging
 import pathlib
-import re
 from collections.abc import Iterable, Iterator
 
 import ml_dtypes
@@ -51,7 +50,6 @@ log = logging.getLogger(__name__)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds output 8c + AWQ_ORDER[i]
 CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
-HEAD = re.compile(r"(^|\.)lm_head$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +63,6 @@ class HFQuantization:
     symmetric: bool
     kind: str = "int"  # "int" | "float" (compressed-tensors fp8)
     strategy: str = "group"  # compressed-tensors: "group" | "channel" | "tensor"
-    ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) left in float
     source: str = "quantization_config"
 
     @property
@@ -112,12 +109,6 @@ class HFQuantization:
         return QuantScheme("int4" if self.bits == 4 else "int8", self.group_size, not self.symmetric and self.bits == 4,
                            act_order and self.group_size is not None)
 
-    def ignored(self, prefix: str) -> bool:
-        for pattern in self.ignore:
-            if pattern.startswith("re:") and re.fullmatch(pattern[3:], prefix) or pattern == prefix:
-                return True
-        return False
-
 
 def read_quantization(directory: pathlib.Path) -> HFQuantization | None:
     """The quantization a checkpoint directory's config.json (or an AutoGPTQ quantize_config.json)
@@ -158,7 +149,7 @@ def _parse(raw: dict, source: str) -> HFQuantization:
             raise CheckpointError(f"{source}: AWQ without zero points is not supported")
         return HFQuantization("awq", "gemm", int(raw.get("bits", raw.get("w_bit", 4))),
                               _group(raw.get("group_size", raw.get("q_group_size", 128))), False,
-                              ignore=tuple(raw.get("modules_to_not_convert") or ()), source=source)
+                              source=source)
     if method == "gptq":
         fmt = str(raw.get("checkpoint_format", raw.get("format", "gptq"))).lower()
         if fmt not in ("gptq", "gptq_v2"):
@@ -204,7 +195,7 @@ def _parse_compressed_tensors(raw: dict, source: str) -> HFQuantization:
         raise CheckpointError(f"{source}: weight strategy 'group' without a group_size")
     return HFQuantization("compressed-tensors", fmt, int(first["num_bits"]), group,
                           bool(first.get("symmetric", True)), kind=kind, strategy=strategy,
-                          ignore=tuple(raw.get("ignore") or ()), source=source)
+                          source=source)
 
 
 def kept_tensors(tensors: Iterable[tuple[str, np.ndarray]], quant: HFQuantization

@@ -217,3 +217,13 @@ def test_act_order_groups_of_unequal_size_are_refused(fixtures, tmp_path):
     write_safetensors(path, tensors)
     with pytest.raises(CheckpointError, match=rf"{Q}\.g_idx: group 0 has 33 input channels, not 32"):
         load(target)
+
+
+def test_unsupported_quantization_configs_are_refused_by_name(fixtures, tmp_path):
+    path = corrupt(fixtures, tmp_path, "awq_g32", quantization_config=lambda q: q.update(quant_method="bitsandbytes"))
+    with pytest.raises(CheckpointError, match="quant_method 'bitsandbytes' is not supported"):
+        load(path)
+    path = corrupt(fixtures, tmp_path / "v", "gptq_v1_sym_g32", quantization_config=lambda q: q.update(
+        checkpoint_format="marlin"))
+    with pytest.raises(CheckpointError, match="GPTQ checkpoint_format 'marlin' is not supported"):
+        load(path)

@@ -9,7 +9,8 @@ W[k, n] = (values[n, k] - zero) * scale), never expanded to floats.
     GPTQ (4, 8 bit)  qweight int32 [K bits/32, N]: 32/bits inputs an int32, input 8r + i in nibble i
                      (bits 4); qzeros int32 [K/g, N bits/32], packed along the outputs alike;
                      scales [K/g, N]; g_idx [K]: input k's group. W[k] = (q - z) s[g_idx[k]], where
-                     checkpoint_format "gptq" (v1) stores z - 1 and "gptq_v2" z itself.
+                     checkpoint_format "gptq" (v1) stores z - 1 and "gptq_v2" z itself (a v1 nibble
+                     of 15 is read as 16, as v1 kernels read it: a true zero of 0 does not survive v1).
                      sym: z is the midpoint (8, 128)               -> int4 / int8, no zero points
                      not sym, 4 bit                                 -> int4-zp
                      act-order (g_idx not k // g): input channels stored sorted by group,

@@ -227,3 +227,21 @@ def test_unsupported_quantization_configs_are_refused_by_name(fixtures, tmp_path
         checkpoint_format="marlin"))
     with pytest.raises(CheckpointError, match="GPTQ checkpoint_format 'marlin' is not supported"):
         load(path)
+
+
+def test_a_quantized_output_head_comes_as_floats():
+    """GPTQ tools may quantize lm_head too; the model keeps its head in float, so it is dequantized
+    (v2 sym, 4 bit: every level 9 over zero 8 with scale 0.5 is 0.5)."""
+    from checkpoints import hf_quantized
+
+    quant = hf_quantized.HFQuantization("gptq", "gptq_v2", 4, 32, True)
+    nibbles = lambda v: np.int32(np.uint32(int(f"{v:x}" * 8, 16)).view(np.int32))  # noqa: E731
+    tensors = [("lm_head.qweight", np.full((8, 16), nibbles(9), np.int32)),
+               ("lm_head.qzeros", np.full((2, 2), nibbles(8), np.int32)),
+               ("lm_head.scales", np.full((2, 16), 0.5, np.float16)),
+               ("lm_head.g_idx", (np.arange(64) // 32).astype(np.int32))]
+    scheme, stream = hf_quantized.kept_tensors(tensors, quant)
+    assert scheme.name == "int4-g32"
+    ((name, head),) = list(stream)
+    assert name == "lm_head.weight" and head.dtype == np.float32 and head.shape == (16, 64)
+    np.testing.assert_array_equal(head, 0.5)

@@ -93,14 +93,15 @@ def test_quantized_checkpoint_loads_quantized_and_matches_transformers(name, fix
     assert (ours[len(ref["prompt_0"]) - 1:].argmax(-1) == ref["generated_0"]).all()
 
 
-def test_act_order_checkpoint_decodes_with_tensor_parallelism(fixtures):
-    """Over two devices (column- and row-parallel projections), prefill and decode steps (M = 1) gather
-    the activations in each projection's stored order too."""
+def test_act_order_checkpoint_runs_with_tensor_parallelism(fixtures):
+    """Over two devices (column- and row-parallel projections: q, k, v, gate, up split by outputs, o and
+    down by inputs) each projection gathers the activations in its stored order too."""
     mesh = make_mesh(tensor=2)
     loaded = loader.load(fixtures / "gptq_act_order_g32", dtype=jnp.float32, mesh=mesh, progress=False)
     ref = np.load(fixtures / "gptq_act_order_g32" / "reference.npz")
+    sequence = np.concatenate([ref["prompt_0"], ref["generated_0"][:-1]])
     runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, mesh, num_pages=16, page_size=4)
-    (ours,) = teacher_forced_logits(runner, [ref["prompt_0"]], [ref["generated_0"]])
+    (ours,) = teacher_forced_logits(runner, [sequence], [np.zeros(0, np.int32)])
     np.testing.assert_allclose(ours, ref["logits_0"][:-1], atol=1e-4, rtol=0)
 
 

@@ -207,7 +207,7 @@ def save_awq_gptq(model, case, gen, target: pathlib.Path) -> None:
 
 # --- compressed-tensors: the library quantizes and packs ---------------------------------------------
 
-def save_compressed_tensors(model, case, gen, target: pathlib.Path) -> None:
+def save_compressed_tensors(model, case, target: pathlib.Path) -> dict:
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
@@ -289,7 +289,7 @@ def main():
         else:
             float_copy = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             float_copy.load_state_dict(model.state_dict())
-            reference = reference_model(float_copy, save_compressed_tensors(model, case, gen, target))
+            reference = reference_model(float_copy, save_compressed_tensors(model, case, target))
         arrays = {}
         for i, length in enumerate(PROMPT_LENS):
             prompt = torch.randint(0, CONFIG["vocab_size"], (1, length), generator=gen)

@@ -230,8 +230,6 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
     of b rows at `context` tokens each, built the way the engine builds a decode step. Adapt here when the engine
     moves; each callable returns something to block on."""
 
-    import jax
-
     from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.core.shapes import SeqWork, pages_needed
     from jaxinfer.runner.sampler import Row, SamplingArrays
@@ -252,25 +250,23 @@ def decode_step_pieces(llm, b: int, context: int, temperature: float):
 
     inputs = StepInputs.pack(batch, arrays, shape)
     forward_exe, sampler_exe = runner._executables_for(shape, engine.ban_width, inputs.needs_full_sampling())
-    on_device = jax.device_put(inputs.buffer, runner.replicated)
+    on_device = runner.stage(inputs)
+    latest = []  # the last forward's (logits, rows): each forward writes over the one before
 
     def step():
         return runner.step(inputs).packed
 
     def forward():  # the step's own forward executable, its input already on the device
-        out = forward_exe.flat(*runner._state_leaves, *jax.tree.leaves(runner.cache), runner.feed_tokens, on_device)
-        runner.cache = jax.tree.unflatten(runner._cache_tree, out[1:-1])
-        return out[0], out[-1]
+        # (in the buffer held for its shape, which a runner.step in between refills: not `on_device` then)
+        latest[:] = runner.run_forward(forward_exe, runner._held_inputs.get((shape, engine.ban_width), on_device))
+        return latest[0]
 
-    logits, rows = forward()
+    forward()
 
-    def sampling():  # the step's own sampler executable on that forward's logits
-        out = sampler_exe.flat(logits, *jax.tree.leaves(runner.penalty), runner.feed_tokens, rows)
-        runner.penalty = jax.tree.unflatten(runner._penalty_tree, out[3:-1])
-        runner.feed_tokens = out[-1]
-        return out[0]
+    def sampling():  # the step's own sampler executable on the latest forward's logits
+        return runner.run_sampler(sampler_exe, *latest).packed
 
-    return step, lambda: forward()[0], sampling
+    return step, forward, sampling
 
 
 def timed_repeats(run, args, b, cfg, loaded, dtype) -> dict:

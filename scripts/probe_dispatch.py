@@ -47,6 +47,40 @@ def _cupti(fn):
     return timings or []
 
 
+def host_trace(fn, top: int) -> None:
+    """Run fn (which must not keep results alive for long) under the profiler and print the host-side events
+    by total time: where a call spends the time before it returns."""
+    import gzip
+    import json
+    import tempfile
+
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # Python frames would slow the very calls being looked at
+    options.host_tracer_level = 3  # verbose: the runtime's own steps (thunks, command buffer updates)
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=options):
+            jax.block_until_ready(fn())
+        path = next(pathlib.Path(d).rglob("*.trace.json.gz"))
+        events = json.loads(gzip.decompress(path.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    threads = {(e.get("pid"), e.get("tid")): e["args"].get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    total = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            thread = threads.get((e.get("pid"), e.get("tid")), "?")
+            if "stream" in thread.lower() or "gpu" in thread.lower() and "host" not in thread.lower():
+                continue  # device timelines
+            key = (thread[:24], re.sub(r"[._:]\d+$", "", str(e.get("name")))[:70])
+            total[key][0] += 1
+            total[key][1] += e["dur"] / 1e3
+    print("  host events over 5 forward calls (thread | event: count, ms):", flush=True)
+    for (thread, name), (n, ms) in sorted(total.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"    {thread} | {name}: {n}, {ms:.2f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="1,64")
@@ -56,23 +90,22 @@ def main() -> None:
     p.add_argument("--dump", default=None, help="a folder: write each B's kernels (in launch order, with "
                    "times) and the optimized forward and sampler HLO there, for reading offline")
     p.add_argument("--no-full", action="store_true", help="skip the full sampler variant")
+    p.add_argument("--trace", action="store_true", help="profile 5 forward calls (host side) and list the host "
+                   "events that take the time")
+    p.add_argument("--quantization", default=None, help="projections quantized: int8, int4, fp8, ... (random levels)")
     args = p.parse_args()
-    import dataclasses
 
     import jax
     import jax.numpy as jnp
 
-    from checkpoints.loader import LoadedModel
-    from jaxinfer import params as P
     from jaxinfer.llm import LLM
     from jaxinfer.runner.step_inputs import StepInputs
     from jaxinfer.sharding import make_mesh
-    from scripts.bench_decode import model_config
+    from scripts.bench_decode import dummy_model, model_config
 
     cfg = model_config(args.tiny)
     mesh = make_mesh()
-    graphdef, state = P.dummy_params(cfg, jnp.bfloat16, mesh)
-    model = LoadedModel(cfg, graphdef, state, None, "dummy", dtype=jnp.bfloat16)
+    model = dummy_model(cfg, jnp.bfloat16, mesh, args.quantization)
     for b in (int(x) for x in args.batches.split(",")):
         llm = LLM.from_loaded(model, mesh, max_num_seqs=b, max_num_batched_tokens=max(b, 128),
                               max_model_len=256, enable_prefix_caching=False)
@@ -122,53 +155,51 @@ def main() -> None:
         top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:args.kernels]
         print("  kernels by time: " + "; ".join(f"{k} x{n} {ms:.3f}" for k, (n, ms) in top), flush=True)
         forward, _ = runner._executables_for(shape, engine.ban_width, False)
-        logits, runner.cache, rows = forward(runner.state, runner.cache, runner.feed_tokens,
-                                             dataclasses.replace(inputs, buffer=jax.device_put(inputs.buffer)))
-        on_device = jax.device_put(inputs.buffer, runner.replicated)
-        state_leaves = runner._state_leaves
+        on_device = runner.stage(inputs)
+        latest = list(runner.run_forward(forward, on_device))  # (logits, rows) of the last forward
+
+        def fwd(buf=None):  # the step's forward on its staged input (the buffer held for its shape, on the GPU)
+            buf = buf if buf is not None else runner._held_inputs.get((shape, engine.ban_width), on_device)
+            latest[:] = runner.run_forward(forward, buf)
 
         def loop(with_sampler, put):  # back-to-back pieces of the step, ms per step
-            nonlocal logits, rows
             _, sampler = runner._executables_for(shape, engine.ban_width, False)
             jax.block_until_ready(runner.cache)
             t = time.perf_counter()
             for _ in range(args.iters):
-                buf = jax.device_put(inputs.buffer, runner.replicated) if put else on_device
-                out = forward.flat(*state_leaves, *jax.tree.leaves(runner.cache), runner.feed_tokens, buf)
-                logits, rows = out[0], out[-1]
-                runner.cache = jax.tree.unflatten(runner._cache_tree, out[1:-1])
+                fwd(runner.stage(inputs) if put else None)
                 if with_sampler:
-                    o = sampler.flat(logits, *jax.tree.leaves(runner.penalty), runner.feed_tokens, rows)
-                    runner.penalty = jax.tree.unflatten(runner._penalty_tree, o[3:-1])
-                    runner.feed_tokens = o[-1]
+                    runner.run_sampler(sampler, *latest)
             jax.block_until_ready(runner.cache)
             return (time.perf_counter() - t) / args.iters * 1e3
 
         loop(True, True)
 
         def host_ms(with_sampler, ahead):  # host time for the call to return; `ahead` steps queued first
-            nonlocal logits, rows
             _, sampler = runner._executables_for(shape, engine.ban_width, False)
             out_ms = []
             for _ in range(10):
                 jax.block_until_ready(runner.cache)
                 for _ in range(ahead):
-                    o = forward.flat(*state_leaves, *jax.tree.leaves(runner.cache), runner.feed_tokens, on_device)
-                    runner.cache = jax.tree.unflatten(runner._cache_tree, o[1:-1])
+                    fwd()
                 t = time.perf_counter()
                 if with_sampler:
-                    o = sampler.flat(logits, *jax.tree.leaves(runner.penalty), runner.feed_tokens, rows)
-                    runner.penalty = jax.tree.unflatten(runner._penalty_tree, o[3:-1])
-                    runner.feed_tokens = o[-1]
+                    runner.run_sampler(sampler, *latest)
                 else:
-                    o = forward.flat(*state_leaves, *jax.tree.leaves(runner.cache), runner.feed_tokens, on_device)
-                    runner.cache = jax.tree.unflatten(runner._cache_tree, o[1:-1])
+                    fwd()
                 out_ms.append((time.perf_counter() - t) * 1e3)
             jax.block_until_ready(runner.cache)
             print(f"    host ms ({'sampler' if with_sampler else 'forward'}, {ahead} queued): min {min(out_ms):.2f} "
                   f"max {max(out_ms):.2f}", flush=True)
             return statistics.median(out_ms)
 
+        if args.trace:
+            def five_forwards():
+                for _ in range(5):
+                    fwd()
+                return runner.cache
+
+            host_trace(five_forwards, args.kernels * 2)
         print(f"  host time to return: forward {host_ms(False, 0):.3f} ms idle, {host_ms(False, 1):.3f} ms with one "
               f"step queued, {host_ms(False, 3):.3f} with three; sampler {host_ms(True, 0):.3f} idle, "
               f"{host_ms(True, 1):.3f} with one forward queued", flush=True)
@@ -184,8 +215,7 @@ def main() -> None:
             _, sampler = runner._executables_for(shape, engine.ban_width, full)
 
             def run_sampler():
-                out, runner.penalty, runner.feed_tokens = sampler(logits, runner.penalty, runner.feed_tokens, rows)
-                jax.block_until_ready(out)
+                jax.block_until_ready(runner.run_sampler(sampler, *latest).packed)
 
             run_sampler()
             ks = _cupti(run_sampler)

@@ -12,6 +12,13 @@ and without the vocabulary-ranking work (top-k/top-p, top-n logprobs), chosen
 by the host from the step's rows: nothing in a step makes the host wait for the
 device. The state is donated, so it is updated in place. The runner decides
 nothing: the scheduler says what runs, StepInputs.from_step packs it.
+
+Every buffer a step's forward touches keeps its device address from step to step: the step's
+inputs are copied into a buffer held per shape, and the logits and sampling rows are written
+into buffers held per size and donated back. On the GPU, XLA replays the forward as a CUDA
+graph, and a graph whose addresses changed is re-recorded before it runs: with the inputs and
+outputs in fresh buffers every step, that re-recording took longer than the device's step
+(scripts/probe_dispatch.py --trace, scripts/probe_graph_update.py).
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ class ModelRunner:
         self._forward_tree = jax.tree.structure((0, self.cache, 0))
         self._sample_tree = jax.tree.structure((StepOutput(0, 0, 0), self.penalty, self.feed_tokens))
 
+        self._held_inputs: dict[tuple, jax.Array] = {}  # the step's input buffer, per shape
+        self._held_outputs: dict[tuple, tuple] = {}  # (logits, sampling rows) written in place, per size
+        self._refill = jax.jit(lambda held, fresh: fresh, donate_argnums=(0,))  # fresh's contents, held's address
         self._logits = jax.jit(self._logits_fn, donate_argnums=(1,))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
         self._reset = jax.jit(reset_slot, donate_argnums=(0,))
@@ -88,11 +98,14 @@ class ModelRunner:
         with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
             return model(dataclasses.replace(batch, tokens=tokens), cache)
 
-    def _forward_step_fn(self, state, cache, feed_tokens, inputs: StepInputs):
+    def _forward_step_fn(self, state, cache, feed_tokens, inputs: StepInputs, logits_out, rows_out):
+        """The forward, its logits and sampling rows written over `logits_out` and `rows_out` (donated: the
+        outputs keep their addresses)."""
         batch, _ = inputs.unpack()
         logits, cache = self._forward(state, cache, batch, feed_tokens)
         logits = jax.lax.with_sharding_constraint(logits.astype(jnp.float32), self.replicated)
-        return logits, cache, inputs.sampling_rows()
+        return (jax.lax.dynamic_update_slice(logits_out, logits, (0, 0)), cache,
+                jax.lax.dynamic_update_slice(rows_out, inputs.sampling_rows(), (0,)))
 
     def _sample_fn(self, logits, penalty, feed_tokens, rows, *, full: bool):
         num_rows = logits.shape[0]
@@ -114,11 +127,33 @@ class ModelRunner:
     def step(self, inputs: StepInputs) -> StepOutput:
         """Run one step (asynchronously); returns the device-side samples."""
         forward, sampler = self._executables_for(inputs.shape, inputs.ban_width, inputs.needs_full_sampling())
-        buffer = self._put(inputs.buffer)  # the one transfer
+        logits, rows = self.run_forward(forward, self.stage(inputs))
+        return self.run_sampler(sampler, logits, rows)
+
+    def stage(self, inputs: StepInputs) -> jax.Array:
+        """The step's input buffer on the device (the one transfer), in the buffer held for its shape."""
+        fresh = self._put(inputs.buffer)
+        if self.mesh.devices.flat[0].platform != "gpu":  # no CUDA graph to keep: the copy would only cost
+            return fresh
+        key = (inputs.shape, inputs.ban_width)
+        held = self._held_inputs.get(key)
+        self._held_inputs[key] = fresh if held is None else self._refill(held, fresh)
+        return self._held_inputs[key]
+
+    def run_forward(self, forward, buffer: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Queue a forward executable (of `_executables_for`) on a staged buffer: (logits, sampling rows),
+        which stay valid until the next forward of the same size writes over them."""
+        logits_out, rows_out = self._held_outputs.pop(forward.out_key, None) or forward.new_outputs()
         # Over flat leaves: flattening the params' nnx.State every step costs milliseconds.
-        out = forward.flat(*self._state_leaves, *jax.tree.leaves(self.cache), self.feed_tokens, buffer)
+        out = forward.flat(*self._state_leaves, *jax.tree.leaves(self.cache), self.feed_tokens, buffer,
+                           logits_out, rows_out)
         logits, rows = out[0], out[-1]  # (logits, *cache, sampling rows)
         self.cache = jax.tree.unflatten(self._cache_tree, out[1:-1])
+        self._held_outputs[forward.out_key] = logits, rows
+        return logits, rows
+
+    def run_sampler(self, sampler, logits: jax.Array, rows: jax.Array) -> StepOutput:
+        """Queue a sampler executable on a forward's logits and rows."""
         out = sampler.flat(logits, *jax.tree.leaves(self.penalty), self.feed_tokens, rows)
         # (packed, top_ids, top_logprobs, *penalty, feed_tokens)
         self.penalty = jax.tree.unflatten(self._penalty_tree, out[3:-1])
@@ -151,16 +186,22 @@ class ModelRunner:
         def spec(x):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
-        rows = layout(shape, ban_width).size - layout(shape, ban_width).offset("floats")
+        rows = jax.ShapeDtypeStruct((layout(shape, ban_width).size - layout(shape, ban_width).offset("floats"),),
+                                    jnp.int32, sharding=self.replicated)
         buffer = jax.ShapeDtypeStruct((layout(shape, ban_width).size,), jnp.int32, sharding=self.replicated)
+        logits = jax.ShapeDtypeStruct((shape.num_rows, self.cfg.vocab_size), jnp.float32, sharding=self.replicated)
         forward = self._executable(("forward", shape, ban_width), self._forward_step_fn, (
             jax.tree.map(spec, self.state), jax.tree.map(spec, self.cache), spec(self.feed_tokens),
-            StepInputs(buffer, shape, ban_width)), self._forward_tree, (1,))
-        logits = jax.ShapeDtypeStruct((shape.num_rows, self.cfg.vocab_size), jnp.float32, sharding=self.replicated)
+            StepInputs(buffer, shape, ban_width), logits, rows), self._forward_tree, (1, 4, 5))
+        forward.out_key = (logits.shape, rows.shape)  # the held outputs it writes over
+
+        def new_outputs():
+            return (jax.device_put(jnp.zeros(logits.shape, logits.dtype), self.replicated),
+                    jax.device_put(jnp.zeros(rows.shape, rows.dtype), self.replicated))
+        forward.new_outputs = new_outputs
         sampler = self._executable(("sample", shape.num_rows, ban_width, full),
                                    functools.partial(self._sample_fn, full=full), (
-            logits, jax.tree.map(spec, self.penalty), spec(self.feed_tokens),
-            jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=self.replicated)), self._sample_tree, (1, 2))
+            logits, jax.tree.map(spec, self.penalty), spec(self.feed_tokens), rows), self._sample_tree, (1, 2))
         self._made[(shape, ban_width, full)] = forward, sampler
         return forward, sampler
 

@@ -80,7 +80,8 @@ def _tile_metadata(cu_seqlens, num_tokens_padded, block_q, block_kv, sliding_win
     """
     total = cu_seqlens[-1]
     t = jnp.arange(num_tokens_padded, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_seqlens, t, side="right") - 1, 0, cu_seqlens.shape[0] - 2)
+    seq = jnp.searchsorted(cu_seqlens, t, side="right", method="compare_all")  # no while loop (plan.py)
+    seq = jnp.clip(seq - 1, 0, cu_seqlens.shape[0] - 2)
     first_key = cu_seqlens[seq]
     if sliding_window is not None:
         first_key = jnp.maximum(first_key, t - sliding_window + 1)

@@ -480,7 +480,8 @@ def ragged_paged_attention(
     out = out[:, :, :block_q * group].reshape(num_kv_heads, num_q_blocks * block_q, group, head_dim)
     out = out.transpose(1, 0, 2, 3).reshape(num_q_blocks * block_q, num_q_heads, head_dim)
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    tseq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, num_seqs - 1)
+    tseq = jnp.searchsorted(cu_q_lens, t, side="right", method="compare_all")  # no while loop (plan.py)
+    tseq = jnp.clip(tseq - 1, 0, num_seqs - 1)
     slot = cu_blocks[tseq] * block_q + t - cu_q_lens[tseq]
     real = t < cu_q_lens[-1]
     return jnp.where(real[:, None, None], out[jnp.clip(slot, 0, num_q_blocks * block_q - 1)], 0).astype(q.dtype)

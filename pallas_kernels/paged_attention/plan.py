@@ -15,7 +15,10 @@ def query_blocks(cu_q_lens, kv_lens, num_blocks, block_q):
     seq_blocks = -(-q_lens // block_q)
     cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(seq_blocks)]).astype(jnp.int32)
     b = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_blocks, b, side="right") - 1, 0, num_seqs - 1).astype(jnp.int32)
+    # compare_all, not the default scan: a scan is an XLA while loop, which splits the step's CUDA graph
+    # and is driven from the host; the few sequences make the comparison matrix small.
+    seq = jnp.searchsorted(cu_blocks, b, side="right", method="compare_all")
+    seq = jnp.clip(seq - 1, 0, num_seqs - 1).astype(jnp.int32)
     used = b < cu_blocks[-1]
     q0 = (b - cu_blocks[seq]) * block_q  # index of the block's first query within its sequence
     num_valid = jnp.where(used, jnp.clip(q_lens[seq] - q0, 0, block_q), 0).astype(jnp.int32)

@@ -2,10 +2,11 @@
 
 `reference.py` defines the format (`QuantScheme`, `quantize`, `dequantize`) and the pure-JAX
 matmul the kernels are checked against; `tpu.py` is the Mosaic TPU kernel, `gpu.py` the Mosaic
-GPU (Hopper) one. `quantized_matmul` is the one entry point the model's projections reach
-(through jaxinfer/layers/linear.py). It picks by the platform it is lowered for, as the attention
-kernels do: the TPU kernel on TPU and the GPU kernel on CUDA where their `supports` take the
-shapes (the GPU one: decode-sized M), XLA's dequantize-then-dot otherwise. `interpret=` forces a
+GPU (Hopper) one, `cpu.py` a native one (C++, an XLA FFI call). `quantized_matmul` is the one entry
+point the model's projections reach (through jaxinfer/layers/linear.py). It picks by the platform
+it is lowered for, as the attention kernels do: the TPU kernel on TPU and the GPU kernel on CUDA
+where their `supports` take the shapes (the GPU one: decode-sized M), the native kernel on the CPU
+where it is built (int8 and int4), XLA's dequantize-then-dot otherwise. `interpret=` forces a
 kernel in interpret mode, for tests: `plgpu.InterpretGPUParams` the GPU kernel, `True` or
 `pltpu.InterpretParams` the TPU one.
 """
@@ -37,6 +38,7 @@ def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dty
     # Pallas (and Mosaic GPU) are imported when traced, not when this package is.
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    from pallas_kernels.quantized_matmul import cpu as _cpu
     from pallas_kernels.quantized_matmul import gpu as _gpu
     from pallas_kernels.quantized_matmul import tpu as _tpu
 
@@ -58,10 +60,18 @@ def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dty
     def fused(x, *leaves):
         return _gpu.quantized_matmul_many(x, jax.tree.unflatten(tree, leaves), scheme, out_dtype=out_dtype)
 
+    def native(x, *leaves):
+        return _cpu.quantized_matmul_many(x, jax.tree.unflatten(tree, leaves), scheme, out_dtype=out_dtype)
+
     tpu = each(lambda x, v: _tpu.quantized_matmul if _tpu.supports(x, v, scheme) else _xla)
     xla = each(lambda x, v: _xla)
     gpu_ok = all(_gpu.supports(x, v, scheme) is None for v, _, _ in weights)
-    return jax.lax.platform_dependent(x, *leaves, tpu=tpu, cuda=fused if gpu_ok else xla, default=xla)
+    # Every branch is traced wherever this runs; the CPU kernel is built (once, cached) only where the
+    # default backend is the CPU, so a GPU or TPU host never compiles it.
+    cpu_ok = (jax.default_backend() == "cpu" and all(_cpu.supports(x, v, scheme) for v, _, _ in weights)
+              and _cpu.load())
+    return jax.lax.platform_dependent(x, *leaves, tpu=tpu, cuda=fused if gpu_ok else xla,
+                                      cpu=native if cpu_ok else xla, default=xla)
 
 
 def _xla(x, values, scales, zeros, scheme: QuantScheme, *, out_dtype):

@@ -189,48 +189,62 @@ def fused(hbm, rows_out):
                       f"{t_one * 1e6:.1f} µs | {t_each / t_one:.2f}× (vs bf16 {t_bf16 / t_one:.2f}×) |", flush=True)
 
 
-def sweep(hbm, budget_s):
+def sweep(hbm, budget_s, ms=(1, 64), specs=("int4", "int8"), shapes=None):
+    """Time the kernel's configs (tile_k, stages, splits, overlap) per shape, M and scheme, the default first."""
     deadline = time.perf_counter() + budget_s
-    print("\n== sweep (M = 1 and 64, int4-g128 and int8, 4096 x 14336 and 14336 x 4096)")
-    for k, n in SHAPES[:2]:
-        for spec in ("int4", "int8"):
+    shapes = shapes or SHAPES[:2]
+    print(f"\n== sweep (M in {ms}, {', '.join(specs)}, K x N in {shapes})")
+    for k, n in shapes:
+        for spec in specs:
             scheme = parse(spec)
             copies = [random_parts(scheme.shapes(k, n), i) for i in range(6)]
-            for m in (1, 64):
+            for m in ms:
                 x = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.bfloat16)
                 chunk = gpu._chunk(scheme, k)
-                print(f"  default for M={m}: {gpu.default_config(m, k, n, scheme)}", flush=True)
-                for tile_k in (256, 512, 1024):
-                    if tile_k % chunk or k % tile_k:
+                default = gpu.default_config(m, k, n, scheme)
+                configs = [default] + [
+                    gpu.Config(tile_k, stages, splits, overlap)
+                    for tile_k in (256, 512, 1024) if not (tile_k % chunk or k % tile_k)
+                    for stages, splits, overlap in itertools.product((2, 4, 6), (1, 2, 4, 7, 8), (False, True))
+                    if (k // tile_k) % splits == 0 and (k // tile_k) // splits >= 2]
+                best = None
+                for cfg in configs:
+                    if time.perf_counter() > deadline:
+                        break
+                    fn = jax.jit(lambda x, cs, cfg=cfg, scheme=scheme: [
+                        gpu.quantized_matmul(x, c["values"], c["scales"], c.get("zeros"), scheme, config=cfg)
+                        for c in cs])
+                    try:
+                        t = time_per_call(fn, x, copies, reps=5)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  {spec} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                         continue
-                    for stages, splits, overlap in itertools.product((2, 4, 6), (1, 2, 4, 7, 8), (False, True)):
-                        steps = k // tile_k
-                        if steps % splits or steps // splits < 2 or time.perf_counter() > deadline:
-                            continue
-                        cfg = gpu.Config(tile_k, stages, splits, overlap)
-                        fn = jax.jit(lambda x, cs, cfg=cfg, scheme=scheme: [
-                            gpu.quantized_matmul(x, c["values"], c["scales"], c.get("zeros"), scheme, config=cfg)
-                            for c in cs])
-                        try:
-                            t = time_per_call(fn, x, copies, reps=5)
-                            print(f"  {spec:5s} K={k:5d} N={n:5d} M={m:3d} {cfg}: {t * 1e6:7.1f} us", flush=True)
-                        except Exception as e:  # noqa: BLE001
-                            print(f"  {spec} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    best = min(best or (t, cfg), (t, cfg), key=lambda b: b[0])
+                    print(f"  {spec:5s} K={k:5d} N={n:5d} M={m:3d} {cfg}{' (default)' if cfg is default else ''}: "
+                          f"{t * 1e6:7.1f} us", flush=True)
+                if best:
+                    print(f"  best {spec} K={k} N={n} M={m}: {best[1]} {best[0] * 1e6:.1f} us", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="checks only")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-only", action="store_true", help="the sweep alone (no checks, no table)")
     p.add_argument("--no-fused", action="store_true", help="skip the one-launch q/k/v and gate/up table")
     p.add_argument("--sweep-s", type=float, default=150, help="time limit of the sweep")
+    p.add_argument("--sweep-m", default="1,64", help="M values of the sweep")
+    p.add_argument("--sweep-specs", default="int4,int8", help="schemes of the sweep")
+    p.add_argument("--sweep-shapes", default=None, help="KxN,KxN,... (default: 4096x14336,14336x4096)")
     p.add_argument("--hbm-tbps", type=float, default=4.8)
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({getattr(dev, 'core_count', '?')} SMs); jax {jax.__version__}", flush=True)
+    if args.sweep_only:
+        args.sweep, args.quick = True, False
 
-    for spec, m, k, n, config in [("int8", 1, 4096, 14336, None), ("int8-ch", 7, 4096, 1024, None),
+    for spec, m, k, n, config in [] if args.sweep_only else [("int8", 1, 4096, 14336, None), ("int8-ch", 7, 4096, 1024, None),
                                   ("int8-g32", 33, 1024, 512, None), ("int4", 16, 14336, 4096, None),
                                   ("int4-g128-zp", 64, 4096, 6144, None), ("int4-g32-zp", 5, 512, 192, None),
                                   ("int4-g64", 128, 2048, 256, (256, 3, 4)), ("int4-ch", 3, 1024, 128, None),
@@ -247,32 +261,36 @@ def main():
 
     hbm = args.hbm_tbps * 1e12
     rows: list[dict] = []
-    for k, n in SHAPES:
+    for k, n in [] if args.sweep_only else SHAPES:
         for m in (1, 16, 64, 256):
             bench(k, n, m, hbm, rows)
             print(f"  timed K={k} N={n} M={m}", flush=True)
-    print(f"\n## Quantized matmul, {dev.device_kind}: time per matmul ({TIMER[0]}), fraction of {args.hbm_tbps} TB/s, "
-          "vs bf16\n")
-    print("| K x N | M | " + " | ".join(["bf16"] + [f"{mth} | {mth} (xla)" for mth in METHODS]) + " |")
-    print("|---|---:|" + "---:|" * (1 + 2 * len(METHODS)))
-    for k, n in SHAPES:
-        for m in (1, 16, 64, 256):
-            cells = []
-            for label in ["bf16"] + [lbl for mth in METHODS for lbl in (mth, mth + "-xla")]:
-                r = next((r for r in rows if (r["k"], r["n"], r["m"], r["method"]) == (k, n, m, label)), None)
-                if r is None:
-                    cells.append("-")
-                elif label == "bf16":
-                    cells.append(f"{r['us']:.1f} us ({r['roofline']:.0%})")
-                else:
-                    cells.append(f"{r['us']:.1f} us ({r['roofline']:.0%}, {r.get('vs_bf16', 0):.2f}x)")
-            print(f"| {k} x {n} | {m} | " + " | ".join(cells) + " |")
-    if not args.no_fused:
+    if not args.sweep_only:
+        print(f"\n## Quantized matmul, {dev.device_kind}: time per matmul ({TIMER[0]}), fraction of {args.hbm_tbps} TB/s, "
+              "vs bf16\n")
+        print("| K x N | M | " + " | ".join(["bf16"] + [f"{mth} | {mth} (xla)" for mth in METHODS]) + " |")
+        print("|---|---:|" + "---:|" * (1 + 2 * len(METHODS)))
+        for k, n in SHAPES:
+            for m in (1, 16, 64, 256):
+                cells = []
+                for label in ["bf16"] + [lbl for mth in METHODS for lbl in (mth, mth + "-xla")]:
+                    r = next((r for r in rows if (r["k"], r["n"], r["m"], r["method"]) == (k, n, m, label)), None)
+                    if r is None:
+                        cells.append("-")
+                    elif label == "bf16":
+                        cells.append(f"{r['us']:.1f} us ({r['roofline']:.0%})")
+                    else:
+                        cells.append(f"{r['us']:.1f} us ({r['roofline']:.0%}, {r.get('vs_bf16', 0):.2f}x)")
+                print(f"| {k} x {n} | {m} | " + " | ".join(cells) + " |")
+    if not (args.no_fused or args.sweep_only):
         fused(hbm, rows)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     if args.sweep:
-        sweep(hbm, args.sweep_s)
+        shapes = [tuple(int(v) for v in kn.split("x")) for kn in args.sweep_shapes.split(",")] \
+            if args.sweep_shapes else None
+        sweep(hbm, args.sweep_s, tuple(int(v) for v in args.sweep_m.split(",")), tuple(args.sweep_specs.split(",")),
+              shapes)
     return 1 if failed else 0
 
 

@@ -63,7 +63,8 @@ class LLM:
         largest of 64 and 32 that fits), "fp8" (per channel), or a variant such as "int8-ch",
         "int4-g64" or "int4-g32-zp" (zero points): every projection but the output head is
         quantized as the model loads, and the float weights never reach the device. "gguf": a
-        GGUF file's own Q8_0 / Q4_0 / Q4_1 projections, kept as they are.
+        GGUF file's own Q8_0 / Q4_0 / Q4_1 projections, kept as they are. An HF checkpoint that
+        comes quantized (AWQ, GPTQ, compressed-tensors) loads with its own scheme when this is None.
 
         Warm-up makes the step shapes a first request needs before returning; with
         `warmup_in_background` the others are made on a thread meanwhile (a step that

@@ -48,7 +48,9 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization):
     assert sampling.needs_full()
 
     def whole_step(state, cache, penalty, feed_tokens, inputs):  # the forward pass, then the sampler
-        logits, cache, rows = runner._forward_step_fn(state, cache, feed_tokens, inputs)
+        logits_out = jnp.zeros((shape.num_rows, SMALL_128.vocab_size), jnp.float32)
+        rows_out = jnp.zeros(inputs.sampling_rows().shape, jnp.int32)
+        logits, cache, rows = runner._forward_step_fn(state, cache, feed_tokens, inputs, logits_out, rows_out)
         out, penalty, feed_tokens = runner._sample_fn(logits, penalty, feed_tokens, rows, full=True)
         return out, cache, penalty, feed_tokens
 

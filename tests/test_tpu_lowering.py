@@ -26,13 +26,15 @@ SMALL_128 = LlamaConfig(architecture="llama", vocab_size=512, hidden_size=256, i
                         rope_theta=10000.0, max_position_embeddings=256)
 
 
-@pytest.mark.parametrize("dtype,device_kind,quantization", [
-    (jnp.float32, "TPU v5 lite", None), (jnp.bfloat16, "TPU v6 lite", None),
-    (jnp.bfloat16, "TPU v5 lite", "int8"), (jnp.bfloat16, "TPU v6 lite", "int4-g128-zp")])
-def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization):
+@pytest.mark.parametrize("dtype,device_kind,quantization,tp", [
+    (jnp.float32, "TPU v5 lite", None, 1), (jnp.bfloat16, "TPU v6 lite", None, 1),
+    (jnp.bfloat16, "TPU v5 lite", "int8", 1), (jnp.bfloat16, "TPU v6 lite", "int4-g128-zp", 1),
+    # Tensor parallel over two chips: attention and the quantized matmuls run per device in shard_map.
+    (jnp.bfloat16, "TPU v6 lite", "int4-g128-zp", 2)])
+def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization, tp):
     from pallas_kernels.quantized_matmul import parse
 
-    mesh = make_mesh()
+    mesh = make_mesh(tensor=tp)
     graphdef, state = params_lib.dummy_params(SMALL_128, dtype, mesh, quantization=parse(quantization))
     cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=16,
                           num_pages=16, block_q=16)
@@ -55,7 +57,7 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization):
         return out, cache, penalty, feed_tokens
 
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
-    abstract = jax.sharding.AbstractMesh((1, 1), ("data", "tensor"), (jax.sharding.AxisType.Auto,) * 2,
+    abstract = jax.sharding.AbstractMesh((1, tp), ("data", "tensor"), (jax.sharding.AxisType.Auto,) * 2,
                                          abstract_device=device)
     with jax.sharding.use_abstract_mesh(abstract):
         exported = export.export(jax.jit(whole_step), platforms=["tpu"])(
@@ -66,4 +68,6 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization):
     calls = exported.mlir_module().count("tpu_custom_call")
     # One kernel body per distinct call: attention, and with quantized weights the matmul at each of
     # the 3 projection shapes ([256, 512] q/gate/up, [256, 256] k/v, [512, 256] o/down).
-    assert calls >= (4 if quantization else 1), calls
+    assert calls >= (4 if quantization and tp == 1 else 3 if quantization else 1), calls
+    if tp > 1:  # per-device kernels, and the row-parallel projections' partial sums added across chips
+        assert "sdy.manual_computation" in exported.mlir_module() and "all_reduce" in exported.mlir_module()

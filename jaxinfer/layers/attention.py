@@ -48,7 +48,7 @@ def _per_device(attend):
     heads when the trace is under a mesh with a `tensor` axis (see `on_mesh`)."""
     def call(*args):
         q, k_pages = args[0], args[1]
-        mesh = _mesh
+        mesh = kernel_mesh()
         if mesh is None or mesh.shape.get("tensor", 1) == 1:
             return attend(*args)
         tp = mesh.shape["tensor"]
@@ -111,6 +111,17 @@ def on_mesh(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
         yield
     finally:
         _mesh = previous
+
+
+def kernel_mesh():
+    """The mesh the kernels' shard_map runs over: `on_mesh`'s, or where an abstract mesh of the same
+    axes is the context (jax.export for another platform, e.g. TPU from the CPU), that one."""
+    if _mesh is None:
+        return None
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and dict(context.shape) == dict(_mesh.shape):
+        return context
+    return _mesh
 
 
 def set_implementation(name: str) -> None:

@@ -122,7 +122,7 @@ def _matmuls(x: jax.Array, weights: list[QuantizedWeight], *, out_dtype) -> list
                                      out_dtype=out_dtype)
 
     leaves = [a for w in weights for a in (w.values, w.scales, w.zeros)]
-    mesh = attention._mesh
+    mesh = attention.kernel_mesh()
     tp = 1 if mesh is None else mesh.shape.get("tensor", 1)
     if tp == 1:
         return call(x, *leaves)

@@ -3,8 +3,8 @@
     python scripts/bench_cpu_decode.py --llama-site /tmp/llamaenv            # llama.cpp, gguf, float; 5 repeats
     python scripts/bench_cpu_decode.py --no-llama --engines gguf --repeats 3  # jaxinfer alone
 
-Engines (each loaded once, then the repeats go round them in turn, so a noisy spell of a shared machine
-lands on all of them alike):
+Engines, each in its own child process, one after the other (in one process, XLA's idle thread pool and the
+engine's threads took the cores from llama.cpp's spinning threads: 0.5 to 12 tok/s instead of ~90):
   llama.cpp  llama-cpp-python on the same GGUF file, n_threads=2 (--threads). It is imported from
              --llama-site (a folder from `pip install --target`), never from jaxinfer's environment.
              Sampling is greedy; its generator does not stop at EOS.
@@ -22,8 +22,10 @@ median.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -35,7 +37,7 @@ PROMPT = "The history of the printing press begins"
 
 def llama_cpp_engine(path: str, site: str | None, threads: int, tokens: int):
     if site:
-        sys.path.insert(0, site)
+        sys.path.append(site)  # after jaxinfer's own packages: its numpy must not shadow ours
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
@@ -58,7 +60,8 @@ def llama_cpp_engine(path: str, site: str | None, threads: int, tokens: int):
 def jaxinfer_engine(path: str, quantization: str | None, tokens: int):
     from jaxinfer import LLM, SamplingParams
 
-    llm = LLM(path, quantization=quantization, progress=False)
+    # Every shape made before the timing starts: a background warm-up would compete for the two cores.
+    llm = LLM(path, quantization=quantization, progress=False, warmup_in_background=False)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 
     def run() -> tuple[float, str]:
@@ -77,29 +80,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     from checkpoints.default_model import default_model_path
 
     path = str(default_model_path())
-    engines = [e for e in args.engines if not (args.no_llama and e == "llama.cpp")]
-    runs = {}
-    for name in engines:
-        started = time.perf_counter()
-        if name == "llama.cpp":
+    if args.child:
+        if args.child == "llama.cpp":
             label, run = llama_cpp_engine(path, args.llama_site, args.threads, args.tokens)
         else:
-            label, run = jaxinfer_engine(path, "gguf" if name == "gguf" else None, args.tokens)
+            label, run = jaxinfer_engine(path, "gguf" if args.child == "gguf" else None, args.tokens)
         run()  # warm-up
-        print(f"{label}: loaded and warmed up in {time.perf_counter() - started:.1f} s", flush=True)
-        runs[label] = run
-    tpots = {label: [] for label in runs}
-    texts = {}
-    for i in range(args.repeats):
-        for label, run in runs.items():
-            tpot, texts[label] = run()
-            tpots[label].append(tpot)
-            print(f"repeat {i + 1}: {label:<22} {1 / tpot:6.1f} tok/s", flush=True)
+        results = [run() for _ in range(args.repeats)]
+        print("RESULT " + json.dumps({"label": label, "tpots": [t for t, _ in results], "text": results[-1][1]}))
+        return
+    engines = [e for e in args.engines if not (args.no_llama and e == "llama.cpp")]
+    tpots, texts = {}, {}
+    for name in engines:
+        cmd = [sys.executable, __file__, "--child", name, "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+               "--threads", str(args.threads)] + (["--llama-site", args.llama_site] if args.llama_site else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+        got = json.loads(line[len("RESULT "):])
+        tpots[got["label"]], texts[got["label"]] = got["tpots"], got["text"]
+        print(f"{got['label']}: " + ", ".join(f"{1 / t:.1f}" for t in got["tpots"]) + " tok/s", flush=True)
 
     peer = next((statistics.median(t) for label, t in tpots.items() if label.startswith("llama.cpp")), None)
     print(f"\n`python scripts/bench_cpu_decode.py {' '.join(sys.argv[1:])}`: {path.rsplit('/', 1)[-1]}, greedy, "

@@ -11,6 +11,7 @@ name and layout (undoing llama.cpp's reordering where the family has one).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import pathlib
@@ -24,6 +25,8 @@ from checkpoints.gguf_quants import dequantize_tensor, qtype_name
 from jaxinfer import models
 from jaxinfer.errors import CheckpointError
 from jaxinfer.models import ModelConfig
+
+log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -262,8 +265,9 @@ def gguf_hf_tensors(f: GGUFFile, keep_quantized: bool = False) -> Iterator[tuple
 
     Linear weights are `[out_features, in_features]`, embeddings `[vocab, hidden]`,
     norms and biases `[n]`. Unknown tensor names raise CheckpointError before any work.
-    With `keep_quantized`, each projection (HF names matching PROJECTION) comes as a
-    QuantizedTensor, repacked from its blocks (checkpoints/gguf_repack.py), not as floats.
+    With `keep_quantized`, each projection (HF names matching PROJECTION) stored in a type a scheme holds
+    exactly (gguf_repack.KEPT) comes as a QuantizedTensor, repacked from its blocks
+    (checkpoints/gguf_repack.py), not as floats; the others come dequantized.
     """
     from checkpoints import gguf_repack
 
@@ -271,9 +275,9 @@ def gguf_hf_tensors(f: GGUFFile, keep_quantized: bool = False) -> Iterator[tuple
     cfg = gguf_model_config(f)
     to_hf = models.family(cfg).gguf_to_hf
     for name, hf in names.items():
+        t = f.tensors[name]
         try:
-            if keep_quantized and PROJECTION.search(hf):
-                t = f.tensors[name]
+            if keep_quantized and PROJECTION.search(hf) and gguf_repack.scheme_of(t.tensor_type) is not None:
                 w = gguf_repack.repack(t.data, t.tensor_type, f.tensor_shape(name), name=name)
                 w = w.with_rows(lambda a, name=name: to_hf(cfg, name, a))
             else:
@@ -286,19 +290,46 @@ def gguf_hf_tensors(f: GGUFFile, keep_quantized: bool = False) -> Iterator[tuple
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")  # HF names of the quantizable Linears
 
 
-def gguf_kept_scheme(f: GGUFFile):
-    """The QuantScheme that holds every projection of `f` as it is stored (`quantization="gguf"`), or a
-    CheckpointError naming the tensors whose GGML type is not kept (or that differ)."""
+def gguf_kept_quantization(f: GGUFFile):
+    """How `quantization="gguf"` holds `f`'s projections as they are stored: one QuantScheme where every
+    projection is of one kept type (a Q4_0 file), else a params.MixedQuantization with each projection's
+    scheme (a Q4_K_M file: Q4_K -> int4-g32-zp, Q6_K -> int8-g16), None for those of a type no scheme holds
+    exactly (Q2_K, Q3_K, IQ*, F16, ...), which stay float Linears of the dequantized weights. A
+    CheckpointError where no projection is of a kept type."""
     from checkpoints import gguf_repack
+    from jaxinfer.params import MixedQuantization
 
+    cfg = gguf_model_config(f)
+    hf_param = models.family(cfg).hf_param
+    projections: list[tuple[str, object]] = []
     types: dict[str, list[str]] = {}
     for name, hf in _hf_names(f).items():
-        if PROJECTION.search(hf):
-            types.setdefault(qtype_name(f.tensors[name].tensor_type), []).append(name)
-    kept = [t for t in types if t in gguf_repack.KEPT]
-    if len(types) == 1 and kept:
-        return gguf_repack.scheme_of(gguf_repack.T[kept[0]])
+        if not PROJECTION.search(hf):
+            continue
+        qtype = f.tensors[name].tensor_type
+        placed = hf_param(cfg, hf, _UNREAD)  # (parameter path, _UNREAD): where the projection goes
+        if placed is None:
+            continue
+        projections.append((".".join(map(str, placed[0][:-1])), gguf_repack.scheme_of(qtype)))
+        types.setdefault(qtype_name(qtype), []).append(name)
     listing = "; ".join(f"{t}: {', '.join(ns[:3])}{' ...' if len(ns) > 3 else ''}" for t, ns in types.items())
-    raise CheckpointError(f"{f.path}: quantization 'gguf' keeps projections stored in one of "
-                          f"{', '.join(gguf_repack.KEPT)}, all alike; this file has {listing}. Load it without "
-                          "a quantization (dequantized), or with int8 / int4 to requantize")
+    schemes = {s for _, s in projections}
+    if schemes - {None} and len(schemes) == 1:
+        return schemes.pop()
+    if not schemes - {None}:
+        raise CheckpointError(f"{f.path}: quantization 'gguf' keeps projections stored in "
+                              f"{', '.join(gguf_repack.KEPT)}; this file has {listing}. Load it without "
+                              "a quantization (dequantized), or with int8 / int4 to requantize")
+    floats = [t for t in types if t not in gguf_repack.KEPT]
+    if floats:
+        log.info("%s: projections of %s are dequantized (float); the others kept as stored",
+                 f.path.name, ", ".join(floats))
+    return MixedQuantization(tuple(projections), "gguf")
+
+
+class _Unread:
+    """Stands in for a projection's weight where only its parameter path is asked (not an ndarray: a family's
+    hf_param passes it through as it does a QuantizedTensor)."""
+
+
+_UNREAD = _Unread()

@@ -1,7 +1,8 @@
 """Load any supported checkpoint: pick the reader by what the path holds.
 
     None                      -> the default model (downloaded once, cached)
-    *.gguf file               -> GGUF (quantized tensors dequantized, then cast like any other)
+    *.gguf file               -> GGUF (quantized tensors dequantized, then cast like any other; or,
+                                 with quantization="gguf", projections kept as the file quantizes them)
     directory with jaxinfer.json -> jaxinfer's Orbax format (restored into the sharding)
     directory with config.json   -> HF safetensors (single file or sharded with an index); one
                                     quantized by AWQ, GPTQ or compressed-tensors keeps its
@@ -42,7 +43,9 @@ class LoadedModel:
     tokenizer: object | None  # jaxinfer.tokenizer.Tokenizer
     source: str
     dtype: Any = dataclasses.field(kw_only=True)  # the compute dtype the model was built for
-    quantization: Any = dataclasses.field(default=None, kw_only=True)  # QuantScheme of its projections, or None
+    # QuantScheme of its projections, a params.MixedQuantization (a scheme per projection: a GGUF Q4_K_M file kept
+    # quantized), or None
+    quantization: Any = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         self.dtype = np.dtype(self.dtype)
@@ -87,7 +90,9 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
     compressed-tensors checkpoint holds, kept quantized), or "int8", "int4" (group 128),
     "fp8", "int4-g64-zp", ... (pallas_kernels.quantized_matmul.parse): every projection but
     the output head is quantized on the host as it loads. "gguf" (a GGUF file only): its
-    projections stay as the file quantizes them (Q8_0, Q4_0, Q4_1), repacked level for level.
+    projections stay as the file quantizes them (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), repacked level for
+    level, each in its own scheme where the file mixes types (Q4_K_M); a projection of another type
+    (Q3_K, IQ*, ...) is dequantized and stays float.
     A checkpoint that comes quantized is refused with any other quantization than its own."""
     from jaxinfer.tokenizer import Tokenizer
 
@@ -148,13 +153,13 @@ def load(path: str | pathlib.Path | None, *, dtype, mesh: Mesh, progress: bool =
 
 def _load_gguf(path: pathlib.Path, dtype, mesh: Mesh, progress: bool, quantization=None,
                keep_gguf: bool = False) -> LoadedModel:
-    from checkpoints.gguf_loader import gguf_hf_tensors, gguf_kept_scheme, gguf_model_config, open_gguf
+    from checkpoints.gguf_loader import gguf_hf_tensors, gguf_kept_quantization, gguf_model_config, open_gguf
     from jaxinfer.tokenizer import Tokenizer
 
     gguf = open_gguf(path)
     cfg = gguf_model_config(gguf)
     if keep_gguf:
-        quantization = gguf_kept_scheme(gguf)
+        quantization = gguf_kept_quantization(gguf)
         log.info("%s: projections kept as stored, %s", path.name, quantization.name)
     else:
         quantization = params_lib.fit_quantization(cfg, dtype, quantization)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jaxinfer import params as params_lib
 from jaxinfer.errors import CheckpointError
 from jaxinfer.models import ModelConfig, config_from_dict
-from jaxinfer.params import value_of
+from jaxinfer.params import MixedQuantization, value_of
 
 MARKER = "jaxinfer.json"
 FORMAT_VERSION = 2
@@ -51,6 +51,8 @@ def save(directory: str | pathlib.Path, model) -> None:
     (directory / MARKER).write_text(json.dumps(
         {"format_version": FORMAT_VERSION, "dtype": str(np.dtype(model.dtype)),
          "quantization": None if model.quantization is None else model.quantization.name,
+         **({"projections": model.quantization.to_json()} if isinstance(model.quantization, MixedQuantization)
+            else {}),
          "config": model.config.to_dict()}, indent=1))
 
 
@@ -59,7 +61,8 @@ def is_checkpoint(directory: pathlib.Path) -> bool:
 
 
 def read_meta(directory: pathlib.Path) -> tuple[ModelConfig, str, object]:
-    """(model config, compute dtype name, QuantScheme or None) of a jaxinfer checkpoint."""
+    """(model config, compute dtype name, QuantScheme, MixedQuantization or None) of a jaxinfer checkpoint.
+    A scheme per projection is recorded under "projections" ("quantization" then only names it)."""
     from pallas_kernels.quantized_matmul import parse
 
     try:
@@ -68,8 +71,10 @@ def read_meta(directory: pathlib.Path) -> tuple[ModelConfig, str, object]:
             raise CheckpointError(f"{directory} has format version {meta.get('format_version')}, "
                                   f"this jaxinfer reads version {FORMAT_VERSION}: convert the "
                                   "source checkpoint again with `jaxinfer convert`")
-        return config_from_dict(meta["config"]), meta["dtype"], parse(meta.get("quantization"))
-    except (ValueError, KeyError, TypeError) as e:
+        quantization = (MixedQuantization.from_json(meta["projections"]) if "projections" in meta
+                        else parse(meta.get("quantization")))
+        return config_from_dict(meta["config"]), meta["dtype"], quantization
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{directory / MARKER} is malformed: {e}") from None
 
 

@@ -9,6 +9,8 @@ state) and merges them only while tracing the jitted step.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -29,11 +31,67 @@ from pallas_kernels.quantized_matmul import QuantScheme, quantize
 log = logging.getLogger(__name__)
 
 
-def abstract_model(cfg: ModelConfig, dtype, quantization: QuantScheme | None = None
+@dataclasses.dataclass(frozen=True)
+class MixedQuantization:
+    """A scheme per projection, for a checkpoint that quantizes its projections differently (a GGUF
+    Q4_K_M file: most Q4_K, some attn_v and ffn_down Q6_K). `projections` pairs each projection's module
+    path ("layers.0.attn.v_proj") with the scheme it is held in, or None where it stays a float Linear (a
+    GGUF type no scheme holds exactly, Q3_K say, dequantized). A projection not listed stays float too.
+
+    Wherever a model's quantization is taken (abstract_model, place_params, the Orbax format, the model's
+    reported quantization) this stands beside a single QuantScheme, which keeps its own path."""
+
+    projections: tuple[tuple[str, QuantScheme | None], ...]
+    label: str = "mixed"  # where the schemes come from: "gguf"
+
+    @functools.cached_property
+    def _by_path(self) -> dict[str, QuantScheme | None]:
+        return dict(self.projections)
+
+    def scheme_for(self, path) -> QuantScheme | None:
+        """The scheme of the projection at `path` (a module path: dotted, or a tuple of keys), None: float."""
+        return self._by_path.get(path if isinstance(path, str) else ".".join(map(str, path)))
+
+    @property
+    def schemes(self) -> tuple[QuantScheme, ...]:
+        """The distinct schemes, most used first."""
+        counts: dict[QuantScheme, int] = {}
+        for _, scheme in self.projections:
+            if scheme is not None:
+                counts[scheme] = counts.get(scheme, 0) + 1
+        return tuple(sorted(counts, key=lambda s: -counts[s]))
+
+    @property
+    def name(self) -> str:
+        """For reports (GetModelInfo, logs): "gguf (int4-g32-zp, int8-g16)", "+ float" where some stay float."""
+        floats = any(scheme is None for _, scheme in self.projections)
+        return f"{self.label} ({', '.join(s.name for s in self.schemes)}{' + float' if floats else ''})"
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "projections": {p: None if s is None else s.name for p, s in self.projections}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MixedQuantization":
+        """The inverse of to_json; a ValueError names a bad entry."""
+        from pallas_kernels.quantized_matmul import parse
+
+        return cls(tuple((str(p), parse(s)) for p, s in data["projections"].items()), str(data.get("label", "mixed")))
+
+
+def scheme_at(quantization, path) -> QuantScheme | None:
+    """The scheme of the projection at module path `path` under a model's quantization (None, a QuantScheme
+    for all, or a MixedQuantization)."""
+    if quantization is None or isinstance(quantization, QuantScheme):
+        return quantization
+    return quantization.scheme_for(path)
+
+
+def abstract_model(cfg: ModelConfig, dtype, quantization: QuantScheme | MixedQuantization | None = None
                    ) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state of ShapeDtypeStructs) without allocating anything. `dtype` is the
     compute dtype; each parameter's own dtype is what its declaration says. With
-    `quantization`, the projections are QuantizedLinear (layers/linear.py)."""
+    `quantization`, the projections are QuantizedLinear (layers/linear.py), each in its own scheme
+    where it is a MixedQuantization."""
     with param_lib.abstract():
         model = family(cfg).Model(cfg, dtype=dtype, rngs=nnx.Rngs(0))
         if quantization is not None:
@@ -44,7 +102,7 @@ def abstract_model(cfg: ModelConfig, dtype, quantization: QuantScheme | None = N
 def fit_quantization(cfg: ModelConfig, dtype, scheme: QuantScheme | None) -> QuantScheme | None:
     """`scheme` for this model: an int8 or int4 whose group was not asked for takes the largest
     of 128, 64 and 32 that divides every projection (logged); otherwise `scheme` as it is."""
-    if scheme is None or not scheme.fit_group:
+    if not isinstance(scheme, QuantScheme) or not scheme.fit_group:
         return scheme
     for group in (128, 64, 32):
         fitted = QuantScheme(scheme.method, group, scheme.zero_points)
@@ -81,11 +139,11 @@ def _with_values(state: nnx.State, values: dict[tuple, jax.Array]) -> nnx.State:
 
 
 def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tuple, np.ndarray]],
-                 quantization: QuantScheme | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+                 quantization: QuantScheme | MixedQuantization | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """Load host arrays (our layout) onto the mesh, one tensor at a time, each cast to its
     parameter's declared dtype. With `quantization`, a projection's float weight is quantized
-    on the host as it arrives (or comes quantized already, a QuantizedTensor of that scheme):
-    only its values and scales reach the device."""
+    on the host as it arrives (or comes quantized already, a QuantizedTensor of its projection's
+    scheme): only its values and scales reach the device."""
     try:
         graphdef, state = abstract_model(cfg, dtype, quantization)
     except ValueError as e:  # a projection the scheme cannot hold, named
@@ -99,10 +157,12 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tu
         parent = path[:-1]
         if path not in flat and path[-1] == "weight" and parent + ("values",) in flat:
             name = ".".join(map(str, path))
+            scheme = scheme_at(quantization, parent)
             if hasattr(array, "parts"):  # it came quantized (checkpoints/quantized_tensor.py)
-                if array.scheme != quantization:
-                    raise CheckpointError(f"tensor {name} is {array.scheme.name}, the model's projections "
-                                          f"{quantization.name}")
+                if array.scheme != scheme:
+                    held = (f"the model's projection {scheme.name}" if isinstance(quantization, MixedQuantization)
+                            else f"the model's projections {scheme.name}")
+                    raise CheckpointError(f"tensor {name} is {array.scheme.name}, {held}")
                 parts = array.parts()
             else:
                 n = value_of(flat[parent + ("scales",)]).shape[1]
@@ -111,10 +171,10 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tu
                     raise CheckpointError(f"tensor {name} has shape {tuple(host.shape)}, which does not hold "
                                           f"{n} outputs")
                 try:
-                    parts = quantize(host.reshape(host.size // n, n), quantization)
+                    parts = quantize(host.reshape(host.size // n, n), scheme)
                 except ValueError as e:
                     raise CheckpointError(f"tensor {name}: {e}") from None
-                if quantization.act_order:  # a float weight among act-order ones: its channels in order
+                if scheme.act_order:  # a float weight among act-order ones: its channels in order
                     parts["input_order"] = np.arange(host.size // n, dtype=np.int32)
             for key, part in parts.items():
                 declared = value_of(flat[parent + (key,)])
@@ -126,6 +186,9 @@ def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tu
         if path not in flat:
             raise CheckpointError(f"checkpoint has a tensor for {'.'.join(map(str, path))}, "
                                   "which this model does not have")
+        if hasattr(array, "parts"):
+            raise CheckpointError(f"tensor {'.'.join(map(str, path))} comes quantized ({array.scheme.name}); "
+                                  "the model holds it in float")
         declared = value_of(flat[path])
         if tuple(array.shape) != tuple(declared.shape):
             raise CheckpointError(f"tensor {'.'.join(map(str, path))} has shape "

@@ -69,12 +69,30 @@ def test_a_gguf_model_loads_with_its_own_quantization_and_holds_the_dequantized_
         np.testing.assert_allclose(w.reshape(want.shape), want, rtol=1e-5, atol=1e-6, err_msg=str(p))
 
 
-def test_gguf_quantization_refuses_mixed_or_unkept_types_and_other_files(tmp_path, data_dir):
+def test_a_file_mixing_kept_types_keeps_each_projection_in_its_own_scheme(tmp_path, monkeypatch):
+    from jaxinfer.params import MixedQuantization, scheme_at
+    from jaxinfer.tokenizer import Tokenizer
+
+    monkeypatch.setattr(Tokenizer, "from_gguf_metadata", staticmethod(lambda metadata: None))  # ids only here
     weights = hf_weights(np.random.default_rng(2), ffn=64)
     mixed = _projections(weights, T.Q4_1) | {"blk.1.ffn_down.weight": T.Q8_0}
     path = write_gguf(tmp_path / "mixed.gguf", "llama", weights, quantize=mixed)
-    with pytest.raises(CheckpointError, match="Q4_1: blk.0.attn_q.weight.*Q8_0: blk.1.ffn_down.weight"):
-        loader.load(path, dtype=jnp.float32, mesh=make_mesh(), progress=False, quantization="gguf")
+    kept = loader.load(path, dtype=jnp.float32, mesh=make_mesh(), progress=False, quantization="gguf")
+    floats = loader.load(path, dtype=jnp.float32, mesh=make_mesh(), progress=False)
+    assert isinstance(kept.quantization, MixedQuantization) and kept.quantization.name == "gguf (int4-g32-zp, int8-g32)"
+    fk, ff = params_lib.flat_params(kept.state), params_lib.flat_params(floats.state)
+    projections = [p[:-1] for p in ff if p[-1] == "weight" and p[0] == "layers"]
+    for p in projections:
+        scheme = scheme_at(kept.quantization, p)
+        assert scheme == parse("int8-g32" if p == ("layers", 1, "mlp", "down_proj") else "int4-g32-zp"), p
+        parts = [params_lib.value_of(fk[p + (n,)]) if p + (n,) in fk else None for n in ("values", "scales", "zeros")]
+        w = np.asarray(dequantize(*parts, scheme))  # [K, N]
+        want = np.asarray(params_lib.value_of(ff[p + ("weight",)]))
+        np.testing.assert_allclose(w.reshape(want.shape), want, rtol=1e-5, atol=1e-6, err_msg=str(p))
+
+
+def test_gguf_quantization_refuses_files_with_no_kept_projection_and_other_files(tmp_path, data_dir):
+    weights = hf_weights(np.random.default_rng(2), ffn=64)
     floats = write_gguf(tmp_path / "f32.gguf", "llama", weights)
     with pytest.raises(CheckpointError, match="this file has F32"):
         loader.load(floats, dtype=jnp.float32, mesh=make_mesh(), progress=False, quantization="gguf")

@@ -235,17 +235,23 @@ class QuantizedLinear(nnx.Module):
 _FILL = {("scales", "int8"): 0.02 / 64, ("scales", "int4"): 0.02 / 4, ("scales", "fp8"): 0.02 / 224}
 
 
-def quantize_model(model: nnx.Module, scheme: QuantScheme, *, dtype, rngs: nnx.Rngs,
+def quantize_model(model: nnx.Module, scheme, *, dtype, rngs: nnx.Rngs,
                    skip: Sequence[str] = ("lm_head",)) -> nnx.Module:
     """Swap a QuantizedLinear in for every Linear of `model` (but those named in `skip`; the
     output head stays in float, as vLLM keeps it by default). Built under
-    `param.abstract()` the new parameters are declarations only."""
+    `param.abstract()` the new parameters are declarations only.
+
+    scheme: a QuantScheme for every projection, or a scheme per projection (params.MixedQuantization:
+    `scheme_for(module path)`, None where the projection stays a float Linear)."""
     for path, module in list(nnx.iter_modules(model)):
         for name, child in list(vars(module).items()):
             if isinstance(child, Linear) and name not in skip:
+                own = scheme if isinstance(scheme, QuantScheme) else scheme.scheme_for((*path, name))
+                if own is None:
+                    continue
                 shape = tuple(value_of(child.weight).shape)
                 axes = child.weight.get_metadata()["logical_axes"]
-                q = QuantizedLinear(child.equation, shape, axes, scheme=scheme, dtype=dtype,
+                q = QuantizedLinear(child.equation, shape, axes, scheme=own, dtype=dtype,
                                     rngs=rngs, bias=child.bias is not None,
                                     preferred_element_type=child.preferred_element_type,
                                     name=".".join(map(str, (*path, name))))

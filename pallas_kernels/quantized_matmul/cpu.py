@@ -125,10 +125,12 @@ def ready_for(exported) -> bool:
 
 
 def supports(x: jax.Array, values: jax.Array, scheme: QuantScheme) -> bool:
-    """Whether the kernel takes x [M, K] times these values: int8 or int4, K and the group whole blocks of 32."""
+    """Whether the kernel takes x [M, K] times these values: int8 (symmetric) or int4, K and the group whole
+    blocks of 32."""
     k = x.shape[-1]
     return (scheme.method in ("int8", "int4") and x.ndim == 2 and values.ndim == 2 and values.shape[1] == k
-            and k % BLOCK == 0 and scheme.group(k) % BLOCK == 0)
+            and k % BLOCK == 0 and scheme.group(k) % BLOCK == 0
+            and not (scheme.method == "int8" and scheme.zero_points))  # the int8 path reads no zeros
 
 
 def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dtype) -> list[jax.Array]:

@@ -7,9 +7,9 @@ and of compressed-tensors, and the one the GPU kernel streams into registers):
 
     values  [N, K]      int8, int4 (signed, packed two a byte on the device) or float8_e4m3fn
     scales  [K // g, N] float32: one per group of g input channels per output (g = K: per channel)
-    zeros   [K // g, N] float32, int4 with zero points only: the level that stands for 0, in the
-                        values' signed domain (-8..7; not always a whole level: GGUF's Q4_1
-                        keeps a float minimum)
+    zeros   [K // g, N] float32, with zero points only (int4 or int8): the level that stands for 0,
+                        in the values' signed domain (-8..7, -128..127; not always a whole level:
+                        GGUF's Q4_1 and K-quants keep a float minimum)
 
 and W[k, n] = (values[n, k] - zero) * scales[k // g, n], with zero = zeros[k // g, n] when there
 are zero points and 0 otherwise. Scales stay input-major, so a kernel reads one row of a tile's
@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 FP8_MAX = 448.0  # the largest float8_e4m3fn
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (16, 32, 64, 128)  # 16: GGUF Q6_K's sub-blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class QuantScheme:
 
     method: str  # "int8" | "int4" | "fp8"
     group_size: int | None = None  # input channels per scale; None: one scale per output channel
-    zero_points: bool = False  # int4 only: asymmetric, with a zero level per group
+    zero_points: bool = False  # int4 or int8: asymmetric, with a zero level per group
     # GPTQ's act-order (desc_act): the checkpoint groups input channels out of order. They are stored
     # sorted by group, and each projection holds `input_order` [K] int32: x's columns are gathered into
     # that order before the matmul (jaxinfer/layers/linear.py), so the kernels see contiguous groups.
@@ -52,14 +52,14 @@ class QuantScheme:
             raise ValueError(f"unknown quantization {self.method!r}: expected int8, int4 or fp8")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise ValueError(f"group size {self.group_size} is not one of {GROUP_SIZES}")
-        if self.zero_points and self.method != "int4":
-            raise ValueError(f"zero points are for int4, not {self.method}")
+        if self.zero_points and self.method == "fp8":
+            raise ValueError("zero points are for int4 and int8, not fp8")
         if self.act_order and self.group_size is None:
             raise ValueError("act-order reorders groups of input channels; per channel there are none")
 
     @property
     def name(self) -> str:
-        """The spec `parse` reads back: "int8", "int4-g128", "int4-g64-zp", "int4-ch", "int4-g32-act", ..."""
+        """The spec `parse` reads back: "int8", "int4-g128", "int4-g64-zp", "int8-g16", "int4-ch", "int4-g32-act", ..."""
         default = 128 if self.method in ("int8", "int4") else None
         group = "" if self.group_size == default else ("-ch" if self.group_size is None else f"-g{self.group_size}")
         return self.method + group + ("-zp" if self.zero_points else "") + ("-act" if self.act_order else "")
@@ -95,7 +95,8 @@ class QuantScheme:
 
 def parse(spec: str | QuantScheme | None) -> QuantScheme | None:
     """"int8" / "int4" (group 128, symmetric), "fp8" (per channel), "int4-g64", "int4-g128-zp",
-    "int8-ch" (per channel), "int4-g32-act" (GPTQ act-order, from a checkpoint): a scheme."""
+    "int8-ch" (per channel), "int4-g32-act" (GPTQ act-order, from a checkpoint), "int8-g16" and
+    "int8-g32-zp" (GGUF Q6_K and Q5_K): a scheme."""
     if spec is None or isinstance(spec, QuantScheme):
         return spec
     parts = spec.lower().split("-")
@@ -127,14 +128,15 @@ def quantize(w, scheme: QuantScheme) -> dict:
     scheme.check(k, n)
     g = scheme.group(k)
     wg = w.astype(xp.float32).reshape(k // g, g, n)
-    if scheme.method == "int4" and scheme.zero_points:
+    if scheme.zero_points:
         # The zero level is kept exact (a float, as GGUF's Q4_1 keeps its minimum): rounding it to
         # an integer, as GPTQ does, would shift every level of the group by up to half a step.
+        top, half = (15.0, 8) if scheme.method == "int4" else (255.0, 128)
         lo, hi = wg.min(axis=1), wg.max(axis=1)
-        scales = xp.where(hi > lo, (hi - lo) / 15.0, 1.0)
-        q = xp.clip(xp.round((wg - lo[:, None]) / scales[:, None]), 0, 15) - 8
+        scales = xp.where(hi > lo, (hi - lo) / top, 1.0)
+        q = xp.clip(xp.round((wg - lo[:, None]) / scales[:, None]), 0, top) - half
         return {"values": _output_major(q, scheme, xp), "scales": scales.astype(xp.float32),
-                "zeros": (-lo / scales - 8).astype(xp.float32)}
+                "zeros": (-lo / scales - half).astype(xp.float32)}
     top = {"int8": 127.0, "int4": 7.0, "fp8": FP8_MAX}[scheme.method]
     amax = xp.abs(wg).max(axis=1)
     scales = xp.where(amax > 0, amax / top, 1.0).astype(xp.float32)

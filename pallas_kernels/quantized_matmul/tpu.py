@@ -31,9 +31,7 @@ def _tile_k(k: int, g: int) -> int:
 
 def supports(x: jax.Array, values: jax.Array, scheme: QuantScheme) -> bool:
     k = x.shape[1]
-    # Groups of 16 (GGUF Q6_K) and int8 zero points (Q5_K) are not verified on the kernel: XLA takes them.
-    return (k % scheme.group(k) == 0 and x.dtype in (jnp.bfloat16, jnp.float32) and scheme.group(k) >= 32
-            and not (scheme.zero_points and scheme.method == "int8"))
+    return k % scheme.group(k) == 0 and x.dtype in (jnp.bfloat16, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "out_dtype", "block_m", "block_n", "interpret"))

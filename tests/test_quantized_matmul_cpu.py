@@ -19,7 +19,7 @@ from pallas_kernels.quantized_matmul import reference as reference_matmul
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPECS = ["int8-g32", "int8-g64", "int8-g128", "int8-ch", "int4-g32", "int4-g64-zp", "int4-g128", "int4-ch",
-         "int4-g32-zp"]
+         "int4-g32-zp", "int8-g32-zp"]
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU kernel")
 

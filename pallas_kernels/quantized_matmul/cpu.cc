@@ -100,12 +100,13 @@ void TileAvx2(const Problem& p, const Weight& w, int64_t n, int64_t r0) {
   for (int r = 0; r < kRows; ++r)
     for (int o = 0; o < kOuts; ++o) acc[r][o] = _mm256_setzero_ps();
   for (int64_t j = 0; j < x.groups; ++j) {
-    // W = (level - zero) * scale = u * scale + base, u the level (int4: level + 8, base -(zero + 8) * scale).
+    // W = (level - zero) * scale = u * scale + base: u the level (int4: level + 8), base -(zero (+ 8)) * scale.
     __m256 scale[kOuts], base[kOuts];
     for (int o = 0; o < kOuts; ++o) {
       const float s = w.scales[j * w.n + n + o];
       scale[o] = _mm256_set1_ps(s);
-      base[o] = _mm256_set1_ps(kInt4 ? -((w.zeros ? w.zeros[j * w.n + n + o] : 0.0f) + 8.0f) * s : 0.0f);
+      const float zero = w.zeros ? w.zeros[j * w.n + n + o] : 0.0f;
+      base[o] = _mm256_set1_ps(-(zero + (kInt4 ? 8.0f : 0.0f)) * s);
     }
     for (int64_t b = j * per_group; b < (j + 1) * per_group; ++b) {
       for (int o = 0; o < kOuts; ++o) {
@@ -123,7 +124,7 @@ void TileAvx2(const Problem& p, const Weight& w, int64_t n, int64_t r0) {
         } else {
           for (int i = 0; i < 4; ++i) {
             const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + b * kBlock + 8 * i));
-            wf[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale[o]);
+            wf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale[o], base[o]);
           }
         }
         for (int r = 0; r < kRows; ++r) {
@@ -182,7 +183,7 @@ void OutputScalar(const Problem& p, const Weight& w, int64_t n, int64_t r0, int6
     float acc = 0.0f;
     for (int64_t j = 0; j < x.groups; ++j) {
       const float s = w.scales[j * w.n + n];
-      const float base = p.int4 ? -((w.zeros ? w.zeros[j * w.n + n] : 0.0f) + 8.0f) * s : 0.0f;
+      const float base = -((w.zeros ? w.zeros[j * w.n + n] : 0.0f) + (p.int4 ? 8.0f : 0.0f)) * s;
       for (int64_t kk = j * p.group; kk < (j + 1) * p.group; ++kk) {
         float level;
         if (p.int4) {

@@ -1,11 +1,12 @@
 """The native CPU kernel for quantized matmuls: cpu.cc, an XLA FFI handler, built on first use.
 
 XLA's CPU backend runs a float32 GEMV near the memory's speed but any narrower operand about ten
-times slower (docs/benchmarks.md), so int8 / int4 weights are multiplied here instead: x is quantized
-to int8 per block of 32 and meets each block of weights in integer dot products, as llama.cpp does
-(cpu.cc says how). One custom call takes every weight of a `quantized_matmul_many` (q, k and v; gate
-and up), its outputs split over XLA's intra-op thread pool. fp8 weights, bf16 outputs and K that is
-not whole blocks of 32 stay on XLA's path (`supports`).
+times slower (docs/benchmarks.md), so int8 / int4 weights are multiplied here instead: each block of 32
+weights is widened and dequantized in registers and meets x in float32 FMAs, exact to float rounding
+(cpu.cc says why not llama.cpp's int8 activations). One custom call takes every weight of a
+`quantized_matmul_many` (q, k and v; gate and up), its outputs split over XLA's intra-op thread pool.
+fp8 weights, and K or groups that are not whole blocks of 32 (Q6_K's groups of 16), stay on XLA's path
+(`supports`); x in bf16 is widened first and the outputs cast back.
 
 The library is compiled on first use, not at `pip install`: `-march=native` can only be chosen on the
 machine that runs it (a wheel built elsewhere would target the build machine's CPU or the lowest
@@ -125,12 +126,11 @@ def ready_for(exported) -> bool:
 
 
 def supports(x: jax.Array, values: jax.Array, scheme: QuantScheme) -> bool:
-    """Whether the kernel takes x [M, K] times these values: int8 (symmetric) or int4, K and the group whole
-    blocks of 32."""
+    """Whether the kernel takes x [M, K] times these values: int8 or int4 (zero points or not), K and the group
+    whole blocks of 32 (Q6_K's groups of 16 stay on XLA's path)."""
     k = x.shape[-1]
     return (scheme.method in ("int8", "int4") and x.ndim == 2 and values.ndim == 2 and values.shape[1] == k
-            and k % BLOCK == 0 and scheme.group(k) % BLOCK == 0
-            and not (scheme.method == "int8" and scheme.zero_points))  # the int8 path reads no zeros
+            and k % BLOCK == 0 and scheme.group(k) % BLOCK == 0)
 
 
 def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dtype) -> list[jax.Array]:

@@ -147,14 +147,22 @@ def write_mixed_gguf(path, rng, override=None):
     return path
 
 
-def _load(path, quantization=None):
+def _load(path, quantization=None, mesh=None):
     from jaxinfer.tokenizer import Tokenizer
 
     tokenizer, Tokenizer.from_gguf_metadata = Tokenizer.from_gguf_metadata, staticmethod(lambda metadata: None)
     try:  # token ids only here
-        return loader.load(path, dtype=jnp.float32, mesh=make_mesh(), progress=False, quantization=quantization)
+        return loader.load(path, dtype=jnp.float32, mesh=mesh or make_mesh(), progress=False,
+                           quantization=quantization)
     finally:
         Tokenizer.from_gguf_metadata = tokenizer
+
+
+def _logits(model, mesh=None):
+    """Teacher-forced logits [21, vocab] of one fixed prompt."""
+    prompts = [np.random.default_rng(1).integers(3, VOCAB, 21)]
+    runner = ModelRunner(model.config, model.graphdef, model.state, mesh or make_mesh(), num_pages=16)
+    return teacher_forced_logits(runner, prompts, [np.array([5])])[0]
 
 
 @pytest.fixture(scope="module")
@@ -210,14 +218,20 @@ def test_a_projection_of_a_type_no_scheme_holds_stays_float(tmp_path):
 
 def test_a_mixed_k_quant_model_gives_the_dequantized_float_models_logits(mixed):
     _, kept, floats = mixed
-    prompts = [np.random.default_rng(1).integers(3, VOCAB, 21)]
-    logits = []
-    for model in (floats, kept):
-        runner = ModelRunner(model.config, model.graphdef, model.state, make_mesh(), num_pages=16)
-        logits.append(teacher_forced_logits(runner, prompts, [np.array([5])])[0])
+    logits = [_logits(floats), _logits(kept)]
     scale = np.abs(logits[0]).max()
     assert scale > 0.1  # the random model says something
     np.testing.assert_allclose(logits[1] / scale, logits[0] / scale, atol=1e-4)
+
+
+def test_a_mixed_k_quant_model_over_two_devices_gives_the_single_device_logits(mixed):
+    path, kept, _ = mixed
+    mesh = make_mesh(tensor=2)
+    sharded = _load(path, "gguf", mesh)
+    value = params_lib.value_of(params_lib.flat_params(sharded.state)[("layers", 0, "attn", "v_proj", "values")])
+    assert value.addressable_shards[0].data.size * 2 == value.size  # int8-g16 split like the others
+    single = _logits(kept)
+    np.testing.assert_allclose(_logits(sharded, mesh), single, atol=1e-5 * np.abs(single).max())
 
 
 def test_a_mixed_k_quant_model_round_trips_through_orbax(mixed, tmp_path):

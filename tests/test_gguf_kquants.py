@@ -6,6 +6,8 @@ with Orbax.
 gguf-py cannot quantize K-quants, so the blocks are synthesized by ggml's layouts: random level bytes,
 random 6-bit (or int8) scales and minimums, finite fp16 d and dmin, and sub-blocks whose d sc is 0."""
 
+import json
+
 import gguf
 import jax.numpy as jnp
 import numpy as np
@@ -247,6 +249,12 @@ def test_a_mixed_k_quant_model_round_trips_through_orbax(mixed, tmp_path):
         np.testing.assert_array_equal(np.asarray(x.astype(jnp.float32)), np.asarray(y.astype(jnp.float32)))
     with pytest.raises(CheckpointError, match=r"holds gguf \(int4-g32-zp.*\) weights"):
         loader.load(tmp_path / "q", dtype=jnp.float32, mesh=make_mesh(), progress=False, quantization="int8")
+    # A record that says another scheme for one projection than its stored arrays hold: refused by name.
+    meta = json.loads((tmp_path / "q" / orbax_io.MARKER).read_text())
+    meta["projections"]["projections"]["layers.1.attn.v_proj"] = "int4-g32"
+    (tmp_path / "q" / orbax_io.MARKER).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"quantized tensor layers.1.attn.v_proj.(values|scales) is"):
+        loader.load(tmp_path / "q", dtype=jnp.float32, mesh=make_mesh(), progress=False)
 
 
 def test_a_truncated_k_quant_file_is_refused_naming_the_tensor(tmp_path):

@@ -128,7 +128,7 @@ def _repack_k(data: np.ndarray, qtype: T, shape: tuple[int, int], name: str) -> 
 
 
 def _k_levels(b: np.ndarray, qtype: T):
-    """A K-quant's super-blocks (uint8 [blocks, bytes]) -> (levels q int16 [blocks, subs, g], as stored:
+    """A K-quant's super-blocks (uint8 [blocks, bytes]) -> (levels q int8 [blocks, subs, g], as stored:
     0..15, 0..31, 0..63; scales d sc float32 [blocks, subs]; minimums dmin m float32 [blocks, subs] or
     None), by ggml's layouts (gguf-py's dequantizers read them the same way)."""
     n = b.shape[0]
@@ -136,7 +136,7 @@ def _k_levels(b: np.ndarray, qtype: T):
         ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], b[:, 208:210]
         low = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
         high = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 0x03
-        q = (low.reshape(n, 256) | (high.reshape(n, 256) << 4)).astype(np.int16).reshape(n, 16, 16)
+        q = (low.reshape(n, 256) | (high.reshape(n, 256) << 4)).astype(np.int8).reshape(n, 16, 16)
         scale = _f16(d) * sc.view(np.int8).astype(np.float32)
         return q, scale, None
     # Q4_K: d, dmin, scales[12], qs[128]; Q5_K: the same with qh[32] before qs
@@ -150,7 +150,7 @@ def _k_levels(b: np.ndarray, qtype: T):
         qh = b[:, 16:48]
         high = (qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 0x01
         q = q | (high << 4)
-    return q.astype(np.int16), d * sc, dmin * m
+    return q.astype(np.int8), d * sc, dmin * m
 
 
 def _f16(b: np.ndarray) -> np.ndarray:

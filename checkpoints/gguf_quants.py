@@ -1,8 +1,8 @@
 """Dequantize GGUF tensor data into float32.
 
 Used where floats are what the model wants (embeddings, norms, a checkpoint loaded without
-`quantization="gguf"`). Q8_0, Q4_0 and Q4_1, the types the kernels keep, decode where they are
-repacked (checkpoints/gguf_repack.py: one definition of those formats, and 2 to 3 times faster
+`quantization="gguf"`). Q8_0, Q4_0 and Q4_1 decode where they are repacked for the kernels
+(checkpoints/gguf_repack.py: one definition of those formats, and 2 to 3 times faster
 than gguf-py's decoders, which the default model's start-up feels); every other type through
 gguf-py's own (`gguf.quants`). This module checks the data against its type and shape, naming
 the tensor, and decodes bounded chunks of rows, so a large tensor needs few temporaries beyond

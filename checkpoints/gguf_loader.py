@@ -265,19 +265,22 @@ def gguf_hf_tensors(f: GGUFFile, keep_quantized: bool = False) -> Iterator[tuple
 
     Linear weights are `[out_features, in_features]`, embeddings `[vocab, hidden]`,
     norms and biases `[n]`. Unknown tensor names raise CheckpointError before any work.
-    With `keep_quantized`, each projection (HF names matching PROJECTION) stored in a type a scheme holds
-    exactly (gguf_repack.KEPT) comes as a QuantizedTensor, repacked from its blocks
-    (checkpoints/gguf_repack.py), not as floats; the others come dequantized.
+    With `keep_quantized`, each projection (HF names matching PROJECTION) and the output head (`output_head`:
+    output.weight, or token_embd.weight where tied) stored in a type a scheme holds exactly
+    (gguf_repack.KEPT) comes as a QuantizedTensor, repacked from its blocks (checkpoints/gguf_repack.py),
+    not as floats; the others come dequantized.
     """
     from checkpoints import gguf_repack
 
     names = _hf_names(f)
     cfg = gguf_model_config(f)
     to_hf = models.family(cfg).gguf_to_hf
+    head = output_head(cfg)
     for name, hf in names.items():
         t = f.tensors[name]
         try:
-            if keep_quantized and PROJECTION.search(hf) and gguf_repack.scheme_of(t.tensor_type) is not None:
+            if (keep_quantized and (PROJECTION.search(hf) or hf == head)
+                    and gguf_repack.scheme_of(t.tensor_type) is not None):
                 w = gguf_repack.repack(t.data, t.tensor_type, f.tensor_shape(name), name=name)
                 w = w.with_rows(lambda a, name=name: to_hf(cfg, name, a))
             else:
@@ -290,23 +293,34 @@ def gguf_hf_tensors(f: GGUFFile, keep_quantized: bool = False) -> Iterator[tuple
 PROJECTION = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")  # HF names of the quantizable Linears
 
 
+def output_head(cfg) -> str:
+    """The HF name of the tensor the output head multiplies by: the token embedding where they are tied."""
+    return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+
+
 def gguf_kept_quantization(f: GGUFFile):
     """How `quantization="gguf"` holds `f`'s projections as they are stored: one QuantScheme where every
-    projection is of one kept type (a Q4_0 file), else a params.MixedQuantization with each projection's
-    scheme (a Q4_K_M file: Q4_K -> int4-g32-zp, Q6_K -> int8-g16), None for those of a type no scheme holds
-    exactly (Q2_K, Q3_K, IQ*, F16, ...), which stay float Linears of the dequantized weights. A
-    CheckpointError where no projection is of a kept type."""
+    projection is of one kept type (a Q4_0 file) and the output head is float, else a
+    params.MixedQuantization with each projection's scheme (a Q4_K_M file: Q4_K -> int4-g32-zp, Q6_K ->
+    int8-g16), None for those of a type no scheme holds exactly (Q2_K, Q3_K, IQ*, F16, ...), which stay
+    float Linears of the dequantized weights. An output head of a kept type (`output_head`: a Q8_0
+    token_embd, Q6_K output) is kept too, as llama.cpp runs it: the plan's "lm_head", or "embed" where the
+    head is the tied embedding. A CheckpointError where no projection is of a kept type."""
     from checkpoints import gguf_repack
     from jaxinfer.params import MixedQuantization
 
     cfg = gguf_model_config(f)
     hf_param = models.family(cfg).hf_param
     projections: list[tuple[str, object]] = []
+    head: list[tuple[str, object]] = []
     types: dict[str, list[str]] = {}
     for name, hf in _hf_names(f).items():
+        qtype = f.tensors[name].tensor_type
+        if hf == output_head(cfg) and gguf_repack.scheme_of(qtype) is not None:
+            placed = hf_param(cfg, hf, _UNREAD)  # ("embed", "weight") tied, ("lm_head", "weight") not
+            head.append((".".join(map(str, placed[0][:-1])), gguf_repack.scheme_of(qtype)))
         if not PROJECTION.search(hf):
             continue
-        qtype = f.tensors[name].tensor_type
         placed = hf_param(cfg, hf, _UNREAD)  # (parameter path, _UNREAD): where the projection goes
         if placed is None:
             continue
@@ -314,7 +328,7 @@ def gguf_kept_quantization(f: GGUFFile):
         types.setdefault(qtype_name(qtype), []).append(name)
     listing = "; ".join(f"{t}: {', '.join(ns[:3])}{' ...' if len(ns) > 3 else ''}" for t, ns in types.items())
     schemes = {s for _, s in projections}
-    if schemes - {None} and len(schemes) == 1:
+    if schemes - {None} and len(schemes) == 1 and not head:
         return schemes.pop()
     if not schemes - {None}:
         raise CheckpointError(f"{f.path}: quantization 'gguf' keeps projections stored in "
@@ -324,7 +338,7 @@ def gguf_kept_quantization(f: GGUFFile):
     if floats:
         log.info("%s: projections of %s are dequantized (float); the others kept as stored",
                  f.path.name, ", ".join(floats))
-    return MixedQuantization(tuple(projections), "gguf")
+    return MixedQuantization(tuple(projections + head), "gguf")
 
 
 class _Unread:

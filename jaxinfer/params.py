@@ -37,6 +37,8 @@ class MixedQuantization:
     Q4_K_M file: most Q4_K, some attn_v and ffn_down Q6_K). `projections` pairs each projection's module
     path ("layers.0.attn.v_proj") with the scheme it is held in, or None where it stays a float Linear (a
     GGUF type no scheme holds exactly, Q3_K say, dequantized). A projection not listed stays float too.
+    The output head is listed where the checkpoint keeps it quantized: "lm_head", or "embed" where the head
+    is the tied embedding (a QuantizedEmbed, layers/linear.py).
 
     Wherever a model's quantization is taken (abstract_model, place_params, the Orbax format, the model's
     reported quantization) this stands beside a single QuantScheme, which keeps its own path."""

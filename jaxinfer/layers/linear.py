@@ -242,20 +242,28 @@ def quantize_model(model: nnx.Module, scheme, *, dtype, rngs: nnx.Rngs,
     `param.abstract()` the new parameters are declarations only.
 
     scheme: a QuantScheme for every projection, or a scheme per projection (params.MixedQuantization:
-    `scheme_for(module path)`, None where the projection stays a float Linear)."""
+    `scheme_for(module path)`, None where the projection stays a float Linear). A plan follows its own
+    entries, `skip` aside: one naming the output head (a GGUF's quantized "lm_head", or the tied
+    embedding "embed", which becomes a QuantizedEmbed) keeps the head as the checkpoint quantizes it."""
+    planned = not isinstance(scheme, QuantScheme)
     for path, module in list(nnx.iter_modules(model)):
         for name, child in list(vars(module).items()):
-            if isinstance(child, Linear) and name not in skip:
-                own = scheme if isinstance(scheme, QuantScheme) else scheme.scheme_for((*path, name))
-                if own is None:
-                    continue
-                shape = tuple(value_of(child.weight).shape)
-                axes = child.weight.get_metadata()["logical_axes"]
-                q = QuantizedLinear(child.equation, shape, axes, scheme=own, dtype=dtype,
-                                    rngs=rngs, bias=child.bias is not None,
-                                    preferred_element_type=child.preferred_element_type,
-                                    name=".".join(map(str, (*path, name))))
-                setattr(module, name, q)
+            if not isinstance(child, (Linear, Embed)) or (not planned and (isinstance(child, Embed) or name in skip)):
+                continue
+            own = scheme.scheme_for((*path, name)) if planned else scheme
+            if own is None:
+                continue
+            where = ".".join(map(str, (*path, name)))
+            if isinstance(child, Embed):
+                vocab, dim = value_of(child.weight).shape
+                setattr(module, name, QuantizedEmbed(vocab, dim, scheme=own, dtype=dtype, rngs=rngs, name=where))
+                continue
+            shape = tuple(value_of(child.weight).shape)
+            axes = child.weight.get_metadata()["logical_axes"]
+            q = QuantizedLinear(child.equation, shape, axes, scheme=own, dtype=dtype,
+                                rngs=rngs, bias=child.bias is not None,
+                                preferred_element_type=child.preferred_element_type, name=where)
+            setattr(module, name, q)
     return model
 
 
@@ -270,3 +278,39 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array, *, preferred_element_type=None) -> jax.Array:  # [T, embed] -> [T, vocab]
         return einsum("te,ve->tv", x, self.weight[...], preferred_element_type=preferred_element_type)
+
+
+class QuantizedEmbed(nnx.Module):
+    """A token embedding held quantized (a GGUF's Q8_0 token_embd, tied to the output head): `values`
+    [vocab, embed], which is the head's output-major [N, K] as the kernels take it, and `scales` (and
+    `zeros`) [embed // g, vocab]. A lookup dequantizes only the rows it reads; `attend` is the head's
+    quantized matmul, through the projections' kernels (and their tensor-parallel split by vocab)."""
+
+    def __init__(self, vocab_size: int, dim: int, *, scheme: QuantScheme, dtype, rngs: nnx.Rngs,
+                 name: str = "embed"):
+        scheme.check(dim, vocab_size, name)  # a ValueError naming the embedding
+        self.scheme = scheme
+        self.dtype = dtype
+        self.axes = ("embed", "vocab")  # (input, output) of the head; values are output-major
+        made = {part: param(rngs, shp, self.axes[::-1] if part == "values" else self.axes, dt,
+                            init="levels" if part == "values" else "fill",
+                            scale=_FILL.get((part, scheme.method), 0.0))
+                for part, (shp, dt) in scheme.shapes(dim, vocab_size).items()}
+        self.values, self.scales = made["values"], made["scales"]
+        self.zeros = made.get("zeros")
+
+    def quantized_weight(self) -> QuantizedWeight:
+        values = self.values[...]
+        return QuantizedWeight(values, self.scales[...], None if self.zeros is None else self.zeros[...],
+                               self.scheme, (values.shape[0],), self.axes)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [T] -> [T, embed]
+        from pallas_kernels.quantized_matmul.reference import dequantize_output_major
+
+        w = self.quantized_weight()
+        zeros = None if w.zeros is None else w.zeros[:, tokens]
+        return dequantize_output_major(w.values[tokens], w.scales[:, tokens], zeros, self.scheme, self.dtype)
+
+    def attend(self, x: jax.Array, *, preferred_element_type=None) -> jax.Array:  # [T, embed] -> [T, vocab]
+        (y,) = _matmuls(x, [self.quantized_weight()], out_dtype=preferred_element_type or x.dtype)
+        return y

@@ -222,7 +222,10 @@ def hf_param(cfg: LlamaConfig, name: str, t: np.ndarray) -> tuple[tuple, np.ndar
     if name == "model.embed_tokens.weight":
         return ("embed", "weight"), t
     if name == "lm_head.weight":
-        return None if cfg.tie_word_embeddings else (("lm_head", "weight"), t.T)
+        if cfg.tie_word_embeddings:
+            return None
+        # A QuantizedTensor (a GGUF's quantized head kept) is [vocab, hidden] already: the kernels' [N, K].
+        return ("lm_head", "weight"), (t.T if isinstance(t, np.ndarray) else t)
     if name == "model.norm.weight":
         return ("final_norm", "scale"), t
     m = _HF_LAYER.fullmatch(name)

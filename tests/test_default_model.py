@@ -69,7 +69,8 @@ def test_the_default_model_kept_quantized_agrees_with_hf_transformers(default_mo
     llm = LLM(str(default_model_path), dtype="float32", quantization="gguf", progress=False, warmup=False,
               max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, num_pages=64)
     m = llm.model
-    assert m.quantization.name == "int4-g32-zp"
+    assert m.quantization.name == "gguf (int4-g32-zp, int8-g32)"  # Q4_1 projections, the tied Q8_0 token_embd
+    assert m.quantization.scheme_for("embed").name == "int8-g32"
     prompts = [np.array(c["ids"][:c["prompt_len"]]) for c in reference]
     continuations = [np.array(c["ids"][c["prompt_len"]:]) for c in reference]
     runner = ModelRunner(m.config, m.graphdef, m.state, llm.engine.runner.mesh, num_pages=128)

@@ -15,7 +15,8 @@ from jaxinfer import params as params_lib
 from jaxinfer.layers.linear import QuantizedEmbed, QuantizedLinear
 from jaxinfer.params import MixedQuantization
 from jaxinfer.sharding import make_mesh
-from tests.test_gguf_kquants import HEAD_DIM, HEADS, KV_HEADS, LAYERS, _load, _logits, kquant_bytes
+from tests.test_gguf_kquants import HEAD_DIM, HEADS, KV_HEADS, LAYERS, _load, _logits, kquant_bytes, \
+    tiny_llama_writer
 
 VOCAB, HIDDEN, FFN = 64, 256, 512
 SHAPES = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
@@ -30,18 +31,7 @@ def _q8_0(rng, shape, scale):
 def write_head_gguf(path, rng, head_type, tied):
     """A 2-layer llama whose projections are Q8_0 and whose output head (token_embd where `tied`, else
     output.weight beside a float token_embd) is of `head_type` (Q8_0 or Q6_K)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(LAYERS)
-    w.add_context_length(256)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_token_list([f"t{i}" for i in range(VOCAB)])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w = tiny_llama_writer(path)
     head = _q8_0(rng, (VOCAB, HIDDEN), 1.0) if head_type == T.Q8_0 else kquant_bytes(rng, T.Q6_K, VOCAB, HIDDEN)
     if tied:
         w.add_tensor("token_embd.weight", head, raw_dtype=head_type)

@@ -107,13 +107,8 @@ def test_corrupt_k_quant_data_is_refused_naming_the_tensor():
 # Q5_K for the ups and layer 1's ffn_down; layer 1's attn_k a Q8_0.
 MIXED = {"attn_q": T.Q4_K, "attn_k": T.Q4_K, "attn_v": T.Q6_K, "attn_output": T.Q4_K, "ffn_gate": T.Q4_K,
          "ffn_up": T.Q5_K, "ffn_down": T.Q6_K}
-FLOAT_PROJECTION = "blk.1.attn_k.weight"  # a Q8_0 among the K-quants
-
-
-def write_mixed_gguf(path, rng, override=None):
-    """A 2-layer llama (hidden 256, MLP 512, head_dim 64) whose projections are random K-quant blocks of
-    MIXED's types (layer 1's ffn_down Q5_K), but those `override` gives another type."""
-    override = {FLOAT_PROJECTION: T.Q8_0} if override is None else override
+def tiny_llama_writer(path) -> gguf.GGUFWriter:
+    """A GGUF writer with the tiny llama's metadata written; the caller adds the tensors."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(LAYERS)
     w.add_context_length(256)
@@ -126,6 +121,17 @@ def write_mixed_gguf(path, rng, override=None):
     w.add_token_list([f"t{i}" for i in range(VOCAB)])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    return w
+
+
+FLOAT_PROJECTION = "blk.1.attn_k.weight"  # a Q8_0 among the K-quants
+
+
+def write_mixed_gguf(path, rng, override=None):
+    """A 2-layer llama (hidden 256, MLP 512, head_dim 64) whose projections are random K-quant blocks of
+    MIXED's types (layer 1's ffn_down Q5_K), but those `override` gives another type."""
+    override = {FLOAT_PROJECTION: T.Q8_0} if override is None else override
+    w = tiny_llama_writer(path)
     w.add_tensor("token_embd.weight", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32))
     w.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
     shapes = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),

@@ -519,3 +519,21 @@ def test_plain_variant_equals_full_for_rows_that_need_neither_part():
     np.testing.assert_array_equal(plain.logprobs, full.logprobs)
     np.testing.assert_array_equal(plain_state.counts, full_state.counts)
     assert len(set(plain.tokens.tolist())) > 5  # the rows really differ
+
+
+def test_first_argmax_is_jnp_argmax_and_the_draw_is_jax_categorical():
+    """The sampler's own argmax (two plain reductions) picks what jnp.argmax picks, ties, NaN and all -inf
+    included, and its Gumbel draw is jax.random.categorical's, key for key."""
+    from jaxinfer.runner.sampler import first_argmax
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal((5, 1000)), rng.integers(0, 3, (64, 300)), np.full((2, 7), -np.inf),
+             np.array([[1, 3, 3, 2], [np.nan, 1, np.nan, 5], [0, 0, 0, 0], [-np.inf, 2, np.inf, np.inf]])]
+    for case in cases:
+        x = jnp.asarray(case, jnp.float32)
+        np.testing.assert_array_equal(first_argmax(x), jnp.argmax(x, axis=-1))
+    logits = jnp.asarray(rng.standard_normal(4000), jnp.float32)
+    for seed in range(20):
+        key = jax.random.key(seed)
+        noise = jax.random.gumbel(key, logits.shape, logits.dtype)
+        assert int(first_argmax(logits + noise)) == int(jax.random.categorical(key, logits))

@@ -213,7 +213,7 @@ def sample(logits: jax.Array, arrays: SamplingArrays, state: PenaltyState, *,
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     processed = _ban(apply_penalties(logits, arrays, state), arrays.banned)
-    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(processed)
     tokens = _draw(processed, arrays, greedy, full)
     scored = jnp.where(arrays.target >= 0, arrays.target, tokens)
     logprobs = jnp.take_along_axis(logits, scored[:, None], axis=-1)[:, 0] - lse
@@ -255,8 +255,20 @@ def _draw(processed: jax.Array, arrays: SamplingArrays, greedy: jax.Array, cut: 
     if cut:
         scaled = jnp.where(scaled >= _cut_floor(scaled, arrays)[:, None], scaled, -jnp.inf)
     keys = jax.vmap(_row_key)(arrays.seed, arrays.position)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    # jax.random.categorical's own draw (the Gumbel-max trick, the same noise), with its argmax as first_argmax.
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[1:], scaled.dtype))(keys)
+    drawn = first_argmax(scaled + noise)
     return jnp.where(sampled, drawn, greedy)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum; a NaN counts as the maximum), as two plain
+    reductions: XLA's CPU backend runs argmax's paired (value, index) reduction element by element, about
+    1.8 ms over a 49,152-token vocabulary, twice a step."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == m) | jnp.isnan(x)
+    ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1)
 
 
 def _cut_floor(scaled: jax.Array, arrays: SamplingArrays) -> jax.Array:

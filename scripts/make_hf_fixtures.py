@@ -57,6 +57,25 @@ def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(0.08 * torch.randn(p.shape, generator=gen))
 
 
+def greedy_reference(model, gen: torch.Generator, vocab: int, prompt_lens, decode_steps: int) -> dict:
+    """reference.npz's arrays: per prompt (random ids of each length, drawn from `gen`) the prompt, the
+    `decode_steps` ids greedy decoding appends, and the float32 logits at every position of both."""
+    arrays = {}
+    for i, length in enumerate(prompt_lens):
+        prompt = torch.randint(0, vocab, (1, length), generator=gen)
+        generated = prompt
+        with torch.no_grad():
+            # Plain greedy argmax (no generate(): its processors would bend EOS).
+            for _ in range(decode_steps):
+                next_id = model(generated).logits[0, -1].argmax()
+                generated = torch.cat([generated, next_id.view(1, 1)], dim=1)
+            logits = model(generated).logits[0].float().numpy()
+        arrays[f"prompt_{i}"] = prompt[0].numpy().astype(np.int32)
+        arrays[f"generated_{i}"] = generated[0, length:].numpy().astype(np.int32)
+        arrays[f"logits_{i}"] = logits.astype(np.float32)
+    return arrays
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="tests/data/hf_tiny")
@@ -73,20 +92,7 @@ def main():
         target.mkdir(parents=True, exist_ok=True)
         shard = dict(max_shard_size="100KB") if name == "llama_gqa" else {}
         model.save_pretrained(target, **shard)
-        arrays = {}
-        for i, length in enumerate(PROMPT_LENS):
-            prompt = torch.randint(0, VOCAB, (1, length), generator=gen)
-            generated = prompt
-            with torch.no_grad():
-                # Plain greedy argmax (no generate(): its processors would bend EOS).
-                for _ in range(DECODE_STEPS):
-                    next_id = model(generated).logits[0, -1].argmax()
-                    generated = torch.cat([generated, next_id.view(1, 1)], dim=1)
-                logits = model(generated).logits[0].float().numpy()
-            arrays[f"prompt_{i}"] = prompt[0].numpy().astype(np.int32)
-            arrays[f"generated_{i}"] = generated[0, length:].numpy().astype(np.int32)
-            arrays[f"logits_{i}"] = logits.astype(np.float32)
-        np.savez_compressed(target / "reference.npz", **arrays)
+        np.savez_compressed(target / "reference.npz", **greedy_reference(model, gen, VOCAB, PROMPT_LENS, DECODE_STEPS))
         (target / "reference.json").write_text(json.dumps(
             {"transformers": transformers.__version__, "torch": torch.__version__,
              "prompts": len(PROMPT_LENS), "decode_steps": DECODE_STEPS}, indent=1))

@@ -34,6 +34,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
+from make_hf_fixtures import greedy_reference  # scripts/, beside this one
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
@@ -290,18 +291,7 @@ def main():
             float_copy = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             float_copy.load_state_dict(model.state_dict())
             reference = reference_model(float_copy, save_compressed_tensors(model, case, target))
-        arrays = {}
-        for i, length in enumerate(PROMPT_LENS):
-            prompt = torch.randint(0, CONFIG["vocab_size"], (1, length), generator=gen)
-            generated = prompt
-            with torch.no_grad():
-                for _ in range(DECODE_STEPS):  # plain greedy argmax
-                    next_id = reference(generated).logits[0, -1].argmax()
-                    generated = torch.cat([generated, next_id.view(1, 1)], dim=1)
-                logits = reference(generated).logits[0].float().numpy()
-            arrays[f"prompt_{i}"] = prompt[0].numpy().astype(np.int32)
-            arrays[f"generated_{i}"] = generated[0, length:].numpy().astype(np.int32)
-            arrays[f"logits_{i}"] = logits.astype(np.float32)
+        arrays = greedy_reference(reference, gen, CONFIG["vocab_size"], PROMPT_LENS, DECODE_STEPS)
         np.savez_compressed(target / "reference.npz", **arrays)
         (target / "reference.json").write_text(json.dumps(
             {"transformers": transformers.__version__, "torch": torch.__version__,

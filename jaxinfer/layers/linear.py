@@ -205,12 +205,7 @@ class QuantizedLinear(nnx.Module):
         scheme.check(k, n, name)  # a ValueError naming the projection
         axes = (logical_axes[0], logical_axes[nk])  # (input, output); values are output-major
         self.axes = axes
-        made = {name: param(rngs, shp, axes[::-1] if name == "values" else axes, dt,
-                            init="levels" if name == "values" else "fill",
-                            scale=_FILL.get((name, scheme.method), 0.0))
-                for name, (shp, dt) in scheme.shapes(k, n).items()}
-        self.values, self.scales = made["values"], made["scales"]
-        self.zeros = made.get("zeros")
+        self.values, self.scales, self.zeros = _quantized_params(rngs, scheme, k, n, axes)
         # Act-order (GPTQ desc_act): which of x's channels each stored input channel is. Replicated: it is
         # K int32s. Random (benchmark) weights take all zeros, a valid order.
         self.input_order = (param(rngs, (k,), (None,), jnp.int32, init="zeros") if scheme.act_order else None)
@@ -229,6 +224,15 @@ class QuantizedLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = einsum(self.equation, x, self.quantized_weight(), preferred_element_type=self.preferred_element_type)
         return y if self.bias is None else y + self.bias[...]
+
+
+def _quantized_params(rngs: nnx.Rngs, scheme: QuantScheme, k: int, n: int, axes: tuple):
+    """(values, scales, zeros or None) parameters of a [K, N] weight in `scheme`; `axes` its logical (input,
+    output) axes, which values take reversed (they are output-major)."""
+    made = {part: param(rngs, shape, axes[::-1] if part == "values" else axes, dtype,
+                        init="levels" if part == "values" else "fill", scale=_FILL.get((part, scheme.method), 0.0))
+            for part, (shape, dtype) in scheme.shapes(k, n).items()}
+    return made["values"], made["scales"], made.get("zeros")
 
 
 # Scales of random (benchmark) weights: about the size of a 0.02-normal weight's.
@@ -292,12 +296,7 @@ class QuantizedEmbed(nnx.Module):
         self.scheme = scheme
         self.dtype = dtype
         self.axes = ("embed", "vocab")  # (input, output) of the head; values are output-major
-        made = {part: param(rngs, shp, self.axes[::-1] if part == "values" else self.axes, dt,
-                            init="levels" if part == "values" else "fill",
-                            scale=_FILL.get((part, scheme.method), 0.0))
-                for part, (shp, dt) in scheme.shapes(dim, vocab_size).items()}
-        self.values, self.scales = made["values"], made["scales"]
-        self.zeros = made.get("zeros")
+        self.values, self.scales, self.zeros = _quantized_params(rngs, scheme, dim, vocab_size, self.axes)
 
     def quantized_weight(self) -> QuantizedWeight:
         values = self.values[...]

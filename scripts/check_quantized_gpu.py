@@ -99,7 +99,7 @@ def time_per_call(fn, x, copies, reps=7):
     return statistics.median(times)
 
 
-def bench(k, n, m, hbm, rows):
+def bench(k, n, m, hbm, rows, methods=METHODS):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)) * 0.5, jnp.bfloat16)
     io_bytes = m * k * 2 + m * n * 2
 
@@ -118,7 +118,7 @@ def bench(k, n, m, hbm, rows):
 
     bf16 = run_one("bf16", lambda i: jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) * 0.02, k * n * 2,
                    lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    for method in METHODS:
+    for method in methods:
         scheme = qm.parse(method)
         shapes = scheme.shapes(k, n)
         nbytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in shapes.values())
@@ -236,6 +236,7 @@ def main():
     p.add_argument("--sweep-m", default="1,64", help="M values of the sweep")
     p.add_argument("--sweep-specs", default="int4,int8", help="schemes of the sweep")
     p.add_argument("--sweep-shapes", default=None, help="KxN,KxN,... (default: 4096x14336,14336x4096)")
+    p.add_argument("--methods", default=",".join(METHODS), help="schemes of the kernel-level table")
     p.add_argument("--hbm-tbps", type=float, default=4.8)
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args()
@@ -252,7 +253,11 @@ def main():
                                   ("int8", 100, 14336, 4096, (256, 2, 7)),
                                   ("int4", 1, 4096, 14336, (512, 2, 1, True)),  # groups issued back to back
                                   ("int4-g32-zp", 16, 1024, 256, (256, 2, 2, True)),
-                                  ("int8-g64", 64, 2048, 512, (256, 2, 1, True))]:
+                                  ("int8-g64", 64, 2048, 512, (256, 2, 1, True)),
+                                  # GGUF Q6_K (groups of 16) and Q5_K (int8 with zero points), kept quantized
+                                  ("int8-g16", 1, 4096, 1024, None), ("int8-g16", 16, 1024, 256, None),
+                                  ("int8-g16", 64, 2048, 512, None), ("int8-g32-zp", 5, 512, 192, None),
+                                  ("int8-g32-zp", 64, 1024, 512, None)]:
         check(spec, m, k, n, config)
     failed = [r for r in RESULTS if r[1] == "FAIL"]
     print(f"\nchecks: {len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)
@@ -260,20 +265,21 @@ def main():
         return 1 if failed else 0
 
     hbm = args.hbm_tbps * 1e12
+    methods = tuple(args.methods.split(","))
     rows: list[dict] = []
     for k, n in [] if args.sweep_only else SHAPES:
         for m in (1, 16, 64, 256):
-            bench(k, n, m, hbm, rows)
+            bench(k, n, m, hbm, rows, methods)
             print(f"  timed K={k} N={n} M={m}", flush=True)
     if not args.sweep_only:
         print(f"\n## Quantized matmul, {dev.device_kind}: time per matmul ({TIMER[0]}), fraction of {args.hbm_tbps} TB/s, "
               "vs bf16\n")
-        print("| K x N | M | " + " | ".join(["bf16"] + [f"{mth} | {mth} (xla)" for mth in METHODS]) + " |")
-        print("|---|---:|" + "---:|" * (1 + 2 * len(METHODS)))
+        print("| K x N | M | " + " | ".join(["bf16"] + [f"{mth} | {mth} (xla)" for mth in methods]) + " |")
+        print("|---|---:|" + "---:|" * (1 + 2 * len(methods)))
         for k, n in SHAPES:
             for m in (1, 16, 64, 256):
                 cells = []
-                for label in ["bf16"] + [lbl for mth in METHODS for lbl in (mth, mth + "-xla")]:
+                for label in ["bf16"] + [lbl for mth in methods for lbl in (mth, mth + "-xla")]:
                     r = next((r for r in rows if (r["k"], r["n"], r["m"], r["method"]) == (k, n, m, label)), None)
                     if r is None:
                         cells.append("-")

@@ -79,10 +79,6 @@ def supports(x: jax.Array, values: jax.Array, scheme: QuantScheme) -> str | None
         return f"N = {n} is not a multiple of {TILE_N}"
     if k % _chunk(scheme, k):
         return f"K = {k} is not a multiple of {_chunk(scheme, k)}"
-    if scheme.group(k) < 32:
-        # GGUF Q6_K's groups of 16: right in interpret mode and it lowers, but one wgmma of K = 16 per group and
-        # twice the accumulators of a group of 32 are not yet run (or timed) on a GPU: XLA takes them.
-        return f"group size {scheme.group(k)} < 32"
     return None
 
 

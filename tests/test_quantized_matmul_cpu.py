@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import native_cpu
 from pallas_kernels.quantized_matmul import cpu, parse, quantize, quantized_matmul, quantized_matmul_many
 from pallas_kernels.quantized_matmul import reference as reference_matmul
 
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU 
 
 @pytest.fixture(scope="module")
 def built():
-    if not cpu.load():
-        pytest.skip(f"the native kernel could not be built here: {cpu._state.get('error')}")
+    if not native_cpu.load():
+        pytest.skip(f"the native kernels could not be built here: {native_cpu._state.get('error')}")
 
 
 def lowered_text(fn, *args) -> str:
@@ -127,8 +128,8 @@ class _no_warning:
         assert not [w for w in self.record if issubclass(w.category, RuntimeWarning)], self.record
 
 
-BUILD = ("import sys; from pallas_kernels.quantized_matmul import cpu; ok = cpu.load(); "
-         "print(ok, cpu._state.get('library') or cpu._state.get('error'))")
+BUILD = ("import sys; from pallas_kernels import native_cpu; ok = native_cpu.load(); "
+         "print(ok, native_cpu._state.get('library') or native_cpu._state.get('error'))")
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -148,7 +149,7 @@ def test_concurrent_first_builds_share_one_cached_library_that_a_later_process_l
         assert p.returncode == 0 and out.startswith("True"), err[-2000:]
     files = sorted(p.name for p in (tmp_path / "kernels").iterdir())
     assert len(files) == 1 and files[0].endswith(".so"), files
-    never_build = "cpu.build = lambda path: 1 / 0; "  # the compiler is part of the key: break the build instead
+    never_build = "native_cpu.build = lambda path: 1 / 0; "  # the compiler is part of the key: break the build instead
     later = run_python(BUILD.replace("ok = ", never_build + "ok = "), **env)
     assert later.returncode == 0 and later.stdout.startswith("True"), later.stderr[-2000:]
     assert files[0] in later.stdout

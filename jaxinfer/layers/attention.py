@@ -3,7 +3,9 @@
 Every attention type is paged. Implementations, by name:
 
     auto       the Mosaic TPU kernel on TPU and the Mosaic GPU kernel on CUDA where
-               their `supports` accepts the shapes, `xla` everywhere else (default)
+               their `supports` accepts the shapes; on the CPU `xla` with its decode
+               rows in the native kernel (pallas_kernels/paged_attention/cpu.cc);
+               `xla` everywhere else (default)
     kernels    pallas_kernels/paged_attention's public function: the platform's
                kernel where it fits, its reference elsewhere (for tests and checks)
     xla        jaxinfer/layers/attention_xla.py: plain JAX, blockwise over pages
@@ -17,7 +19,8 @@ an already-compiled jit keeps the one it saw.
 
 A Pallas kernel is one custom call that XLA cannot split, so when the trace
 runs under `on_mesh(mesh)` (the model runner does this) and the mesh has a
-`tensor` axis, the kernels run inside `shard_map`, each device on its own heads.
+`tensor` axis, the kernels run inside `shard_map`, each device on its own heads (the CPU's
+native decode kernel too).
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def _auto(q, k_pages, v_pages, batch: Batch, **options):
     # the shapes (e.g. not head_dim 64 with several KV heads on TPU), `xla` everywhere else.
     xla = functools.partial(attention_xla.paged_attention, **options)
     # Imported when a step is traced: a restart that loads its steps lowered never needs them.
+    from pallas_kernels import native_cpu
+    from pallas_kernels.paged_attention import cpu as paged_cpu
     from pallas_kernels.paged_attention import gpu as paged_gpu
     from pallas_kernels.paged_attention import tpu as paged_tpu
 
@@ -83,7 +88,13 @@ def _auto(q, k_pages, v_pages, batch: Batch, **options):
            if paged_tpu.supports(q, k_pages, v_pages) is None else xla)
     cuda = (functools.partial(_kernel_call, paged_gpu.ragged_paged_attention, **options)
             if paged_gpu.supports(q, k_pages, v_pages) is None else xla)
-    return lax.platform_dependent(q, k_pages, v_pages, batch, tpu=tpu, cuda=cuda, default=xla)
+    # The CPU's native decode kernel (built once, cached) only where the default backend is the CPU, so a GPU
+    # or TPU host never compiles it; the prefill region stays on the xla path.
+    cpu = xla
+    if jax.default_backend() == "cpu" and paged_cpu.supports(q, k_pages, v_pages) and native_cpu.load():
+        decode = _per_device(functools.partial(paged_cpu.decode_attention, **options))
+        cpu = functools.partial(attention_xla.paged_attention, decode_attention=decode, **options)
+    return lax.platform_dependent(q, k_pages, v_pages, batch, tpu=tpu, cuda=cuda, cpu=cpu, default=xla)
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {

@@ -26,11 +26,14 @@ DEFAULT_BLOCK_KV = 256  # key-block size in tokens, rounded down to whole pages 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: Batch, *,
                     sm_scale: float, sliding_window: int | None = None,
-                    soft_cap: float | None = None, block_kv: int = DEFAULT_BLOCK_KV) -> jax.Array:
+                    soft_cap: float | None = None, block_kv: int = DEFAULT_BLOCK_KV,
+                    decode_attention=None) -> jax.Array:
     """q: [T, H, Dh] over pages [N, page_size, K, Dh] -> [T, H, Dh] in q's dtype.
 
     The new tokens' K/V must already be in the pages. Tokens owned by no
-    sequence (prefill padding) come out zero.
+    sequence (prefill padding) come out zero. `decode_attention(q [D, H, Dh],
+    k_pages, v_pages, kv_lens [D], page_table [D, P], positions [D])`, where
+    given, takes the decode region instead (the CPU's native kernel).
     """
     T, H, Dh = q.shape
     page_size, K = k_pages.shape[1], k_pages.shape[2]
@@ -47,8 +50,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
         return out.reshape(G, Q, H, Dh)
 
     # Decode region: group i is token i of sequence i.
-    out = attend(q[:D, None], batch.positions[:D, None], batch.page_table[:D], batch.kv_lens[:D])
-    result = jnp.zeros_like(q).at[:D].set(out[:, 0])
+    if decode_attention is not None and D:
+        out = decode_attention(q[:D], k_pages, v_pages, batch.kv_lens[:D], batch.page_table[:D], batch.positions[:D])
+    else:
+        out = attend(q[:D, None], batch.positions[:D, None], batch.page_table[:D], batch.kv_lens[:D])[:, 0]
+    result = jnp.zeros_like(q).at[:D].set(out)
 
     # Prefill region: group b is query block b; empty slots (index T) get position -1 and are dropped.
     if batch.block_tokens.shape[0]:

@@ -113,7 +113,7 @@ def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identit
     import flax
     import jaxlib
 
-    from pallas_kernels.quantized_matmul import cpu as native_cpu
+    from pallas_kernels import native_cpu
 
     log = logging.getLogger(__name__)
     leaves, in_tree = jax.tree.flatten(args)
@@ -151,8 +151,8 @@ def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identit
             stats["loaded"] += 1
             stats["load_seconds"] += time.monotonic() - started
         else:
-            # For the default backend ("cuda", not "gpu"). The native CPU kernel's custom call is ours: its
-            # name changes with its arguments, and the key holds the source that calls it.
+            # For the default backend ("cuda", not "gpu"). The native CPU kernels' custom calls are ours: their
+            # names change with their arguments, and the key holds the source that calls it.
             exported = jax.export.export(jitted, disabled_checks=native_cpu.EXPORT_CHECKS)(*leaves)
             stats["traced"] += 1
             stats["trace_seconds"] += time.monotonic() - started

@@ -38,6 +38,7 @@ def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dty
     # Pallas (and Mosaic GPU) are imported when traced, not when this package is.
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    from pallas_kernels import native_cpu
     from pallas_kernels.quantized_matmul import cpu as _cpu
     from pallas_kernels.quantized_matmul import gpu as _gpu
     from pallas_kernels.quantized_matmul import tpu as _tpu
@@ -69,7 +70,7 @@ def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dty
     # Every branch is traced wherever this runs; the CPU kernel is built (once, cached) only where the
     # default backend is the CPU, so a GPU or TPU host never compiles it.
     cpu_ok = (jax.default_backend() == "cpu" and all(_cpu.supports(x, v, scheme) for v, _, _ in weights)
-              and _cpu.load())
+              and native_cpu.load())
     return jax.lax.platform_dependent(x, *leaves, tpu=tpu, cuda=fused if gpu_ok else xla,
                                       cpu=native if cpu_ok else xla, default=xla)
 

@@ -97,7 +97,7 @@ def test_fp8_and_k_not_whole_blocks_stay_on_xlas_path(built):
 def test_without_a_compiler_matmuls_take_xlas_path_after_one_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXINFER_CACHE", str(tmp_path))  # nothing built there
     monkeypatch.setenv("JAXINFER_CXX", "no-such-compiler-here")
-    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(native_cpu, "_state", {})
     scheme = parse("int8-g32")
     rng = np.random.default_rng(8)
     w = quantize(rng.standard_normal((64, 8)).astype(np.float32), scheme)

@@ -13,7 +13,7 @@
 //
 // Keys are read where they lie, through the page table (a page id outside the cache is clamped, as
 // XLA's gather clamps). Scores are taken in one pass, then the softmax, then the weighted values:
-// float32 throughout, the same order for any row count.
+// float32 throughout (AVX2 where built with it), the same order for any row count.
 
 #include <algorithm>
 #include <cmath>
@@ -22,13 +22,15 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-constexpr int kLanes = 8;  // partial sums of a dot product, one vector register wide
 
 inline float Widen(float v) { return v; }
 inline float Widen(uint16_t bf16) {
@@ -38,65 +40,96 @@ inline float Widen(uint16_t bf16) {
   return v;
 }
 
-// q . k over dh elements: eight independent lanes (the compiler keeps them in one vector register),
-// summed at the end.
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8(const uint16_t* p) {  // bf16 is the top half of a float32
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// q . k over dh elements.
 template <typename KV>
 float Dot(const float* q, const KV* k, int64_t dh) {
-  float lanes[kLanes] = {};
   int64_t j = 0;
-  for (; j + kLanes <= dh; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += q[j + l] * Widen(k[j + l]);
   float sum = 0.0f;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= dh; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), Load8(k + j), acc);
+  sum = HorizontalSum(acc);
+#endif
   for (; j < dh; ++j) sum += q[j] * Widen(k[j]);
   return sum;
 }
 
+// o += p * v over dh elements.
+template <typename KV>
+void AddScaled(float* o, float p, const KV* v, int64_t dh) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; j + 8 <= dh; j += 8) _mm256_storeu_ps(o + j, _mm256_fmadd_ps(pv, Load8(v + j), _mm256_loadu_ps(o + j)));
+#endif
+  for (; j < dh; ++j) o[j] += p * Widen(v[j]);
+}
+
+// Each KV head's keys and values are read once for its whole group of query heads (GQA): the group's
+// scores for a key are taken together, and each value row is added to every head of the group.
 template <typename KV>
 void Attend(const float* q, const KV* k_pages, const KV* v_pages, const int32_t* kv_lens, const int32_t* page_table,
             const int32_t* positions, float* out, int64_t rows, int64_t heads, int64_t dh, int64_t num_pages,
             int64_t page_size, int64_t kv_heads, int64_t table_width, float sm_scale, int64_t window, float soft_cap) {
   const int64_t group = heads / kv_heads;
   const int64_t token_stride = kv_heads * dh, page_stride = page_size * token_stride;
-  std::vector<float> scores;
-  std::vector<const KV*> keys, values;
+  std::vector<float> scores, top(group), total(group);
+  std::vector<int64_t> token_at;  // offset of each key's token in the pages
   for (int64_t d = 0; d < rows; ++d) {
+    float* row_out = out + d * heads * dh;
+    std::fill(row_out, row_out + heads * dh, 0.0f);
     const int64_t end = std::min<int64_t>(kv_lens[d], static_cast<int64_t>(positions[d]) + 1);
     const int64_t begin = window > 0 ? std::max<int64_t>(0, positions[d] - window + 1) : 0;
-    const int64_t n = std::max<int64_t>(0, end - begin);
-    keys.resize(n);
-    values.resize(n);
-    scores.resize(n);
-    for (int64_t h = 0; h < heads; ++h) {
-      float* o = out + (d * heads + h) * dh;
-      std::fill(o, o + dh, 0.0f);
-      if (n == 0) continue;
-      const int64_t kv_head = h / group;
-      const float* qh = q + (d * heads + h) * dh;
+    const int64_t n = end - begin;
+    if (n <= 0) continue;
+    token_at.resize(n);
+    scores.resize(group * n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = begin + i;
+      const int64_t slot = std::min<int64_t>(t / page_size, table_width - 1);
+      const int64_t page = std::clamp<int64_t>(page_table[d * table_width + slot], 0, num_pages - 1);
+      token_at[i] = page * page_stride + (t % page_size) * token_stride;
+    }
+    for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
+      const float* qg = q + (d * heads + kv_head * group) * dh;
+      float* og = row_out + kv_head * group * dh;
+      std::fill(top.begin(), top.end(), -INFINITY);
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t t = begin + i;
-        const int64_t slot = std::min<int64_t>(t / page_size, table_width - 1);
-        const int64_t page = std::clamp<int64_t>(page_table[d * table_width + slot], 0, num_pages - 1);
-        const int64_t at = page * page_stride + (t % page_size) * token_stride + kv_head * dh;
-        keys[i] = k_pages + at;
-        values[i] = v_pages + at;
+        const KV* k = k_pages + token_at[i] + kv_head * dh;
+        for (int64_t r = 0; r < group; ++r) {
+          float s = Dot(qg + r * dh, k, dh) * sm_scale;
+          if (soft_cap > 0.0f) s = soft_cap * std::tanh(s / soft_cap);
+          scores[r * n + i] = s;
+          top[r] = std::max(top[r], s);
+        }
       }
-      float top = -INFINITY;
+      for (int64_t r = 0; r < group; ++r) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; ++i) sum += (scores[r * n + i] = std::exp(scores[r * n + i] - top[r]));
+        total[r] = sum;
+      }
       for (int64_t i = 0; i < n; ++i) {
-        float s = Dot(qh, keys[i], dh) * sm_scale;
-        if (soft_cap > 0.0f) s = soft_cap * std::tanh(s / soft_cap);
-        scores[i] = s;
-        top = std::max(top, s);
+        const KV* v = v_pages + token_at[i] + kv_head * dh;
+        for (int64_t r = 0; r < group; ++r) AddScaled(og + r * dh, scores[r * n + i], v, dh);
       }
-      float total = 0.0f;
-      for (int64_t i = 0; i < n; ++i) total += (scores[i] = std::exp(scores[i] - top));
-      for (int64_t i = 0; i < n; ++i) {
-        const float p = scores[i];
-        const KV* v = values[i];
-        for (int64_t j = 0; j < dh; ++j) o[j] += p * Widen(v[j]);
+      for (int64_t r = 0; r < group; ++r) {
+        const float inv = 1.0f / total[r];
+        for (int64_t j = 0; j < dh; ++j) og[r * dh + j] *= inv;
       }
-      const float inv = 1.0f / total;
-      for (int64_t j = 0; j < dh; ++j) o[j] *= inv;
     }
   }
 }

@@ -71,8 +71,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
             raise ValueError(f"logical axes {used[mesh_axis]!r} and {name!r} both map to mesh "
                              f"axis {mesh_axis!r} in one array")
         if size % mesh.shape[mesh_axis]:
-            log.warning("replicating logical axis %r (size %d) instead of splitting it over "
-                        "mesh axis %r of size %d", name, size, mesh_axis, mesh.shape[mesh_axis])
+            if size > 1:  # size 1: a per-channel scale's one group (row-parallel o, down), nothing to split
+                log.warning("replicating logical axis %r (size %d) instead of splitting it over "
+                            "mesh axis %r of size %d", name, size, mesh_axis, mesh.shape[mesh_axis])
             spec.append(None)
             continue
         used[mesh_axis] = name

@@ -51,7 +51,7 @@ def compiler() -> str:
 
 
 def library_path() -> pathlib.Path:
-    """Where the built library for this source, compiler, flags, jax and CPU lives (it may not exist yet)."""
+    """Where the built library for these sources, compiler, flags, jax and CPU lives (it may not exist yet)."""
     from checkpoints.default_model import cache_dir  # the one place that derives the cache directory
 
     h = hashlib.sha256()

@@ -1,4 +1,4 @@
-// Quantized matmuls on the CPU: one XLA FFI handler, built and registered by cpu.py.
+// Quantized matmuls on the CPU: one XLA FFI handler, built and registered by pallas_kernels/native_cpu.py.
 //
 //   y_i [M, N_i] = x [M, K] @ W_i, W_i[k, n] = (values_i[n, k] - zero) * scales_i[k / g, n]
 //
@@ -314,5 +314,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_quantized_matmul, QuantizedMatmul,
                                   .Attr<bool>("int4")
                                   .Attr<bool>("zero_points"));
 
-// 1 where the handler was built with AVX2 and FMA, 0 for the portable path (cpu.py reports it).
+// 1 where the handler was built with AVX2 and FMA, 0 for the portable path (native_cpu.py reports it).
 extern "C" int jaxinfer_quantized_matmul_avx2() { return QMM_AVX2; }

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -138,6 +139,24 @@ def _with_values(state: nnx.State, values: dict[tuple, jax.Array]) -> nnx.State:
     for path, v in flat.items():
         flat[path] = v.replace(values[path])
     return nnx.from_flat_state(flat)
+
+
+def kernel_layouts(state: nnx.State) -> nnx.State:
+    """For the CPU: the scales and zero points of int8 and int4 projections placed in the layout the native
+    kernel reads (output-major, pallas_kernels/quantized_matmul/cpu.py); the same values and shardings, and
+    every other parameter as it is."""
+    from pallas_kernels.quantized_matmul import cpu
+
+    flat = flat_params(state)
+    values = {}
+    for path, v in flat.items():
+        x = value_of(v)
+        levels = flat.get(path[:-1] + ("values",))
+        if (path[-1] in ("scales", "zeros") and x.ndim == 2 and levels is not None
+                and jnp.issubdtype(value_of(levels).dtype, jnp.integer)):
+            x = cpu.kernel_layout(x)
+        values[path] = x
+    return _with_values(state, values)
 
 
 def place_params(cfg: ModelConfig, dtype, mesh: Mesh, tensors: Iterable[tuple[tuple, np.ndarray]],

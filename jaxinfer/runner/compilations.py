@@ -153,7 +153,9 @@ def load_or_compile(fn, args, out_tree, donate_argnums: tuple[int, ...], identit
         else:
             # For the default backend ("cuda", not "gpu"). The native CPU kernels' custom calls are ours: their
             # names change with their arguments, and the key holds the source that calls it.
-            exported = jax.export.export(jitted, disabled_checks=native_cpu.EXPORT_CHECKS)(*leaves)
+            # Lowered without the arguments' layouts (the compile below gives them), as the key is.
+            plain = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves]
+            exported = jax.export.export(jitted, disabled_checks=native_cpu.EXPORT_CHECKS)(*plain)
             stats["traced"] += 1
             stats["trace_seconds"] += time.monotonic() - started
             try:

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxinfer import sharding
+from jaxinfer import params, sharding
 from jaxinfer.runner import compilations, kv_cache
 from jaxinfer.runner.batch import Batch
 from jaxinfer.core.sampling_params import MAX_LOGPROBS
@@ -62,7 +62,8 @@ class ModelRunner:
                               f"{sorted(attention.IMPLEMENTATIONS)}")
         self.attention_impl = attention_impl  # None: the process default (jaxinfer.layers.attention)
         self.graphdef = graphdef
-        self.state = state
+        # On the CPU, quantized scales in the native kernel's layout: XLA would otherwise transpose them each step.
+        self.state = params.kernel_layouts(state) if mesh.devices.flat[0].platform == "cpu" else state
         self.mesh = mesh
         self.page_size = page_size
         self.max_rows = max_rows
@@ -183,8 +184,8 @@ class ModelRunner:
         if shape.num_rows > self.max_rows:
             raise ValueError(f"{shape.num_rows} logits rows > max_rows {self.max_rows}")
 
-        def spec(x):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        def spec(x):  # with its layout (params.kernel_layouts)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "format", None) or x.sharding)
 
         rows = jax.ShapeDtypeStruct((layout(shape, ban_width).size - layout(shape, ban_width).offset("floats"),),
                                     jnp.int32, sharding=self.replicated)

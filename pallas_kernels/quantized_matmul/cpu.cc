@@ -4,7 +4,12 @@
 //
 // for one or several weights of one scheme (pallas_kernels/quantized_matmul/reference.py has the
 // format): int8 values, or int4 packed two a byte (XLA hands an S4 buffer over packed, element 2i in
-// the low nibble of byte i), scales and zero points [K / g, N] float32.
+// the low nibble of byte i), scales and zero points [K / g, N] float32 laid out output-major (the custom
+// call asks XLA for that layout, cpu.py): each output's groups are one contiguous run, read as a stream
+// beside its values. Input-major, a tile read one float from each group's row, N floats apart, a pattern
+// the hardware prefetcher does not follow; the model's matmuls took 10-15% longer through XLA
+// (docs/benchmarks.md). The engine keeps these parameters in that layout on the CPU
+// (params.kernel_layouts), so XLA has nothing to transpose at each step.
 //
 // Each block of 32 weights is widened and dequantized in registers ((level - zero) * scale, as the
 // reference's dequantize) and meets x in float32 FMAs, so the result is the reference's to float
@@ -65,8 +70,8 @@ void PrepareX(const float* x, int64_t m, int64_t k, int64_t group, bool deinterl
 
 struct Weight {
   const uint8_t* values;  // [N, K] int8, or [N, K / 2] bytes of packed int4
-  const float* scales;    // [K / g, N]
-  const float* zeros;     // [K / g, N] or null
+  const float* scales;    // [K / g, N], laid out output-major: output n's groups in a row
+  const float* zeros;     // the same, or null
   float* y;               // [M, N]
   int64_t n;
 };
@@ -103,9 +108,9 @@ void TileAvx2(const Problem& p, const Weight& w, int64_t n, int64_t r0) {
     // W = (level - zero) * scale = u * scale + base: u the level (int4: level + 8), base -(zero (+ 8)) * scale.
     __m256 scale[kOuts], base[kOuts];
     for (int o = 0; o < kOuts; ++o) {
-      const float s = w.scales[j * w.n + n + o];
+      const float s = w.scales[(n + o) * x.groups + j];
       scale[o] = _mm256_set1_ps(s);
-      const float zero = w.zeros ? w.zeros[j * w.n + n + o] : 0.0f;
+      const float zero = w.zeros ? w.zeros[(n + o) * x.groups + j] : 0.0f;
       base[o] = _mm256_set1_ps(-(zero + (kInt4 ? 8.0f : 0.0f)) * s);
     }
     for (int64_t b = j * per_group; b < (j + 1) * per_group; ++b) {
@@ -153,23 +158,14 @@ void ChunkAvx2(const Problem& p, const Weight& w, int64_t n0, int64_t n1) {
   const int64_t m = p.x->m;
   for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
     const int64_t rows = std::min(kRowTile, m - r0);
-    // The scales and zeros are input-major ([K / g, N]): a tile reads a short run from each group's
-    // row, N floats apart, which the hardware prefetcher does not follow; ask for the next lines early.
-    auto prefetch = [&](int64_t n) {
-      if (n % 16 || n + 16 >= w.n) return;
-      for (int64_t j = 0; j < p.x->groups; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(w.scales + j * w.n + n + 16), _MM_HINT_T0);
-        if (w.zeros) _mm_prefetch(reinterpret_cast<const char*>(w.zeros + j * w.n + n + 16), _MM_HINT_T0);
-      }
-    };
     int64_t n = n0;
     // Four outputs a tile for one row, two for two, one for more: at most eight accumulator pairs
     // (a group's and the total) in the sixteen vector registers.
     if (rows == 1)
-      for (; n + 4 <= n1; n += 4) prefetch(n), TileRowsAvx2<kInt4, 4>(p, w, n, r0, rows);
+      for (; n + 4 <= n1; n += 4) TileRowsAvx2<kInt4, 4>(p, w, n, r0, rows);
     else if (rows == 2)
-      for (; n + 2 <= n1; n += 2) prefetch(n), TileRowsAvx2<kInt4, 2>(p, w, n, r0, rows);
-    for (; n < n1; ++n) prefetch(n), TileRowsAvx2<kInt4, 1>(p, w, n, r0, rows);
+      for (; n + 2 <= n1; n += 2) TileRowsAvx2<kInt4, 2>(p, w, n, r0, rows);
+    for (; n < n1; ++n) TileRowsAvx2<kInt4, 1>(p, w, n, r0, rows);
   }
 }
 
@@ -182,8 +178,8 @@ void OutputScalar(const Problem& p, const Weight& w, int64_t n, int64_t r0, int6
   for (int64_t r = r0; r < r0 + rows; ++r) {
     float acc = 0.0f;
     for (int64_t j = 0; j < x.groups; ++j) {
-      const float s = w.scales[j * w.n + n];
-      const float base = -((w.zeros ? w.zeros[j * w.n + n] : 0.0f) + (p.int4 ? 8.0f : 0.0f)) * s;
+      const float s = w.scales[n * x.groups + j];
+      const float base = -((w.zeros ? w.zeros[n * x.groups + j] : 0.0f) + (p.int4 ? 8.0f : 0.0f)) * s;
       for (int64_t kk = j * p.group; kk < (j + 1) * p.group; ++kk) {
         float level;
         if (p.int4) {

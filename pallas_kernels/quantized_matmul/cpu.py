@@ -19,6 +19,16 @@ from pallas_kernels.quantized_matmul.reference import QuantScheme
 
 TARGET = "jaxinfer_quantized_matmul"  # pallas_kernels/native_cpu.TARGETS
 BLOCK = 32  # x's quantization block (cpu.cc)
+# Scales and zeros [K / g, N] as the kernel reads them: output-major, N the major axis (cpu.cc says why).
+SCALES_MAJOR_TO_MINOR = (1, 0)
+
+
+def kernel_layout(array: jax.Array) -> jax.Array:
+    """A scale or zero-point array [K / g, N] placed in the layout the kernel reads, same values and sharding
+    (XLA then passes it to the custom call as it is, instead of transposing it at every step)."""
+    from jax.experimental.layout import Format, Layout
+
+    return jax.device_put(array, Format(Layout(major_to_minor=SCALES_MAJOR_TO_MINOR), array.sharding))
 
 
 def supports(x: jax.Array, values: jax.Array, scheme: QuantScheme) -> bool:
@@ -37,6 +47,8 @@ def quantized_matmul_many(x: jax.Array, weights, scheme: QuantScheme, *, out_dty
     for values, scales, zeros in weights:
         flat += [values, scales] + ([zeros] if scheme.zero_points else [])
     out = [jax.ShapeDtypeStruct((m, values.shape[0]), jnp.float32) for values, _, _ in weights]
-    ys = jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), *flat, group=np.int64(scheme.group(k)),
-                                       int4=scheme.method == "int4", zero_points=bool(scheme.zero_points))
+    per_weight = (None, SCALES_MAJOR_TO_MINOR) + ((SCALES_MAJOR_TO_MINOR,) if scheme.zero_points else ())
+    ys = jax.ffi.ffi_call(TARGET, out, input_layouts=(None,) + per_weight * len(weights))(
+        x.astype(jnp.float32), *flat, group=np.int64(scheme.group(k)), int4=scheme.method == "int4",
+        zero_points=bool(scheme.zero_points))
     return [y.astype(out_dtype) for y in ys]

@@ -37,7 +37,9 @@ _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / "quantized_matmul" / "cpu.cc", _HERE / "paged_attention" / "cpu.cc")
 # The FFI targets, each the name of its handler's symbol. Steps lowered with them are kept on disk
 # (jaxinfer/runner/compilations.py, keyed by the source): a new name where arguments or attributes change.
-TARGETS = ("jaxinfer_quantized_matmul", "jaxinfer_paged_attention_decode")
+QUANTIZED_MATMUL = "jaxinfer_quantized_matmul"  # quantized_matmul/cpu.cc
+PAGED_ATTENTION_DECODE = "jaxinfer_paged_attention_decode"  # paged_attention/cpu.cc
+TARGETS = (QUANTIZED_MATMUL, PAGED_ATTENTION_DECODE)
 EXPORT_CHECKS = tuple(jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS)  # export refuses unknown ones
 # -ffp-contract=off: every tiling of rows and outputs sums an output in the same order, bit for bit.
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TARGET = "jaxinfer_paged_attention_decode"  # pallas_kernels/native_cpu.TARGETS
+from pallas_kernels import native_cpu
+
+TARGET = native_cpu.PAGED_ATTENTION_DECODE
 
 
 def supports(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array) -> bool:

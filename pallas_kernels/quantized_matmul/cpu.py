@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import native_cpu
 from pallas_kernels.quantized_matmul.reference import QuantScheme
 
-TARGET = "jaxinfer_quantized_matmul"  # pallas_kernels/native_cpu.TARGETS
+TARGET = native_cpu.QUANTIZED_MATMUL
 BLOCK = 32  # x's quantization block (cpu.cc)
 # Scales and zeros [K / g, N] as the kernel reads them: output-major, N the major axis (cpu.cc says why).
 SCALES_MAJOR_TO_MINOR = (1, 0)

@@ -42,6 +42,17 @@ def test_greedy_outputs_of_64_requests_arriving_at_random_steps_equal_single_run
     assert llm.engine.scheduler.pool.num_used_pages == 0
 
 
+def test_on_the_cpu_a_lone_sequence_decodes_in_one_row_steps_with_the_two_row_steps_tokens(llm, data_dir):
+    # EngineConfig.min_decode_rows: resolved per platform by the engine (one row on the CPU, two on a GPU).
+    assert llm.engine.config.min_decode_rows == 1
+    assert llm.engine.config.decode_buckets()[0] == 1
+    two = tiny_llm(data_dir, min_decode_rows=2)
+    assert two.engine.config.decode_buckets()[0] == 2
+    rng = np.random.default_rng(3)
+    for p in random_prompts(rng, 3):
+        assert tokens(run_alone(llm, p, greedy(12))) == tokens(run_alone(two, p, greedy(12)))
+
+
 def test_seeded_sampling_does_not_depend_on_batch_mates(llm):
     rng = np.random.default_rng(1)
     target = random_prompts(rng, 1)[0]

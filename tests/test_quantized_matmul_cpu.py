@@ -67,7 +67,7 @@ def test_bf16_activations_come_back_in_bf16(built):
 
 
 def test_a_row_does_not_depend_on_how_many_rows_share_the_call(built):
-    """Each output is summed in one order whatever the tiling by rows (1, 2, 4) and outputs: bit for bit."""
+    """Each output is summed in one order whatever the tiling by rows (one to four at a time): bit for bit."""
     scheme = parse("int4-g32-zp")
     rng = np.random.default_rng(6)
     w = quantize(rng.standard_normal((256, 45)).astype(np.float32), scheme)

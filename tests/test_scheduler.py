@@ -252,15 +252,17 @@ def test_while_warming_up_steps_fit_the_shapes_already_made():
     assert max(len(i.work.token_ids) for step in sim.steps for i in step.prefill) == 30
 
 
-def test_no_step_compiles_or_runs_with_one_decode_row():
-    # A one-row matmul compiles to XLA's matrix-vector path (measured 1.3x slower on an H200):
-    # a decode size of 1 is served by 2, and a lone sequence runs in a two-row step.
+@pytest.mark.parametrize("low", [2, 1])
+def test_no_decode_step_has_fewer_rows_than_min_decode_rows(low):
+    # On a GPU a one-row matmul compiles to XLA's matrix-vector path (measured 1.3x slower on an H200), so
+    # the engine asks for two there: a decode size of 1 is served by 2, a lone sequence runs in a two-row
+    # step. On the CPU it asks for one (EngineConfig.min_decode_rows).
     sim = Sim(max_num_seqs=4, max_num_batched_tokens=64, page_size=4, num_pages=64, block_q=8,
-              max_model_len=64, decode_sizes=(1, 4), prefill_sizes=(16,))
-    assert sim.cfg.decode_buckets() == [2, 4]
-    assert {s.decode_rows for s in sim.cfg.all_shapes()} == {2, 4}
+              max_model_len=64, decode_sizes=(1, 4), prefill_sizes=(16,), min_decode_rows=low)
+    assert sim.cfg.decode_buckets() == [low, 4]
+    assert {s.decode_rows for s in sim.cfg.all_shapes()} == {low, 4}
     req = make_request(0, 10, max_tokens=6)
     sim.s.add(req)
     sim.run()
-    assert sim.steps and all(step.shape.decode_rows == 2 for step in sim.steps)
+    assert sim.steps and all(step.shape.decode_rows == low for step in sim.steps)
     assert len(req.sequences[0].output_token_ids) == 6

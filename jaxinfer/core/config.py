@@ -10,7 +10,6 @@ from jaxinfer.core.shapes import BatchShape, next_bucket, pages_needed
 from jaxinfer.errors import ConfigError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "kernels", "reference", "xla")  # the attention layer checks it has these
-MIN_DECODE_ROWS = 2  # see EngineConfig.decode_buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +30,11 @@ class EngineConfig:
     # A streamed request gets an output every this many new tokens, besides its first token
     # and its end (vLLM's stream_interval): fewer outputs cost less host time per step.
     stream_interval: int = 1
+    # The fewest rows of a decode step; None: the engine's choice for its platform. On a GPU a lone sequence
+    # runs in a two-row step: XLA compiles a one-row matmul as a slower matrix-vector product (measured for
+    # issue 11, docs/benchmarks.md). On the CPU the native kernels take one row as it is, and a padding row
+    # would only double their arithmetic.
+    min_decode_rows: int | None = None
 
     def __post_init__(self):
         self.validate()
@@ -39,7 +43,7 @@ class EngineConfig:
         """Raise ConfigError naming every problem."""
         problems = []
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "block_q", "prompt_logprob_rows",
-                     "stream_interval"):
+                     "stream_interval") + (("min_decode_rows",) if self.min_decode_rows is not None else ()):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 problems.append(f"{name} must be an integer >= 1, got {v!r}")
@@ -83,11 +87,11 @@ class EngineConfig:
         return -(-self.max_num_batched_tokens // self.block_q) * self.block_q
 
     def decode_buckets(self) -> list[int]:
-        # Never one row: a one-row step runs much slower than a two-row one (measured for
-        # issue 11, see docs/benchmarks.md), so a size of 1 is served by 2.
+        """Decode step sizes, none below min_decode_rows (unresolved: 2)."""
+        low = self.min_decode_rows or 2
         if self.decode_sizes:
-            return sorted({max(MIN_DECODE_ROWS, d) for d in self.decode_sizes})
-        out, d, top = [], MIN_DECODE_ROWS, next_bucket(self.max_num_seqs, MIN_DECODE_ROWS)
+            return sorted({max(low, d) for d in self.decode_sizes})
+        out, d, top = [], low, next_bucket(self.max_num_seqs, low)
         while d < top:
             out.append(d)
             d *= 2

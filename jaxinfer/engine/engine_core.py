@@ -123,6 +123,11 @@ class _InFlight:
     want_top: bool
 
 
+def _min_decode_rows(mesh: Mesh) -> int:
+    """The fewest rows of a decode step on this platform (EngineConfig.min_decode_rows says why)."""
+    return 1 if mesh.devices.flat[0].platform == "cpu" else 2
+
+
 class EngineCore:
     def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig()):
         compilations.enable_persistent_cache()
@@ -137,7 +142,8 @@ class EngineCore:
         self.ban_width = next_bucket(MAX_STOP_TOKEN_IDS + len(self.eos_token_ids), 8)
         try:
             given = config.num_pages
-            config = config.replace(max_model_len=self.max_model_len, num_pages=given or 2)
+            config = config.replace(max_model_len=self.max_model_len, num_pages=given or 2,
+                                    min_decode_rows=config.min_decode_rows or _min_decode_rows(mesh))
             spec = kv_cache.CacheSpec.for_model(cfg, num_pages=1, page_size=config.page_size,
                                                 dtype=model.kv_cache_dtype)
             num_pages = given or self._pool_size(spec.bytes_per_page, config, mesh)

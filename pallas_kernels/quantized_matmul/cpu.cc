@@ -11,13 +11,19 @@
 // (docs/benchmarks.md). The engine keeps these parameters in that layout on the CPU
 // (params.kernel_layouts), so XLA has nothing to transpose at each step.
 //
-// Each block of 32 weights is widened and dequantized in registers ((level - zero) * scale, as the
-// reference's dequantize) and meets x in float32 FMAs, so the result is the reference's to float
-// rounding: the issue asks kernels to be exact to float tolerance, as the TPU and GPU ones are, and
-// greedy text should not depend on the platform. llama.cpp instead quantizes x to int8 per block and
-// takes integer dot products (maddubs); on this project's 2-core AMD EPYC (AVX2, no VNNI) a version
-// of this kernel doing that was 1.3 to 1.5 times faster per weight, but moved every output by up to
-// ~0.5% of its size (docs/benchmarks.md).
+// The scale and zero point come out of each group's sum: a group contributes
+// scale * sum(level x) - zero * scale * sum(x). The signed levels are widened to float32 in registers and
+// meet x in FMAs, and sum(x) is taken once per group and row of x (only with zero points, where it is
+// the format's own); so the result is the reference's to float rounding: the issue asks kernels to be exact
+// to float tolerance, as the TPU and GPU ones are, and greedy text should not depend on the platform.
+// Dequantizing each weight first ((level - zero) * scale, as the reference writes it) costs one more
+// FMA a weight and a dependency through it: the default model's int8 head ran at half this speed.
+// llama.cpp instead quantizes x to int8 per block and takes integer dot products (maddubs); on this
+// project's 2-core AMD EPYC (AVX2, no VNNI) a version of this kernel doing that was 1.3 to 1.5 times
+// faster per weight, but moved every output by up to ~0.5% of its size (docs/benchmarks.md).
+//
+// A tile is one output (one weight row, read as one stream: several rows at once, strided, ran slower)
+// for up to four rows of x, which share each block's widening.
 //
 // Work is split over outputs, in chunks taken from an atomic counter by the calling thread and by
 // tasks on XLA's intra-op thread pool (any thread count, including none, gives the same result:
@@ -46,13 +52,14 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlock = 32;  // weights widened at a time; every group is whole blocks
-constexpr int64_t kRowTile = 4;  // rows of x that share one unpacking of a weight block
+constexpr int64_t kRowTile = 4;  // rows of x that share one widening of a weight block
 
 // x [M, K] as the tiles read it: float32 with each block of 32 reordered, for int4, to the order its
-// nibbles unpack in (the block's even elements, then its odd ones).
+// nibbles unpack in (the block's even elements, then its odd ones); and each group's sum.
 struct PreparedX {
   int64_t m, k, groups;
   std::vector<float> f;
+  std::vector<float> sums;  // [M, K / g]
 };
 
 void PrepareX(const float* x, int64_t m, int64_t k, int64_t group, bool deinterleave, PreparedX& out) {
@@ -66,6 +73,10 @@ void PrepareX(const float* x, int64_t m, int64_t k, int64_t group, bool deinterl
         const int64_t at = deinterleave ? (i % 2) * (kBlock / 2) + i / 2 : i;
         out.f[r * k + b + at] = x[r * k + b + i];
       }
+  out.sums.assign(m * out.groups, 0.0f);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < out.groups; ++j)
+      for (int64_t i = j * group; i < (j + 1) * group; ++i) out.sums[r * out.groups + j] += x[r * k + i];
 }
 
 struct Weight {
@@ -92,81 +103,62 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Outputs [n, n + kOuts) times rows [r0, r0 + kRows) of x: kRows * kOuts accumulators, each weight
-// block widened and dequantized once for all rows, each x block read once for all outputs.
-template <bool kInt4, int kRows, int kOuts>
+// Output n times rows [r0, r0 + kRows) of x. Each row's sum runs in the same order whatever kRows is
+// (two partial sums a group, then the groups in order), so any tiling gives the same bits.
+template <bool kInt4, int kRows>
 void TileAvx2(const Problem& p, const Weight& w, int64_t n, int64_t r0) {
   const PreparedX& x = *p.x;
   const int64_t k = x.k, per_group = p.group / kBlock;
-  const int64_t row_bytes = kInt4 ? k / 2 : k;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x88));
-  __m256 acc[kRows][kOuts];
-  for (int r = 0; r < kRows; ++r)
-    for (int o = 0; o < kOuts; ++o) acc[r][o] = _mm256_setzero_ps();
+  const uint8_t* row = w.values + n * (kInt4 ? k / 2 : k);
+  const __m128i high4 = _mm_set1_epi8(static_cast<char>(0xF0));
+  __m256 acc[kRows];
+  float base_sum[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps(), base_sum[r] = 0.0f;
   for (int64_t j = 0; j < x.groups; ++j) {
-    // W = (level - zero) * scale = u * scale + base: u the level (int4: level + 8), base -(zero (+ 8)) * scale.
-    __m256 scale[kOuts], base[kOuts];
-    for (int o = 0; o < kOuts; ++o) {
-      const float s = w.scales[(n + o) * x.groups + j];
-      scale[o] = _mm256_set1_ps(s);
-      const float zero = w.zeros ? w.zeros[(n + o) * x.groups + j] : 0.0f;
-      base[o] = _mm256_set1_ps(-(zero + (kInt4 ? 8.0f : 0.0f)) * s);
-    }
+    __m256 g[kRows][2];
+    for (int r = 0; r < kRows; ++r) g[r][0] = g[r][1] = _mm256_setzero_ps();
     for (int64_t b = j * per_group; b < (j + 1) * per_group; ++b) {
-      for (int o = 0; o < kOuts; ++o) {
-        const uint8_t* at = w.values + (n + o) * row_bytes;
-        __m256 wf[4];
-        if constexpr (kInt4) {
-          // 16 bytes, 32 levels: flipping each nibble's sign bit gives level + 8 (0..15); the low
-          // nibbles are the block's even elements, the high ones its odd (x is reordered to match).
-          const __m128i packed = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at + b * 16)), flip);
-          const __m128i lo = _mm_and_si128(packed, low4);
-          const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low4);
-          const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-          for (int i = 0; i < 4; ++i)
-            wf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), scale[o], base[o]);
-        } else {
-          for (int i = 0; i < 4; ++i) {
-            const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + b * kBlock + 8 * i));
-            wf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale[o], base[o]);
-          }
-        }
-        for (int r = 0; r < kRows; ++r) {
-          const float* xb = x.f.data() + (r0 + r) * k + b * kBlock;
-          for (int i = 0; i < 4; ++i) acc[r][o] = _mm256_fmadd_ps(wf[i], _mm256_loadu_ps(xb + 8 * i), acc[r][o]);
-        }
+      __m256 u[4];
+      if constexpr (kInt4) {
+        // 16 bytes, 32 levels: each nibble moved to the top of its byte reads as a signed byte of 16 *
+        // level (the 1/16 goes into the scale, exactly); the low nibbles are the block's even elements,
+        // the high ones its odd (x is reordered to match).
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+        const __m128i lo = _mm_and_si128(_mm_slli_epi16(packed, 4), high4);
+        const __m128i hi = _mm_and_si128(packed, high4);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int i = 0; i < 4; ++i) u[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i]));
+      } else {
+        for (int i = 0; i < 4; ++i)
+          u[i] = _mm256_cvtepi32_ps(
+              _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + b * kBlock + 8 * i))));
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const float* xb = x.f.data() + (r0 + r) * k + b * kBlock;
+        for (int i = 0; i < 4; ++i) g[r][i & 1] = _mm256_fmadd_ps(u[i], _mm256_loadu_ps(xb + 8 * i), g[r][i & 1]);
       }
     }
+    const float s = w.scales[n * x.groups + j];
+    const float base = w.zeros ? -w.zeros[n * x.groups + j] * s : 0.0f;
+    const __m256 scale = _mm256_set1_ps(kInt4 ? s * 0.0625f : s);
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(g[r][0], g[r][1]), scale, acc[r]);
+      if (w.zeros) base_sum[r] += base * x.sums[(r0 + r) * x.groups + j];
+    }
   }
-  for (int r = 0; r < kRows; ++r)
-    for (int o = 0; o < kOuts; ++o) w.y[(r0 + r) * w.n + n + o] = HorizontalSum(acc[r][o]);
-}
-
-template <bool kInt4, int kOuts>
-void TileRowsAvx2(const Problem& p, const Weight& w, int64_t n, int64_t r0, int64_t rows) {
-  switch (rows) {
-    case 1: TileAvx2<kInt4, 1, kOuts>(p, w, n, r0); break;
-    case 2: TileAvx2<kInt4, 2, kOuts>(p, w, n, r0); break;
-    case 3: TileAvx2<kInt4, 3, kOuts>(p, w, n, r0); break;
-    default: TileAvx2<kInt4, 4, kOuts>(p, w, n, r0); break;
-  }
+  for (int r = 0; r < kRows; ++r) w.y[(r0 + r) * w.n + n] = HorizontalSum(acc[r]) + base_sum[r];
 }
 
 template <bool kInt4>
 void ChunkAvx2(const Problem& p, const Weight& w, int64_t n0, int64_t n1) {
   const int64_t m = p.x->m;
-  for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
-    const int64_t rows = std::min(kRowTile, m - r0);
-    int64_t n = n0;
-    // Four outputs a tile for one row, two for two, one for more: at most eight accumulator pairs
-    // (a group's and the total) in the sixteen vector registers.
-    if (rows == 1)
-      for (; n + 4 <= n1; n += 4) TileRowsAvx2<kInt4, 4>(p, w, n, r0, rows);
-    else if (rows == 2)
-      for (; n + 2 <= n1; n += 2) TileRowsAvx2<kInt4, 2>(p, w, n, r0, rows);
-    for (; n < n1; ++n) TileRowsAvx2<kInt4, 1>(p, w, n, r0, rows);
-  }
+  for (int64_t r0 = 0; r0 < m; r0 += kRowTile)
+    for (int64_t n = n0; n < n1; ++n) switch (std::min(kRowTile, m - r0)) {
+        case 1: TileAvx2<kInt4, 1>(p, w, n, r0); break;
+        case 2: TileAvx2<kInt4, 2>(p, w, n, r0); break;
+        case 3: TileAvx2<kInt4, 3>(p, w, n, r0); break;
+        default: TileAvx2<kInt4, 4>(p, w, n, r0); break;
+      }
 }
 
 #endif  // QMM_AVX2
@@ -176,22 +168,24 @@ void OutputScalar(const Problem& p, const Weight& w, int64_t n, int64_t r0, int6
   const PreparedX& x = *p.x;
   const int64_t k = x.k;
   for (int64_t r = r0; r < r0 + rows; ++r) {
-    float acc = 0.0f;
+    float acc = 0.0f, base_sum = 0.0f;
     for (int64_t j = 0; j < x.groups; ++j) {
-      const float s = w.scales[n * x.groups + j];
-      const float base = -((w.zeros ? w.zeros[n * x.groups + j] : 0.0f) + (p.int4 ? 8.0f : 0.0f)) * s;
+      float g = 0.0f;
       for (int64_t kk = j * p.group; kk < (j + 1) * p.group; ++kk) {
-        float level;
+        float u;
         if (p.int4) {
           const uint8_t byte = w.values[n * (k / 2) + kk / 2];
-          level = static_cast<float>((((kk % 2) ? byte >> 4 : byte) & 0x0F) ^ 0x08);  // level + 8
+          u = static_cast<float>(((((kk % 2) ? byte >> 4 : byte) & 0x0F) ^ 0x08) - 8);  // the signed nibble
         } else {
-          level = static_cast<float>(static_cast<int8_t>(w.values[n * k + kk]));
+          u = static_cast<float>(static_cast<int8_t>(w.values[n * k + kk]));
         }
-        acc = std::fma(std::fma(level, s, base), x.f[r * k + kk], acc);
+        g = std::fma(u, x.f[r * k + kk], g);
       }
+      const float s = w.scales[n * x.groups + j];
+      acc = std::fma(g, s, acc);
+      if (w.zeros) base_sum += -w.zeros[n * x.groups + j] * s * x.sums[r * x.groups + j];
     }
-    w.y[r * w.n + n] = acc;
+    w.y[r * w.n + n] = acc + base_sum;
   }
 }
 

@@ -2,8 +2,8 @@
 
 XLA's CPU backend runs a float32 GEMV near the memory's speed but any narrower operand about ten times
 slower (docs/benchmarks.md), so int8 / int4 weights are multiplied here instead: each block of 32
-weights is widened and dequantized in registers and meets x in float32 FMAs, exact to float rounding
-(cpu.cc says why not llama.cpp's int8 activations). One custom call takes every weight of a
+levels is widened in registers and meets x in float32 FMAs, a group's scale and zero point applied to
+its sums, exact to float rounding (cpu.cc says why not llama.cpp's int8 activations). One custom call takes every weight of a
 `quantized_matmul_many` (q, k and v; gate and up), its outputs split over XLA's intra-op thread pool.
 fp8 weights, and K or groups that are not whole blocks of 32 (Q6_K's groups of 16), stay on XLA's path
 (`supports`); x in bf16 is widened first and the outputs cast back.

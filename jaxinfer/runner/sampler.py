@@ -212,12 +212,12 @@ def sample(logits: jax.Array, arrays: SamplingArrays, state: PenaltyState, *,
     that ask for either are wrong: use it when `arrays.needs_full()` holds."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    processed = _ban(apply_penalties(logits, arrays, state), arrays.banned)
+    processed = ban(apply_penalties(logits, arrays, state), arrays.banned)
     greedy = first_argmax(processed)
     tokens = _draw(processed, arrays, greedy, full)
     scored = jnp.where(arrays.target >= 0, arrays.target, tokens)
     logprobs = jnp.take_along_axis(logits, scored[:, None], axis=-1)[:, 0] - lse
-    top_ids, top_logprobs = _top(logits, lse, arrays.want_top, num_top if full else 0, num_top)
+    top_ids, top_logprobs = top_n(logits, lse, arrays.want_top, num_top if full else 0, num_top)
     return SampleOutput(tokens, logprobs, top_ids, top_logprobs), _record(state, arrays, tokens)
 
 
@@ -225,18 +225,20 @@ def apply_penalties(logits: jax.Array, arrays: SamplingArrays, state: PenaltySta
     """Repetition (tokens of prompt or output), frequency and presence (output
     only) penalties, as vLLM applies them; rows without a slot pass unchanged."""
     slot = jnp.clip(arrays.penalty_slot, 0, state.counts.shape[0] - 1)
-    counts = state.counts[slot]  # [R, V]
-    generated = counts > 0
-    seen = generated | state.prompt_mask[slot]
-    repetition = arrays.repetition[:, None]
-    penalized = jnp.where(seen, jnp.where(logits > 0, logits / repetition, logits * repetition),
-                          logits)
-    penalized = (penalized - arrays.frequency[:, None] * counts.astype(jnp.float32)
-                 - arrays.presence[:, None] * generated.astype(jnp.float32))
+    penalized = penalize(logits, state.counts[slot], state.prompt_mask[slot], arrays.repetition[:, None],
+                         arrays.frequency[:, None], arrays.presence[:, None])
     return jnp.where((arrays.penalty_slot >= 0)[:, None], penalized, logits)
 
 
-def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
+def penalize(logits, counts, in_prompt, repetition, frequency, presence):
+    """The penalties of tokens with these output counts (and prompt membership), elementwise."""
+    generated = counts > 0
+    seen = generated | in_prompt
+    penalized = jnp.where(seen, jnp.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return (penalized - frequency * counts.astype(jnp.float32) - presence * generated.astype(jnp.float32))
+
+
+def ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
     rows, vocab = logits.shape
     ids = jnp.where(banned >= 0, banned, vocab)  # padding -> out of range -> dropped
     return logits.at[jnp.arange(rows)[:, None], ids].set(-jnp.inf, mode="drop")
@@ -245,6 +247,15 @@ def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
 def _draw(processed: jax.Array, arrays: SamplingArrays, greedy: jax.Array, cut: bool) -> jax.Array:
     """Temperature, min_p, top_k and top_p (with `cut`), then a categorical draw; greedy
     rows keep `greedy`."""
+    scaled = target_logits(processed, arrays, cut)
+    drawn = gumbel_argmax(scaled, jax.vmap(row_key)(arrays.seed, arrays.position))
+    return jnp.where(arrays.temperature > 0, drawn, greedy)
+
+
+def target_logits(processed: jax.Array, arrays: SamplingArrays, cut: bool) -> jax.Array:
+    """The distribution a sampled row draws from, as logits: processed logits (penalties, bans) over the
+    temperature, with tokens below min_p and (with `cut`) outside top_k / top_p at -inf. Greedy rows are
+    returned unscaled. Speculative verification uses the same (rejection_sampler.py)."""
     sampled = arrays.temperature > 0
     scaled = processed / jnp.where(sampled, arrays.temperature, 1.0)[:, None]
     # min_p in logit space: p < min_p * p_max  <=>  z - z_max < log(min_p); min_p 0 keeps all.
@@ -254,11 +265,14 @@ def _draw(processed: jax.Array, arrays: SamplingArrays, greedy: jax.Array, cut: 
     # neither, the floor keeps every token, so leaving it out is invisible to it.
     if cut:
         scaled = jnp.where(scaled >= _cut_floor(scaled, arrays)[:, None], scaled, -jnp.inf)
-    keys = jax.vmap(_row_key)(arrays.seed, arrays.position)
-    # jax.random.categorical's own draw (the Gumbel-max trick, the same noise), with its argmax as first_argmax.
+    return scaled
+
+
+def gumbel_argmax(scaled: jax.Array, keys: jax.Array) -> jax.Array:
+    """One categorical draw per row of logits [R, V] from its key [R]: jax.random.categorical's own draw
+    (the Gumbel-max trick, the same noise), with its argmax as first_argmax."""
     noise = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[1:], scaled.dtype))(keys)
-    drawn = first_argmax(scaled + noise)
-    return jnp.where(sampled, drawn, greedy)
+    return first_argmax(scaled + noise)
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -291,14 +305,14 @@ def _cut_floor(scaled: jax.Array, arrays: SamplingArrays) -> jax.Array:
     return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1)
 
 
-def _row_key(seed: jax.Array, position: jax.Array) -> jax.Array:
+def row_key(seed: jax.Array, position: jax.Array) -> jax.Array:
     """The random key of one row: (seed hi, seed lo, position), nothing about the batch."""
     key = jax.random.key(seed[0])
     key = jax.random.fold_in(key, seed[1])
     return jax.random.fold_in(key, position)
 
 
-def _top(logits: jax.Array, lse: jax.Array, want_top: jax.Array, num_top: int, width: int
+def top_n(logits: jax.Array, lse: jax.Array, want_top: jax.Array, num_top: int, width: int
          ) -> tuple[jax.Array, jax.Array]:
     """The top `num_top` logprobs of rows that want them, zero-padded to `width` columns."""
     rows = logits.shape[0]

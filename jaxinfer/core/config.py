@@ -10,6 +10,60 @@ from jaxinfer.core.shapes import BatchShape, next_bucket, pages_needed
 from jaxinfer.errors import ConfigError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "kernels", "reference", "xla")  # the attention layer checks it has these
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, with vLLM's keys (`speculative_config={...}`). A proposer guesses up to
+    `num_speculative_tokens` tokens per running sequence and step; the target verifies them in the same
+    step and keeps what it would have produced itself (jaxinfer/runner/rejection_sampler.py).
+
+    method: "ngram" (prompt lookup: jaxinfer/spec_decode/ngram.py). prompt_lookup_min / _max: the
+    n-gram lengths it matches (one given: both that; neither: 2 and 4). disable_by_batch_size: no
+    speculation while more sequences than this run (vLLM's name); None: the engine's default, up to 8."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    disable_by_batch_size: int | None = None
+
+    @classmethod
+    def of(cls, value) -> SpeculativeConfig | None:
+        """From a SpeculativeConfig, a dict of its keys (vLLM's), or None; an unknown key is named."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"speculative_config must be a dict of settings, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"invalid speculative_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+    def __post_init__(self):
+        problems = []
+        if self.method not in SPECULATIVE_METHODS:
+            problems.append(f"method must be one of {list(SPECULATIVE_METHODS)}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "disable_by_batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                problems.append(f"{name} must be an integer >= 1, got {v!r}")
+        if not problems and self.num_speculative_tokens > 16:
+            problems.append(f"num_speculative_tokens must be <= 16, got {self.num_speculative_tokens}")
+        if not problems and self.lookup[0] > self.lookup[1]:
+            problems.append(f"prompt_lookup_min ({self.lookup[0]}) must be <= prompt_lookup_max ({self.lookup[1]})")
+        if problems:
+            raise ConfigError("invalid speculative_config: " + "; ".join(problems))
+
+    @property
+    def lookup(self) -> tuple[int, int]:
+        """(min, max) n-gram lengths."""
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            return 2, 4
+        return (lo or hi), (hi or lo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +89,16 @@ class EngineConfig:
     # issue 11, docs/benchmarks.md). On the CPU the native kernels take one row as it is, and a padding row
     # would only double their arithmetic.
     min_decode_rows: int | None = None
+    speculative_config: SpeculativeConfig | None = None  # or a dict of its keys (vLLM's)
 
     def __post_init__(self):
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.of(self.speculative_config))
         self.validate()
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Most drafted tokens a sequence carries in a step (0: no speculation)."""
+        return self.speculative_config.num_speculative_tokens if self.speculative_config else 0
 
     def validate(self) -> None:
         """Raise ConfigError naming every problem."""
@@ -115,7 +176,7 @@ class EngineConfig:
 
     def shape(self, decode_rows: int, prefill_tokens: int) -> BatchShape:
         return BatchShape(decode_rows, prefill_tokens, self.block_q, self.pages_per_seq,
-                          self.prompt_logprob_rows)
+                          self.prompt_logprob_rows, self.num_speculative_tokens)
 
     def all_shapes(self) -> list[BatchShape]:
         """Every shape a step can take: decode-only at every decode size, then with prefill."""

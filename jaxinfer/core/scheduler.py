@@ -38,6 +38,9 @@ from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.core.sampling_params import seed_for
 from jaxinfer.core.seq_table import SI, SeqTable
 from jaxinfer.core.shapes import BatchShape, SeqWork, pages_needed
+from jaxinfer.spec_decode.ngram import NgramProposer
+
+DEFAULT_SPEC_BATCH_LIMIT = 8  # sequences running, above which nothing speculates (SpeculativeConfig)
 
 
 @dataclasses.dataclass
@@ -69,6 +72,10 @@ class LogitsRows:
         return self.ints[:, SI["want_top"]] > 0
 
 
+def _none():
+    return dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+
+
 @dataclasses.dataclass(slots=True)  # made every step: slots, not frozen (a frozen init costs µs); never changed
 class ScheduledStep:
     """One step, decided: a value that nothing changes after `schedule()` returns."""
@@ -92,6 +99,17 @@ class ScheduledStep:
     page_copies: list[tuple[int, int]]  # (src, dst) device page copies to run first (forks)
     slot_resets: list[tuple[int, list[int], int]]  # (penalty slot, tokens, prompt length)
     num_tokens: int
+    # Speculating sequences, [s] each: batch row of the first of their 1 + num decode rows (their last
+    # known token, then the drafts), drafts, drafts padded to spec_tokens; the sample row of such a
+    # sequence is its first row, and the verification writes its emitted tokens from there on.
+    spec_first: np.ndarray = _none()
+    spec_num: np.ndarray = _none()
+    spec_drafts: np.ndarray = _none()
+    spec_seq_rows: np.ndarray = _none()
+
+    @property
+    def num_drafted(self) -> int:
+        return int(self.spec_num.sum())
 
     @property
     def num_decode(self) -> int:
@@ -143,6 +161,12 @@ class Scheduler:
         # None: every shape is ready.
         self.ready_shapes: frozenset[BatchShape] | None = None
         self._in_step = np.zeros(cfg.max_num_seqs, bool)  # decode rows of the step being scheduled
+        spec = cfg.speculative_config
+        self.proposer = NgramProposer(spec.num_speculative_tokens, *spec.lookup) if spec else None
+        self.spec_batch_limit = (spec.disable_by_batch_size or DEFAULT_SPEC_BATCH_LIMIT) if spec else 0
+        self._drafts: dict[int, np.ndarray] = {}  # SeqTable row -> its drafts in the step being scheduled
+        self.num_drafted = 0  # drafted tokens verified so far, and how many of them were kept
+        self.num_accepted = 0
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -205,7 +229,10 @@ class Scheduler:
 
         decode = self._schedule_decodes()
         self._budget -= len(decode)
-        self._limit = self._prefill_limit(len(decode))
+        self._drafts = {}
+        if self.proposer is not None and len(decode):
+            self._propose(decode)
+        self._limit = self._prefill_limit(len(decode) + sum(len(d) for d in self._drafts.values()))
 
         # Prefill chunks of running sequences, in priority order (none when all of them decode).
         rows = self._rows()
@@ -267,6 +294,42 @@ class Scheduler:
         t.num_computed[decode] += 1
         return decode
 
+    def may_speculate(self) -> bool:
+        """Whether the next step may carry drafts: speculation is configured and the load is low enough.
+        The engine then reads each step back before scheduling the next, as drafts follow the last token."""
+        return self.proposer is not None and 0 < len(self.running) <= self.spec_batch_limit
+
+    def _propose(self, decode: np.ndarray) -> None:
+        """Drafts for decoding sequences whose last token the host knows, while rows, budget and free pages
+        last (drafts never preempt). Each drafted token is one more decode row and one more computed
+        position, rolled back in `update` where verification rejects it."""
+        if not self.may_speculate():
+            return
+        t, ps = self.table, self.cfg.page_size
+        room = self._max_decode_rows - len(decode)
+        for row in decode.tolist():
+            if room <= 0 or self._budget <= 0:
+                break
+            if t.pending[row] or t.target_cut[row]:
+                continue
+            n_tokens = int(t.num_tokens[row])
+            k = min(self.proposer.k, int(t.max_len[row]) - n_tokens - 1, room, self._budget)
+            if k <= 0:
+                continue
+            drafts = self.proposer.propose(t.token_ids[row, :n_tokens], k)
+            n = len(drafts)
+            need = pages_needed(n_tokens + n, ps) - int(t.num_pages[row])
+            if not n or need > self.pool.num_free_pages:
+                continue
+            if need > 0:
+                seq = t.seqs[row]
+                seq.pages += self.pool.allocate(need)
+                t.set_pages(row, seq.pages)
+            t.num_computed[row] += n
+            self._drafts[row] = drafts
+            room -= n
+            self._budget -= n
+
     def _decode_pages_preempting(self, decode: np.ndarray, need: np.ndarray) -> np.ndarray:
         """Pages for the decodes in `need` (in priority order), preempting from the back."""
         t = self.table
@@ -289,23 +352,44 @@ class Scheduler:
 
     def _finalize(self, decode: np.ndarray) -> ScheduledStep:
         t = self.table
-        shape = self._pick_shape(len(decode))
+        drafts = {r: self._drafts[r] for r in decode.tolist() if r in self._drafts} if self._drafts else {}
         positions = t.num_computed[decode] - 1
         tokens = t.token_ids[decode, positions]  # a pending one is fed: whatever is there is ignored
         feed = np.where(t.pending[decode] > 0, decode, -1)  # a pending token is fed from its slot
+        seqs = decode  # decode sequences (SeqTable rows), one entry each
+        first = np.arange(len(decode), dtype=np.int32)  # each one's first decode row
+        spec = None
+        if drafts:  # a speculating sequence: its last token, then its drafts, on consecutive rows
+            num = np.array([len(drafts.get(r, ())) for r in decode.tolist()], np.int32)
+            reps = 1 + num
+            first = (np.cumsum(reps) - reps).astype(np.int32)
+            base = positions - num  # its last known token's position
+            within = np.arange(int(reps.sum())) - np.repeat(first, reps)
+            decode, positions = np.repeat(decode, reps), np.repeat(base, reps) + within
+            tokens, feed = np.repeat(tokens, reps), np.repeat(feed, reps)
+            tokens[within == 0] = t.token_ids[seqs, base]
+            K = self.cfg.num_speculative_tokens
+            which = np.flatnonzero(num)
+            padded = np.zeros((len(which), K), np.int32)
+            for i, s_i in enumerate(which.tolist()):
+                d = drafts[int(seqs[s_i])]
+                tokens[first[s_i] + 1:first[s_i] + 1 + len(d)] = d
+                padded[i, :len(d)] = d
+            spec = (first[which], num[which], padded, seqs[which])
+        shape = self._pick_shape(len(decode))
 
         # Logits rows: one per decode row, then the prefill items' rows.
         if not self._prefill and not t.num_parents:
             seq_row, position = decode, positions + 1
-            sample_rows = np.arange(len(decode), dtype=np.int32)
-            sample_seq_rows = decode
+            sample_rows = first
+            sample_seq_rows = seqs
             prompt_scores = []
             ints = t.int_cols[seq_row]
             ints[:, SI["position"]] = position
             banned = position < t.min_len[seq_row]
         else:
             seq_row, position, target, sample_rows, sample_seq_rows, prompt_scores = self._prefill_rows(
-                decode, positions, t.target_cut[decode] == 1, shape.decode_rows)
+                decode, positions, seqs, first, t.target_cut[seqs] == 1, shape.decode_rows)
             ints = t.int_cols[seq_row]
             ints[:, SI["position"]] = position
             ints[:, SI["target"]] = target
@@ -315,7 +399,7 @@ class Scheduler:
             if len(scoring):
                 ints[scoring, SI["want_top"]] = [bool(t.seqs[r].request.params.prompt_logprobs)
                                                  for r in seq_row[scoring].tolist()]
-            parents = np.flatnonzero(t.target_cut[decode] == 1)  # decode rows come first
+            parents = first[t.target_cut[seqs] == 1]  # decode rows come first (a parent has one)
             idle = np.concatenate([scoring, parents])
             if len(idle):
                 ints[idle, SI["penalty_slot"]] = -1
@@ -324,17 +408,20 @@ class Scheduler:
         logits = LogitsRows(t.float_cols[seq_row], ints, banned,
                             t.stop_ids[seq_row] if banned.any() else t.stop_ids[:0])
         t.pending[sample_seq_rows] += 1
-        return ScheduledStep(
+        step = ScheduledStep(
             shape, decode, tokens, feed, positions, t.page_table[decode], t.seqs[decode], self._prefill, logits,
             sample_rows, sample_seq_rows, t.occupancy[sample_seq_rows], prompt_scores,
             self._copies, self._resets, len(decode) + self._prefill_tokens)
+        if spec is not None:
+            step.spec_first, step.spec_num, step.spec_drafts, step.spec_seq_rows = spec
+        return step
 
-    def _prefill_rows(self, decode, positions, parent, D):
+    def _prefill_rows(self, decode, positions, seqs, first, parent, D):
         """Logits rows of a step with prefill chunks: the decode rows, then per chunk its
         prompt-scoring rows and its sampling row."""
         seq_row, position = [decode], [positions + 1]
         target = [np.full(len(decode), -1, np.int32)]
-        sample_rows, sample_seq_rows = [np.flatnonzero(~parent)], [decode[~parent]]
+        sample_rows, sample_seq_rows = [first[~parent]], [seqs[~parent]]
         prompt_scores = []
         r = D
         for item in self._prefill:
@@ -364,9 +451,19 @@ class Scheduler:
         sequences, unless stale, and finish those that hit a stop id or their length."""
         t = self.table
         fresh = t.occupancy[step.sample_seq_rows] == step.sample_occupancy
-        rows, at = step.sample_seq_rows[fresh], step.sample_rows[fresh]
-        new = np.asarray(tokens)[at]
+        tokens = np.asarray(tokens)
+        spec = np.isin(step.sample_rows, step.spec_first) if len(step.spec_first) else None
+        plain = fresh if spec is None else fresh & ~spec
+        rows, at = step.sample_seq_rows[plain], step.sample_rows[plain]
         t.pending[rows] -= 1
+        update = self._append(rows, tokens[at], at)
+        if spec is not None and (fresh & spec).any():
+            update = self._append_verified(step, tokens, fresh & spec, update)
+        return update
+
+    def _append(self, rows: np.ndarray, new: np.ndarray, at: np.ndarray) -> StepUpdate:
+        """Append one token to each of `rows` (distinct), finishing those that stop or reach their length."""
+        t = self.table
         n = t.append(rows, new)
         stop = (t.stop_ids[rows, :t.stop_cols] == new[:, None]).any(axis=1) & (n > t.min_len[rows])
         done = stop | (n >= t.max_len[rows])
@@ -380,6 +477,31 @@ class Scheduler:
             else:
                 self.finish(seq, "length")
         return StepUpdate(seqs, t.seq_ids[rows], new, at, done)
+
+    def _append_verified(self, step: ScheduledStep, tokens: np.ndarray, which: np.ndarray,
+                         update: StepUpdate) -> StepUpdate:
+        """The speculating sequences' emitted tokens (their kept drafts, then one more), one at a time, with
+        their computed positions moved back past the rejected drafts (whose K/V later steps overwrite).
+        A token that finishes the sequence drops the rest."""
+        t = self.table
+        parts = [update]
+        num = dict(zip(step.spec_first.tolist(), step.spec_num.tolist()))
+        for i in np.flatnonzero(which).tolist():
+            row, first = int(step.sample_seq_rows[i]), int(step.sample_rows[i])
+            drafted = num[first]
+            emitted = tokens[first:first + drafted + 1]
+            emitted = emitted[:int(np.argmin(emitted >= 0)) if (emitted < 0).any() else len(emitted)]
+            t.pending[row] -= 1
+            t.num_computed[row] -= drafted - (len(emitted) - 1)
+            self.num_drafted += drafted
+            self.num_accepted += len(emitted) - 1
+            for j, token in enumerate(emitted.tolist()):
+                u = self._append(np.array([row]), np.array([token], np.int32), np.array([first + j], np.int32))
+                parts.append(u)
+                if u.finished[0]:
+                    break
+        return StepUpdate(*(np.concatenate([getattr(p, f.name) for p in parts])
+                            for f in dataclasses.fields(StepUpdate)))
 
     # ---- admission and prefill ----------------------------------------------------------------
 
@@ -423,7 +545,8 @@ class Scheduler:
     def _schedule_admitted_decode(self, seq: Sequence) -> bool:
         """A just-admitted sequence with one token left (a prefix hit up to its last token)."""
         t, row = self.table, seq.row
-        if int(self._in_step.sum()) >= self._max_decode_rows or self._budget < 1:
+        drafted = sum(len(d) for d in self._drafts.values())
+        if int(self._in_step.sum()) + drafted >= self._max_decode_rows or self._budget < 1:
             return False
         if t.num_computed[row] >= t.num_pages[row] * self.cfg.page_size:
             page = self.pool.allocate(1)
@@ -592,8 +715,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: give back pages and slot; known tokens are kept."""
         t = self.table
-        if self._in_step[seq.row]:
-            t.num_computed[seq.row] -= 1  # its decode leaves this step: that position is not written
+        if self._in_step[seq.row]:  # its decode (and drafts) leave this step: those positions are not written
+            t.num_computed[seq.row] -= 1 + len(self._drafts.pop(seq.row, ()))
         t.num_computed[seq.row] = min(t.num_computed[seq.row], t.num_tokens[seq.row])
         self._register_full_pages(seq)
         self._take_out(seq)

@@ -22,6 +22,10 @@ class BatchShape:
     block_q: int  # prefill query block
     pages_per_seq: int  # P: page-table width, fixed by the longest context
     prompt_logprob_rows: int = 0  # most prefill logit rows beyond one per completed prompt
+    # Speculation: most drafted tokens per sequence (0: none). A speculating sequence takes 1 + drafts decode
+    # rows (its last token, then each draft, at consecutive positions); its drafts and first row travel
+    # beside the sampling rows for the verification (step_inputs.py).
+    spec_tokens: int = 0
 
     def __post_init__(self):
         if self.decode_rows < 1 or self.prefill_tokens < 0 or self.prefill_tokens % self.block_q:

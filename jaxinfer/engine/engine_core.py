@@ -251,6 +251,7 @@ class EngineCore:
         pool = self.scheduler.pool
         return {"prefix_cache_queried_tokens": pool.prefix_queried_tokens,
                 "prefix_cache_hit_tokens": pool.prefix_hit_tokens, "steps": self.metrics.steps,
+                "spec_draft_tokens": self.scheduler.num_drafted, "spec_accepted_tokens": self.scheduler.num_accepted,
                 "compilations": compilations.count()}
 
     # ---- the step loop ------------------------------------------------------------------------
@@ -259,10 +260,16 @@ class EngineCore:
         """Dispatch the next step, then read back the previous one: (what the previous one
         produced, if there was one; whether a step was dispatched). With the launch thread, a
         step whose launch failed raises when it is read back, from the next call."""
+        records = []
+        if self._inflight is not None and self.scheduler.may_speculate():
+            # Drafts follow each sequence's last token: read it back before scheduling (no step ahead).
+            records.append(self._read_back(self._inflight))
+            self._inflight = None
         scheduled = self.scheduler.schedule()
         previous = self._inflight
         self._inflight = self._dispatch(scheduled) if scheduled is not None else None
-        records = [self._read_back(previous)] if previous is not None else []
+        if previous is not None:
+            records.append(self._read_back(previous))
         return records, self._inflight is not None
 
     def _dispatch(self, step: ScheduledStep) -> _InFlight:

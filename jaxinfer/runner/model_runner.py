@@ -42,9 +42,9 @@ from jaxinfer.core.sampling_params import MAX_LOGPROBS
 from jaxinfer.errors import ConfigError
 from jaxinfer.layers import attention
 from jaxinfer.models import ModelConfig, family
-from jaxinfer.runner.sampler import PenaltyState, reset_slot, sample
-from jaxinfer.core.seq_table import FLOAT_COLUMNS, STEP_INT_COLUMNS
-from jaxinfer.runner.step_inputs import StepInputs, layout, unpack_sampling
+from jaxinfer.runner.rejection_sampler import verify
+from jaxinfer.runner.sampler import PenaltyState, SampleOutput, reset_slot, sample
+from jaxinfer.runner.step_inputs import StepInputs, layout, unpack_sampling, unpack_spec
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,35 @@ class ModelRunner:
         return (jax.lax.dynamic_update_slice(logits_out, logits, (0, 0)), cache,
                 jax.lax.dynamic_update_slice(rows_out, inputs.sampling_rows(), (0,)))
 
-    def _sample_fn(self, logits, penalty, feed_tokens, rows, *, full: bool):
+    def _sample_fn(self, logits, penalty, feed_tokens, rows, *, full: bool, ban_width: int, spec=None):
+        """Sample a token per row; with `spec` (decode rows, drafts per sequence) the speculating sequences'
+        rows are verified instead (rejection_sampler.verify) and give back their emitted tokens, -1 after."""
         num_rows = logits.shape[0]
-        ban_width = rows.shape[0] // num_rows - len(FLOAT_COLUMNS) - len(STEP_INT_COLUMNS)
         arrays = unpack_sampling(rows, num_rows, ban_width)
-        out, penalty = sample(logits, arrays, penalty, num_top=MAX_LOGPROBS, full=full)
+        if spec is not None:
+            first, num, drafts = unpack_spec(rows, num_rows, ban_width, *spec)
+            j = jnp.arange(spec[1] + 1)
+            own = (first >= 0)[:, None] & (j <= num[:, None])
+            spec_rows = jnp.where(own, first[:, None] + j, num_rows)  # [D, K + 1]; num_rows: dropped
+            in_spec = jnp.zeros(num_rows, bool).at[spec_rows].set(True, mode="drop")
+            # The plain sampler leaves these rows' penalty counts and feed slots to the verification.
+            plain = dataclasses.replace(arrays, penalty_slot=jnp.where(in_spec, -1, arrays.penalty_slot),
+                                        feed_slot=jnp.where(in_spec, -1, arrays.feed_slot))
+            out, penalty = sample(logits, plain, penalty, num_top=MAX_LOGPROBS, full=full)
+            g = jnp.clip(first, 0, num_rows - 1)
+            seqs = jax.tree.map(lambda a: a[g], arrays)
+            seqs = dataclasses.replace(seqs, penalty_slot=jnp.where(first >= 0, seqs.penalty_slot, -1))
+            verified, penalty = verify(logits[jnp.minimum(g[:, None] + j, num_rows - 1)], seqs, penalty, drafts,
+                                       jnp.where(first >= 0, num, 0), num_top=MAX_LOGPROBS, full=full)
+            out = SampleOutput(out.tokens.at[spec_rows].set(verified.tokens, mode="drop"),
+                               out.logprobs.at[spec_rows].set(verified.logprobs, mode="drop"),
+                               out.top_ids.at[spec_rows].set(verified.top_ids, mode="drop"),
+                               out.top_logprobs.at[spec_rows].set(verified.top_logprobs, mode="drop"))
+            feed_at = jnp.where((first >= 0) & (seqs.feed_slot >= 0), seqs.feed_slot, feed_tokens.shape[0])
+            feed_tokens = feed_tokens.at[feed_at].set(verified.last, mode="drop")
+            arrays = plain
+        else:
+            out, penalty = sample(logits, arrays, penalty, num_top=MAX_LOGPROBS, full=full)
         slot = jnp.where(arrays.feed_slot >= 0, arrays.feed_slot, feed_tokens.shape[0])  # -1: dropped
         feed_tokens = feed_tokens.at[slot].set(out.tokens, mode="drop")
         # Tokens and their logprobs come back to the host as one array.
@@ -127,7 +151,8 @@ class ModelRunner:
 
     def step(self, inputs: StepInputs) -> StepOutput:
         """Run one step (asynchronously); returns the device-side samples."""
-        forward, sampler = self._executables_for(inputs.shape, inputs.ban_width, inputs.needs_full_sampling())
+        forward, sampler = self._executables_for(inputs.shape, inputs.ban_width, inputs.needs_full_sampling(),
+                                                 inputs.speculates())
         logits, rows = self.run_forward(forward, self.stage(inputs))
         return self.run_sampler(sampler, logits, rows)
 
@@ -175,10 +200,12 @@ class ModelRunner:
         them: the forward pass and the sampler variants in `full`. Safe beside running steps: it
         looks only at the arguments' shapes and shardings."""
         for variant in full:
-            self._executables_for(inputs.shape, inputs.ban_width, variant)
+            for verifies in (False, True) if inputs.shape.spec_tokens else (False,):
+                self._executables_for(inputs.shape, inputs.ban_width, variant, verifies)
 
-    def _executables_for(self, shape, ban_width: int, full: bool):
-        made = self._made.get((shape, ban_width, full))
+    def _executables_for(self, shape, ban_width: int, full: bool, verifies: bool = False):
+        """The forward and sampler executables of a step; `verifies`: the sampler verifies drafts."""
+        made = self._made.get((shape, ban_width, full, verifies))
         if made is not None:
             return made
         if shape.num_rows > self.max_rows:
@@ -200,10 +227,14 @@ class ModelRunner:
             return (jax.device_put(jnp.zeros(logits.shape, logits.dtype), self.replicated),
                     jax.device_put(jnp.zeros(rows.shape, rows.dtype), self.replicated))
         forward.new_outputs = new_outputs
-        sampler = self._executable(("sample", shape.num_rows, ban_width, full),
-                                   functools.partial(self._sample_fn, full=full), (
+        spec_dims = (shape.decode_rows, shape.spec_tokens) if verifies else None
+        # Keyed by the rows' length too: with speculation it depends on the decode rows, not only on num_rows.
+        sampler = self._executable(("sample", shape.num_rows, ban_width, full) + (
+                                       (rows.shape[0], spec_dims) if shape.spec_tokens else ()),
+                                   functools.partial(self._sample_fn, full=full, ban_width=ban_width,
+                                                     spec=spec_dims), (
             logits, jax.tree.map(spec, self.penalty), spec(self.feed_tokens), rows), self._sample_tree, (1, 2))
-        self._made[(shape, ban_width, full)] = forward, sampler
+        self._made[(shape, ban_width, full, verifies)] = forward, sampler
         return forward, sampler
 
     def _executable(self, key: tuple, fn, specs: tuple, out_tree, donate: tuple[int, ...]):

@@ -62,6 +62,8 @@ def layout(shape: BatchShape, ban_width: int) -> Layout:
              ("cu_q_lens", (S + 1,)), ("kv_lens", (S,)), ("page_table", (S, P)), ("block_tokens", (NB, Bq)),
              ("block_seq", (NB,)), ("logits_indices", (R,)), ("floats", (R, len(FLOAT_COLUMNS))),
              ("ints", (R, len(STEP_INT_COLUMNS))), ("banned", (R, ban_width))]
+    if shape.spec_tokens:  # per speculating sequence (at most one per decode row): first row, drafts
+        sizes += [("spec_first", (D,)), ("spec_num", (D,)), ("spec_drafts", (D, shape.spec_tokens))]
     fields, offset = {}, 0
     for name, shp in sizes:
         fields[name] = (offset, shp)
@@ -76,6 +78,8 @@ def layout(shape: BatchShape, ban_width: int) -> Layout:
     out.view(t, "page_table")[:] = NULL_PAGE
     out.view(t, "block_tokens")[:] = T
     out.view(t, "logits_indices")[:D] = np.arange(D)
+    if shape.spec_tokens:
+        out.view(t, "spec_first")[:] = -1
     _put_sampling(out, t, SamplingArrays.from_rows([], R, ban_width))  # padding rows, as from_rows makes them
     return out
 
@@ -124,6 +128,11 @@ class StepInputs:
             if hi > lo:
                 at("floats", start * len(FLOAT_COLUMNS), rows.floats[lo:hi].view(np.int32))
                 at("ints", start * len(STEP_INT_COLUMNS), rows.ints[lo:hi])
+        if len(step.spec_first):  # speculating sequences: their first decode row, drafts
+            n = len(step.spec_first)
+            at("spec_first", 0, step.spec_first)
+            at("spec_num", 0, step.spec_num)
+            lay.view(buf, "spec_drafts")[:n] = step.spec_drafts
         if len(rows.stop_ids):  # some row is banned
             banned = lay.view(buf, "banned")
             which = np.flatnonzero(rows.banned)
@@ -168,6 +177,13 @@ class StepInputs:
         return needs_full(floats[:, F["temperature"]], ints[:, SI["top_k"]], floats[:, F["top_p"]],
                           ints[:, SI["want_top"]])
 
+    def speculates(self) -> bool:
+        """Whether some sequence of the step verifies drafts (the sampler's verifying variant). On the host
+        buffer, before it travels."""
+        if not self.shape.spec_tokens:
+            return False
+        return bool(layout(self.shape, self.ban_width).view(self.buffer, "spec_first")[0] >= 0)
+
     @property
     def size(self) -> int:
         return int(self.buffer.shape[0])
@@ -194,6 +210,14 @@ def unpack_sampling(rows, num_rows: int, ban_width: int) -> SamplingArrays:
         position=ints[:, SI["position"]], penalty_slot=ints[:, SI["penalty_slot"]],
         banned=banned, target=ints[:, SI["target"]], want_top=ints[:, SI["want_top"]] != 0,
         feed_slot=ints[:, SI["feed_slot"]])
+
+
+def unpack_spec(rows, num_rows: int, ban_width: int, decode_rows: int, spec_tokens: int):
+    """(first row [D], drafts [D], draft tokens [D, K]) of the speculating sequences, from
+    `StepInputs.sampling_rows()` of a shape with spec_tokens K (a first row of -1: no sequence)."""
+    at = num_rows * (len(FLOAT_COLUMNS) + len(STEP_INT_COLUMNS) + ban_width)
+    D, K = decode_rows, spec_tokens
+    return rows[at:at + D], rows[at + D:at + 2 * D], rows[at + 2 * D:at + 2 * D + D * K].reshape(D, K)
 
 
 @dataclasses.dataclass(slots=True)  # made every step: slots, not frozen (6 µs a frozen init); never changed

@@ -1,0 +1,110 @@
+"""Speculative decoding in the engine (n-gram proposals, verified on the device): greedy output is
+token-identical to decoding without it, seeded sampling stays independent of batch mates, and
+preemption, prefix caching, stop ids and lengths behave as without it."""
+
+import numpy as np
+import pytest
+
+from engine_fixtures import random_prompts, run_alone, run_arriving, tiny_llm
+from jaxinfer.core.config import EngineConfig
+from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.errors import ConfigError
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module")
+def plain(data_dir):
+    return tiny_llm(data_dir)
+
+
+@pytest.fixture(scope="module")
+def spec(data_dir):
+    return tiny_llm(data_dir, speculative_config=NGRAM)
+
+
+def tokens(out):
+    return [list(o.token_ids) for o in out.outputs]
+
+
+def mixed_prompts(rng, n):
+    """Random bytes, and text that repeats itself (where lookup finds its drafts)."""
+    repeating = [list(b"abcabcabcabc" * 3), [7, 8, 9, 10] * 8, list(b"the cat sat on the mat; the cat sat on"),
+                 list(b"def f(x):\n    return x\ndef g(x):\n    return"), list(b"1, 2, 3, 1, 2, 3, 1, 2")]
+    return [repeating[i % len(repeating)] if i % 2 else p for i, p in enumerate(random_prompts(rng, n, 2, 40))]
+
+
+def counters(llm):
+    return llm.engine.core.counters()  # the engine core's own (in this process)
+
+
+def test_greedy_output_is_token_identical_with_speculation_on_24_prompts_arriving_at_random(plain, spec):
+    rng = np.random.default_rng(0)
+    prompts = mixed_prompts(rng, 24)
+    params = [SamplingParams(temperature=0.0, max_tokens=int(rng.integers(1, 48)), ignore_eos=bool(i % 3))
+              for i in range(len(prompts))]
+    want = {i: tokens(run_alone(plain, p, q)) for i, (p, q) in enumerate(zip(prompts, params))}
+    before = counters(spec)
+    got, _ = run_arriving(spec, prompts, params, np.random.default_rng(1))
+    assert {i: tokens(o) for i, o in got.items()} == want
+    after = counters(spec)
+    drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
+    accepted = after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+    assert drafted > 50 and 0 < accepted < drafted  # drafts were made, and some (not all) kept
+
+
+def test_greedy_logprobs_come_from_the_verifying_logits(plain, spec):
+    prompt = [7, 8, 9, 10] * 8
+    p = SamplingParams(temperature=0.0, max_tokens=24, logprobs=3, ignore_eos=True)
+    want, got = run_alone(plain, prompt, p).outputs[0], run_alone(spec, prompt, p).outputs[0]
+    assert got.token_ids == want.token_ids
+    for a, b in zip(want.logprobs, got.logprobs):
+        assert a.keys() == b.keys()
+        for t in a:
+            assert abs(a[t].logprob - b[t].logprob) < 1e-4
+
+
+def test_seeded_sampling_with_speculation_does_not_depend_on_batch_mates(spec):
+    rng = np.random.default_rng(2)
+    probe = [7, 8, 9, 10] * 8
+    p = SamplingParams(temperature=0.8, seed=123, max_tokens=30, ignore_eos=True)
+    alone = tokens(run_alone(spec, probe, p))
+    mates = mixed_prompts(rng, 7)
+    params = [SamplingParams(temperature=t, seed=i, max_tokens=20) for i, t in enumerate([0.0, 1.0, 0.5] * 3)][:7]
+    got, _ = run_arriving(spec, [probe] + mates, [p] + params, rng)
+    assert tokens(got[0]) == alone
+
+
+def test_a_small_kv_pool_preempts_and_greedy_output_is_still_unchanged(plain, data_dir):
+    rng = np.random.default_rng(3)
+    prompts = mixed_prompts(rng, 12)
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)] * len(prompts)
+    want = [tokens(run_alone(plain, p, q)) for p, q in zip(prompts, params)]
+    small = tiny_llm(data_dir, num_pages=30, speculative_config=NGRAM)
+    got, _ = run_arriving(small, prompts, params, np.random.default_rng(4), arrive_prob=0.6)
+    assert [tokens(got[i]) for i in range(len(prompts))] == want
+    assert small.engine.scheduler.num_preemptions > 0 and counters(small)["spec_accepted_tokens"] > 0
+    pool = small.engine.scheduler.pool
+    assert pool.num_used_pages == 0 and pool.num_free_pages == pool.num_pages - 1
+    pool.check()
+
+
+def test_prefix_cache_hits_after_speculation_change_no_output(spec):
+    prompt = list(b"the cat sat on the mat; the cat sat on the mat; the cat")
+    p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    first = tokens(run_alone(spec, prompt, p))
+    longer = prompt + first[0][:20]  # a prompt that runs over the pages the first run's drafts touched
+    before = counters(spec)["prefix_cache_hit_tokens"]
+    again = tokens(run_alone(spec, prompt, p))
+    continued = tokens(run_alone(spec, longer, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)))
+    assert again == first and counters(spec)["prefix_cache_hit_tokens"] > before
+    assert continued[0] == tokens(run_alone(spec, longer, SamplingParams(temperature=0.0, max_tokens=5,
+                                                                         ignore_eos=True)))[0]
+
+
+@pytest.mark.parametrize("bad,named", [({"method": "eagle9"}, "method"), ({"num_speculative_tokens": 0},
+                                       "num_speculative_tokens"), ({"draft": 1}, "unknown key"),
+                                      ({"prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup_min")])
+def test_bad_speculative_configs_are_refused_by_name(bad, named):
+    with pytest.raises(ConfigError, match=named):
+        EngineConfig(speculative_config=bad)

@@ -193,9 +193,28 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
     p.add_argument("--stream-interval", type=int, default=1, metavar="N",
                    help="stream every N new tokens (the first and the last always go out at once)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\'')
     p.add_argument("--attention", choices=["auto", "kernels", "xla", "reference"], default=None,
                    help="attention implementation (default auto: Pallas kernels on GPU/TPU, plain "
                         "JAX on CPU; reference forces the pure-JAX reference)")
+
+
+def _json_object(flag: str, text: str | None) -> dict | None:
+    import json
+
+    from jaxinfer.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _load_llm(args, warmup: bool, progress: bool = True):
@@ -207,7 +226,8 @@ def _load_llm(args, warmup: bool, progress: bool = True):
                page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                num_pages=args.num_pages, enable_prefix_caching=not args.no_prefix_caching,
-               attention=args.attention, stream_interval=args.stream_interval)
+               attention=args.attention, stream_interval=args.stream_interval,
+               speculative_config=_json_object("--speculative-config", args.speculative_config))
 
 
 def cmd_generate(args) -> int:

@@ -50,6 +50,11 @@ _ENGINE_GAUGES = (
      "Fraction of queried prompt tokens served by the prefix cache.", "gauge"),
     ("preemptions", "jaxinfer_preemptions", "Sequences preempted since the engine started.", "counter"),
     ("active_streams", "jaxinfer_active_streams", "Open Generate streams.", "gauge"),
+    ("spec_draft_tokens", "jaxinfer_spec_decode_num_draft_tokens", "Drafted tokens verified (speculation).",
+     "counter"),
+    ("spec_accepted_tokens", "jaxinfer_spec_decode_num_accepted_tokens",
+     "Drafted tokens the target kept (speculation).", "counter"),
+    ("spec_k", "jaxinfer_spec_decode_k", "Most drafts a sequence may carry in the next step (0: none).", "gauge"),
 )
 
 
@@ -77,6 +82,14 @@ class _EngineCollector(Collector):
                 continue
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, doc, value=value)
+        # vLLM's per-position acceptance: position i counts the drafts kept at place i of their sequence's run.
+        per_position = stats.get("spec_accepted_per_position")
+        if per_position:
+            family = CounterMetricFamily("jaxinfer_spec_decode_num_accepted_tokens_per_pos",
+                                         "Drafted tokens kept, by their place in the drafted run.", labels=["position"])
+            for i, count in enumerate(per_position):
+                family.add_metric([str(i)], float(count))
+            yield family
 
     def describe(self):
         return []  # names depend on what the source returns; collect() at registration is not wanted

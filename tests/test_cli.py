@@ -63,7 +63,7 @@ def test_convert_then_generate_from_the_orbax_checkpoint(tiny_model, tmp_path):
 @pytest.mark.parametrize("case", [
     "missing_checkpoint", "corrupt_safetensors", "corrupt_config", "unknown_architecture",
     "pickle_checkpoint", "empty_prompt", "prompt_longer_than_context", "bad_temperature",
-    "bad_top_p", "bad_max_tokens", "truncated_gguf", "bad_engine_setting",
+    "bad_top_p", "bad_max_tokens", "truncated_gguf", "bad_engine_setting", "bad_speculative_config", "speculative_config_not_json",
 ])
 def test_bad_input_gives_a_clear_error_and_nonzero_exit(case, tiny_model, tmp_path):
     model = tmp_path / "model"
@@ -103,6 +103,11 @@ def test_bad_input_gives_a_clear_error_and_nonzero_exit(case, tiny_model, tmp_pa
         expect = "truncated or corrupt"
     elif case == "bad_engine_setting":  # named before the (missing) model is looked for
         model, extra, expect = tmp_path / "nope", ["--stream-interval", "0"], "stream_interval must be"
+    elif case == "bad_speculative_config":
+        model, extra = tmp_path / "nope", ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": -2}']
+        expect = "num_speculative_tokens must be"
+    elif case == "speculative_config_not_json":
+        model, extra, expect = tmp_path / "nope", ["--speculative-config", "{method: ngram"], "not JSON"
     run = jaxinfer("generate", prompt, "--model", str(model), *extra)
     assert run.returncode != 0
     assert run.stdout == ""

@@ -167,6 +167,9 @@ class Scheduler:
         self._drafts: dict[int, np.ndarray] = {}  # SeqTable row -> its drafts in the step being scheduled
         self.num_drafted = 0  # drafted tokens verified so far, and how many of them were kept
         self.num_accepted = 0
+        k = cfg.num_speculative_tokens
+        self.drafted_per_position = np.zeros(k, np.int64)  # drafts at place i of their sequence's run
+        self.accepted_per_position = np.zeros(k, np.int64)  # ... and those kept
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -293,6 +296,11 @@ class Scheduler:
         self._in_step[decode] = True
         t.num_computed[decode] += 1
         return decode
+
+    @property
+    def spec_k(self) -> int:
+        """The most drafts a sequence may carry in the next step (0: speculation off or faded out)."""
+        return self.proposer.k if self.may_speculate() else 0
 
     def may_speculate(self) -> bool:
         """Whether the next step may carry drafts: speculation is configured and the load is low enough.
@@ -495,6 +503,8 @@ class Scheduler:
             t.num_computed[row] -= drafted - (len(emitted) - 1)
             self.num_drafted += drafted
             self.num_accepted += len(emitted) - 1
+            self.drafted_per_position[:drafted] += 1
+            self.accepted_per_position[:len(emitted) - 1] += 1
             for j, token in enumerate(emitted.tolist()):
                 u = self._append(np.array([row]), np.array([token], np.int32), np.array([first + j], np.int32))
                 parts.append(u)

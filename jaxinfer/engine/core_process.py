@@ -317,21 +317,30 @@ class _Sender:
                 return
 
 
-_STATS = struct.Struct("<qqdqdqqqqqq")
+_SPEC_POSITIONS = 16  # SpeculativeConfig's most drafts
+_STATS = struct.Struct(f"<qqdqdqqqqqqqqq{2 * _SPEC_POSITIONS}q")
 
 
 def _pack_stats(core) -> bytes:
     g, c = core.gauges(), core.counters()
+
+    def positions(name):
+        return (c[name] + [0] * _SPEC_POSITIONS)[:_SPEC_POSITIONS]
     return _STATS.pack(g["running"], g["waiting"], g["kv_usage"], g["kv_pages"], g["prefix_cache_hit_rate"],
                        g["preemptions"], c["prefix_cache_queried_tokens"], c["prefix_cache_hit_tokens"], c["steps"],
-                       c["compilations"], core.metrics.computed_tokens)
+                       c["compilations"], core.metrics.computed_tokens, g["spec_k"], c["spec_draft_tokens"],
+                       c["spec_accepted_tokens"], *positions("spec_drafted_per_position"),
+                       *positions("spec_accepted_per_position"))
 
 
 def _unpack_stats(data) -> tuple[dict, dict, int]:
     """(gauges, counters, computed tokens), as EngineCore.gauges() and counters() gave them."""
     (running, waiting, kv_usage, kv_pages, hit_rate, preemptions, queried, hits, steps, compilations,
-     computed) = _STATS.unpack_from(data, 1)
+     computed, spec_k, drafted, accepted, *positions) = _STATS.unpack_from(data, 1)
+    k = _SPEC_POSITIONS
     return ({"running": running, "waiting": waiting, "kv_usage": kv_usage, "kv_pages": kv_pages,
-             "prefix_cache_hit_rate": hit_rate, "preemptions": preemptions},
+             "prefix_cache_hit_rate": hit_rate, "preemptions": preemptions, "spec_k": spec_k},
             {"prefix_cache_queried_tokens": queried, "prefix_cache_hit_tokens": hits, "steps": steps,
-             "compilations": compilations}, computed)
+             "compilations": compilations, "spec_draft_tokens": drafted, "spec_accepted_tokens": accepted,
+             "spec_drafted_per_position": positions[:k], "spec_accepted_per_position": positions[k:]},
+            computed)

@@ -245,13 +245,16 @@ class EngineCore:
         pool = self.scheduler.pool
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_usage": pool.usage, "kv_pages": pool.num_pages - 1,
-                "prefix_cache_hit_rate": pool.prefix_hit_rate, "preemptions": self.scheduler.num_preemptions}
+                "prefix_cache_hit_rate": pool.prefix_hit_rate, "preemptions": self.scheduler.num_preemptions,
+                "spec_k": self.scheduler.spec_k}
 
     def counters(self) -> dict:
         pool = self.scheduler.pool
         return {"prefix_cache_queried_tokens": pool.prefix_queried_tokens,
                 "prefix_cache_hit_tokens": pool.prefix_hit_tokens, "steps": self.metrics.steps,
                 "spec_draft_tokens": self.scheduler.num_drafted, "spec_accepted_tokens": self.scheduler.num_accepted,
+                "spec_drafted_per_position": self.scheduler.drafted_per_position.tolist(),
+                "spec_accepted_per_position": self.scheduler.accepted_per_position.tolist(),
                 "compilations": compilations.count()}
 
     # ---- the step loop ------------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""Speculative decoding (issue 13): decode speed with and without it, and how many drafts the target keeps.
+
+    python scripts/bench_spec_decode.py                          # CPU: the default model, real text
+    python3 scripts/bench_spec_decode.py --random-8b --batches 1,64 --dtype bfloat16   # H200: Llama-3-8B shape
+
+Workloads (greedy, EOS ignored, --new-tokens each):
+  repeat   prompts that ask for a given passage again (chat template on a real model; a random passage said
+           three times on random weights): where prompt lookup finds its drafts
+  free     open-ended prompts (real model only): what lookup finds in ordinary text
+For each batch size, two engines in one process over the same weights: speculation off, and on
+(--speculative-config, vLLM's keys; decode buckets sized for B x (1 + k) rows). Each runs one untimed
+`generate`, then --repeats timed ones. tok/s = generated tokens / the decode phase's wall time (first token
+read back to last, the slowest request); acceptance = kept / drafted tokens; tokens per verifying step =
+1 + kept / sequences verified. Greedy outputs of the two engines are compared: they must be equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+PASSAGE = ("The printing press spread quickly across Europe. Within fifty years of its invention, presses were "
+           "at work in more than two hundred cities, and millions of books had been printed. Scholars could "
+           "compare texts side by side, errors could be corrected in later editions, and ideas travelled faster "
+           "than ever before.")
+REPEAT = [f"Repeat this passage exactly, word for word:\n\n{PASSAGE}",
+          f"Copy the following text without changing anything:\n\n{PASSAGE}",
+          f"Here is a paragraph. Write it out again.\n\n{PASSAGE}",
+          f"Please echo back this text: {PASSAGE}"]
+FREE = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
+        "What are three tips for learning a new language?", "Describe the water cycle for a child."]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--random-8b", action="store_true", help="the Llama-3-8B shape with random weights")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--batches", default="1")
+    p.add_argument("--workloads", default=None, help="repeat,free (random weights: repeat only)")
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
+                                                    '"prompt_lookup_min": 2, "prompt_lookup_max": 4}')
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    return p.parse_args()
+
+
+def load(args):
+    import jax.numpy as jnp
+
+    from jaxinfer.sharding import make_mesh
+
+    if args.random_8b:
+        from bench_decode import dummy_model, model_config
+
+        dtype = jnp.dtype(args.dtype or "bfloat16")
+        return dummy_model(model_config(False), dtype, make_mesh()), "Llama-3-8B shape, random weights"
+    from checkpoints import loader
+    from checkpoints.default_model import default_model_path
+
+    path = default_model_path(progress=False)
+    model = loader.load(path, dtype=jnp.dtype(args.dtype or "float32"), mesh=make_mesh(), progress=False)
+    return model, f"default model ({path.name})"
+
+
+def prompts_for(workload, b, model, rng):
+    if model.tokenizer is None:  # random weights: a random passage said three times, then its start
+        passage = rng.integers(10, model.config.vocab_size - 10, 48).tolist()
+        return [passage * 3 + passage[:8] for _ in range(b)]
+    texts = REPEAT if workload == "repeat" else FREE
+    return [{"messages": [{"role": "user", "content": texts[i % len(texts)]}]} for i in range(b)]
+
+
+def run(llm, prompts, params, repeats):
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up
+    best, rates = None, []
+    for _ in range(repeats):
+        before = dict(llm.engine.core.counters())
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        first = min(o.metrics.first_token_time for o in outs)
+        last = max(o.metrics.finished_time for o in outs)
+        tokens = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
+        after = llm.engine.core.counters()
+        rate = tokens / (last - first)
+        row = dict(tok_s=rate, drafted=after["spec_draft_tokens"] - before["spec_draft_tokens"],
+                   accepted=after["spec_accepted_tokens"] - before["spec_accepted_tokens"],
+                   steps=after["steps"] - before["steps"], outputs=[list(o.outputs[0].token_ids) for o in outs])
+        best = row if best is None or row["tok_s"] > best["tok_s"] else best
+        rates.append(round(rate, 1))
+    return {**best, "all": rates}
+
+
+def main():
+    args = parse_args()
+    import jax
+    import numpy as np
+
+    from jaxinfer.core.sampling_params import SamplingParams
+    from jaxinfer.llm import LLM
+
+    spec = json.loads(args.speculative_config)
+    k = spec.get("num_speculative_tokens", 3)
+    model, label = load(args)
+    workloads = (args.workloads or ("repeat" if args.random_8b else "repeat,free")).split(",")
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+    print(f"# {label} on {jax.devices()[0].device_kind}; speculative_config {spec}; {args.new_tokens} new tokens, greedy", flush=True)
+    print("\n| workload | B | off tok/s | on tok/s | speed-up | drafted | kept | acceptance | tokens / verifying step "
+          "| outputs equal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        common = dict(max_num_seqs=b, max_num_batched_tokens=max(512, b * 64), max_model_len=1024,
+                      enable_prefix_caching=False)
+        started = time.monotonic()
+        off = LLM.from_loaded(model, **common)
+        # Rows for every sequence's drafts where the batch is small enough to speculate at all.
+        limit = spec.get("disable_by_batch_size") or 8
+        on = LLM.from_loaded(model, **common, speculative_config=spec,
+                             decode_sizes=(b, b * (1 + k)) if b <= limit else ())
+        print(f"(engines for B = {b} ready in {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+        for workload in workloads:
+            prompts = prompts_for(workload, b, model, np.random.default_rng(b))
+            a, s = run(off, prompts, params, args.repeats), run(on, prompts, params, args.repeats)
+            verifying = max(1, s["steps"])  # steps of the speculative run (each verifies its sequences)
+            row = dict(workload=workload, b=b, off=a["tok_s"], on=s["tok_s"], off_all=a["all"], on_all=s["all"],
+                       drafted=s["drafted"], accepted=s["accepted"],
+                       acceptance=s["accepted"] / s["drafted"] if s["drafted"] else 0.0,
+                       tokens_per_step=sum(len(o) for o in s["outputs"]) / verifying / b,
+                       equal=a["outputs"] == s["outputs"])
+            rows.append(row)
+            print(f"| {workload} | {b} | {row['off']:.1f} | {row['on']:.1f} | {row['on'] / row['off']:.2f}× | "
+                  f"{row['drafted']} | {row['accepted']} | {row['acceptance']:.0%} | {row['tokens_per_step']:.2f} | "
+                  f"{'yes' if row['equal'] else 'NO'} |", flush=True)
+        del off, on
+    print("\nrepeats (tok/s, off / on):", [(r["workload"], r["b"], r["off_all"], r["on_all"]) for r in rows])
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -170,6 +170,11 @@ class Scheduler:
         k = cfg.num_speculative_tokens
         self.drafted_per_position = np.zeros(k, np.int64)  # drafts at place i of their sequence's run
         self.accepted_per_position = np.zeros(k, np.int64)  # ... and those kept
+        # Back-off per SeqTable row: a sequence whose lookup found nothing, or whose drafts were all rejected,
+        # waits 2, 4, ... 32 steps before it tries again, and while every running sequence waits, the engine
+        # keeps its one-step-ahead loop (reading a step back before the next costs the host's time per step).
+        self._spec_wait = np.zeros(cfg.max_num_seqs, np.int32)
+        self._spec_misses = np.zeros(cfg.max_num_seqs, np.int32)
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -303,14 +308,23 @@ class Scheduler:
         return self.proposer.k if self.may_speculate() else 0
 
     def may_speculate(self) -> bool:
-        """Whether the next step may carry drafts: speculation is configured and the load is low enough.
-        The engine then reads each step back before scheduling the next, as drafts follow the last token."""
-        return self.proposer is not None and 0 < len(self.running) <= self.spec_batch_limit
+        """Whether the next step may carry drafts: speculation is configured, the load is low enough and some
+        running sequence is not backing off. The engine then reads each step back before scheduling the next,
+        as drafts follow the last token."""
+        if self.proposer is None or not 0 < len(self.running) <= self.spec_batch_limit:
+            return False
+        return bool((self._spec_wait[self._rows()] == 0).any())
+
+    def _spec_missed(self, row: int) -> None:
+        self._spec_misses[row] += 1
+        self._spec_wait[row] = min(1 << int(self._spec_misses[row]), 32)
 
     def _propose(self, decode: np.ndarray) -> None:
         """Drafts for decoding sequences whose last token the host knows, while rows, budget and free pages
         last (drafts never preempt). Each drafted token is one more decode row and one more computed
         position, rolled back in `update` where verification rejects it."""
+        rows = self._rows()
+        self._spec_wait[rows] = np.maximum(self._spec_wait[rows] - 1, 0)
         if not self.may_speculate():
             return
         t, ps = self.table, self.cfg.page_size
@@ -318,7 +332,7 @@ class Scheduler:
         for row in decode.tolist():
             if room <= 0 or self._budget <= 0:
                 break
-            if t.pending[row] or t.target_cut[row]:
+            if t.pending[row] or t.target_cut[row] or self._spec_wait[row]:
                 continue
             n_tokens = int(t.num_tokens[row])
             k = min(self.proposer.k, int(t.max_len[row]) - n_tokens - 1, room, self._budget)
@@ -326,8 +340,11 @@ class Scheduler:
                 continue
             drafts = self.proposer.propose(t.token_ids[row, :n_tokens], k)
             n = len(drafts)
+            if not n:
+                self._spec_missed(row)
+                continue
             need = pages_needed(n_tokens + n, ps) - int(t.num_pages[row])
-            if not n or need > self.pool.num_free_pages:
+            if need > self.pool.num_free_pages:
                 continue
             if need > 0:
                 seq = t.seqs[row]
@@ -505,6 +522,10 @@ class Scheduler:
             self.num_accepted += len(emitted) - 1
             self.drafted_per_position[:drafted] += 1
             self.accepted_per_position[:len(emitted) - 1] += 1
+            if len(emitted) > 1:
+                self._spec_misses[row] = 0
+            else:
+                self._spec_missed(row)
             for j, token in enumerate(emitted.tolist()):
                 u = self._append(np.array([row]), np.array([token], np.int32), np.array([first + j], np.int32))
                 parts.append(u)
@@ -663,6 +684,7 @@ class Scheduler:
         max_len = min(req.prompt_len + req.max_tokens, self.cfg.max_model_len)
         seq.table = self.table
         seq.row = self.table.assign(seq, tokens, req.params, seq.seed, req.eos_token_ids, max_len)
+        self._spec_wait[seq.row] = self._spec_misses[seq.row] = 0
         seq.status = Status.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.sort_key)
         self._running_rows = None
@@ -706,6 +728,7 @@ class Scheduler:
             child = Sequence(req, index, seed_for(req.seed, index))
             child.table = t
             child.row = t.copy_row(parent.row, child, child.seed)
+            self._spec_wait[child.row] = self._spec_misses[child.row] = 0
             child.pages = pages
             t.set_pages(child.row, pages)
             child.hashes = list(parent.hashes)

@@ -26,18 +26,20 @@ SMALL_128 = LlamaConfig(architecture="llama", vocab_size=512, hidden_size=256, i
                         rope_theta=10000.0, max_position_embeddings=256)
 
 
-@pytest.mark.parametrize("dtype,device_kind,quantization,tp", [
-    (jnp.float32, "TPU v5 lite", None, 1), (jnp.bfloat16, "TPU v6 lite", None, 1),
-    (jnp.bfloat16, "TPU v5 lite", "int8", 1), (jnp.bfloat16, "TPU v6 lite", "int4-g128-zp", 1),
+@pytest.mark.parametrize("dtype,device_kind,quantization,tp,spec", [
+    (jnp.float32, "TPU v5 lite", None, 1, False), (jnp.bfloat16, "TPU v6 lite", None, 1, False),
+    # Speculative decoding: the sampler's verifying variant (rejection sampling) in the step.
+    (jnp.bfloat16, "TPU v6 lite", None, 1, True),
+    (jnp.bfloat16, "TPU v5 lite", "int8", 1, False), (jnp.bfloat16, "TPU v6 lite", "int4-g128-zp", 1, False),
     # Tensor parallel over two chips: attention and the quantized matmuls run per device in shard_map.
-    (jnp.bfloat16, "TPU v6 lite", "int4-g128-zp", 2)])
-def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization, tp):
+    (jnp.bfloat16, "TPU v6 lite", "int4-g128-zp", 2, False)])
+def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization, tp, spec):
     from pallas_kernels.quantized_matmul import parse
 
     mesh = make_mesh(tensor=tp)
     graphdef, state = params_lib.dummy_params(SMALL_128, dtype, mesh, quantization=parse(quantization))
     cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, page_size=16,
-                          num_pages=16, block_q=16)
+                       num_pages=16, block_q=16, speculative_config={"num_speculative_tokens": 3} if spec else None)
     runner = ModelRunner(SMALL_128, graphdef, state, mesh, num_pages=16, page_size=16,
                          penalty_slots=4, max_model_len=64)
     shape = cfg.shape(2, 32)
@@ -53,7 +55,8 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization, tp):
         logits_out = jnp.zeros((shape.num_rows, SMALL_128.vocab_size), jnp.float32)
         rows_out = jnp.zeros(inputs.sampling_rows().shape, jnp.int32)
         logits, cache, rows = runner._forward_step_fn(state, cache, feed_tokens, inputs, logits_out, rows_out)
-        out, penalty, feed_tokens = runner._sample_fn(logits, penalty, feed_tokens, rows, full=True)
+        out, penalty, feed_tokens = runner._sample_fn(logits, penalty, feed_tokens, rows, full=True, ban_width=8,
+                                                      spec=(shape.decode_rows, shape.spec_tokens) if spec else None)
         return out, cache, penalty, feed_tokens
 
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")

@@ -146,7 +146,7 @@ class StepInputs:
         """Pack an already built Batch and SamplingArrays (tests and benchmarks)."""
         ban_width = sampling.banned.shape[1]
         lay = layout(shape, ban_width)
-        buf = np.empty(lay.size, np.int32)
+        buf = lay.template.copy()  # no speculating sequence (where the shape has room for them)
         for name in ("tokens", "feed_index", "positions", "slots", "cu_q_lens", "kv_lens", "page_table",
                      "block_tokens", "block_seq", "logits_indices"):
             lay.view(buf, name)[:] = np.asarray(getattr(batch, name))

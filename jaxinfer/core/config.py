@@ -11,6 +11,7 @@ from jaxinfer.errors import ConfigError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "kernels", "reference", "xla")  # the attention layer checks it has these
 SPECULATIVE_METHODS = ("ngram",)
+DEFAULT_SPEC_BATCH_LIMIT = 8  # running sequences above which nothing speculates (disable_by_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,11 @@ class SpeculativeConfig:
             problems.append(f"prompt_lookup_min ({self.lookup[0]}) must be <= prompt_lookup_max ({self.lookup[1]})")
         if problems:
             raise ConfigError("invalid speculative_config: " + "; ".join(problems))
+
+    @property
+    def batch_limit(self) -> int:
+        """Most running sequences with which anything speculates."""
+        return self.disable_by_batch_size or DEFAULT_SPEC_BATCH_LIMIT
 
     @property
     def lookup(self) -> tuple[int, int]:
@@ -147,12 +153,22 @@ class EngineConfig:
             return self.prefill_sizes[-1]
         return -(-self.max_num_batched_tokens // self.block_q) * self.block_q
 
+    @property
+    def max_decode_rows(self) -> int:
+        """Most decode rows a step needs: one per running sequence, and with speculation one more per draft
+        of each sequence that may speculate."""
+        rows = self.max_num_seqs
+        spec = self.speculative_config
+        if spec is not None:
+            rows = max(rows, min(self.max_num_seqs, spec.batch_limit) * (1 + spec.num_speculative_tokens))
+        return rows
+
     def decode_buckets(self) -> list[int]:
         """Decode step sizes, none below min_decode_rows (unresolved: 2)."""
         low = self.min_decode_rows or 2
         if self.decode_sizes:
             return sorted({max(low, d) for d in self.decode_sizes})
-        out, d, top = [], low, next_bucket(self.max_num_seqs, low)
+        out, d, top = [], low, next_bucket(self.max_decode_rows, low)
         while d < top:
             out.append(d)
             d *= 2
@@ -172,7 +188,9 @@ class EngineConfig:
         """Decode rows of a step that also prefills: the fewest or the most. Such a step is
         dominated by its prefill, so two sizes suffice, and the step shapes stay few."""
         buckets = self.decode_buckets()
-        return sorted({buckets[0], buckets[-1]})
+        # With speculation, also the one that holds every sequence without drafts.
+        plain = next((d for d in buckets if d >= self.max_num_seqs), buckets[-1])
+        return sorted({buckets[0], plain, buckets[-1]})
 
     def shape(self, decode_rows: int, prefill_tokens: int) -> BatchShape:
         return BatchShape(decode_rows, prefill_tokens, self.block_q, self.pages_per_seq,

@@ -40,8 +40,6 @@ from jaxinfer.core.seq_table import SI, SeqTable
 from jaxinfer.core.shapes import BatchShape, SeqWork, pages_needed
 from jaxinfer.spec_decode.ngram import NgramProposer
 
-DEFAULT_SPEC_BATCH_LIMIT = 8  # sequences running, above which nothing speculates (SpeculativeConfig)
-
 
 @dataclasses.dataclass
 class ScheduledItem:
@@ -163,7 +161,7 @@ class Scheduler:
         self._in_step = np.zeros(cfg.max_num_seqs, bool)  # decode rows of the step being scheduled
         spec = cfg.speculative_config
         self.proposer = NgramProposer(spec.num_speculative_tokens, *spec.lookup) if spec else None
-        self.spec_batch_limit = (spec.disable_by_batch_size or DEFAULT_SPEC_BATCH_LIMIT) if spec else 0
+        self.spec_batch_limit = spec.batch_limit if spec else 0
         self._drafts: dict[int, np.ndarray] = {}  # SeqTable row -> its drafts in the step being scheduled
         self.num_drafted = 0  # drafted tokens verified so far, and how many of them were kept
         self.num_accepted = 0

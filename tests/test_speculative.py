@@ -150,3 +150,18 @@ def test_on_the_default_model_sampled_tokens_keep_their_distribution_under_specu
     assert len(np.unique(draws["off"])) > 3  # a real distribution, not one token
     p = _chi_square_p(draws["off"], draws["on"])
     assert p > 0.001, p
+
+
+def test_n_samples_and_streams_with_speculation(plain, spec):
+    prompt = [7, 8, 9, 10] * 8
+    for p in (SamplingParams(temperature=0.0, n=3, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=5, n=3, max_tokens=30, ignore_eos=True)):
+        got = tokens(run_alone(spec, prompt, p))
+        assert len(got) == 3 and all(len(t) == 30 for t in got)
+        if p.temperature == 0:
+            assert got == tokens(run_alone(plain, prompt, p))
+    # A streamed request gets one output per step: several tokens at once where drafts were kept.
+    p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    sizes = [len(o.outputs[0].token_ids) for o in spec.stream(prompt, p)]
+    assert sizes[-1] == 30 and max(b - a for a, b in zip(sizes, sizes[1:])) > 1
+    assert sizes == sorted(set(sizes))  # never an output without a new token

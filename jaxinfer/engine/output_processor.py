@@ -193,9 +193,10 @@ class OutputProcessor:
         kept = 0
         # The hot loop of streaming: one pass per sampled row, its request emitted in the same pass
         # when it has one sequence (the common case).
+        ids = record.seq_ids.tolist()
+        last = len(ids) - 1
         for i, (seq_id, token, logprob, finished) in enumerate(zip(
-                record.seq_ids.tolist(), record.tokens.tolist(), record.logprobs.tolist(),
-                record.finished.tolist())):
+                ids, record.tokens.tolist(), record.logprobs.tolist(), record.finished.tolist())):
             if i % YIELD_EVERY == YIELD_EVERY - 1:
                 time.sleep(0)
             out = seqs.get(seq_id)
@@ -210,6 +211,8 @@ class OutputProcessor:
                 touched[req.request_id] = req
             elif out.done:
                 emit(req, now)
+            elif i < last and ids[i + 1] == seq_id:
+                continue  # more of its tokens follow in this step (speculation): one streamed output for them all
             elif req.stream and (not out.streamed or len(out.token_ids) - out.streamed >= interval):
                 out.streamed = len(out.token_ids)
                 self._catch_up(out, req.params)

@@ -17,7 +17,7 @@ from serving.gen.jaxinfer.v1 import inference_pb2 as pb
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens",
                    "ignore_eos", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "skip_special_tokens", "include_stop_str_in_output")
+                   "repetition_penalty", "skip_special_tokens", "include_stop_str_in_output", "speculate")
 MAX_REQUEST_ID_CHARS = 256
 
 FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,

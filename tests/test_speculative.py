@@ -165,3 +165,14 @@ def test_n_samples_and_streams_with_speculation(plain, spec):
     sizes = [len(o.outputs[0].token_ids) for o in spec.stream(prompt, p)]
     assert sizes[-1] == 30 and max(b - a for a, b in zip(sizes, sizes[1:])) > 1
     assert sizes == sorted(set(sizes))  # never an output without a new token
+
+
+def test_a_request_may_opt_out_of_speculation(spec):
+    prompt = [7, 8, 9, 10] * 8
+    before = counters(spec)
+    out = run_alone(spec, prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, speculate=False))
+    after = counters(spec)
+    assert len(out.outputs[0].token_ids) == 30 and after["spec_draft_tokens"] == before["spec_draft_tokens"]
+    assert not spec.engine.scheduler.may_speculate()  # nothing running: the engine keeps its step ahead
+    with pytest.raises(Exception, match="speculate must be"):
+        SamplingParams(speculate="no")

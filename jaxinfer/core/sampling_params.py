@@ -59,6 +59,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # False: this request never carries drafts, even where the engine speculates (speculative_config).
+    speculate: bool = True
 
     def __post_init__(self):
         problems: list[str] = []
@@ -106,7 +108,7 @@ class SamplingParams:
             real(name, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
         lo, hi = REPETITION_PENALTY_RANGE
         real("repetition_penalty", lambda v: lo <= v <= hi, f"a number in [{lo:g}, {hi:g}]")
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "speculate"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:

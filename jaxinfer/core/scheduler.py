@@ -173,6 +173,7 @@ class Scheduler:
         # keeps its one-step-ahead loop (reading a step back before the next costs the host's time per step).
         self._spec_wait = np.zeros(cfg.max_num_seqs, np.int32)
         self._spec_misses = np.zeros(cfg.max_num_seqs, np.int32)
+        self._spec_allowed = np.zeros(cfg.max_num_seqs, bool)  # the request did not opt out (speculate=False)
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -311,7 +312,8 @@ class Scheduler:
         as drafts follow the last token."""
         if self.proposer is None or not 0 < len(self.running) <= self.spec_batch_limit:
             return False
-        return bool((self._spec_wait[self._rows()] == 0).any())
+        rows = self._rows()
+        return bool(((self._spec_wait[rows] == 0) & self._spec_allowed[rows]).any())
 
     def _spec_missed(self, row: int) -> None:
         self._spec_misses[row] += 1
@@ -330,7 +332,7 @@ class Scheduler:
         for row in decode.tolist():
             if room <= 0 or self._budget <= 0:
                 break
-            if t.pending[row] or t.target_cut[row] or self._spec_wait[row]:
+            if t.pending[row] or t.target_cut[row] or self._spec_wait[row] or not self._spec_allowed[row]:
                 continue
             n_tokens = int(t.num_tokens[row])
             k = min(self.proposer.k, int(t.max_len[row]) - n_tokens - 1, room, self._budget)
@@ -683,6 +685,7 @@ class Scheduler:
         seq.table = self.table
         seq.row = self.table.assign(seq, tokens, req.params, seq.seed, req.eos_token_ids, max_len)
         self._spec_wait[seq.row] = self._spec_misses[seq.row] = 0
+        self._spec_allowed[seq.row] = req.params.speculate
         seq.status = Status.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.sort_key)
         self._running_rows = None
@@ -727,6 +730,7 @@ class Scheduler:
             child.table = t
             child.row = t.copy_row(parent.row, child, child.seed)
             self._spec_wait[child.row] = self._spec_misses[child.row] = 0
+            self._spec_allowed[child.row] = req.params.speculate
             child.pages = pages
             t.set_pages(child.row, pages)
             child.hashes = list(parent.hashes)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjaxinfer/v1/inference.proto\x12\x0bjaxinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xde\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x06\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x08 \x01(\rH\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x03\x12\x17\n\nignore_eos\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x01H\x0b\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x01H\x0c\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x01H\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\xed\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x04 \x01(\x0b\x32\x19.jaxinfer.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.jaxinfer.v1.SamplingParams\x12\x15\n\x08priority\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06promptB\x0b\n\t_priority\"[\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x11\n\x04rank\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x04 \x01(\tB\x07\n\x05_rank\">\n\x10PositionLogprobs\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\"\xe3\x01\n\x0f\x43ompletionDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.jaxinfer.v1.PositionLogprobs\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxinfer.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\x03H\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x42\r\n\x0bstop_reason\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.jaxinfer.v1.CompletionDelta\x12\x36\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1d.jaxinfer.v1.PositionLogprobs\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x91\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x08messages\x18\x02 \x01(\x0b\x32\x19.jaxinfer.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"\x15\n\x13GetModelInfoRequest\"\xf0\x01\n\x06Limits\x12\x1e\n\x16max_concurrent_streams\x18\x01 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x02 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\r\n\x05max_n\x18\x06 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x08 \x01(\r\x12\x1a\n\x12max_stop_token_ids\x18\t \x01(\r\"\xba\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12\x12\n\nnum_params\x18\x07 \x01(\x04\x12#\n\x06limits\x18\x08 \x01(\x0b\x32\x13.jaxinfer.v1.Limits\"\x16\n\x14GetServerInfoRequest\"\xe4\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x16\n\x0e\x61\x63tive_streams\x18\x04 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x01\x12\x16\n\x0ekv_cache_pages\x18\x06 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x08 \x01(\x04\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x16\n\x0euptime_seconds\x18\n \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf6\x02\n\tInference\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.jaxinfer.v1.AbortRequest\x1a\x1a.jaxinfer.v1.AbortResponse\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxinfer.v1.GetModelInfoRequest\x1a\x16.jaxinfer.v1.ModelInfo\x12K\n\rGetServerInfo\x12!.jaxinfer.v1.GetServerInfoRequest\x1a\x17.jaxinfer.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjaxinfer/v1/inference.proto\x12\x0bjaxinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x84\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x06\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x08 \x01(\rH\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x03\x12\x17\n\nignore_eos\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\t\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\rH\n\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x01H\x0b\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x01H\x0c\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x01H\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12\x16\n\tspeculate\x18\x13 \x01(\x08H\x10\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x0c\n\n_speculate\"\xed\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x04 \x01(\x0b\x32\x19.jaxinfer.v1.ChatMessagesH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.jaxinfer.v1.SamplingParams\x12\x15\n\x08priority\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06promptB\x0b\n\t_priority\"[\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x11\n\x04rank\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x04 \x01(\tB\x07\n\x05_rank\">\n\x10PositionLogprobs\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\"\xe3\x01\n\x0f\x43ompletionDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1d.jaxinfer.v1.PositionLogprobs\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxinfer.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\x03H\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x42\r\n\x0bstop_reason\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07outputs\x18\x02 \x03(\x0b\x32\x1c.jaxinfer.v1.CompletionDelta\x12\x36\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1d.jaxinfer.v1.PositionLogprobs\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x91\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x08messages\x18\x02 \x01(\x0b\x32\x19.jaxinfer.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"\x15\n\x13GetModelInfoRequest\"\xf0\x01\n\x06Limits\x12\x1e\n\x16max_concurrent_streams\x18\x01 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x02 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\r\n\x05max_n\x18\x06 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x08 \x01(\r\x12\x1a\n\x12max_stop_token_ids\x18\t \x01(\r\"\xba\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12\x12\n\nnum_params\x18\x07 \x01(\x04\x12#\n\x06limits\x18\x08 \x01(\x0b\x32\x13.jaxinfer.v1.Limits\"\x16\n\x14GetServerInfoRequest\"\xe4\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x16\n\x0e\x61\x63tive_streams\x18\x04 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x01\x12\x16\n\x0ekv_cache_pages\x18\x06 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x08 \x01(\x04\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x16\n\x0euptime_seconds\x18\n \x01(\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf6\x02\n\tInference\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.jaxinfer.v1.AbortRequest\x1a\x1a.jaxinfer.v1.AbortResponse\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxinfer.v1.GetModelInfoRequest\x1a\x16.jaxinfer.v1.ModelInfo\x12K\n\rGetServerInfo\x12!.jaxinfer.v1.GetServerInfoRequest\x1a\x17.jaxinfer.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxinfer.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2783
-  _globals['_FINISHREASON']._serialized_end=2903
+  _globals['_FINISHREASON']._serialized_start=2821
+  _globals['_FINISHREASON']._serialized_end=2941
   _globals['_CHATMESSAGE']._serialized_start=44
   _globals['_CHATMESSAGE']._serialized_end=88
   _globals['_CHATMESSAGES']._serialized_start=90
@@ -40,37 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=150
   _globals['_TOKENIDS']._serialized_end=173
   _globals['_SAMPLINGPARAMS']._serialized_start=176
-  _globals['_SAMPLINGPARAMS']._serialized_end=910
-  _globals['_GENERATEREQUEST']._serialized_start=913
-  _globals['_GENERATEREQUEST']._serialized_end=1150
-  _globals['_TOKENLOGPROB']._serialized_start=1152
-  _globals['_TOKENLOGPROB']._serialized_end=1243
-  _globals['_POSITIONLOGPROBS']._serialized_start=1245
-  _globals['_POSITIONLOGPROBS']._serialized_end=1307
-  _globals['_COMPLETIONDELTA']._serialized_start=1310
-  _globals['_COMPLETIONDELTA']._serialized_end=1537
-  _globals['_USAGE']._serialized_start=1539
-  _globals['_USAGE']._serialized_end=1619
-  _globals['_GENERATERESPONSE']._serialized_start=1622
-  _globals['_GENERATERESPONSE']._serialized_end=1816
-  _globals['_ABORTREQUEST']._serialized_start=1818
-  _globals['_ABORTREQUEST']._serialized_end=1852
-  _globals['_ABORTRESPONSE']._serialized_start=1854
-  _globals['_ABORTRESPONSE']._serialized_end=1884
-  _globals['_TOKENIZEREQUEST']._serialized_start=1887
-  _globals['_TOKENIZEREQUEST']._serialized_end=2032
-  _globals['_TOKENIZERESPONSE']._serialized_start=2034
-  _globals['_TOKENIZERESPONSE']._serialized_end=2071
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2073
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2094
-  _globals['_LIMITS']._serialized_start=2097
-  _globals['_LIMITS']._serialized_end=2337
-  _globals['_MODELINFO']._serialized_start=2340
-  _globals['_MODELINFO']._serialized_end=2526
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2528
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2550
-  _globals['_SERVERINFO']._serialized_start=2553
-  _globals['_SERVERINFO']._serialized_end=2781
-  _globals['_INFERENCE']._serialized_start=2906
-  _globals['_INFERENCE']._serialized_end=3280
+  _globals['_SAMPLINGPARAMS']._serialized_end=948
+  _globals['_GENERATEREQUEST']._serialized_start=951
+  _globals['_GENERATEREQUEST']._serialized_end=1188
+  _globals['_TOKENLOGPROB']._serialized_start=1190
+  _globals['_TOKENLOGPROB']._serialized_end=1281
+  _globals['_POSITIONLOGPROBS']._serialized_start=1283
+  _globals['_POSITIONLOGPROBS']._serialized_end=1345
+  _globals['_COMPLETIONDELTA']._serialized_start=1348
+  _globals['_COMPLETIONDELTA']._serialized_end=1575
+  _globals['_USAGE']._serialized_start=1577
+  _globals['_USAGE']._serialized_end=1657
+  _globals['_GENERATERESPONSE']._serialized_start=1660
+  _globals['_GENERATERESPONSE']._serialized_end=1854
+  _globals['_ABORTREQUEST']._serialized_start=1856
+  _globals['_ABORTREQUEST']._serialized_end=1890
+  _globals['_ABORTRESPONSE']._serialized_start=1892
+  _globals['_ABORTRESPONSE']._serialized_end=1922
+  _globals['_TOKENIZEREQUEST']._serialized_start=1925
+  _globals['_TOKENIZEREQUEST']._serialized_end=2070
+  _globals['_TOKENIZERESPONSE']._serialized_start=2072
+  _globals['_TOKENIZERESPONSE']._serialized_end=2109
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2111
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2132
+  _globals['_LIMITS']._serialized_start=2135
+  _globals['_LIMITS']._serialized_end=2375
+  _globals['_MODELINFO']._serialized_start=2378
+  _globals['_MODELINFO']._serialized_end=2564
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2566
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2588
+  _globals['_SERVERINFO']._serialized_start=2591
+  _globals['_SERVERINFO']._serialized_end=2819
+  _globals['_INFERENCE']._serialized_start=2944
+  _globals['_INFERENCE']._serialized_end=3318
 # @@protoc_insertion_point(module_scope)

@@ -4,9 +4,12 @@
     python3 scripts/bench_spec_decode.py --random-8b --batches 1,64 --dtype bfloat16   # H200: Llama-3-8B shape
 
 Workloads (greedy, EOS ignored, --new-tokens each):
-  repeat   prompts that ask for a given passage again (chat template on a real model; a random passage said
-           three times on random weights): where prompt lookup finds its drafts
-  free     open-ended prompts (real model only): what lookup finds in ordinary text
+  repeat   8 prompts that ask for a given passage again (chat template on a real model; a random passage
+           said three times on random weights): where prompt lookup finds its drafts
+  edit     8 prompts that ask for a passage or a function back with a small edit (real model only)
+  free     8 open-ended prompts (real model only): what lookup finds in ordinary text
+Prompts run B at a time (max_num_seqs = B). Acceptance length: tokens a verifying sequence emits per step
+(1 + kept drafts / verifications), as speculative-decoding papers report it.
 For each batch size, two engines in one process over the same weights: speculation off, and on
 (--speculative-config, vLLM's keys; decode buckets sized for B x (1 + k) rows). Each runs one untimed
 `generate`, then --repeats timed ones. tok/s = generated tokens / the decode phase's wall time (first token
@@ -30,12 +33,28 @@ PASSAGE = ("The printing press spread quickly across Europe. Within fifty years 
            "at work in more than two hundred cities, and millions of books had been printed. Scholars could "
            "compare texts side by side, errors could be corrected in later editions, and ideas travelled faster "
            "than ever before.")
+PASSAGE2 = ("Our team meets every Monday at nine. We review last week's work, agree on the plan for the week "
+            "and note any risks. Minutes are shared by noon, and anyone who missed the meeting reads them first.")
+CODE = "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n"
 REPEAT = [f"Repeat this passage exactly, word for word:\n\n{PASSAGE}",
           f"Copy the following text without changing anything:\n\n{PASSAGE}",
           f"Here is a paragraph. Write it out again.\n\n{PASSAGE}",
-          f"Please echo back this text: {PASSAGE}"]
+          f"Please echo back this text: {PASSAGE}",
+          f"Repeat this passage exactly:\n\n{PASSAGE2}", f"Copy this note word for word: {PASSAGE2}",
+          f"Write this out again, unchanged:\n{PASSAGE2}", f"Echo the text below.\n\n{PASSAGE2}"]
+EDIT = [f"Rename the function to `average` and return the code:\n\n{CODE}",
+        f"Add a docstring to this function and return the whole code:\n\n{CODE}",
+        f"Change `total` to `acc` everywhere in this code:\n\n{CODE}",
+        f"Add type hints to this function and print it again:\n\n{CODE}",
+        f"Replace 'Monday' with 'Tuesday' in this text and return it: {PASSAGE2}",
+        f"Fix the spelling in this text and return it in full: {PASSAGE.replace('quickly', 'quikly')}",
+        f"Rewrite this text with 'nine' as '9 am' and return it: {PASSAGE2}",
+        f"Put this paragraph in the past tense:\n\n{PASSAGE2}"]
 FREE = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
-        "What are three tips for learning a new language?", "Describe the water cycle for a child."]
+        "What are three tips for learning a new language?", "Describe the water cycle for a child.",
+        "Write a Python function that reverses a string.", "What is the capital of Australia, and why?",
+        "Give me a recipe for pancakes.", "Summarize the plot of a heist movie in five sentences."]
+WORKLOADS = {"repeat": REPEAT, "edit": EDIT, "free": FREE}
 
 
 def parse_args():
@@ -43,7 +62,7 @@ def parse_args():
     p.add_argument("--random-8b", action="store_true", help="the Llama-3-8B shape with random weights")
     p.add_argument("--dtype", default=None)
     p.add_argument("--batches", default="1")
-    p.add_argument("--workloads", default=None, help="repeat,free (random weights: repeat only)")
+    p.add_argument("--workloads", default=None, help="repeat,edit,free (random weights: repeat only)")
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
@@ -74,8 +93,8 @@ def prompts_for(workload, b, model, rng):
     if model.tokenizer is None:  # random weights: a random passage said three times, then its start
         passage = rng.integers(10, model.config.vocab_size - 10, 48).tolist()
         return [passage * 3 + passage[:8] for _ in range(b)]
-    texts = REPEAT if workload == "repeat" else FREE
-    return [{"messages": [{"role": "user", "content": texts[i % len(texts)]}]} for i in range(b)]
+    texts = WORKLOADS[workload]
+    return [{"messages": [{"role": "user", "content": texts[i % len(texts)]}]} for i in range(max(b, len(texts)))]
 
 
 def run(llm, prompts, params, repeats):
@@ -91,6 +110,8 @@ def run(llm, prompts, params, repeats):
         rate = tokens / (last - first)
         row = dict(tok_s=rate, drafted=after["spec_draft_tokens"] - before["spec_draft_tokens"],
                    accepted=after["spec_accepted_tokens"] - before["spec_accepted_tokens"],
+                   verified=(after["spec_drafted_per_position"] or [0])[0]
+                   - (before["spec_drafted_per_position"] or [0])[0],
                    steps=after["steps"] - before["steps"], outputs=[list(o.outputs[0].token_ids) for o in outs])
         best = row if best is None or row["tok_s"] > best["tok_s"] else best
         rates.append(round(rate, 1))
@@ -108,12 +129,12 @@ def main():
     spec = json.loads(args.speculative_config)
     k = spec.get("num_speculative_tokens", 3)
     model, label = load(args)
-    workloads = (args.workloads or ("repeat" if args.random_8b else "repeat,free")).split(",")
+    workloads = (args.workloads or ("repeat" if args.random_8b else "repeat,edit,free")).split(",")
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     print(f"# {label} on {jax.devices()[0].device_kind}; speculative_config {spec}; {args.new_tokens} new tokens, greedy", flush=True)
-    print("\n| workload | B | off tok/s | on tok/s | speed-up | drafted | kept | acceptance | tokens / verifying step "
-          "| outputs equal |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
+    print("\n| workload | prompts | B | off tok/s | on tok/s | speed-up | drafted | kept | acceptance | "
+          "acceptance length | outputs equal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         common = dict(max_num_seqs=b, max_num_batched_tokens=max(512, b * 64), max_model_len=1024,
@@ -133,11 +154,12 @@ def main():
                        drafted=s["drafted"], accepted=s["accepted"],
                        acceptance=s["accepted"] / s["drafted"] if s["drafted"] else 0.0,
                        tokens_per_step=sum(len(o) for o in s["outputs"]) / verifying / b,
+                       acceptance_length=1 + s["accepted"] / s["verified"] if s["verified"] else 1.0,
                        equal=a["outputs"] == s["outputs"])
             rows.append(row)
-            print(f"| {workload} | {b} | {row['off']:.1f} | {row['on']:.1f} | {row['on'] / row['off']:.2f}× | "
-                  f"{row['drafted']} | {row['accepted']} | {row['acceptance']:.0%} | {row['tokens_per_step']:.2f} | "
-                  f"{'yes' if row['equal'] else 'NO'} |", flush=True)
+            print(f"| {workload} | {len(prompts)} | {b} | {row['off']:.1f} | {row['on']:.1f} | "
+                  f"{row['on'] / row['off']:.2f}× | {row['drafted']} | {row['accepted']} | {row['acceptance']:.0%} | "
+                  f"{row['acceptance_length']:.2f} | {'yes' if row['equal'] else 'NO'} |", flush=True)
         del off, on
     print("\nrepeats (tok/s, off / on):", [(r["workload"], r["b"], r["off_all"], r["on_all"]) for r in rows])
     if args.out:

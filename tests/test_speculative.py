@@ -87,6 +87,11 @@ def test_a_small_kv_pool_preempts_and_greedy_output_is_still_unchanged(plain, da
     pool = small.engine.scheduler.pool
     assert pool.num_used_pages == 0 and pool.num_free_pages == pool.num_pages - 1
     pool.check()
+    # Aborts at random points, drafts in flight or not: the rest are unharmed, every page comes back.
+    got, aborted = run_arriving(small, prompts, params, np.random.default_rng(5), arrive_prob=0.6, abort_prob=0.1)
+    assert aborted and all(tokens(out) == want[i] for i, out in got.items())
+    assert pool.num_used_pages == 0
+    pool.check()
 
 
 def test_prefix_cache_hits_after_speculation_change_no_output(spec):

@@ -174,6 +174,9 @@ class Scheduler:
         self._spec_wait = np.zeros(cfg.max_num_seqs, np.int32)
         self._spec_misses = np.zeros(cfg.max_num_seqs, np.int32)
         self._spec_allowed = np.zeros(cfg.max_num_seqs, bool)  # the request did not opt out (speculate=False)
+        self._spec_kept = np.zeros(cfg.max_num_seqs, np.float64)  # drafts kept and rejected, decayed
+        self._spec_rejected = np.zeros(cfg.max_num_seqs, np.float64)
+        self.bucket_seconds: dict[int, float] = {}  # decode rows -> measured seconds of a step (engine core)
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -320,31 +323,34 @@ class Scheduler:
         self._spec_wait[row] = min(1 << int(self._spec_misses[row]), 32)
 
     def _propose(self, decode: np.ndarray) -> None:
-        """Drafts for decoding sequences whose last token the host knows, while rows, budget and free pages
-        last (drafts never preempt). Each drafted token is one more decode row and one more computed
-        position, rolled back in `update` where verification rejects it."""
+        """Drafts for decoding sequences whose last token the host knows, as many as pay for their rows
+        (`_rows_worth_drafting`), while budget and free pages last (drafts never preempt). Each drafted token
+        is one more decode row and one more computed position, rolled back in `update` where verification
+        rejects it."""
         rows = self._rows()
         self._spec_wait[rows] = np.maximum(self._spec_wait[rows] - 1, 0)
         if not self.may_speculate():
             return
         t, ps = self.table, self.cfg.page_size
-        room = self._max_decode_rows - len(decode)
+        proposed = {}
         for row in decode.tolist():
-            if room <= 0 or self._budget <= 0:
-                break
             if t.pending[row] or t.target_cut[row] or self._spec_wait[row] or not self._spec_allowed[row]:
                 continue
             n_tokens = int(t.num_tokens[row])
-            k = min(self.proposer.k, int(t.max_len[row]) - n_tokens - 1, room, self._budget)
+            k = min(self.proposer.k, int(t.max_len[row]) - n_tokens - 1)
             if k <= 0:
                 continue
             drafts = self.proposer.propose(t.token_ids[row, :n_tokens], k)
-            n = len(drafts)
-            if not n:
+            if len(drafts):
+                proposed[row] = drafts
+            else:
                 self._spec_missed(row)
-                continue
+        keep = self._rows_worth_drafting(len(decode), proposed)
+        for row, drafts in proposed.items():
+            drafts = drafts[:min(keep.get(row, 0), self._budget)]
+            n, n_tokens = len(drafts), int(t.num_tokens[row])
             need = pages_needed(n_tokens + n, ps) - int(t.num_pages[row])
-            if need > self.pool.num_free_pages:
+            if not n or need > self.pool.num_free_pages:
                 continue
             if need > 0:
                 seq = t.seqs[row]
@@ -352,8 +358,41 @@ class Scheduler:
                 t.set_pages(row, seq.pages)
             t.num_computed[row] += n
             self._drafts[row] = drafts
-            room -= n
             self._budget -= n
+
+    def _rows_worth_drafting(self, num_decode: int, proposed: dict[int, np.ndarray]) -> dict[int, int]:
+        """How many of its proposed drafts each sequence carries: the load-adaptive part.
+
+        Draft j of a sequence whose drafts are each kept with probability a (its own running estimate)
+        adds a^j expected tokens and one decode row. For every decode bucket the drafts can fill, the most
+        valuable drafts are counted in, and the bucket that gives the most expected tokens per second of
+        step (`bucket_seconds`, measured by the engine) wins; a bucket not yet measured is taken to cost
+        what the next smaller measured one does, so it gets tried once. More running sequences leave fewer
+        rows to fill, so speculation fades as the batch fills."""
+        if not proposed:
+            return {}
+        values = sorted(((float(self._acceptance(row)) ** j, row) for row, d in proposed.items()
+                         for j in range(1, len(d) + 1)), key=lambda v: -v[0])
+        best, best_rate = 0, -1.0
+        known = 0.0
+        for bucket in self._decode_shapes:
+            if bucket < num_decode:
+                continue
+            known = self.bucket_seconds.get(bucket, known)
+            extra = min(bucket - num_decode, len(values))
+            tokens = num_decode + sum(v for v, _ in values[:extra])
+            rate = tokens / known if known > 0 else tokens
+            if rate > best_rate + 1e-12:
+                best, best_rate = extra, rate
+        keep: dict[int, int] = {}
+        for _, row in values[:best]:
+            keep[row] = keep.get(row, 0) + 1
+        return keep
+
+    def _acceptance(self, row: int) -> float:
+        """The chance that a draft of this sequence is kept: its kept and rejected drafts so far (decayed),
+        from an even prior."""
+        return (self._spec_kept[row] + 1.0) / (self._spec_kept[row] + self._spec_rejected[row] + 2.0)
 
     def _decode_pages_preempting(self, decode: np.ndarray, need: np.ndarray) -> np.ndarray:
         """Pages for the decodes in `need` (in priority order), preempting from the back."""
@@ -522,7 +561,10 @@ class Scheduler:
             self.num_accepted += len(emitted) - 1
             self.drafted_per_position[:drafted] += 1
             self.accepted_per_position[:len(emitted) - 1] += 1
-            if len(emitted) > 1:
+            kept = len(emitted) - 1
+            self._spec_kept[row] = 0.8 * self._spec_kept[row] + kept
+            self._spec_rejected[row] = 0.8 * self._spec_rejected[row] + (kept < drafted)
+            if kept:
                 self._spec_misses[row] = 0
             else:
                 self._spec_missed(row)
@@ -685,6 +727,7 @@ class Scheduler:
         seq.table = self.table
         seq.row = self.table.assign(seq, tokens, req.params, seq.seed, req.eos_token_ids, max_len)
         self._spec_wait[seq.row] = self._spec_misses[seq.row] = 0
+        self._spec_kept[seq.row] = self._spec_rejected[seq.row] = 0.0
         self._spec_allowed[seq.row] = req.params.speculate
         seq.status = Status.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.sort_key)
@@ -730,6 +773,7 @@ class Scheduler:
             child.table = t
             child.row = t.copy_row(parent.row, child, child.seed)
             self._spec_wait[child.row] = self._spec_misses[child.row] = 0
+            self._spec_kept[child.row] = self._spec_rejected[child.row] = 0.0
             self._spec_allowed[child.row] = req.params.speculate
             child.pages = pages
             t.set_pages(child.row, pages)

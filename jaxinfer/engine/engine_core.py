@@ -121,6 +121,7 @@ class _InFlight:
     step: ScheduledStep
     out: StepOutput | concurrent.futures.Future  # on the device (a Future of it from the launch thread)
     want_top: bool
+    dispatched: float = 0.0  # time.perf_counter() when it was handed to the device
 
 
 def _min_decode_rows(mesh: Mesh) -> int:
@@ -163,6 +164,7 @@ class EngineCore:
         self.metrics = EngineMetrics()
         self._arrivals = itertools.count()
         self._inflight: _InFlight | None = None
+        self._buckets_seen: set[int] = set()  # decode buckets whose step time was observed once
         # On a GPU the runner's device calls go out on a thread of their own, in order. Calling
         # a compiled step there returns only once XLA has launched its few hundred kernels,
         # which takes about as long as the device takes to run them (4 ms for the 8B shape at
@@ -266,8 +268,11 @@ class EngineCore:
         records = []
         if self._inflight is not None and self.scheduler.may_speculate():
             # Drafts follow each sequence's last token: read it back before scheduling (no step ahead).
-            records.append(self._read_back(self._inflight))
+            inflight = self._inflight
+            records.append(self._read_back(inflight))
             self._inflight = None
+            if not inflight.step.shape.prefill_tokens:  # a step's whole cost, for the draft rows' trade-off
+                self._observe_step(inflight.step.shape.decode_rows, time.perf_counter() - inflight.dispatched)
         scheduled = self.scheduler.schedule()
         previous = self._inflight
         self._inflight = self._dispatch(scheduled) if scheduled is not None else None
@@ -275,7 +280,18 @@ class EngineCore:
             records.append(self._read_back(previous))
         return records, self._inflight is not None
 
+    def _observe_step(self, rows: int, seconds: float) -> None:
+        """Seconds a decode step of `rows` rows takes, dispatch to read-back, for the scheduler's choice of
+        how many drafts to carry. A bucket's first step is left out (it may include a compile), then a
+        moving average."""
+        seen, times = self._buckets_seen, self.scheduler.bucket_seconds
+        if rows not in seen:
+            seen.add(rows)
+            return
+        times[rows] = seconds if rows not in times else 0.7 * times[rows] + 0.3 * min(seconds, 2 * times[rows])
+
     def _dispatch(self, step: ScheduledStep) -> _InFlight:
+        started = time.perf_counter()
         inputs = self.inputs(step)  # packed on this thread, whichever thread launches it
         if self.launch_thread:
             if self._launcher is None:
@@ -285,7 +301,7 @@ class EngineCore:
             out = self._launch(step.page_copies, step.slot_resets, inputs)
         self.metrics.steps += 1
         self.metrics.computed_tokens += step.num_tokens
-        return _InFlight(step, out, bool(step.logits.want_top.any()))
+        return _InFlight(step, out, bool(step.logits.want_top.any()), started)
 
     def _launch(self, page_copies, slot_resets, inputs: StepInputs) -> StepOutput:
         runner = self.runner

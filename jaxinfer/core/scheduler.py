@@ -347,7 +347,7 @@ class Scheduler:
                 self._spec_missed(row)
         keep = self._rows_worth_drafting(len(decode), proposed)
         for row, drafts in proposed.items():
-            drafts = drafts[:min(keep.get(row, 0), self._budget)]
+            drafts = drafts[:max(0, min(keep.get(row, 0), self._budget))]
             n, n_tokens = len(drafts), int(t.num_tokens[row])
             need = pages_needed(n_tokens + n, ps) - int(t.num_pages[row])
             if not n or need > self.pool.num_free_pages:

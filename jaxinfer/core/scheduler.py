@@ -13,6 +13,13 @@ Plain Python and numpy; it never touches device arrays. Each step:
   3. waiting requests are admitted in the same order while rows, pages and
      budget remain.
 
+With speculative decoding (EngineConfig.speculative_config), step 1 also asks
+the proposer for drafts: a decoding sequence whose last token the host knows
+may carry up to k drafted tokens, each one more decode row at the next
+position, as many as pay for their rows (`_rows_worth_drafting`). `update()`
+then appends the tokens verification kept and moves the sequence's computed
+positions back past the rest.
+
 Preemption is by recompute: a preempted sequence gives back its pages (its
 full pages stay in the prefix cache) and waits to be recomputed, so the oldest
 request always keeps its progress. An n > 1 request prefills its prompt once,

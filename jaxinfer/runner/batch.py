@@ -23,9 +23,10 @@ then the prefill rows (a completed prompt's last token, and prompt tokens whose
 logprobs were asked for). A token may also be fed from the device
 (`feed_index`): each sequence's latest sampled token is kept there in its feed
 slot, so the host can schedule step N+1 before it has read step N's output.
-(Keyed by sequence, not by the previous step's row: a step that samples several
-tokens for one sequence, as speculative decoding will, keeps the last one it
-accepts.)
+(Keyed by sequence, not by the previous step's row: a step that emits several
+tokens for one sequence, as speculative decoding does, keeps the last one it
+accepts.) A speculating sequence owns several consecutive decode rows: its last
+token, then its drafts, each at the next position with its own kv_len.
 """
 
 from __future__ import annotations

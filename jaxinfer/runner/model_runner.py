@@ -10,7 +10,8 @@ back the tokens and their logprobs as one array. The forward pass is compiled
 once per BatchShape; the sampler once per (rows, ban width) in two variants, with
 and without the vocabulary-ranking work (top-k/top-p, top-n logprobs), chosen
 by the host from the step's rows: nothing in a step makes the host wait for the
-device. The state is donated, so it is updated in place. The runner decides
+device. With speculative decoding each of them also has a verifying variant,
+taken when some sequence of the step carries drafts (rejection_sampler.verify). The state is donated, so it is updated in place. The runner decides
 nothing: the scheduler says what runs, StepInputs.from_step packs it.
 
 Every buffer a step's forward touches keeps its device address from step to step: the step's

@@ -14,7 +14,9 @@ Sampling settings are two row-major matrices, one row per logits row, in the
 column order of `jaxinfer.core.seq_table` (FLOAT_COLUMNS, then STEP_INT_COLUMNS),
 so the scheduler's gathered rows drop in with one assignment each. They and the
 banned ids sit at the buffer's tail, which the forward pass hands on to the
-sampler (`sampling_rows`, `unpack_sampling`).
+sampler (`sampling_rows`, `unpack_sampling`); with speculation (a shape with
+spec_tokens) so do each speculating sequence's first row and drafts
+(`unpack_spec`), for the verifying sampler.
 """
 
 from __future__ import annotations

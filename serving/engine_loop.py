@@ -27,6 +27,8 @@ from jaxinfer.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 
+_SPEC_COUNTERS = ("spec_draft_tokens", "spec_accepted_tokens", "spec_accepted_per_position")
+
 Sink = Callable[[RequestOutput | BaseException], None]
 
 
@@ -115,4 +117,6 @@ class EngineLoop:
             log.exception("engine could not drain after a failure")
 
     def _snapshot(self) -> dict:
-        return {**self.engine.gauges(), "time": time.monotonic()}
+        counters = self.engine.core.counters()
+        spec = {k: counters[k] for k in _SPEC_COUNTERS if k in counters}  # speculation's, for Prometheus
+        return {**self.engine.gauges(), **spec, "time": time.monotonic()}

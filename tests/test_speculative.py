@@ -181,3 +181,34 @@ def test_a_request_may_opt_out_of_speculation(spec):
     assert not spec.engine.scheduler.may_speculate()  # nothing running: the engine keeps its step ahead
     with pytest.raises(Exception, match="speculate must be"):
         SamplingParams(speculate="no")
+
+
+def test_grpc_streams_carry_several_kept_tokens_a_message_and_metrics_count_them(data_dir, plain):
+    import re
+    import urllib.request
+
+    import grpc
+
+    from serving.gen.jaxinfer.v1 import inference_pb2 as pb
+    from serving.gen.jaxinfer.v1 import inference_pb2_grpc as pb_grpc
+    from serving.server import Server
+
+    srv = Server(tiny_llm(data_dir, warmup=False, speculative_config=NGRAM).engine, metrics_port=0)
+    srv.start()
+    try:
+        assert srv.wait_ready(120)
+        stub = pb_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
+        prompt = [7, 8, 9, 10] * 8
+        want = tokens(run_alone(plain, prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)))[0]
+        for speculate in (True, False):
+            sampling = pb.SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, speculate=speculate)
+            messages = [[t for o in r.outputs for t in o.token_ids]
+                        for r in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling))]
+            assert [t for m in messages for t in m] == want
+            assert (max(len(m) for m in messages) > 1) == speculate  # kept drafts arrive together
+        body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+        kept = re.search(r"^jaxinfer_spec_decode_num_accepted_tokens_total (\S+)$", body, re.M)
+        assert kept and float(kept.group(1)) > 0, body[:2000]
+        assert 'jaxinfer_spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in body
+    finally:
+        srv.drain(10)

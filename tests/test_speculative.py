@@ -18,9 +18,17 @@ def plain(data_dir):
     return tiny_llm(data_dir)
 
 
+def fixed_costs(llm):
+    """Step times left unmeasured: every decode bucket counts as costing the same, so the scheduler carries
+    every proposed draft (measured times depend on the machine's load; these tests are about correctness).
+    test_drafts_are_carried_where_they_pay_for_their_rows covers the choice itself."""
+    llm.engine.core._observe_step = lambda rows, seconds: None
+    return llm
+
+
 @pytest.fixture(scope="module")
 def spec(data_dir):
-    return tiny_llm(data_dir, speculative_config=NGRAM)
+    return fixed_costs(tiny_llm(data_dir, speculative_config=NGRAM))
 
 
 def tokens(out):
@@ -80,7 +88,7 @@ def test_a_small_kv_pool_preempts_and_greedy_output_is_still_unchanged(plain, da
     prompts = mixed_prompts(rng, 12)
     params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)] * len(prompts)
     want = [tokens(run_alone(plain, p, q)) for p, q in zip(prompts, params)]
-    small = tiny_llm(data_dir, num_pages=30, speculative_config=NGRAM)
+    small = fixed_costs(tiny_llm(data_dir, num_pages=30, speculative_config=NGRAM))
     got, _ = run_arriving(small, prompts, params, np.random.default_rng(4), arrive_prob=0.6)
     assert [tokens(got[i]) for i in range(len(prompts))] == want
     assert small.engine.scheduler.num_preemptions > 0 and counters(small)["spec_accepted_tokens"] > 0
@@ -143,7 +151,7 @@ def test_on_the_default_model_sampled_tokens_keep_their_distribution_under_specu
     prompt = "one two three four, one two three four, one two three four, one two"
     draws = {}
     for name, extra in (("off", {}), ("on", {"speculative_config": NGRAM})):
-        llm = LLM(str(default_model_path), **engine, **extra)
+        llm = fixed_costs(LLM(str(default_model_path), **engine, **extra))
         params = [SamplingParams(temperature=1.0, seed=(1000 if extra else 0) + i, max_tokens=3, ignore_eos=True)
                   for i in range(500)]
         outs = llm.generate([prompt] * 500, params, use_tqdm=False)
@@ -193,7 +201,7 @@ def test_grpc_streams_carry_several_kept_tokens_a_message_and_metrics_count_them
     from serving.gen.jaxinfer.v1 import inference_pb2_grpc as pb_grpc
     from serving.server import Server
 
-    srv = Server(tiny_llm(data_dir, warmup=False, speculative_config=NGRAM).engine, metrics_port=0)
+    srv = Server(fixed_costs(tiny_llm(data_dir, warmup=False, speculative_config=NGRAM)).engine, metrics_port=0)
     srv.start()
     try:
         assert srv.wait_ready(120)
@@ -212,3 +220,28 @@ def test_grpc_streams_carry_several_kept_tokens_a_message_and_metrics_count_them
         assert 'jaxinfer_spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in body
     finally:
         srv.drain(10)
+
+
+def test_drafts_are_carried_where_they_pay_for_their_rows():
+    """The load-adaptive choice, on the scheduler alone: draft j of a sequence is worth a^j tokens; the decode
+    bucket with the most expected tokens per measured second of step wins."""
+    from jaxinfer.core.scheduler import Scheduler
+
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128, num_pages=64, min_decode_rows=1,
+                       speculative_config={"num_speculative_tokens": 3})
+    s = Scheduler(cfg)
+    assert s._decode_shapes == [1, 2, 4, 8, 16]
+    proposed = {0: np.array([5, 6, 7]), 1: np.array([8, 9, 10])}
+    s._spec_kept[0], s._spec_rejected[0] = 30.0, 0.0  # row 0's drafts are nearly always kept
+    s._spec_kept[1], s._spec_rejected[1] = 0.0, 30.0  # row 1's nearly never
+    # Unmeasured: every bucket costs the same, so every draft goes (bucket 8 holds both sequences' three).
+    assert s._rows_worth_drafting(2, proposed) == {0: 3, 1: 3}
+    # Rows cost: bucket 4 is worth its price for row 0's first two drafts; 8 is not for row 1's.
+    s.bucket_seconds.update({2: 1.0, 4: 1.2, 8: 2.4})
+    assert s._rows_worth_drafting(2, proposed) == {0: 2}
+    # Rows cost their full share (as on this CPU): nothing is drafted, the step stays at 2 rows.
+    s.bucket_seconds.update({4: 2.0, 8: 4.0, 16: 8.0})
+    assert s._rows_worth_drafting(2, proposed) == {}
+    # A bucket not yet measured costs what the next smaller measured one does, so it gets tried.
+    s.bucket_seconds = {2: 1.0}
+    assert s._rows_worth_drafting(2, proposed) == {0: 3, 1: 3}

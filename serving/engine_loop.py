@@ -117,6 +117,8 @@ class EngineLoop:
             log.exception("engine could not drain after a failure")
 
     def _snapshot(self) -> dict:
-        counters = self.engine.core.counters()
-        spec = {k: counters[k] for k in _SPEC_COUNTERS if k in counters}  # speculation's, for Prometheus
+        spec = {}
+        if self.engine.config.speculative_config is not None:  # speculation's counters, for Prometheus
+            counters = self.engine.core.counters()
+            spec = {k: counters[k] for k in _SPEC_COUNTERS}
         return {**self.engine.gauges(), **spec, "time": time.monotonic()}

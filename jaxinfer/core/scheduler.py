@@ -110,11 +110,6 @@ class ScheduledStep:
     spec_first: np.ndarray = _none()
     spec_num: np.ndarray = _none()
     spec_drafts: np.ndarray = _none()
-    spec_seq_rows: np.ndarray = _none()
-
-    @property
-    def num_drafted(self) -> int:
-        return int(self.spec_num.sum())
 
     @property
     def num_decode(self) -> int:
@@ -249,7 +244,7 @@ class Scheduler:
         self._drafts = {}
         if self.proposer is not None and len(decode):
             self._propose(decode)
-        self._limit = self._prefill_limit(len(decode) + sum(len(d) for d in self._drafts.values()))
+        self._limit = self._prefill_limit(len(decode) + self._num_drafts)
 
         # Prefill chunks of running sequences, in priority order (none when all of them decode).
         rows = self._rows()
@@ -325,6 +320,17 @@ class Scheduler:
         rows = self._rows()
         return bool(((self._spec_wait[rows] == 0) & self._spec_allowed[rows]).any())
 
+    @property
+    def _num_drafts(self) -> int:
+        """Drafted tokens (decode rows beyond one per sequence) in the step being scheduled."""
+        return sum(len(d) for d in self._drafts.values())
+
+    def _start_spec(self, row: int, params) -> None:
+        """A sequence takes `row`: its speculation state starts afresh."""
+        self._spec_wait[row] = self._spec_misses[row] = 0
+        self._spec_kept[row] = self._spec_rejected[row] = 0.0
+        self._spec_allowed[row] = params.speculate
+
     def _spec_missed(self, row: int) -> None:
         self._spec_misses[row] += 1
         self._spec_wait[row] = min(1 << int(self._spec_misses[row]), 32)
@@ -378,7 +384,7 @@ class Scheduler:
         rows to fill, so speculation fades as the batch fills."""
         if not proposed:
             return {}
-        values = sorted(((float(self._acceptance(row)) ** j, row) for row, d in proposed.items()
+        values = sorted(((self._acceptance(row) ** j, row) for row, d in proposed.items()
                          for j in range(1, len(d) + 1)), key=lambda v: -v[0])
         best, best_rate = 0, -1.0
         known = 0.0
@@ -446,7 +452,7 @@ class Scheduler:
                 d = drafts[int(seqs[s_i])]
                 tokens[first[s_i] + 1:first[s_i] + 1 + len(d)] = d
                 padded[i, :len(d)] = d
-            spec = (first[which], num[which], padded, seqs[which])
+            spec = (first[which], num[which], padded)
         shape = self._pick_shape(len(decode))
 
         # Logits rows: one per decode row, then the prefill items' rows.
@@ -484,7 +490,7 @@ class Scheduler:
             sample_rows, sample_seq_rows, t.occupancy[sample_seq_rows], prompt_scores,
             self._copies, self._resets, len(decode) + self._prefill_tokens)
         if spec is not None:
-            step.spec_first, step.spec_num, step.spec_drafts, step.spec_seq_rows = spec
+            step.spec_first, step.spec_num, step.spec_drafts = spec
         return step
 
     def _prefill_rows(self, decode, positions, seqs, first, parent, D):
@@ -562,13 +568,13 @@ class Scheduler:
             drafted = num[first]
             emitted = tokens[first:first + drafted + 1]
             emitted = emitted[:int(np.argmin(emitted >= 0)) if (emitted < 0).any() else len(emitted)]
-            t.pending[row] -= 1
-            t.num_computed[row] -= drafted - (len(emitted) - 1)
-            self.num_drafted += drafted
-            self.num_accepted += len(emitted) - 1
-            self.drafted_per_position[:drafted] += 1
-            self.accepted_per_position[:len(emitted) - 1] += 1
             kept = len(emitted) - 1
+            t.pending[row] -= 1
+            t.num_computed[row] -= drafted - kept
+            self.num_drafted += drafted
+            self.num_accepted += kept
+            self.drafted_per_position[:drafted] += 1
+            self.accepted_per_position[:kept] += 1
             self._spec_kept[row] = 0.8 * self._spec_kept[row] + kept
             self._spec_rejected[row] = 0.8 * self._spec_rejected[row] + (kept < drafted)
             if kept:
@@ -625,8 +631,7 @@ class Scheduler:
     def _schedule_admitted_decode(self, seq: Sequence) -> bool:
         """A just-admitted sequence with one token left (a prefix hit up to its last token)."""
         t, row = self.table, seq.row
-        drafted = sum(len(d) for d in self._drafts.values())
-        if int(self._in_step.sum()) + drafted >= self._max_decode_rows or self._budget < 1:
+        if int(self._in_step.sum()) + self._num_drafts >= self._max_decode_rows or self._budget < 1:
             return False
         if t.num_computed[row] >= t.num_pages[row] * self.cfg.page_size:
             page = self.pool.allocate(1)
@@ -733,9 +738,7 @@ class Scheduler:
         max_len = min(req.prompt_len + req.max_tokens, self.cfg.max_model_len)
         seq.table = self.table
         seq.row = self.table.assign(seq, tokens, req.params, seq.seed, req.eos_token_ids, max_len)
-        self._spec_wait[seq.row] = self._spec_misses[seq.row] = 0
-        self._spec_kept[seq.row] = self._spec_rejected[seq.row] = 0.0
-        self._spec_allowed[seq.row] = req.params.speculate
+        self._start_spec(seq.row, req.params)
         seq.status = Status.RUNNING
         bisect.insort(self.running, seq, key=lambda s: s.sort_key)
         self._running_rows = None
@@ -779,9 +782,7 @@ class Scheduler:
             child = Sequence(req, index, seed_for(req.seed, index))
             child.table = t
             child.row = t.copy_row(parent.row, child, child.seed)
-            self._spec_wait[child.row] = self._spec_misses[child.row] = 0
-            self._spec_kept[child.row] = self._spec_rejected[child.row] = 0.0
-            self._spec_allowed[child.row] = req.params.speculate
+            self._start_spec(child.row, req.params)
             child.pages = pages
             t.set_pages(child.row, pages)
             child.hashes = list(parent.hashes)

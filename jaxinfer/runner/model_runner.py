@@ -11,7 +11,8 @@ once per BatchShape; the sampler once per (rows, ban width) in two variants, wit
 and without the vocabulary-ranking work (top-k/top-p, top-n logprobs), chosen
 by the host from the step's rows: nothing in a step makes the host wait for the
 device. With speculative decoding each of them also has a verifying variant,
-taken when some sequence of the step carries drafts (rejection_sampler.verify). The state is donated, so it is updated in place. The runner decides
+taken when some sequence of the step carries drafts (rejection_sampler.verify).
+The state is donated, so it is updated in place. The runner decides
 nothing: the scheduler says what runs, StepInputs.from_step packs it.
 
 Every buffer a step's forward touches keeps its device address from step to step: the step's

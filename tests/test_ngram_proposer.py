@@ -24,13 +24,13 @@ def test_it_proposes_what_followed_the_latest_longest_match():
     #        0  1  2  3  4  5  6  7  8  9
     seq = [5, 6, 7, 8, 9, 1, 6, 7, 2, 6, 7]
     # "6 7" occurs at 1 and 6 (then 9): the latest earlier one (6) is followed by 2 6 7.
-    assert p.propose(np.array(seq)).tolist() == [2, 6, 7]
+    assert p.lookup(np.array(seq)).tolist() == [2, 6, 7]
     # A longer match wins over a later, shorter one: "5 6 7" at 0 -> 8 9 1.
-    assert p.propose(np.array(seq + [8, 3, 5, 6, 7])).tolist() == [8, 9, 1]
+    assert p.lookup(np.array(seq + [8, 3, 5, 6, 7])).tolist() == [8, 9, 1]
     # The proposal stops where the sequence does.
-    assert p.propose(np.array([4, 4])).tolist() == [4]
-    assert p.propose(np.array([1, 2, 3])).tolist() == []
-    assert p.propose(np.array(seq), k=0).tolist() == []
+    assert p.lookup(np.array([4, 4])).tolist() == [4]
+    assert p.lookup(np.array([1, 2, 3])).tolist() == []
+    assert p.lookup(np.array(seq), k=0).tolist() == []
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -39,7 +39,7 @@ def test_it_agrees_with_the_definition_on_random_sequences(seed):
     tokens = rng.integers(0, 4 + seed % 5, rng.integers(1, 60))
     k, min_n = 1 + seed % 4, 1 + seed % 2
     max_n = min_n + seed % 3
-    got = NgramProposer(k, min_n, max_n).propose(tokens).tolist()
+    got = NgramProposer(k, min_n, max_n).lookup(tokens).tolist()
     assert got == slow(tokens, k, min_n, max_n)
 
 

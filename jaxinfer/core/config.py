@@ -10,7 +10,7 @@ from jaxinfer.core.shapes import BatchShape, next_bucket, pages_needed
 from jaxinfer.errors import ConfigError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "kernels", "reference", "xla")  # the attention layer checks it has these
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 DEFAULT_SPEC_BATCH_LIMIT = 8  # running sequences above which nothing speculates (disable_by_batch_size)
 
 
@@ -20,14 +20,20 @@ class SpeculativeConfig:
     `num_speculative_tokens` tokens per running sequence and step; the target verifies them in the same
     step and keeps what it would have produced itself (jaxinfer/runner/rejection_sampler.py).
 
-    method: "ngram" (prompt lookup: jaxinfer/spec_decode/ngram.py). prompt_lookup_min / _max: the
-    n-gram lengths it matches (one given: both that; neither: 2 and 4). disable_by_batch_size: no
-    speculation while more sequences than this run (vLLM's name); None: the engine's default, up to 8."""
+    method: "ngram" (prompt lookup: jaxinfer/spec_decode/ngram.py) or "draft_model" (a smaller, quantized
+    or the same model with the target's vocabulary: jaxinfer/spec_decode/draft_model.py; given `model`
+    alone, this). prompt_lookup_min / _max: the n-gram lengths it matches (one given: both that; neither:
+    2 and 4). model: the draft model's path (GGUF file, HF directory or jaxinfer checkpoint), and
+    quantization: its quantization as for LLM(quantization=...), e.g. "int8" or "gguf".
+    disable_by_batch_size: no speculation while more sequences than this run (vLLM's name); None: the
+    engine's default, up to 8."""
 
-    method: str = "ngram"
+    method: str | None = None  # None: "draft_model" where a model is given, else "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
+    model: str | None = None
+    quantization: str | None = None
     disable_by_batch_size: int | None = None
 
     @classmethod
@@ -44,6 +50,8 @@ class SpeculativeConfig:
         return cls(**value)
 
     def __post_init__(self):
+        if self.method is None:
+            object.__setattr__(self, "method", "draft_model" if self.model is not None else "ngram")
         problems = []
         if self.method not in SPECULATIVE_METHODS:
             problems.append(f"method must be one of {list(SPECULATIVE_METHODS)}, got {self.method!r}")
@@ -55,6 +63,12 @@ class SpeculativeConfig:
             problems.append(f"num_speculative_tokens must be <= 16, got {self.num_speculative_tokens}")
         if not problems and self.lookup[0] > self.lookup[1]:
             problems.append(f"prompt_lookup_min ({self.lookup[0]}) must be <= prompt_lookup_max ({self.lookup[1]})")
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+            problems.append(f"method 'draft_model' needs model (the draft model's path), got {self.model!r}")
+        if self.method != "draft_model":
+            for name in ("model", "quantization"):
+                if getattr(self, name) is not None:
+                    problems.append(f"{name} is a draft model's setting; method {self.method!r} takes none")
         if problems:
             raise ConfigError("invalid speculative_config: " + "; ".join(problems))
 

@@ -46,6 +46,7 @@ from jaxinfer.core.sampling_params import seed_for
 from jaxinfer.core.seq_table import SI, SeqTable
 from jaxinfer.core.shapes import BatchShape, SeqWork, pages_needed
 from jaxinfer.spec_decode.ngram import NgramProposer
+from jaxinfer.spec_decode.proposer import DraftQuery, Proposer
 
 
 @dataclasses.dataclass
@@ -133,9 +134,10 @@ class StepUpdate:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, stop_width: int = 72):
+    def __init__(self, cfg: EngineConfig, stop_width: int = 72, proposer: Proposer | None = None):
         """`cfg` resolved (max_model_len and num_pages set); `stop_width`: most stop ids
-        (EOS included) a sequence can have."""
+        (EOS included) a sequence can have; `proposer`: speculation's (jaxinfer/spec_decode/), where
+        cfg.speculative_config asks for one (an n-gram one is made here when none is given)."""
         if cfg.max_model_len is None or cfg.num_pages is None:
             raise ValueError("the scheduler needs max_model_len and num_pages resolved")
         self.cfg = cfg
@@ -162,7 +164,11 @@ class Scheduler:
         self.ready_shapes: frozenset[BatchShape] | None = None
         self._in_step = np.zeros(cfg.max_num_seqs, bool)  # decode rows of the step being scheduled
         spec = cfg.speculative_config
-        self.proposer = NgramProposer(spec.num_speculative_tokens, *spec.lookup) if spec else None
+        if spec is not None and proposer is None:
+            if spec.method != "ngram":
+                raise ValueError(f"speculative method {spec.method!r} needs its proposer (the engine core makes it)")
+            proposer = NgramProposer(spec.num_speculative_tokens, *spec.lookup)
+        self.proposer = proposer if spec is not None else None
         self.spec_batch_limit = spec.batch_limit if spec else 0
         self._drafts: dict[int, np.ndarray] = {}  # SeqTable row -> its drafts in the step being scheduled
         self.num_drafted = 0  # drafted tokens verified so far, and how many of them were kept
@@ -330,6 +336,8 @@ class Scheduler:
         self._spec_wait[row] = self._spec_misses[row] = 0
         self._spec_kept[row] = self._spec_rejected[row] = 0.0
         self._spec_allowed[row] = params.speculate
+        if self.proposer is not None:
+            self.proposer.forget(row)
 
     def _spec_missed(self, row: int) -> None:
         self._spec_misses[row] += 1
@@ -344,34 +352,45 @@ class Scheduler:
         self._spec_wait[rows] = np.maximum(self._spec_wait[rows] - 1, 0)
         if not self.may_speculate():
             return
-        t, ps = self.table, self.cfg.page_size
-        proposed = {}
+        t = self.table
+        queries = []
         for row in decode.tolist():
             if t.pending[row] or t.target_cut[row] or self._spec_wait[row] or not self._spec_allowed[row]:
                 continue
             n_tokens = int(t.num_tokens[row])
             k = min(self.proposer.k, int(t.max_len[row]) - n_tokens - 1)
-            if k <= 0:
-                continue
-            drafts = self.proposer.propose(t.token_ids[row, :n_tokens], k)
+            if self.proposer.writes_pages and k > 0:
+                # Every position a draft may take gets its page first (the proposer writes its own K/V
+                # there); where free pages run short, fewer drafts.
+                k = min(k, self._pages_for(row, n_tokens + k) - n_tokens)
+            if k > 0:
+                queries.append(DraftQuery(row, t.token_ids[row, :n_tokens], k, t.page_table[row, :t.num_pages[row]]))
+        proposed = {}
+        for q, drafts in zip(queries, self.proposer.propose(queries) if queries else ()):
             if len(drafts):
-                proposed[row] = drafts
+                proposed[q.row] = np.asarray(drafts[:q.k], np.int32)
             else:
-                self._spec_missed(row)
+                self._spec_missed(q.row)
         keep = self._rows_worth_drafting(len(decode), proposed)
         for row, drafts in proposed.items():
             drafts = drafts[:max(0, min(keep.get(row, 0), self._budget))]
             n, n_tokens = len(drafts), int(t.num_tokens[row])
-            need = pages_needed(n_tokens + n, ps) - int(t.num_pages[row])
-            if not n or need > self.pool.num_free_pages:
+            if not n or self._pages_for(row, n_tokens + n) < n_tokens + n:
                 continue
-            if need > 0:
-                seq = t.seqs[row]
-                seq.pages += self.pool.allocate(need)
-                t.set_pages(row, seq.pages)
             t.num_computed[row] += n
             self._drafts[row] = drafts
             self._budget -= n
+
+    def _pages_for(self, row: int, positions: int) -> int:
+        """Give sequence `row` pages for `positions` positions while free pages last (never preempting);
+        returns how many positions its pages then cover."""
+        t, ps = self.table, self.cfg.page_size
+        need = min(pages_needed(positions, ps) - int(t.num_pages[row]), self.pool.num_free_pages)
+        if need > 0:
+            seq = t.seqs[row]
+            seq.pages += self.pool.allocate(need)
+            t.set_pages(row, seq.pages)
+        return int(t.num_pages[row]) * ps
 
     def _rows_worth_drafting(self, num_decode: int, proposed: dict[int, np.ndarray]) -> dict[int, int]:
         """How many of its proposed drafts each sequence carries: the load-adaptive part.

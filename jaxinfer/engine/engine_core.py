@@ -39,7 +39,7 @@ from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from jaxinfer.core.scheduler import ScheduledStep, Scheduler
 from jaxinfer.core.shapes import next_bucket
 from jaxinfer.engine.metrics import EngineMetrics
-from jaxinfer.errors import ConfigError
+from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.runner import compilations, kv_cache
 from jaxinfer.runner.model_runner import ModelRunner, StepOutput
 from jaxinfer.runner.step_inputs import StepInputs
@@ -147,11 +147,17 @@ class EngineCore:
                                     min_decode_rows=config.min_decode_rows or _min_decode_rows(mesh))
             spec = kv_cache.CacheSpec.for_model(cfg, num_pages=1, page_size=config.page_size,
                                                 dtype=model.kv_cache_dtype)
-            num_pages = given or self._pool_size(spec.bytes_per_page, config, mesh)
+            self.draft = _draft_model(model, config, mesh)
+            # A draft model's pages (jaxinfer/spec_decode/draft_model.py) share the target's ids: one pool each.
+            page_bytes = spec.bytes_per_page + (0 if self.draft is None else kv_cache.CacheSpec.for_model(
+                self.draft.config, num_pages=1, page_size=config.page_size,
+                dtype=self.draft.kv_cache_dtype).bytes_per_page)
+            num_pages = given or self._pool_size(page_bytes, config, mesh)
             self.config = config = config.replace(num_pages=num_pages)
         except ValueError as e:
             raise ConfigError(f"invalid engine configuration: {e}") from None
-        self.scheduler = Scheduler(config, stop_width=self.ban_width)
+        self.proposer = self._proposer(config, mesh)
+        self.scheduler = Scheduler(config, stop_width=self.ban_width, proposer=self.proposer)
         max_rows = max(s.num_rows for s in config.all_shapes())
         self.runner = ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
                                   page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
@@ -177,6 +183,21 @@ class EngineCore:
         self._warming: threading.Thread | None = None
         self._stop_warming = False
         compilations.install()
+
+    def _proposer(self, config: EngineConfig, mesh: Mesh):
+        """Speculation's proposer (None: the scheduler's own n-gram lookup, or no speculation)."""
+        if self.draft is None:
+            return None
+        from jaxinfer.spec_decode.draft_model import DraftModelProposer
+
+        spec, draft = config.speculative_config, self.draft
+        runner = ModelRunner(draft.config, draft.graphdef, draft.state, mesh, num_pages=config.num_pages,
+                             page_size=config.page_size, cache_dtype=draft.kv_cache_dtype, penalty_slots=1,
+                             feed_slots=1, max_model_len=self.max_model_len, attention_impl=config.attention)
+        return DraftModelProposer(runner, k=spec.num_speculative_tokens, rows=config.max_num_seqs,
+                                  max_queries=min(config.max_num_seqs, spec.batch_limit),
+                                  prefill_buckets=config.prefill_buckets(), block_q=config.block_q,
+                                  pages_per_seq=config.pages_per_seq, min_rows=config.min_decode_rows)
 
     def _pool_size(self, bytes_per_page: int, config: EngineConfig, mesh: Mesh) -> int:
         """Pages for the KV pool: what the config allows, never more than every sequence at
@@ -367,6 +388,8 @@ class EngineCore:
             # logprobs) comes first thing after; a step that needs it sooner waits for it.
             self.runner.prepare(StepInputs.empty(shape, self.ban_width), full=(False,) if background else (False, True))
             bar.update(1)
+        if self.proposer is not None and not background:
+            self.proposer.prepare()
         self.runner.copy_pages([(0, 0)])
         bar.update(1)
         self.runner.reset_penalty_slot(0, [0], 1)
@@ -392,6 +415,8 @@ class EngineCore:
 
     def _prepare_all(self, shapes, started: float) -> None:
         try:
+            if self.proposer is not None:
+                self.proposer.prepare()
             for shape in shapes:
                 if self._stop_warming:
                     return
@@ -415,6 +440,33 @@ class EngineCore:
         """Until a background warm-up has made every step shape."""
         if self._warming is not None:
             self._warming.join()
+
+
+def _draft_model(target: LoadedModel, config: EngineConfig, mesh: Mesh) -> LoadedModel | None:
+    """The draft model a speculative_config names, loaded beside the target (same dtype and mesh), or None.
+    It must share the target's vocabulary: its tokens are the target's."""
+    spec = config.speculative_config
+    if spec is None or spec.method != "draft_model":
+        return None
+    from checkpoints import loader
+
+    try:
+        draft = loader.load(spec.model, dtype=target.dtype, mesh=mesh, progress=False,
+                            quantization=spec.quantization)
+    except CheckpointError as e:
+        raise ConfigError(f"invalid speculative_config: the draft model: {e}") from None
+    want, got = target.config.vocab_size, draft.config.vocab_size
+    mismatch = got != want
+    if not mismatch and target.tokenizer is not None and draft.tokenizer is not None:
+        probe = range(0, want, max(1, want // 512))  # a sample of ids, spread over the vocabulary
+        mismatch = any(target.tokenizer.id_to_token(i) != draft.tokenizer.id_to_token(i) for i in probe)
+    if mismatch:
+        raise ConfigError(f"invalid speculative_config: the draft model {spec.model} has another vocabulary than "
+                          f"the target ({got} tokens against {want}{', other tokens' if got == want else ''}): a "
+                          "draft model must share the target's tokenizer")
+    log.info("speculative decoding: draft model %s (%s), %d tokens a step", draft.source,
+             getattr(draft.quantization, "name", draft.quantization) or str(draft.dtype), spec.num_speculative_tokens)
+    return draft
 
 
 def _stop_at_exit(core: EngineCore) -> None:

@@ -94,9 +94,12 @@ class ModelRunner:
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
         self._reset = jax.jit(reset_slot, donate_argnums=(0,))
 
-    def _forward(self, state, cache, batch: Batch, feed_tokens):
-        # Tokens sampled by earlier steps feed this one without a trip through the host.
-        tokens = jnp.where(batch.feed_index >= 0, feed_tokens[jnp.maximum(batch.feed_index, 0)], batch.tokens)
+    def _forward(self, state, cache, batch: Batch, feed_tokens=None):
+        """The model over `batch` (logits at its logits_indices, and the cache with its K/V); under jit.
+        Tokens sampled by earlier steps feed this one without a trip through the host (none: every token
+        is the batch's own)."""
+        tokens = batch.tokens if feed_tokens is None else jnp.where(
+            batch.feed_index >= 0, feed_tokens[jnp.maximum(batch.feed_index, 0)], batch.tokens)
         model = nnx.merge(self.graphdef, state)
         with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
             return model(dataclasses.replace(batch, tokens=tokens), cache)
@@ -213,14 +216,12 @@ class ModelRunner:
         if shape.num_rows > self.max_rows:
             raise ValueError(f"{shape.num_rows} logits rows > max_rows {self.max_rows}")
 
-        def spec(x):  # with its layout (params.kernel_layouts)
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "format", None) or x.sharding)
-
+        spec = self.spec_of
         rows = jax.ShapeDtypeStruct((layout(shape, ban_width).size - layout(shape, ban_width).offset("floats"),),
                                     jnp.int32, sharding=self.replicated)
         buffer = jax.ShapeDtypeStruct((layout(shape, ban_width).size,), jnp.int32, sharding=self.replicated)
         logits = jax.ShapeDtypeStruct((shape.num_rows, self.cfg.vocab_size), jnp.float32, sharding=self.replicated)
-        forward = self._executable(("forward", shape, ban_width), self._forward_step_fn, (
+        forward = self.executable(("forward", shape, ban_width), self._forward_step_fn, (
             jax.tree.map(spec, self.state), jax.tree.map(spec, self.cache), spec(self.feed_tokens),
             StepInputs(buffer, shape, ban_width), logits, rows), self._forward_tree, (1, 4, 5))
         forward.out_key = (logits.shape, rows.shape)  # the held outputs it writes over
@@ -231,7 +232,7 @@ class ModelRunner:
         forward.new_outputs = new_outputs
         spec_dims = (shape.decode_rows, shape.spec_tokens) if verifies else None
         # Keyed by the rows' length too: with speculation it depends on the decode rows, not only on num_rows.
-        sampler = self._executable(("sample", shape.num_rows, ban_width, full) + (
+        sampler = self.executable(("sample", shape.num_rows, ban_width, full) + (
                                        (rows.shape[0], spec_dims) if shape.spec_tokens else ()),
                                    functools.partial(self._sample_fn, full=full, ban_width=ban_width,
                                                      spec=spec_dims), (
@@ -239,9 +240,15 @@ class ModelRunner:
         self._made[(shape, ban_width, full, verifies)] = forward, sampler
         return forward, sampler
 
-    def _executable(self, key: tuple, fn, specs: tuple, out_tree, donate: tuple[int, ...]):
-        """The executable for `key`; made once, whichever thread asks first (a background
-        warm-up and the step thread may ask for the same one)."""
+    @staticmethod
+    def spec_of(x) -> jax.ShapeDtypeStruct:
+        """An argument's abstract value, with its layout (params.kernel_layouts) or sharding."""
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "format", None) or x.sharding)
+
+    def executable(self, key: tuple, fn, specs: tuple, out_tree, donate: tuple[int, ...]):
+        """The executable of `fn` over arguments like `specs` (compilations.load_or_compile), named `key`
+        within this runner; made once, whichever thread asks first (a background warm-up and the step
+        thread may ask for the same one)."""
         with self._lock:
             made = self._executables.get(key)
             mine = made is None

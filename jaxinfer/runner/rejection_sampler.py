@@ -18,14 +18,18 @@ counted as generated output for the penalties, as they would be had they been sa
   * Greedy rows accept drafts while each equals the target's argmax at its row, then emit the
     argmax at the first row that disagrees (or, all accepted, at row num_drafts: the bonus token).
     The output is the one non-speculative greedy decoding gives, token for token.
-  * Sampled rows accept draft j with probability min(1, p_j(d_j) / q_j(d_j)), stop at the first
-    rejection and draw the token there from the residual max(p_j - q_j, 0), renormalized; all
-    accepted, a bonus token is drawn from p at row num_drafts. The emitted tokens are distributed
-    as sampling them one by one from p would be (Leviathan et al., Chen et al., 2023).
+  * Sampled rows with deterministic drafts (no draft_probs) keep draft j where it equals the token the
+    sampler itself draws at row j, and emit those draws: the output is non-speculative sampling's,
+    token for token (a coupling of rejection sampling: draft d is kept with probability p(d), and a
+    rejected row's token is p's draw conditioned on not being d, the residual).
+  * Sampled rows with drawn drafts accept draft j with probability min(1, p_j(d_j) / q_j(d_j)), stop
+    at the first rejection and draw the token there from the residual max(p_j - q_j, 0),
+    renormalized; all accepted, a bonus token is drawn from p at row num_drafts. The emitted tokens
+    are distributed as sampling them one by one from p would be (Leviathan et al., Chen et al., 2023).
 
 Randomness is keyed by (seed, position of the token), as in the sampler: a seeded sequence's output
 does not depend on its batch mates or row. With no drafts, a row's token is the sampler's own draw
-(the same key, the same noise); the acceptance tests draw from a key of their own.
+(the same key, the same noise); drawn drafts' acceptance tests draw from a key of their own.
 
 Logprobs are the raw log-softmax of the target's logits at each emitted token (vLLM's default), as
 `sample` returns them.
@@ -86,35 +90,23 @@ def verify(logits: jax.Array, arrays: SamplingArrays, state: PenaltyState, draft
     scaled = target_logits(processed, rows, full)
     logp = jax.nn.log_softmax(scaled, axis=-1).reshape(S, K1, V)
 
-    # Acceptance of each draft j < K.
     sampled = arrays.temperature > 0
     keys = jax.vmap(row_key)(rows.seed, rows.position).reshape(S, K1)
-    p_draft = jnp.exp(jnp.take_along_axis(logp[:, :K], drafts[..., None], axis=-1)[..., 0])
-    q_draft = (jnp.ones_like(p_draft) if draft_probs is None
-               else jnp.take_along_axis(draft_probs.astype(jnp.float32), drafts[..., None], axis=-1)[..., 0])
-    u = jax.vmap(jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _ACCEPT))))(keys[:, :K])
-    accept = jnp.where(sampled[:, None], u * q_draft < p_draft, drafts == greedy[:, :K])
-    accept &= jnp.arange(K) < num_drafts[:, None]
-    num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
-
-    # The token where verification stops (row a = num_accepted): greedy rows take the argmax; sampled
-    # ones draw from the residual where a draft was rejected, from p itself for the bonus.
-    a = num_accepted
-    logp_a = jnp.take_along_axis(logp, a[:, None, None], axis=1)[:, 0]  # [S, V]
-    rejected = a < num_drafts
-    d_a = jnp.take_along_axis(drafts, jnp.minimum(a, K - 1)[:, None], axis=1)[:, 0] if K else a * 0
-    p_a = jnp.exp(logp_a)
     if draft_probs is None:
-        residual = jnp.where(jnp.arange(V)[None, :] == d_a[:, None], 0.0, p_a)
+        # A deterministic draft is kept where it equals the token the sampler itself draws at its row (its
+        # key, its noise), and verification emits those draws: P(keep d) = p(d), the most any lossless
+        # scheme keeps of a one-hot proposal, and a rejection's token is p's draw given it is not d, the
+        # residual. So the output is the one non-speculative decoding gives, token for token, whatever the
+        # drafts: how many a sequence carried (the load-adaptive choice) changes no seeded output.
+        own = jnp.where(sampled[:, None], gumbel_argmax(scaled, keys.reshape(-1)).reshape(S, K1), greedy)
+        accept = (drafts == own[:, :K]) & (jnp.arange(K) < num_drafts[:, None])
+        num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
+        a = num_accepted
+        last = jnp.take_along_axis(own, a[:, None], axis=1)[:, 0]
     else:
-        q_a = jnp.take_along_axis(draft_probs.astype(jnp.float32), jnp.minimum(a, K - 1)[:, None, None], axis=1)[:, 0]
-        residual = jnp.maximum(p_a - q_a, 0.0)
-    # A residual with no mass left (p and q equal up to rounding) falls back to p.
-    use_residual = rejected & (jnp.sum(residual, axis=-1) > 0)
-    scaled_a = jnp.take_along_axis(scaled.reshape(S, K1, V), a[:, None, None], axis=1)[:, 0]
-    final_logits = jnp.where(use_residual[:, None], jnp.log(residual), scaled_a)  # the bonus: `sample`'s draw
-    drawn = gumbel_argmax(final_logits, jnp.take_along_axis(keys, a[:, None], axis=1)[:, 0])
-    last = jnp.where(sampled, drawn, jnp.take_along_axis(greedy, a[:, None], axis=1)[:, 0])
+        num_accepted, last = _verify_drawn(logp, scaled.reshape(S, K1, V), greedy, keys, sampled, drafts,
+                                           num_drafts, draft_probs)
+        a = num_accepted
 
     padded = jnp.concatenate([drafts, jnp.zeros((S, 1), jnp.int32)], axis=1) if K else jnp.zeros((S, 1), jnp.int32)
     tokens = jnp.where(j[None, :] < a[:, None], padded, jnp.where(j[None, :] == a[:, None], last[:, None], -1))
@@ -125,6 +117,30 @@ def verify(logits: jax.Array, arrays: SamplingArrays, state: PenaltyState, draft
     out = VerifyOutput(tokens, num_accepted, last, logprobs, top_ids.reshape(S, K1, num_top),
                        top_lp.reshape(S, K1, num_top))
     return out, _record(state, arrays, tokens)
+
+
+def _verify_drawn(logp, scaled, greedy, keys, sampled, drafts, num_drafts, draft_probs):
+    """Drafts drawn from `draft_probs` (q): draft j is kept with probability min(1, p_j(d_j) / q_j(d_j)),
+    from a stream of its own; the first rejection draws from the residual max(p - q, 0), all kept draws the
+    bonus from p. Returns (num_accepted, the token emitted where verification stopped)."""
+    S, K1, V = logp.shape
+    K = K1 - 1
+    p_draft = jnp.exp(jnp.take_along_axis(logp[:, :K], drafts[..., None], axis=-1)[..., 0])
+    q = draft_probs.astype(jnp.float32)
+    q_draft = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    u = jax.vmap(jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, _ACCEPT))))(keys[:, :K])
+    accept = jnp.where(sampled[:, None], u * q_draft < p_draft, drafts == greedy[:, :K])
+    accept &= jnp.arange(K) < num_drafts[:, None]
+    a = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
+    p_a = jnp.exp(jnp.take_along_axis(logp, a[:, None, None], axis=1)[:, 0])  # [S, V]
+    q_a = jnp.take_along_axis(q, jnp.minimum(a, K - 1)[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_a - q_a, 0.0)
+    # A residual with no mass left (p and q equal up to rounding) falls back to p.
+    use_residual = (a < num_drafts) & (jnp.sum(residual, axis=-1) > 0)
+    scaled_a = jnp.take_along_axis(scaled, a[:, None, None], axis=1)[:, 0]
+    final_logits = jnp.where(use_residual[:, None], jnp.log(residual), scaled_a)  # the bonus: `sample`'s draw
+    drawn = gumbel_argmax(final_logits, jnp.take_along_axis(keys, a[:, None], axis=1)[:, 0])
+    return a, jnp.where(sampled, drawn, jnp.take_along_axis(greedy, a[:, None], axis=1)[:, 0])
 
 
 def _count_drafts(logits, penalized, arrays: SamplingArrays, state: PenaltyState, drafts, before):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from jaxinfer.spec_decode.proposer import DraftQuery
+
 
 class NgramProposer:
     def __init__(self, k: int, min_n: int, max_n: int, window: int = 4096):
@@ -21,7 +23,15 @@ class NgramProposer:
             raise ValueError(f"n-gram lengths need 1 <= min ({min_n}) <= max ({max_n})")
         self.k, self.min_n, self.max_n, self.window = k, min_n, max_n, window
 
-    def propose(self, tokens: np.ndarray, k: int | None = None) -> np.ndarray:
+    writes_pages = False  # stateless: it reads the tokens the scheduler holds
+
+    def propose(self, queries: list[DraftQuery]) -> list[np.ndarray]:
+        return [self.lookup(q.tokens, q.k) for q in queries]
+
+    def forget(self, row: int) -> None:
+        pass
+
+    def lookup(self, tokens: np.ndarray, k: int | None = None) -> np.ndarray:
         """Up to k (default self.k) proposed tokens after `tokens` (int array), possibly none."""
         k = self.k if k is None else k
         tokens = np.asarray(tokens)[-self.window:]

@@ -96,20 +96,22 @@ class LLM:
 
     @classmethod
     def from_loaded(cls, loaded: loader.LoadedModel, mesh=None, *, warmup: bool = True,
-                    warmup_in_background: bool = False, progress: bool = False, **engine_config) -> "LLM":
+                    warmup_in_background: bool = False, progress: bool = False,
+                    draft_model: loader.LoadedModel | None = None, **engine_config) -> "LLM":
         """An LLM over an already loaded model (tests, benchmarks with dummy weights). Its
-        warm-up makes every shape before returning unless `warmup_in_background`."""
+        warm-up makes every shape before returning unless `warmup_in_background`. `draft_model`: an
+        already loaded draft for speculative_config's method "draft_model" (its `model` then only names it)."""
         self = cls.__new__(cls)
         self._init(loaded, mesh or make_mesh(), EngineConfig(**engine_config), warmup, progress,
-                   warmup_in_background)
+                   warmup_in_background, draft_model)
         return self
 
     def _init(self, loaded, mesh, config: EngineConfig, warmup: bool, progress: bool,
-              background: bool = False) -> None:
+              background: bool = False, draft=None) -> None:
         self.model = loaded
         self.tokenizer = loaded.tokenizer
         started = time.monotonic()
-        self.engine = Engine(loaded, mesh, config)
+        self.engine = Engine(loaded, mesh, config, draft)
         log.info("start-up: engine (KV cache, %d pages) in %.1f s", self.engine.config.num_pages,
                  time.monotonic() - started)
         self._ids = itertools.count()

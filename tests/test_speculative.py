@@ -72,15 +72,17 @@ def test_greedy_logprobs_come_from_the_verifying_logits(plain, spec):
             assert abs(a[t].logprob - b[t].logprob) < 1e-4
 
 
-def test_seeded_sampling_with_speculation_does_not_depend_on_batch_mates(spec):
+def test_seeded_sampling_with_speculation_is_the_output_without_it_whatever_shares_the_batch(plain, spec):
     rng = np.random.default_rng(2)
     probe = [7, 8, 9, 10] * 8
     p = SamplingParams(temperature=0.8, seed=123, max_tokens=30, ignore_eos=True)
     alone = tokens(run_alone(spec, probe, p))
+    assert alone == tokens(run_alone(plain, probe, p))  # drafts are checked against the sampler's own draws
     mates = mixed_prompts(rng, 7)
     params = [SamplingParams(temperature=t, seed=i, max_tokens=20) for i, t in enumerate([0.0, 1.0, 0.5] * 3)][:7]
     got, _ = run_arriving(spec, [probe] + mates, [p] + params, rng)
     assert tokens(got[0]) == alone
+    assert [tokens(got[i + 1]) for i in range(7)] == [tokens(run_alone(plain, m, q)) for m, q in zip(mates, params)]
 
 
 def test_a_small_kv_pool_preempts_and_greedy_output_is_still_unchanged(plain, data_dir):

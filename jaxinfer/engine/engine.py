@@ -32,9 +32,10 @@ from jaxinfer.errors import InputError
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig()):
-        """The core in this process, stepped on the caller's thread."""
-        self._attach(EngineCore(model, mesh, config), model)
+    def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig(),
+                 draft: LoadedModel | None = None):
+        """The core in this process, stepped on the caller's thread (`draft`: as EngineCore's)."""
+        self._attach(EngineCore(model, mesh, config, draft), model)
 
     @classmethod
     def with_core_process(cls, factory, *, warmup: bool = True, background: bool = False,

@@ -130,7 +130,10 @@ def _min_decode_rows(mesh: Mesh) -> int:
 
 
 class EngineCore:
-    def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig(),
+                 draft: LoadedModel | None = None):
+        """`draft`: an already loaded draft model (benchmarks over random weights), where the config's
+        speculative_config names one; else it is loaded from there."""
         compilations.enable_persistent_cache()
         self.model = model
         cfg = model.config
@@ -147,7 +150,7 @@ class EngineCore:
                                     min_decode_rows=config.min_decode_rows or _min_decode_rows(mesh))
             spec = kv_cache.CacheSpec.for_model(cfg, num_pages=1, page_size=config.page_size,
                                                 dtype=model.kv_cache_dtype)
-            self.draft = _draft_model(model, config, mesh)
+            self.draft = _draft_model(model, config, mesh, draft)
             # A draft model's pages (jaxinfer/spec_decode/draft_model.py) share the target's ids: one pool each.
             page_bytes = spec.bytes_per_page + (0 if self.draft is None else kv_cache.CacheSpec.for_model(
                 self.draft.config, num_pages=1, page_size=config.page_size,
@@ -442,17 +445,20 @@ class EngineCore:
             self._warming.join()
 
 
-def _draft_model(target: LoadedModel, config: EngineConfig, mesh: Mesh) -> LoadedModel | None:
-    """The draft model a speculative_config names, loaded beside the target (same dtype and mesh), or None.
-    It must share the target's vocabulary: its tokens are the target's."""
+def _draft_model(target: LoadedModel, config: EngineConfig, mesh: Mesh, draft: LoadedModel | None = None
+                 ) -> LoadedModel | None:
+    """The draft model a speculative_config names (`draft` if given), loaded beside the target (same dtype
+    and mesh), or None. It must share the target's vocabulary: its tokens are the target's."""
     spec = config.speculative_config
     if spec is None or spec.method != "draft_model":
+        if draft is not None:
+            raise ConfigError("a draft model was given, but speculative_config's method is not 'draft_model'")
         return None
     from checkpoints import loader
 
     try:
-        draft = loader.load(spec.model, dtype=target.dtype, mesh=mesh, progress=False,
-                            quantization=spec.quantization)
+        draft = draft or loader.load(spec.model, dtype=target.dtype, mesh=mesh, progress=False,
+                                     quantization=spec.quantization)
     except CheckpointError as e:
         raise ConfigError(f"invalid speculative_config: the draft model: {e}") from None
     want, got = target.config.vocab_size, draft.config.vocab_size

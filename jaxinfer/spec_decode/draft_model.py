@@ -163,7 +163,7 @@ class DraftModelProposer:
         spec = runner.spec_of
         specs = (jax.tree.map(spec, runner.state), jax.tree.map(spec, runner.cache), *jax.tree.map(spec, args))
         out_tree = jax.tree.structure((0, runner.cache))
-        return runner.executable(("draft", name, size, self.k), fn, specs, out_tree, (1, 2))
+        return runner.executable(("draft", name, size, self.k), fn, specs, out_tree, (1,))
 
     def prepare(self) -> int:
         """Make (load or compile) every executable a proposal may need, without running any (safe beside

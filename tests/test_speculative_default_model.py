@@ -1,0 +1,67 @@
+"""Speculative decoding on the default model (SmolLM2-135M), with each proposer: prompt lookup, the model
+drafting for itself, and its own 4-bit GGUF weights drafting for the float model. On 24 prompts of mixed
+kinds (passages to repeat, code and text to edit, open questions, as chats), greedy output with speculation
+is the output without it, token for token, and every proposer has drafts kept.
+scripts/bench_spec_decode.py reports the acceptance lengths (docs/benchmarks.md)."""
+
+import pytest
+
+from jaxinfer.core.sampling_params import SamplingParams
+from test_speculative import fixed_costs
+
+PASSAGE = ("The printing press spread quickly across Europe. Within fifty years of its invention, presses were at "
+           "work in more than two hundred cities, and millions of books had been printed.")
+NOTE = "Our team meets every Monday at nine. We review last week's work and agree on the plan for the week."
+CODE = "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n"
+PROMPTS = [
+    f"Repeat this passage exactly, word for word:\n\n{PASSAGE}", f"Copy the following text:\n\n{NOTE}",
+    f"Write this out again, unchanged:\n{PASSAGE}", f"Echo the text below.\n\n{NOTE}",
+    f"Rename the function to `average` and return the code:\n\n{CODE}",
+    f"Add a docstring to this function and return the whole code:\n\n{CODE}",
+    f"Change `total` to `acc` everywhere in this code:\n\n{CODE}",
+    f"Replace 'Monday' with 'Tuesday' in this text and return it: {NOTE}",
+    f"Put this paragraph in the past tense:\n\n{NOTE}", f"Summarize in one sentence: {PASSAGE}",
+    "Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
+    "What are three tips for learning a new language?", "Describe the water cycle for a child.",
+    "Write a Python function that reverses a string.", "What is the capital of Australia?",
+    "Give me a recipe for pancakes.", "List the planets of the solar system in order.",
+    "Write a haiku about autumn.", "How do I sort a list of dictionaries by a key in Python?",
+    "Translate 'good morning' into French, Spanish and German.", "What is 17 times 23? Show your steps.",
+    "Write a SQL query that counts the orders per customer.", "Hi! Can you tell me a joke about computers?",
+]
+ENGINE = dict(dtype="float32", progress=False, warmup=False, max_num_seqs=8, max_num_batched_tokens=256,
+              max_model_len=512, decode_sizes=(8, 32))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [{"messages": [{"role": "user", "content": p}]} for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def want(default_model_path, prompts):
+    from jaxinfer.llm import LLM
+
+    llm = LLM(str(default_model_path), **ENGINE)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=24)
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "itself", "gguf 4-bit"])
+def test_greedy_output_is_token_identical_with_each_proposer_on_24_prompts(default_model_path, prompts, want,
+                                                                            proposer):
+    from jaxinfer.llm import LLM
+
+    spec = {"num_speculative_tokens": 3}
+    if proposer == "ngram":
+        spec.update(method="ngram", prompt_lookup_min=2, prompt_lookup_max=4)
+    else:
+        spec.update(method="draft_model", model=str(default_model_path),
+                    quantization="gguf" if proposer == "gguf 4-bit" else None)
+    llm = fixed_costs(LLM(str(default_model_path), **ENGINE, speculative_config=spec))
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+    assert got == want
+    stats = llm.engine.core.counters()
+    assert stats["spec_draft_tokens"] > 100 and stats["spec_accepted_tokens"] > 0.2 * stats["spec_draft_tokens"]

@@ -1,7 +1,16 @@
 """Speculative decoding (issue 13): decode speed with and without it, and how many drafts the target keeps.
 
     python scripts/bench_spec_decode.py                          # CPU: the default model, real text
-    python3 scripts/bench_spec_decode.py --random-8b --batches 1,64 --dtype bfloat16   # H200: Llama-3-8B shape
+    python scripts/bench_spec_decode.py --speculative-config '{"model": "default", "quantization": "gguf"}'
+    python3 scripts/bench_spec_decode.py --random-8b --batches 1 --oracle 0.5,0.7,0.9 --drafts itself,1b  # H200
+
+On random weights (--random-8b: the Llama-3-8B shape) nothing a proposer guesses is kept, so speed is
+measured against a known acceptance instead (--oracle): a replay proposer drafts the target's own greedy
+continuation (recorded by the plain engine first), each draft token swapped for a wrong one with
+probability 1 - a. Alone it costs what prompt lookup costs (host work only); with --drafts, a real draft
+model runs for every proposal (its device time and read-back paid) and the replay's tokens replace its
+own: "itself" (the target as its own draft: every draft kept, nothing replayed) and "1b" (the
+Llama-3.2-1B shape, random weights, tokens replayed at each --oracle acceptance).
 
 Workloads (greedy, EOS ignored, --new-tokens each):
   repeat   8 prompts that ask for a given passage again (chat template on a real model; a random passage
@@ -60,6 +69,7 @@ WORKLOADS = {"repeat": REPEAT, "edit": EDIT, "free": FREE}
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--random-8b", action="store_true", help="the Llama-3-8B shape with random weights")
+    p.add_argument("--tiny", action="store_true", help="with --random-8b: tiny shapes instead (a CPU smoke run)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--batches", default="1")
     p.add_argument("--workloads", default=None, help="repeat,edit,free (random weights: repeat only)")
@@ -67,6 +77,8 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
                                                     '"prompt_lookup_min": 2, "prompt_lookup_max": 4}')
+    p.add_argument("--oracle", default="0.5,0.7,0.9", help="random weights: replayed acceptances")
+    p.add_argument("--drafts", default="", help="random weights: draft models to run (itself,1b)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args()
 
@@ -80,11 +92,15 @@ def load(args):
         from bench_decode import dummy_model, model_config
 
         dtype = jnp.dtype(args.dtype or "bfloat16")
-        return dummy_model(model_config(False), dtype, make_mesh()), "Llama-3-8B shape, random weights"
+        return dummy_model(model_config(args.tiny), dtype, make_mesh()), "Llama-3-8B shape, random weights"
     from checkpoints import loader
     from checkpoints.default_model import default_model_path
 
     path = default_model_path(progress=False)
+    spec = json.loads(args.speculative_config)
+    if spec.get("model") == "default":
+        spec["model"] = str(path)
+        args.speculative_config = json.dumps(spec)
     model = loader.load(path, dtype=jnp.dtype(args.dtype or "float32"), mesh=make_mesh(), progress=False)
     return model, f"default model ({path.name})"
 
@@ -118,8 +134,117 @@ def run(llm, prompts, params, repeats):
     return {**best, "all": rates}
 
 
+class Replay:
+    """A proposer that drafts each sequence's known greedy continuation (`refs`, by prompt), each token
+    swapped for a wrong one with probability 1 - acceptance; with `inner`, that proposer runs first (its cost
+    paid, its tokens dropped)."""
+
+    def __init__(self, k, refs, prompt_len, vocab, acceptance, inner=None, seed=0):
+        import numpy as np
+
+        self.k, self.refs, self.prompt_len, self.vocab, self.acceptance = k, refs, prompt_len, vocab, acceptance
+        self.inner, self.rng = inner, np.random.default_rng(seed)
+        self.writes_pages = bool(inner is not None and inner.writes_pages)
+
+    def propose(self, queries):
+        import numpy as np
+
+        if self.inner is not None:
+            self.inner.propose(queries)
+        out = []
+        for q in queries:
+            ref = self.refs[tuple(q.tokens[:self.prompt_len].tolist())]
+            done = len(q.tokens) - self.prompt_len
+            d = np.array(ref[done:done + q.k], np.int32)
+            wrong = self.rng.random(len(d)) >= self.acceptance
+            d[wrong] = (d[wrong] + 1) % self.vocab
+            out.append(d)
+        return out
+
+    def forget(self, row):
+        if self.inner is not None:
+            self.inner.forget(row)
+
+
+def llama_1b(vocab):
+    from jaxinfer.models import LlamaConfig
+
+    return LlamaConfig(architecture="llama", vocab_size=vocab, hidden_size=2048, intermediate_size=8192,
+                       num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, max_position_embeddings=8192)
+
+
+def random_weights_main(args):
+    """Speed against a known acceptance on random weights (module docstring)."""
+    import jax
+    import numpy as np
+
+    from bench_decode import dummy_model
+    from jaxinfer.core.sampling_params import SamplingParams
+    from jaxinfer.llm import LLM
+    from jaxinfer.sharding import make_mesh
+
+    k = json.loads(args.speculative_config).get("num_speculative_tokens", 3)
+    model, label = load(args)
+    V, L = model.config.vocab_size, 64
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+    print(f"# {label} on {jax.devices()[0].device_kind}; k = {k}; {args.new_tokens} new tokens, greedy; "
+          f"prompts of {L} random tokens", flush=True)
+    print("\n| B | proposer | replayed acceptance | off tok/s | on tok/s | speed-up | kept / drafted | "
+          "acceptance length | outputs equal |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|", flush=True)
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        rng = np.random.default_rng(b)
+        prompts = [rng.integers(10, V - 10, L).tolist() for _ in range(b)]
+        common = dict(max_num_seqs=b, max_num_batched_tokens=max(256, b * L), max_model_len=L + args.new_tokens + 32,
+                      enable_prefix_caching=False, prefill_sizes=(max(256, -(-b * L // 64) * 64),))
+        started = time.monotonic()
+        off = LLM.from_loaded(model, **common, decode_sizes=(max(2, b),))
+        a = run(off, prompts, params, args.repeats)
+        refs = {tuple(p): out for p, out in zip(prompts, a["outputs"])}
+        del off
+        sizes = (max(2, b), b * (1 + k)) if b <= 8 else (max(2, b),)
+        variants = [("replay", None)] + [(d, d) for d in args.drafts.split(",") if d]
+        for name, draft in variants:
+            spec = {"method": "ngram", "num_speculative_tokens": k}
+            extra = {}
+            if draft == "itself":
+                spec, extra = {"method": "draft_model", "model": "the target", "num_speculative_tokens": k}, \
+                    {"draft_model": model}
+            elif draft == "1b":
+                small = dummy_model(model.config if args.tiny else llama_1b(V), model.dtype, make_mesh())
+                spec, extra = {"method": "draft_model", "model": "1B shape", "num_speculative_tokens": k}, \
+                    {"draft_model": small}
+            on = LLM.from_loaded(model, **common, decode_sizes=sizes, speculative_config=spec, **extra)
+            on.engine.core._observe_step = lambda rows_, seconds: None  # carry every draft: the replayed rate
+            inner = on.engine.core.proposer
+            print(f"(engines for B = {b}, {name}: {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+            for acceptance in ([None] if draft == "itself" else [float(x) for x in args.oracle.split(",")]):
+                if acceptance is not None:
+                    on.engine.core.scheduler.proposer = Replay(k, refs, L, V, acceptance, inner)
+                s = run(on, prompts, params, args.repeats)
+                kept = s["accepted"] / s["drafted"] if s["drafted"] else 0.0
+                row = dict(b=b, proposer=name, replayed=acceptance, off=a["tok_s"], on=s["tok_s"], off_all=a["all"],
+                           on_all=s["all"], drafted=s["drafted"], accepted=s["accepted"], acceptance=kept,
+                           acceptance_length=1 + s["accepted"] / s["verified"] if s["verified"] else 1.0,
+                           equal=a["outputs"] == s["outputs"])
+                rows.append(row)
+                print(f"| {b} | {name} | {'-' if acceptance is None else f'{acceptance:.0%}'} | {row['off']:.1f} | "
+                      f"{row['on']:.1f} | {row['on'] / row['off']:.2f}x | {s['accepted']} / {s['drafted']} "
+                      f"({kept:.0%}) | {row['acceptance_length']:.2f} | {'yes' if row['equal'] else 'NO'} |",
+                      flush=True)
+            del on
+    print("\nrepeats (tok/s, off / on):", [(r["b"], r["proposer"], r["replayed"], r["off_all"], r["on_all"])
+                                          for r in rows])
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
 def main():
     args = parse_args()
+    if args.random_8b:
+        return random_weights_main(args)
     import jax
     import numpy as np
 

@@ -238,6 +238,17 @@ def build(shape: BatchShape, decode: Sequence[SeqWork], prefill: Sequence[SeqWor
     """Pack one step from per-sequence work (tests and benchmarks). Returns the numpy-backed
     Batch and, per work item (decode first, then prefill), the logits rows of its
     `logit_offsets`."""
+    batch, _ = StepInputs(pack_work(shape, decode, prefill, page_size), shape, 1).unpack()
+    rows, r = [], shape.decode_rows
+    for w in prefill:
+        rows.append(list(range(r, r + len(w.logit_offsets))))
+        r += len(w.logit_offsets)
+    return batch, [[i] if w.logit_offsets else [] for i, w in enumerate(decode)] + rows
+
+
+def pack_work(shape: BatchShape, decode: Sequence[SeqWork], prefill: Sequence[SeqWork], page_size: int) -> np.ndarray:
+    """The buffer of a step (ban width 1, greedy padding rows) from per-sequence work: one token per decode
+    item, chunks for prefill ones."""
     for w in decode:
         if len(w.token_ids) != 1:
             raise ValueError("a decode sequence feeds exactly one token")
@@ -249,13 +260,7 @@ def build(shape: BatchShape, decode: Sequence[SeqWork], prefill: Sequence[SeqWor
     region = DecodeRegion(np.array([w.token_ids[0] for w in decode], np.int32),
                           np.array([w.feed_slot for w in decode], np.int32),
                           np.array([w.start for w in decode], np.int32), pages)
-    buf = _pack_work(layout(shape, 1), region, prefill, page_size)
-    batch, _ = StepInputs(buf, shape, 1).unpack()
-    rows, r = [], shape.decode_rows
-    for w in prefill:
-        rows.append(list(range(r, r + len(w.logit_offsets))))
-        r += len(w.logit_offsets)
-    return batch, [[i] if w.logit_offsets else [] for i, w in enumerate(decode)] + rows
+    return _pack_work(layout(shape, 1), region, prefill, page_size)
 
 
 def _pack_work(lay: Layout, decode: DecodeRegion, prefill: Sequence[SeqWork], page_size: int) -> np.ndarray:

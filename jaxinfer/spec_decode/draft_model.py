@@ -26,6 +26,7 @@ distribution. K/V the draft wrote past the kept tokens is written over by the ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ import numpy as np
 from jaxinfer.core.shapes import NULL_PAGE, BatchShape, SeqWork, next_bucket
 from jaxinfer.runner.batch import Batch
 from jaxinfer.runner.model_runner import ModelRunner
-from jaxinfer.runner.step_inputs import build
+from jaxinfer.runner.step_inputs import StepInputs, layout, pack_work
 from jaxinfer.spec_decode.proposer import DraftQuery
 
 
@@ -54,6 +55,9 @@ class DraftModelProposer:
         self.prefill_buckets = [t for t in prefill_buckets if t > 0]
         self.min_rows = min_rows
         self.max_queries = self.query_buckets[-1]  # catch-up gives a first draft in this many places
+        self._first = runner._put(np.zeros(self.max_queries, np.int32))  # each query's first draft
+        self._drafts_out: dict[int, jax.Array] = {}  # per query bucket: the drafts, written in place
+        self._held: dict[tuple, jax.Array] = {}  # per executable: its input buffer (GPU)
 
     def forget(self, row: int) -> None:
         self.computed[row] = 0
@@ -63,8 +67,6 @@ class DraftModelProposer:
     def propose(self, queries: list[DraftQuery]) -> list[np.ndarray]:
         if len(queries) > self.max_queries:  # the scheduler never asks for more (disable_by_batch_size)
             raise ValueError(f"{len(queries)} sequences to draft for, at most {self.max_queries}")
-        runner = self.runner
-        first = runner._put(np.zeros(self.max_queries, np.int32))
         short, long = [], []
         for i, q in enumerate(queries):
             start = int(self.computed[q.row])
@@ -72,9 +74,9 @@ class DraftModelProposer:
                 start = len(q.tokens) - 1
             (short if len(q.tokens) - start <= self.k + 1 else long).append((i, q, start))
         if short:
-            first = self._catch_up_rows(short, first)
+            self._catch_up_rows(short)
         while long:
-            first, long = self._catch_up_chunks(long, first)
+            long = self._catch_up_chunks(long)
         S = next(b for b in self.query_buckets if b >= len(queries))
         positions = np.zeros(S, np.int32)
         pages = np.full((S, self.pages_per_seq), NULL_PAGE, np.int32)
@@ -82,61 +84,77 @@ class DraftModelProposer:
             positions[i] = len(q.tokens)
             pages[i, :len(q.pages)] = q.pages
             self.computed[q.row] = len(q.tokens)
-        drafts = np.asarray(self._run("extend", S, self._extend_fn, first, *runner._put((positions, pages))))
+        key = ("extend", S)
+        out = self._drafts_out.pop(S, None)
+        if out is None:
+            out = self.runner._put(np.zeros((S, self.k), np.int32))
+        out = self._call(key, self._extend_fn, self._first, self._stage(key, np.concatenate([positions, pages.ravel()])),
+                         out)
+        self._drafts_out[S] = out
+        drafts = np.asarray(out)
         return [drafts[i, :q.k] for i, q in enumerate(queries)]
 
-    def _catch_up_rows(self, work, first):
+    def _catch_up_rows(self, work) -> None:
         """Short catch-ups as decode rows, one token a row."""
-        rows, ends = [], np.zeros(self.max_queries, bool)
+        rows, ends = [], np.zeros(self.max_queries, np.int32)
         last = np.zeros(self.max_queries, np.int32)
         for i, q, start in work:
             for p in range(start, len(q.tokens)):
-                rows.append(SeqWork([int(q.tokens[p])], p, q.pages, logit_offsets=(0,)))
-            last[i], ends[i] = len(rows) - 1, True
+                rows.append(SeqWork([int(q.tokens[p])], p, q.pages))
+            last[i], ends[i] = len(rows) - 1, 1
         D = next(b for b in self.row_buckets if b >= len(rows))
-        batch, _ = build(self._shape(D, 0), rows, [], self.page_size)
-        batch = dataclasses.replace(batch, logits_indices=last)
-        return self._run("catch_up", (D, 0), self._catch_up_fn, first, *self.runner._put((batch, ends)))
+        self._catch_up(self._shape(D, 0), rows, [], last, ends)
 
-    def _catch_up_chunks(self, work, first):
-        """Long catch-ups as prefill chunks, as many as the largest chunk size holds; returns the first
-        drafts and the work left for another call."""
+    def _catch_up_chunks(self, work) -> list:
+        """Long catch-ups as prefill chunks, as many as the largest chunk size holds; returns the work left
+        for another call."""
         top = self.prefill_buckets[-1]
         most_seqs = top // self.block_q  # a step of T prefill tokens holds T / block_q chunks
         chunks, left, used = [], [], 0
-        ends = np.zeros(self.max_queries, bool)
+        ends = np.zeros(self.max_queries, np.int32)
         last = np.zeros(self.max_queries, np.int32)
         for i, q, start in work:
             room = min(top - used, len(q.tokens) - start)
             if room <= 0 or len(chunks) == most_seqs:
                 left.append((i, q, start))
                 continue
-            chunks.append(SeqWork(q.tokens[start:start + room], start, q.pages, logit_offsets=(room - 1,)))
+            chunks.append(SeqWork(q.tokens[start:start + room], start, q.pages))
             if start + room < len(q.tokens):
                 left.append((i, q, start + room))
             else:
-                last[i], ends[i] = self.min_rows + used + room - 1, True
+                last[i], ends[i] = self.min_rows + used + room - 1, 1
             used += room
         T = next(t for t in self.prefill_buckets if t >= used and t // self.block_q >= len(chunks))
-        batch, _ = build(self._shape(self.min_rows, T), [], chunks, self.page_size)
-        batch = dataclasses.replace(batch, logits_indices=last)
-        first = self._run("catch_up", (self.min_rows, T), self._catch_up_fn, first, *self.runner._put((batch, ends)))
-        return first, left
+        self._catch_up(self._shape(self.min_rows, T), [], chunks, last, ends)
+        return left
+
+    def _catch_up(self, shape: BatchShape, rows, chunks, last, ends) -> None:
+        """One catch-up call: its work packed as a step's buffer, then each query's last row and whether it
+        ends here."""
+        buf = pack_work(shape, rows, chunks, self.page_size)
+        key = ("catch_up", shape)
+        self._first = self._call(key, functools.partial(self._catch_up_fn, shape=shape), self._first,
+                                 self._stage(key, np.concatenate([buf, last, ends])))
 
     def _shape(self, decode_rows: int, prefill_tokens: int) -> BatchShape:
         return BatchShape(decode_rows, prefill_tokens, self.block_q, self.pages_per_seq)
 
     # ---- on the device ------------------------------------------------------------------------
 
-    def _catch_up_fn(self, state, cache, first, batch: Batch, ends):
-        """The draft over `batch` (its K/V written); the argmax at each query's last token where `ends`."""
+    def _catch_up_fn(self, state, cache, first, buf, *, shape: BatchShape):
+        """The draft over the step in `buf` (its K/V written); the argmax at each query's last token where
+        it ends in this step, `first` elsewhere."""
+        n, Q = layout(shape, 1).size, self.max_queries
+        batch, _ = StepInputs(buf[:n], shape, 1).unpack()
+        batch = dataclasses.replace(batch, logits_indices=buf[n:n + Q])
         logits, cache = self.runner._forward(state, cache, batch)
-        return jnp.where(ends, jnp.argmax(logits, -1).astype(jnp.int32), first), cache
+        return jnp.where(buf[n + Q:] != 0, jnp.argmax(logits, -1).astype(jnp.int32), first), cache
 
-    def _extend_fn(self, state, cache, first, positions, pages):
-        """k - 1 more greedy steps from each query's first draft at `positions` (padding queries write the
-        null page): the drafts [S, k]."""
-        S, ps = positions.shape[0], self.page_size
+    def _extend_fn(self, state, cache, first, buf, out):
+        """k - 1 more greedy steps from each query's first draft (`buf`: positions [S], then page tables
+        [S, P]; padding queries write the null page): the drafts [S, k], written over `out`."""
+        S, ps = out.shape[0], self.page_size
+        positions, pages = buf[:S], buf[S:].reshape(S, self.pages_per_seq)
         token = first[:S]
         drafts = [token]
         for i in range(self.k - 1):
@@ -149,38 +167,52 @@ class DraftModelProposer:
             logits, cache = self.runner._forward(state, cache, batch)
             token = jnp.argmax(logits, -1).astype(jnp.int32)
             drafts.append(token)
-        return jnp.stack(drafts, axis=1), cache
+        return jax.lax.dynamic_update_slice(out, jnp.stack(drafts, axis=1), (0, 0)), cache
 
-    def _run(self, name: str, size, fn, *args):
-        """Call `fn(state, cache, *args)` compiled; the cache is updated in place."""
+    # ---- executables and their buffers ----------------------------------------------------------
+    #
+    # As for the target's steps (ModelRunner.stage): on the GPU every buffer a call touches keeps its
+    # device address from call to call (inputs copied into a buffer held per executable, outputs written
+    # over donated ones), or XLA records its CUDA graph again before each run.
+
+    def _stage(self, key, host: np.ndarray) -> jax.Array:
         runner = self.runner
-        out, runner.cache = self._compiled(name, size, fn, args)(runner.state, runner.cache, *args)
+        fresh = runner._put(host)
+        if runner.mesh.devices.flat[0].platform != "gpu":
+            return fresh
+        held = self._held.get(key)
+        self._held[key] = fresh if held is None else runner._refill(held, fresh)
+        return self._held[key]
+
+    def _call(self, key, fn, *args):
+        """`fn(state, cache, *args)` compiled (the cache and the first and last of `args` donated); the
+        cache is updated in place."""
+        runner = self.runner
+        out, runner.cache = self._compiled(key, fn, args)(runner.state, runner.cache, *args)
         return out
 
-    def _compiled(self, name: str, size, fn, args):
-        """`fn` compiled for arguments like `args` (once per name and size; the cache donated)."""
+    def _compiled(self, key, fn, args):
         runner = self.runner
         spec = runner.spec_of
         specs = (jax.tree.map(spec, runner.state), jax.tree.map(spec, runner.cache), *jax.tree.map(spec, args))
         out_tree = jax.tree.structure((0, runner.cache))
-        return runner.executable(("draft", name, size, self.k), fn, specs, out_tree, (1,))
+        donate = (1, 2) if key[0] == "catch_up" else (1, 4)  # catch-up: first; extend: out
+        return runner.executable(("draft", *key, self.k), fn, specs, out_tree, donate)
 
     def prepare(self) -> int:
         """Make (load or compile) every executable a proposal may need, without running any (safe beside
         running steps, as ModelRunner.prepare); returns how many."""
-        def like(shape, dtype=jnp.int32):
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=self.runner.replicated)
+        def like(*shape):
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.runner.replicated)
 
-        first, ends = like((self.max_queries,)), like((self.max_queries,), jnp.bool_)
-        made = 0
+        first, made = like(self.max_queries), 0
         for D, T in [(d, 0) for d in self.row_buckets] + [(self.min_rows, t) for t in self.prefill_buckets]:
-            batch, _ = build(self._shape(D, T), [], [], self.page_size)
-            batch = dataclasses.replace(batch, logits_indices=np.zeros(self.max_queries, np.int32))
-            self._compiled("catch_up", (D, T), self._catch_up_fn, (first, jax.tree.map(lambda x: like(x.shape), batch),
-                                                                     ends))
+            shape = self._shape(D, T)
+            self._compiled(("catch_up", shape), functools.partial(self._catch_up_fn, shape=shape),
+                           (first, like(layout(shape, 1).size + 2 * self.max_queries)))
             made += 1
         for S in self.query_buckets:
-            self._compiled("extend", S, self._extend_fn, (first, like((S,)), like((S, self.pages_per_seq))))
+            self._compiled(("extend", S), self._extend_fn, (first, like(S * (1 + self.pages_per_seq)), like(S, self.k)))
             made += 1
         return made
 

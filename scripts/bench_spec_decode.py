@@ -251,9 +251,9 @@ def main():
     from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.llm import LLM
 
+    model, label = load(args)  # "model": "default" in the speculative config becomes the default model's path
     spec = json.loads(args.speculative_config)
     k = spec.get("num_speculative_tokens", 3)
-    model, label = load(args)
     workloads = (args.workloads or ("repeat" if args.random_8b else "repeat,edit,free")).split(",")
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     print(f"# {label} on {jax.devices()[0].device_kind}; speculative_config {spec}; {args.new_tokens} new tokens, greedy", flush=True)

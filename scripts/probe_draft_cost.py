@@ -23,6 +23,7 @@ def main():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--attention", default=None, help="the engine's attention implementation (default: auto)")
     args = p.parse_args()
     import jax
     import jax.numpy as jnp
@@ -40,6 +41,7 @@ def main():
     draft = dummy_model(cfg, dtype, make_mesh())
     llm = LLM.from_loaded(target, max_num_seqs=1, max_num_batched_tokens=256, max_model_len=512,
                           decode_sizes=(2, 2 * (1 + args.k)), prefill_sizes=(256,), enable_prefix_caching=False,
+                          attention=args.attention,
                           speculative_config={"method": "draft_model", "model": "1B shape",
                                               "num_speculative_tokens": args.k}, draft_model=draft)
     prop = llm.engine.core.proposer
@@ -63,7 +65,7 @@ def main():
         table = np.zeros((S, prop.pages_per_seq), np.int32)
         table[0, :len(pages)] = pages
         buf = np.concatenate([positions, table.ravel()])
-        out = prop._call(("extend", S), prop._extend_fn, prop._first, prop._stage(("extend", S), buf), out)
+        out = prop._call(("extend", S), prop._extend_fn, prop._carry, prop._stage(("extend", S), buf), out)
         t2 = time.perf_counter()
         jax.block_until_ready(out)
         t3 = time.perf_counter()
@@ -73,7 +75,7 @@ def main():
         for name, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
             times[name].append(v * 1e3)
     print(f"# draft {'tiny' if args.tiny else 'Llama-3.2-1B shape'} for the 8B shape, k = {args.k}, "
-          f"{jax.devices()[0].device_kind}; median of {args.rounds} proposals (3 new tokens each)\n")
+          f"attention {args.attention or 'auto'}, {jax.devices()[0].device_kind}; median of {args.rounds} proposals (3 new tokens each)\n")
     print("| part | ms |\n|---|---:|")
     for name, v in times.items():
         print(f"| {name} | {np.median(v):.2f} |")

@@ -46,3 +46,15 @@ def test_it_agrees_with_the_definition_on_random_sequences(seed):
 def test_bad_lengths_are_refused():
     with pytest.raises(ValueError, match="min"):
         NgramProposer(2, 3, 2)
+
+
+def test_a_batch_of_queries_gets_each_sequences_own_lookup():
+    from jaxinfer.spec_decode.proposer import DraftQuery
+
+    p = NgramProposer(k=4, min_n=1, max_n=3)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 5, int(rng.integers(2, 40))) for _ in range(6)]
+    queries = [DraftQuery(row, s, 1 + row % 4, np.zeros(0, np.int32)) for row, s in enumerate(seqs)]
+    got = [d.tolist() for d in p.propose(queries)]
+    assert got == [p.lookup(q.tokens, q.k).tolist() for q in queries]
+    assert all(len(d) <= q.k for d, q in zip(got, queries))

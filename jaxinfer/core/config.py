@@ -10,7 +10,7 @@ from jaxinfer.core.shapes import BatchShape, next_bucket, pages_needed
 from jaxinfer.errors import ConfigError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "kernels", "reference", "xla")  # the attention layer checks it has these
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle3")
 DEFAULT_SPEC_BATCH_LIMIT = 8  # running sequences above which nothing speculates (disable_by_batch_size)
 
 
@@ -24,7 +24,9 @@ class SpeculativeConfig:
     or the same model with the target's vocabulary: jaxinfer/spec_decode/draft_model.py; given `model`
     alone, this). prompt_lookup_min / _max: the n-gram lengths it matches (one given: both that; neither:
     2 and 4). model: the draft model's path (GGUF file, HF directory or jaxinfer checkpoint), and
-    quantization: its quantization as for LLM(quantization=...), e.g. "int8" or "gguf".
+    quantization: its quantization as for LLM(quantization=...), e.g. "int8" or "gguf". "eagle3": a
+    trained draft head over the target's hidden states (jaxinfer/spec_decode/draft_head.py); model: its
+    directory (scripts/train_draft_head.py).
     disable_by_batch_size: no speculation while more sequences than this run (vLLM's name); None: the
     engine's default, up to 8."""
 
@@ -63,12 +65,12 @@ class SpeculativeConfig:
             problems.append(f"num_speculative_tokens must be <= 16, got {self.num_speculative_tokens}")
         if not problems and self.lookup[0] > self.lookup[1]:
             problems.append(f"prompt_lookup_min ({self.lookup[0]}) must be <= prompt_lookup_max ({self.lookup[1]})")
-        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
-            problems.append(f"method 'draft_model' needs model (the draft model's path), got {self.model!r}")
-        if self.method != "draft_model":
-            for name in ("model", "quantization"):
-                if getattr(self, name) is not None:
-                    problems.append(f"{name} is a draft model's setting; method {self.method!r} takes none")
+        if self.method in ("draft_model", "eagle3") and not (isinstance(self.model, str) and self.model):
+            problems.append(f"method {self.method!r} needs model (the draft's path), got {self.model!r}")
+        for name in ("model", "quantization"):
+            if getattr(self, name) is not None and (self.method == "ngram" or
+                                                    (name == "quantization" and self.method == "eagle3")):
+                problems.append(f"{name} is a draft model's setting; method {self.method!r} takes none")
         if problems:
             raise ConfigError("invalid speculative_config: " + "; ".join(problems))
 

@@ -151,10 +151,13 @@ class EngineCore:
             spec = kv_cache.CacheSpec.for_model(cfg, num_pages=1, page_size=config.page_size,
                                                 dtype=model.kv_cache_dtype)
             self.draft = _draft_model(model, config, mesh, draft)
-            # A draft model's pages (jaxinfer/spec_decode/draft_model.py) share the target's ids: one pool each.
+            # A draft model's or head's pages (jaxinfer/spec_decode/) share the target's ids: one pool each; a
+            # head also reads the target's hidden states, kept per token beside its K/V.
+            self.feature_layers = getattr(self.draft, "feature_layers", ())
             page_bytes = spec.bytes_per_page + (0 if self.draft is None else kv_cache.CacheSpec.for_model(
                 self.draft.config, num_pages=1, page_size=config.page_size,
-                dtype=self.draft.kv_cache_dtype).bytes_per_page)
+                dtype=self.draft.kv_cache_dtype).bytes_per_page) + (
+                len(self.feature_layers) * cfg.hidden_size * config.page_size * np.dtype(model.dtype).itemsize)
             num_pages = given or self._pool_size(page_bytes, config, mesh)
             self.config = config = config.replace(num_pages=num_pages)
         except ValueError as e:
@@ -166,7 +169,7 @@ class EngineCore:
                                   page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
                                   penalty_slots=config.max_num_seqs, feed_slots=config.max_num_seqs,
                                   max_model_len=self.max_model_len,
-                                  attention_impl=config.attention)
+                                  attention_impl=config.attention, feature_layers=self.feature_layers)
         log.info("KV cache: %d pages of %d tokens (%.2f GiB); max_model_len %d",
                  num_pages, config.page_size, num_pages * spec.bytes_per_page / 2**30, self.max_model_len)
         self.requests: dict[str, Request] = {}  # until every sequence of theirs has finished
@@ -191,16 +194,19 @@ class EngineCore:
         """Speculation's proposer (None: the scheduler's own n-gram lookup, or no speculation)."""
         if self.draft is None:
             return None
+        from jaxinfer.spec_decode.draft_head import DraftHeadProposer
         from jaxinfer.spec_decode.draft_model import DraftModelProposer
 
         spec, draft = config.speculative_config, self.draft
         runner = ModelRunner(draft.config, draft.graphdef, draft.state, mesh, num_pages=config.num_pages,
                              page_size=config.page_size, cache_dtype=draft.kv_cache_dtype, penalty_slots=1,
                              feed_slots=1, max_model_len=self.max_model_len, attention_impl=config.attention)
-        return DraftModelProposer(runner, k=spec.num_speculative_tokens, rows=config.max_num_seqs,
-                                  max_queries=min(config.max_num_seqs, spec.batch_limit),
-                                  prefill_buckets=config.prefill_buckets(), block_q=config.block_q,
-                                  pages_per_seq=config.pages_per_seq, min_rows=config.min_decode_rows)
+        settings = dict(k=spec.num_speculative_tokens, rows=config.max_num_seqs,
+                        max_queries=min(config.max_num_seqs, spec.batch_limit), prefill_buckets=config.prefill_buckets(),
+                        block_q=config.block_q, pages_per_seq=config.pages_per_seq, min_rows=config.min_decode_rows)
+        if self.feature_layers:  # a trained head, over the target's hidden states
+            return DraftHeadProposer(runner, lambda: self.runner.features, **settings)
+        return DraftModelProposer(runner, **settings)
 
     def _pool_size(self, bytes_per_page: int, config: EngineConfig, mesh: Mesh) -> int:
         """Pages for the KV pool: what the config allows, never more than every sequence at
@@ -450,6 +456,8 @@ def _draft_model(target: LoadedModel, config: EngineConfig, mesh: Mesh, draft: L
     """The draft model a speculative_config names (`draft` if given), loaded beside the target (same dtype
     and mesh), or None. It must share the target's vocabulary: its tokens are the target's."""
     spec = config.speculative_config
+    if spec is not None and spec.method == "eagle3":
+        return _draft_head(target, spec)
     if spec is None or spec.method != "draft_model":
         if draft is not None:
             raise ConfigError("a draft model was given, but speculative_config's method is not 'draft_model'")
@@ -473,6 +481,22 @@ def _draft_model(target: LoadedModel, config: EngineConfig, mesh: Mesh, draft: L
     log.info("speculative decoding: draft model %s (%s), %d tokens a step", draft.source,
              getattr(draft.quantization, "name", draft.quantization) or str(draft.dtype), spec.num_speculative_tokens)
     return draft
+
+
+def _draft_head(target: LoadedModel, spec) -> LoadedModel:
+    """A trained draft head (spec.model: its directory) over the target, as a LoadedModel of one layer whose
+    `feature_layers` the target keeps for it."""
+    from jaxinfer.spec_decode import draft_head
+    from flax import nnx
+
+    head = draft_head.load(spec.model, target.graphdef, target.state, target.config, target.dtype)
+    graphdef, state = nnx.split(head)
+    loaded = LoadedModel(draft_head.head_config(target.config), graphdef, state, None, str(spec.model),
+                         dtype=target.dtype)
+    loaded.feature_layers = head.feature_layers
+    log.info("speculative decoding: draft head %s over layers %s, %d tokens a step", spec.model,
+             list(head.feature_layers), spec.num_speculative_tokens)
+    return loaded
 
 
 def _stop_at_exit(core: EngineCore) -> None:

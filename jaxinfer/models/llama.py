@@ -402,16 +402,26 @@ class Model(nnx.Module):
             self.lm_head = Linear("te,ev->tv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   dtype=dtype, rngs=rngs, preferred_element_type=jnp.float32)
 
-    def __call__(self, batch: Batch, cache: list[dict[str, jax.Array]]
-                 ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+    def __call__(self, batch: Batch, cache: list[dict[str, jax.Array]], feature_layers: tuple[int, ...] = ()):
         """Run one ragged step over the KV cache (per layer: entry -> pages). Returns
-        float32 logits [N, V] at batch.logits_indices, and the cache with the step's K/V."""
+        float32 logits [N, V] at batch.logits_indices, and the cache with the step's K/V; with
+        `feature_layers`, also the hidden states after those layers at every token, side by side
+        [T, len(feature_layers) * hidden] (what a trained draft head reads: jaxinfer/spec_decode/draft_head.py)."""
         x = self.embed(batch.tokens)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
+        new_cache, features = [], []
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
             x, layer_cache = layer(x, batch, layer_cache)
             new_cache.append(layer_cache)
-        x = self.final_norm(x[batch.logits_indices])
+            if i in feature_layers:
+                features.append(x)
+        logits = self.head(x[batch.logits_indices])
+        if feature_layers:
+            return logits, new_cache, jnp.concatenate(features, axis=-1)
+        return logits, new_cache
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Float32 logits of hidden states [N, E] (the final norm, then the output head)."""
+        x = self.final_norm(x)
         if self.cfg.tie_word_embeddings:
-            return self.embed.attend(x, preferred_element_type=jnp.float32), new_cache
-        return self.lm_head(x), new_cache
+            return self.embed.attend(x, preferred_element_type=jnp.float32)
+        return self.lm_head(x)

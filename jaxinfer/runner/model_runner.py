@@ -42,7 +42,7 @@ from jaxinfer.runner import compilations, kv_cache
 from jaxinfer.runner.batch import Batch
 from jaxinfer.core.sampling_params import MAX_LOGPROBS
 from jaxinfer.errors import ConfigError
-from jaxinfer.layers import attention
+from jaxinfer.layers import attention, kv
 from jaxinfer.models import ModelConfig, family
 from jaxinfer.runner.rejection_sampler import verify
 from jaxinfer.runner.sampler import PenaltyState, SampleOutput, reset_slot, sample
@@ -57,7 +57,11 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, mesh: Mesh, *,
                  num_pages: int, page_size: int = 16, cache_dtype=None, max_rows: int = 1024,
                  penalty_slots: int = 1, feed_slots: int | None = None, max_model_len: int | None = None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, feature_layers: tuple[int, ...] = ()):
+        """`feature_layers`: every step also keeps the hidden states after these layers, per token, in a
+        pool at the token's K/V slot (a trained draft head reads them: jaxinfer/spec_decode/draft_head.py).
+        The pool rides as one more entry at the end of the cache list, so page copies and donation take
+        it along; `features` is it."""
         self.cfg = cfg
         if attention_impl is not None and attention_impl not in attention.IMPLEMENTATIONS:
             raise ConfigError(f"unknown attention implementation {attention_impl!r}: expected one of "
@@ -75,6 +79,11 @@ class ModelRunner:
             num_layers=cfg.num_layers, num_pages=num_pages, page_size=page_size,
             entries=family(cfg).cache_entries(cfg), dtype=jnp.dtype(dtype))
         self.cache = kv_cache.allocate(self.cache_spec, mesh)
+        self.feature_layers = tuple(sorted(feature_layers))
+        if self.feature_layers:
+            width = len(self.feature_layers) * cfg.hidden_size
+            self.cache.append({"features": jax.device_put(jnp.zeros((num_pages, page_size, width), dtype),
+                                                          sharding.replicated(mesh))})
         self.replicated = sharding.replicated(mesh)
         self.penalty = jax.device_put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
         # Each sequence's latest sampled token, by feed slot (the scheduler's SeqTable row).
@@ -101,8 +110,17 @@ class ModelRunner:
         tokens = batch.tokens if feed_tokens is None else jnp.where(
             batch.feed_index >= 0, feed_tokens[jnp.maximum(batch.feed_index, 0)], batch.tokens)
         model = nnx.merge(self.graphdef, state)
+        batch = dataclasses.replace(batch, tokens=tokens)
         with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
-            return model(dataclasses.replace(batch, tokens=tokens), cache)
+            if not self.feature_layers:
+                return model(batch, cache)
+            logits, layers, features = model(batch, cache[:-1], self.feature_layers)
+        return logits, layers + [{"features": kv.write(cache[-1]["features"], batch.slots, features)}]
+
+    @property
+    def features(self) -> jax.Array | None:
+        """The hidden states kept per K/V slot, [num_pages, page_size, len(feature_layers) * hidden], or None."""
+        return self.cache[-1]["features"] if self.feature_layers else None
 
     def _forward_step_fn(self, state, cache, feed_tokens, inputs: StepInputs, logits_out, rows_out):
         """The forward, its logits and sampling rows written over `logits_out` and `rows_out` (donated: the

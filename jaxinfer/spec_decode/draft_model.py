@@ -55,7 +55,7 @@ class DraftModelProposer:
         self.prefill_buckets = [t for t in prefill_buckets if t > 0]
         self.min_rows = min_rows
         self.max_queries = self.query_buckets[-1]  # catch-up gives a first draft in this many places
-        self._first = runner._put(np.zeros(self.max_queries, np.int32))  # each query's first draft
+        self._carry = runner._put(self._new_carry())  # from catch-up to extend: each query's first draft, ...
         self._drafts_out: dict[int, jax.Array] = {}  # per query bucket: the drafts, written in place
         self._held: dict[tuple, jax.Array] = {}  # per executable: its input buffer (GPU)
 
@@ -88,8 +88,8 @@ class DraftModelProposer:
         out = self._drafts_out.pop(S, None)
         if out is None:
             out = self.runner._put(np.zeros((S, self.k), np.int32))
-        out = self._call(key, self._extend_fn, self._first, self._stage(key, np.concatenate([positions, pages.ravel()])),
-                         out)
+        out = self._call(key, self._extend_fn, self._carry,
+                         self._stage(key, np.concatenate([positions, pages.ravel()])), out)
         self._drafts_out[S] = out
         drafts = np.asarray(out)
         return [drafts[i, :q.k] for i, q in enumerate(queries)]
@@ -133,13 +133,24 @@ class DraftModelProposer:
         ends here."""
         buf = pack_work(shape, rows, chunks, self.page_size)
         key = ("catch_up", shape)
-        self._first = self._call(key, functools.partial(self._catch_up_fn, shape=shape), self._first,
-                                 self._stage(key, np.concatenate([buf, last, ends])))
+        self._carry = self._call(key, functools.partial(self._catch_up_fn, shape=shape), self._carry,
+                                 self._stage(key, np.concatenate([buf, last, ends])), *self._inputs())
 
     def _shape(self, decode_rows: int, prefill_tokens: int) -> BatchShape:
         return BatchShape(decode_rows, prefill_tokens, self.block_q, self.pages_per_seq)
 
     # ---- on the device ------------------------------------------------------------------------
+    #
+    # A subclass with another kind of draft (draft_head.py) changes these: what catch-up hands to extend
+    # (`_new_carry`), what else catch-up reads (`_inputs`), and the two functions.
+
+    def _new_carry(self):
+        """Catch-up's result that extend starts from (host zeros): each query's first draft."""
+        return np.zeros(self.max_queries, np.int32)
+
+    def _inputs(self) -> tuple:
+        """Device arrays catch-up reads besides its buffer (none here)."""
+        return ()
 
     def _catch_up_fn(self, state, cache, first, buf, *, shape: BatchShape):
         """The draft over the step in `buf` (its K/V written); the argmax at each query's last token where
@@ -185,8 +196,8 @@ class DraftModelProposer:
         return self._held[key]
 
     def _call(self, key, fn, *args):
-        """`fn(state, cache, *args)` compiled (the cache and the first and last of `args` donated); the
-        cache is updated in place."""
+        """`fn(state, cache, *args)` compiled (the cache donated, and catch-up's carry or extend's output);
+        the cache is updated in place."""
         runner = self.runner
         out, runner.cache = self._compiled(key, fn, args)(runner.state, runner.cache, *args)
         return out
@@ -195,8 +206,9 @@ class DraftModelProposer:
         runner = self.runner
         spec = runner.spec_of
         specs = (jax.tree.map(spec, runner.state), jax.tree.map(spec, runner.cache), *jax.tree.map(spec, args))
-        out_tree = jax.tree.structure((0, runner.cache))
-        donate = (1, 2) if key[0] == "catch_up" else (1, 4)  # catch-up: first; extend: out
+        catch_up = key[0] == "catch_up"
+        out_tree = jax.tree.structure((self._carry if catch_up else 0, runner.cache))
+        donate = (1, 2) if catch_up else (1, 4)  # catch-up: the carry; extend: its output
         return runner.executable(("draft", *key, self.k), fn, specs, out_tree, donate)
 
     def prepare(self) -> int:
@@ -205,14 +217,15 @@ class DraftModelProposer:
         def like(*shape):
             return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.runner.replicated)
 
-        first, made = like(self.max_queries), 0
+        carry, inputs = jax.tree.map(self.runner.spec_of, (self._carry, self._inputs()))
+        made = 0
         for D, T in [(d, 0) for d in self.row_buckets] + [(self.min_rows, t) for t in self.prefill_buckets]:
             shape = self._shape(D, T)
             self._compiled(("catch_up", shape), functools.partial(self._catch_up_fn, shape=shape),
-                           (first, like(layout(shape, 1).size + 2 * self.max_queries)))
+                           (carry, like(layout(shape, 1).size + 2 * self.max_queries), *inputs))
             made += 1
         for S in self.query_buckets:
-            self._compiled(("extend", S), self._extend_fn, (first, like(S * (1 + self.pages_per_seq)), like(S, self.k)))
+            self._compiled(("extend", S), self._extend_fn, (carry, like(S * (1 + self.pages_per_seq)), like(S, self.k)))
             made += 1
         return made
 

@@ -233,7 +233,7 @@ def test_drafts_are_carried_where_they_pay_for_their_rows():
                        speculative_config={"num_speculative_tokens": 3})
     s = Scheduler(cfg)
     assert s._decode_shapes == [1, 2, 4, 8, 16]
-    proposed = {0: np.array([5, 6, 7]), 1: np.array([8, 9, 10])}
+    proposed = {0: 3, 1: 3}  # most drafts each sequence may carry
     s._spec_kept[0], s._spec_rejected[0] = 30.0, 0.0  # row 0's drafts are nearly always kept
     s._spec_kept[1], s._spec_rejected[1] = 0.0, 30.0  # row 1's nearly never
     # Unmeasured: every bucket costs the same, so every draft goes (bucket 8 holds both sequences' three).
@@ -247,3 +247,9 @@ def test_drafts_are_carried_where_they_pay_for_their_rows():
     # A bucket not yet measured costs what the next smaller measured one does, so it gets tried.
     s.bucket_seconds = {2: 1.0}
     assert s._rows_worth_drafting(2, proposed) == {0: 3, 1: 3}
+    # A proposal that costs device time of its own (a draft model) counts against the drafts: at half a step,
+    # 2 + 2.85 expected tokens in 1.5 steps' time beat 2 tokens a step; at 1.5 steps (2.5 in all) they do not.
+    s.propose_seconds = 0.5
+    assert s._rows_worth_drafting(2, proposed) == {0: 3, 1: 3}
+    s.propose_seconds = 1.5
+    assert s._rows_worth_drafting(2, proposed) == {}

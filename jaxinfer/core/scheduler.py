@@ -185,6 +185,8 @@ class Scheduler:
         self._spec_kept = np.zeros(cfg.max_num_seqs, np.float64)  # drafts kept and rejected, decayed
         self._spec_rejected = np.zeros(cfg.max_num_seqs, np.float64)
         self.bucket_seconds: dict[int, float] = {}  # decode rows -> measured seconds of a step (engine core)
+        self.propose_seconds = 0.0  # what a proposal costs (engine core, from last_propose_seconds)
+        self.last_propose_seconds: float | None = None
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -353,32 +355,39 @@ class Scheduler:
         if not self.may_speculate():
             return
         t = self.table
-        queries = []
+        most = {}
         for row in decode.tolist():
             if t.pending[row] or t.target_cut[row] or self._spec_wait[row] or not self._spec_allowed[row]:
                 continue
+            k = min(self.proposer.k, int(t.max_len[row]) - int(t.num_tokens[row]) - 1)
+            if k > 0:
+                most[row] = k
+        # Which sequences' drafts would pay for their rows and for the proposal, decided before any is made:
+        # a draft model's proposal costs device time of its own.
+        queries = []
+        for row, k in self._rows_worth_drafting(len(decode), most).items():
             n_tokens = int(t.num_tokens[row])
-            k = min(self.proposer.k, int(t.max_len[row]) - n_tokens - 1)
-            if self.proposer.writes_pages and k > 0:
+            if self.proposer.writes_pages:
                 # Every position a draft may take gets its page first (the proposer writes its own K/V
                 # there); where free pages run short, fewer drafts.
                 k = min(k, self._pages_for(row, n_tokens + k) - n_tokens)
             if k > 0:
                 queries.append(DraftQuery(row, t.token_ids[row, :n_tokens], k, t.page_table[row, :t.num_pages[row]]))
-        proposed = {}
-        for q, drafts in zip(queries, self.proposer.propose(queries) if queries else ()):
-            if len(drafts):
-                proposed[q.row] = np.asarray(drafts[:q.k], np.int32)
-            else:
+        if not queries:
+            return
+        started = time.perf_counter()
+        proposals = self.proposer.propose(queries)
+        self.last_propose_seconds = time.perf_counter() - started
+        for q, drafts in zip(queries, proposals):
+            if not len(drafts):
                 self._spec_missed(q.row)
-        keep = self._rows_worth_drafting(len(decode), proposed)
-        for row, drafts in proposed.items():
-            drafts = drafts[:max(0, min(keep.get(row, 0), self._budget))]
-            n, n_tokens = len(drafts), int(t.num_tokens[row])
-            if not n or self._pages_for(row, n_tokens + n) < n_tokens + n:
                 continue
-            t.num_computed[row] += n
-            self._drafts[row] = drafts
+            drafts = np.asarray(drafts[:max(0, min(q.k, self._budget))], np.int32)
+            n, n_tokens = len(drafts), int(t.num_tokens[q.row])
+            if not n or self._pages_for(q.row, n_tokens + n) < n_tokens + n:
+                continue
+            t.num_computed[q.row] += n
+            self._drafts[q.row] = drafts
             self._budget -= n
 
     def _pages_for(self, row: int, positions: int) -> int:
@@ -392,19 +401,20 @@ class Scheduler:
             t.set_pages(row, seq.pages)
         return int(t.num_pages[row]) * ps
 
-    def _rows_worth_drafting(self, num_decode: int, proposed: dict[int, np.ndarray]) -> dict[int, int]:
-        """How many of its proposed drafts each sequence carries: the load-adaptive part.
+    def _rows_worth_drafting(self, num_decode: int, most: dict[int, int]) -> dict[int, int]:
+        """How many drafts each sequence carries (at most `most[row]`): the load-adaptive part.
 
         Draft j of a sequence whose drafts are each kept with probability a (its own running estimate)
         adds a^j expected tokens and one decode row. For every decode bucket the drafts can fill, the most
         valuable drafts are counted in, and the bucket that gives the most expected tokens per second of
-        step (`bucket_seconds`, measured by the engine) wins; a bucket not yet measured is taken to cost
-        what the next smaller measured one does, so it gets tried once. More running sequences leave fewer
-        rows to fill, so speculation fades as the batch fills."""
-        if not proposed:
+        step (`bucket_seconds`, measured by the engine, plus `propose_seconds` where it carries drafts)
+        wins; a bucket not yet measured is taken to cost what the next smaller measured one does, so it
+        gets tried once. More running sequences leave fewer rows to fill, so speculation fades as the batch
+        fills."""
+        if not most:
             return {}
-        values = sorted(((self._acceptance(row) ** j, row) for row, d in proposed.items()
-                         for j in range(1, len(d) + 1)), key=lambda v: -v[0])
+        values = sorted(((self._acceptance(row) ** j, row) for row, k in most.items()
+                         for j in range(1, k + 1)), key=lambda v: -v[0])
         best, best_rate = 0, -1.0
         known = 0.0
         for bucket in self._decode_shapes:
@@ -413,7 +423,8 @@ class Scheduler:
             known = self.bucket_seconds.get(bucket, known)
             extra = min(bucket - num_decode, len(values))
             tokens = num_decode + sum(v for v, _ in values[:extra])
-            rate = tokens / known if known > 0 else tokens
+            cost = known + (self.propose_seconds if extra else 0.0)
+            rate = tokens / cost if cost > 0 else tokens
             if rate > best_rate + 1e-12:
                 best, best_rate = extra, rate
         keep: dict[int, int] = {}

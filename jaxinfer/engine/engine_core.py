@@ -124,6 +124,11 @@ class _InFlight:
     dispatched: float = 0.0  # time.perf_counter() when it was handed to the device
 
 
+def _average(old: float, new: float) -> float:
+    """A moving average of step times (0: none yet); an outlier counts as twice the average at most."""
+    return new if old <= 0 else 0.7 * old + 0.3 * min(new, 2 * old)
+
+
 def _min_decode_rows(mesh: Mesh) -> int:
     """The fewest rows of a decode step on this platform (EngineConfig.min_decode_rows says why)."""
     return 1 if mesh.devices.flat[0].platform == "cpu" else 2
@@ -176,7 +181,7 @@ class EngineCore:
         self.metrics = EngineMetrics()
         self._arrivals = itertools.count()
         self._inflight: _InFlight | None = None
-        self._buckets_seen: set[int] = set()  # decode buckets whose step time was observed once
+        self._buckets_seen: set = set()  # decode buckets (and "proposal") whose time was observed once
         # On a GPU the runner's device calls go out on a thread of their own, in order. Calling
         # a compiled step there returns only once XLA has launched its few hundred kernels,
         # which takes about as long as the device takes to run them (4 ms for the 8B shape at
@@ -314,11 +319,17 @@ class EngineCore:
         """Seconds a decode step of `rows` rows takes, dispatch to read-back, for the scheduler's choice of
         how many drafts to carry. A bucket's first step is left out (it may include a compile), then a
         moving average."""
-        seen, times = self._buckets_seen, self.scheduler.bucket_seconds
+        s = self.scheduler
+        proposal, s.last_propose_seconds = s.last_propose_seconds, None
+        if proposal is not None:  # the proposal before it (host and device time), the first one left out too
+            if "proposal" in self._buckets_seen:
+                s.propose_seconds = _average(s.propose_seconds, proposal)
+            self._buckets_seen.add("proposal")
+        seen, times = self._buckets_seen, s.bucket_seconds
         if rows not in seen:
             seen.add(rows)
             return
-        times[rows] = seconds if rows not in times else 0.7 * times[rows] + 0.3 * min(seconds, 2 * times[rows])
+        times[rows] = _average(times.get(rows, 0.0), seconds)
 
     def _dispatch(self, step: ScheduledStep) -> _InFlight:
         started = time.perf_counter()

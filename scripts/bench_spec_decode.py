@@ -9,8 +9,9 @@ measured against a known acceptance instead (--oracle): a replay proposer drafts
 continuation (recorded by the plain engine first), each draft token swapped for a wrong one with
 probability 1 - a. Alone it costs what prompt lookup costs (host work only); with --drafts, a real draft
 model runs for every proposal (its device time and read-back paid) and the replay's tokens replace its
-own: "itself" (the target as its own draft: every draft kept, nothing replayed) and "1b" (the
-Llama-3.2-1B shape, random weights, tokens replayed at each --oracle acceptance).
+own: "itself" (the target as its own draft: every draft kept, nothing replayed), "1b" (the
+Llama-3.2-1B shape, random weights) and "head" (a draft head of one layer over the target's hidden
+states, random parameters), the last two with tokens replayed at each --oracle acceptance.
 
 Workloads (greedy, EOS ignored, --new-tokens each):
   repeat   8 prompts that ask for a given passage again (chat template on a real model; a random passage
@@ -78,7 +79,7 @@ def parse_args():
     p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
                                                     '"prompt_lookup_min": 2, "prompt_lookup_max": 4}')
     p.add_argument("--oracle", default="0.5,0.7,0.9", help="random weights: replayed acceptances")
-    p.add_argument("--drafts", default="", help="random weights: draft models to run (itself,1b)")
+    p.add_argument("--drafts", default="", help="random weights: draft models to run (itself,1b,head)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args()
 
@@ -212,6 +213,18 @@ def random_weights_main(args):
             if draft == "itself":
                 spec, extra = {"method": "draft_model", "model": "the target", "num_speculative_tokens": k}, \
                     {"draft_model": model}
+            elif draft == "head":  # a draft head (random parameters) over layers 1/4, 1/2, 3/4 up
+                import tempfile
+
+                from jaxinfer.spec_decode import draft_head
+
+                n = model.config.num_layers
+                head = draft_head.new_head(model.graphdef, model.state, model.config, (n // 4, n // 2, 3 * n // 4),
+                                           dtype=model.dtype)
+                where = tempfile.mkdtemp()
+                draft_head.save(head, model.config, where)
+                del head
+                spec = {"method": "eagle3", "model": where, "num_speculative_tokens": k}
             elif draft == "1b":
                 small = dummy_model(model.config if args.tiny else llama_1b(V), model.dtype, make_mesh())
                 spec, extra = {"method": "draft_model", "model": "1B shape", "num_speculative_tokens": k}, \
@@ -230,6 +243,13 @@ def random_weights_main(args):
                            acceptance_length=1 + s["accepted"] / s["verified"] if s["verified"] else 1.0,
                            equal=a["outputs"] == s["outputs"])
                 rows.append(row)
+                if not row["equal"]:  # where the first output differs, for the record
+                    for i, (x, y) in enumerate(zip(a["outputs"], s["outputs"])):
+                        if x != y:
+                            at = next(j for j, (u, v) in enumerate(zip(x, y)) if u != v) if len(x) == len(y) else -1
+                            print(f"(sequence {i} differs at token {at}: {x[max(0, at - 2):at + 3]} against "
+                                  f"{y[max(0, at - 2):at + 3]})", file=sys.stderr, flush=True)
+                            break
                 print(f"| {b} | {name} | {'-' if acceptance is None else f'{acceptance:.0%}'} | {row['off']:.1f} | "
                       f"{row['on']:.1f} | {row['on'] / row['off']:.2f}x | {s['accepted']} / {s['drafted']} "
                       f"({kept:.0%}) | {row['acceptance_length']:.2f} | {'yes' if row['equal'] else 'NO'} |",

@@ -79,7 +79,7 @@ class ModelRunner:
             num_layers=cfg.num_layers, num_pages=num_pages, page_size=page_size,
             entries=family(cfg).cache_entries(cfg), dtype=jnp.dtype(dtype))
         self.cache = kv_cache.allocate(self.cache_spec, mesh)
-        self.feature_layers = tuple(sorted(feature_layers))
+        self.feature_layers = tuple(sorted(set(feature_layers)))
         if self.feature_layers:
             width = len(self.feature_layers) * cfg.hidden_size
             self.cache.append({"features": jax.device_put(jnp.zeros((num_pages, page_size, width), dtype),

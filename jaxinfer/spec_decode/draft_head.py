@@ -63,7 +63,7 @@ class DraftHead(nnx.Module):
                  rngs: nnx.Rngs):
         """`cfg`: the target's config (the layer takes its sizes); `target`: the target's output modules."""
         E = cfg.hidden_size
-        self.feature_layers = tuple(feature_layers)
+        self.feature_layers = feature_layers = tuple(sorted(set(feature_layers)))  # as the model gives them
         self.fuse = Linear("tf,fe->te", (len(feature_layers) * E, E), (None, "embed"), dtype=dtype, rngs=rngs)
         self.mix = Linear("tf,fe->te", (2 * E, E), (None, "embed"), dtype=dtype, rngs=rngs)
         self.layer = DecoderLayer(cfg, dtype=dtype, rngs=rngs)
@@ -109,7 +109,7 @@ def set_own_params(head: DraftHead, values: dict[str, np.ndarray]) -> None:
 def save(head: DraftHead, cfg: LlamaConfig, path: str | pathlib.Path, **info) -> None:
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / "head.npz", **own_params(head))
+    np.savez(path / "head.npz", **{k: v.astype(np.float32) for k, v in own_params(head).items()})  # no bf16 in npz
     meta = {"format": FORMAT, "feature_layers": list(head.feature_layers),
             **{k: getattr(cfg, k) for k in _SHAPE}, **info}
     (path / "head.json").write_text(json.dumps(meta, indent=1))

@@ -10,7 +10,7 @@ trains in a few minutes:
    feature layers (low, middle, high: 1/4, 1/2 and 3/4 of the way up unless --layers says) and its greedy
    prediction after every position, the token a draft must equal to be kept.
 3. Training: the head's row at position q reads token q and the model's features at q - 1 and learns the
-   model's prediction after q (cross-entropy), on packed batches of sequences through the same paged
+   model's prediction after q (cross-entropy; rows in the answers only, as only they are ever drafted), on packed batches of sequences through the same paged
    attention the engine runs (a scratch page pool per batch). A second pass ("training-time test", as
    EAGLE-3) feeds each row the head's own output at q - 1 instead of the model's features, as the head's
    later drafts see it, through one-token pages so that each row has a page of its own for itself.
@@ -71,7 +71,7 @@ def generate_text(model, n, new_tokens, seed):
     outs = llm.generate([{"messages": [{"role": "user", "content": p}]} for p in prompts], params, use_tqdm=True)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
     del llm
-    return seqs
+    return seqs, [len(o.prompt_token_ids) for o in outs]
 
 
 def model_targets(model, seqs, layers, page_size=16):
@@ -126,8 +126,11 @@ def main():
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else (L // 4, L // 2, 3 * L // 4)
     print(f"# {model.source}: {L} layers, features after layers {list(layers)}", flush=True)
 
-    seqs = generate_text(model, args.prompts, args.new_tokens, args.seed)
+    seqs, prompt_lens = generate_text(model, args.prompts, args.new_tokens, args.seed)
     targets = model_targets(model, seqs, layers)
+    # Only the answers are learned from and scored: the prompts repeat the chat template's fixed text, which a
+    # head learns by heart, and which the engine never drafts (a prompt is known).
+    targets = [(feats, np.where(np.arange(len(pred)) >= n - 1, pred, -1)) for (feats, pred), n in zip(targets, prompt_lens)]
     print(f"{len(seqs)} sequences, {sum(map(len, seqs))} tokens ({time.monotonic() - started:.0f} s)", flush=True)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(seqs))

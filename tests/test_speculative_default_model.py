@@ -1,8 +1,14 @@
 """Speculative decoding on the default model (SmolLM2-135M), with each proposer: prompt lookup, the model
-drafting for itself, and its own 4-bit GGUF weights drafting for the float model. On 24 prompts of mixed
-kinds (passages to repeat, code and text to edit, open questions, as chats), greedy output with speculation
-is the output without it, token for token, and every proposer has drafts kept.
+drafting for itself, its own 4-bit GGUF weights drafting for the float model, and a draft head trained here
+on the model's own text (a short training: scripts/train_draft_head.py). On 24 prompts of mixed kinds
+(passages to repeat, code and text to edit, open questions, as chats), greedy output with speculation is the
+output without it, token for token, and every proposer has drafts kept.
 scripts/bench_spec_decode.py reports the acceptance lengths (docs/benchmarks.md)."""
+
+import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -34,6 +40,25 @@ ENGINE = dict(dtype="float32", progress=False, warmup=False, max_num_seqs=8, max
 
 
 @pytest.fixture(scope="module")
+def trained_head(tmp_path_factory):
+    """A head trained briefly (60 steps on 48 answers of the model's own) by scripts/train_draft_head.py."""
+    out = tmp_path_factory.mktemp("head") / "smollm2"
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_draft_head.py"
+    run = subprocess.run([sys.executable, str(script), "--out", str(out), "--prompts", "48", "--new-tokens", "48",
+                          "--steps", "60", "--batch", "4", "--rows", "128", "--held-out", "8"],
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_a_head_trained_on_the_models_own_answers_agrees_with_it(trained_head):
+    """Held-out answers: the head's first draft equals the model's next token well above chance (an untrained
+    head: about never)."""
+    meta = json.loads((trained_head / "head.json").read_text())
+    assert meta["agreement_first"] > 0.15, meta
+
+
+@pytest.fixture(scope="module")
 def prompts():
     return [{"messages": [{"role": "user", "content": p}]} for p in PROMPTS]
 
@@ -49,14 +74,16 @@ def want(default_model_path, prompts):
 PARAMS = SamplingParams(temperature=0.0, max_tokens=24)
 
 
-@pytest.mark.parametrize("proposer", ["ngram", "itself", "gguf 4-bit"])
+@pytest.mark.parametrize("proposer", ["ngram", "itself", "gguf 4-bit", "trained head"])
 def test_greedy_output_is_token_identical_with_each_proposer_on_24_prompts(default_model_path, prompts, want,
-                                                                            proposer):
+                                                                            proposer, request):
     from jaxinfer.llm import LLM
 
     spec = {"num_speculative_tokens": 3}
     if proposer == "ngram":
         spec.update(method="ngram", prompt_lookup_min=2, prompt_lookup_max=4)
+    elif proposer == "trained head":
+        spec.update(method="eagle3", model=str(request.getfixturevalue("trained_head")))
     else:
         spec.update(method="draft_model", model=str(default_model_path),
                     quantization="gguf" if proposer == "gguf 4-bit" else None)
@@ -64,4 +91,5 @@ def test_greedy_output_is_token_identical_with_each_proposer_on_24_prompts(defau
     got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
     assert got == want
     stats = llm.engine.core.counters()
-    assert stats["spec_draft_tokens"] > 100 and stats["spec_accepted_tokens"] > 0.2 * stats["spec_draft_tokens"]
+    kept = 0.05 if proposer == "trained head" else 0.2  # a head trained for a minute keeps fewer
+    assert stats["spec_draft_tokens"] > 100 and stats["spec_accepted_tokens"] > kept * stats["spec_draft_tokens"]

@@ -1,7 +1,9 @@
 """The whole engine step (model, paged cache writes, the Pallas ragged paged
 attention kernel, sampling with penalties and logprobs) lowers for TPU v5e and
-v6e, checked on the CPU with jax.export under an abstract TPU mesh."""
+v6e, checked on the CPU with jax.export under an abstract TPU mesh; so do the
+speculative proposers' device calls (a draft model's, a draft head's)."""
 
+import functools
 import os
 
 import jax
@@ -10,7 +12,7 @@ import pytest
 from jax import export
 
 from jaxinfer import params as params_lib
-from jaxinfer.runner.step_inputs import StepInputs, build
+from jaxinfer.runner.step_inputs import StepInputs, build, layout
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.shapes import SeqWork
@@ -74,3 +76,46 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization, tp, spec):
     assert calls >= (4 if quantization and tp == 1 else 3 if quantization else 1), calls
     if tp > 1:  # per-device kernels, and the row-parallel projections' partial sums added across chips
         assert "sdy.manual_computation" in exported.mlir_module() and "all_reduce" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("draft", ["draft model", "draft head"])
+def test_a_proposers_device_calls_lower_for_tpu(draft):
+    """Speculation's proposers on the device: a draft model's catch-up (decode rows and a prefill chunk) and its
+    k - 1 unrolled steps, and a draft head's, which also read the target's hidden states from their pool; and
+    the target's step that keeps those hidden states."""
+    from flax import nnx
+
+    from jaxinfer.spec_decode.draft_head import DraftHeadProposer, head_config, new_head
+    from jaxinfer.spec_decode.draft_model import DraftModelProposer
+
+    mesh = make_mesh()
+    graphdef, state = params_lib.dummy_params(SMALL_128, jnp.bfloat16, mesh)
+    settings = dict(k=3, rows=4, max_queries=2, prefill_buckets=[0, 32], block_q=16, pages_per_seq=4, min_rows=2)
+    if draft == "draft model":
+        runner = ModelRunner(SMALL_128, graphdef, state, mesh, num_pages=16, page_size=16, max_model_len=64)
+        proposer = DraftModelProposer(runner, **settings)
+        inputs = ()
+    else:
+        target = ModelRunner(SMALL_128, graphdef, state, mesh, num_pages=16, page_size=16, max_model_len=64,
+                             feature_layers=(0, 1))
+        hg, hs = nnx.split(new_head(graphdef, state, SMALL_128, (0, 1), dtype=jnp.bfloat16))
+        runner = ModelRunner(head_config(SMALL_128), hg, hs, mesh, num_pages=16, page_size=16, max_model_len=64)
+        proposer = DraftHeadProposer(runner, lambda: target.features, **settings)
+        inputs = (target.features,)
+        assert target.features.shape == (16, 16, 2 * SMALL_128.hidden_size)
+    device = jax.sharding.AbstractDevice(device_kind="TPU v6 lite", num_cores=1, platform="tpu")
+    abstract = jax.sharding.AbstractMesh((1, 1), ("data", "tensor"), (jax.sharding.AxisType.Auto,) * 2,
+                                         abstract_device=device)
+    calls = 0
+    with jax.sharding.use_abstract_mesh(abstract):
+        for shape in (proposer._shape(8, 0), proposer._shape(2, 32)):  # catch-up: decode rows, a prefill chunk
+            buf = jnp.zeros(layout(shape, 1).size + 2 * proposer.max_queries, jnp.int32)
+            fn = functools.partial(proposer._catch_up_fn, shape=shape)
+            exported = export.export(jax.jit(fn), platforms=["tpu"])(runner.state, runner.cache, proposer._carry,
+                                                                      buf, *inputs)
+            calls += exported.mlir_module().count("tpu_custom_call")
+        S = 2
+        exported = export.export(jax.jit(proposer._extend_fn), platforms=["tpu"])(
+            runner.state, runner.cache, proposer._carry, jnp.zeros(S * 5, jnp.int32), jnp.zeros((S, 3), jnp.int32))
+        calls += exported.mlir_module().count("tpu_custom_call")
+    assert calls >= 3  # the Mosaic TPU attention kernel in each

@@ -26,6 +26,7 @@ outputs in fresh buffers every step, that re-recording took longer than the devi
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -111,11 +112,17 @@ class ModelRunner:
             batch.feed_index >= 0, feed_tokens[jnp.maximum(batch.feed_index, 0)], batch.tokens)
         model = nnx.merge(self.graphdef, state)
         batch = dataclasses.replace(batch, tokens=tokens)
-        with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
+        with self.attention_context():
             if not self.feature_layers:
                 return model(batch, cache)
             logits, layers, features = model(batch, cache[:-1], self.feature_layers)
         return logits, layers + [{"features": kv.write(cache[-1]["features"], batch.slots, features)}]
+
+    @contextlib.contextmanager
+    def attention_context(self):
+        """Where this runner's models are traced: its attention implementation, kernels per device on its mesh."""
+        with attention.implementation(self.attention_impl), attention.on_mesh(self.mesh):
+            yield
 
     @property
     def features(self) -> jax.Array | None:

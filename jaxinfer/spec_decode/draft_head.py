@@ -33,12 +33,11 @@ from flax import nnx
 from jaxinfer import params
 from jaxinfer.core.shapes import BatchShape
 from jaxinfer.errors import ConfigError
-from jaxinfer.layers import attention
 from jaxinfer.layers.linear import Linear
 from jaxinfer.models.llama import DecoderLayer, LlamaConfig
 from jaxinfer.runner.batch import Batch
 from jaxinfer.runner.step_inputs import StepInputs, layout
-from jaxinfer.spec_decode.draft_model import DraftModelProposer
+from jaxinfer.spec_decode.draft_model import DraftModelProposer, one_row_batch
 
 FORMAT = 1
 
@@ -163,7 +162,7 @@ class DraftHeadProposer(DraftModelProposer):
         batch, _ = StepInputs(buf[:n], shape, 1).unpack()
         last, ends = buf[n:n + Q], buf[n + Q:] != 0
         head = self._head(state)
-        with attention.implementation(self.runner.attention_impl), attention.on_mesh(self.runner.mesh):
+        with self.runner.attention_context():
             h, layer = head.step(batch.tokens, head.fuse(_features_before(features, batch)), batch, cache[0])
         h_last = h[last]
         token = jnp.argmax(head.target(h_last), -1).astype(jnp.int32)
@@ -177,14 +176,8 @@ class DraftHeadProposer(DraftModelProposer):
         token, g = first[:S], hidden[:S]
         drafts, layer = [token], cache[0]
         for i in range(self.k - 1):
-            pos = positions + i
-            batch = Batch(tokens=token, feed_index=jnp.full(S, -1, jnp.int32), positions=pos,
-                          slots=pages[jnp.arange(S), pos // ps] * ps + pos % ps,
-                          cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), kv_lens=pos + 1, page_table=pages,
-                          block_tokens=jnp.zeros((0, self.block_q), jnp.int32), block_seq=jnp.zeros(0, jnp.int32),
-                          logits_indices=jnp.arange(S, dtype=jnp.int32), decode_rows=S, max_q_len=1)
-            with attention.implementation(self.runner.attention_impl), attention.on_mesh(self.runner.mesh):
-                g, layer = head.step(token, g, batch, layer)
+            with self.runner.attention_context():
+                g, layer = head.step(token, g, one_row_batch(token, positions + i, pages, ps, self.block_q), layer)
             token = jnp.argmax(head.target(g), -1).astype(jnp.int32)
             drafts.append(token)
         return jax.lax.dynamic_update_slice(out, jnp.stack(drafts, axis=1), (0, 0)), [layer]

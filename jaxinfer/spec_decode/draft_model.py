@@ -166,15 +166,10 @@ class DraftModelProposer:
         [S, P]; padding queries write the null page): the drafts [S, k], written over `out`."""
         S, ps = out.shape[0], self.page_size
         positions, pages = buf[:S], buf[S:].reshape(S, self.pages_per_seq)
-        token = first[:S]
+        token = first[:S]  # catch-up's carry: each query's first draft
         drafts = [token]
         for i in range(self.k - 1):
-            pos = positions + i
-            batch = Batch(tokens=token, feed_index=jnp.full(S, -1, jnp.int32), positions=pos,
-                          slots=pages[jnp.arange(S), pos // ps] * ps + pos % ps,
-                          cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), kv_lens=pos + 1, page_table=pages,
-                          block_tokens=jnp.zeros((0, self.block_q), jnp.int32), block_seq=jnp.zeros(0, jnp.int32),
-                          logits_indices=jnp.arange(S, dtype=jnp.int32), decode_rows=S, max_q_len=1)
+            batch = one_row_batch(token, positions + i, pages, ps, self.block_q)
             logits, cache = self.runner._forward(state, cache, batch)
             token = jnp.argmax(logits, -1).astype(jnp.int32)
             drafts.append(token)
@@ -228,6 +223,16 @@ class DraftModelProposer:
             self._compiled(("extend", S), self._extend_fn, (carry, like(S * (1 + self.pages_per_seq)), like(S, self.k)))
             made += 1
         return made
+
+
+def one_row_batch(tokens: jax.Array, positions: jax.Array, pages: jax.Array, page_size: int, block_q: int) -> Batch:
+    """A decode-only Batch built on the device: one row per sequence, feeding `tokens` at `positions`."""
+    S = tokens.shape[0]
+    return Batch(tokens=tokens, feed_index=jnp.full(S, -1, jnp.int32), positions=positions,
+                 slots=pages[jnp.arange(S), positions // page_size] * page_size + positions % page_size,
+                 cu_q_lens=jnp.arange(S + 1, dtype=jnp.int32), kv_lens=positions + 1, page_table=pages,
+                 block_tokens=jnp.zeros((0, block_q), jnp.int32), block_seq=jnp.zeros(0, jnp.int32),
+                 logits_indices=jnp.arange(S, dtype=jnp.int32), decode_rows=S, max_q_len=1)
 
 
 def _powers_of_two(low: int, high: int) -> list[int]:

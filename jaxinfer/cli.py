@@ -195,8 +195,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="stream every N new tokens (the first and the last always go out at once)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", '
-                        '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' or \'{"model": "draft.gguf", '
-                        '"num_speculative_tokens": 4}\'')
+                        '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\', \'{"model": "draft.gguf", '
+                        '"num_speculative_tokens": 4}\' or \'{"method": "eagle3", "model": "HEAD_DIR"}\' '
+                        '(scripts/train_draft_head.py)')
     p.add_argument("--attention", choices=["auto", "kernels", "xla", "reference"], default=None,
                    help="attention implementation (default auto: Pallas kernels on GPU/TPU, plain "
                         "JAX on CPU; reference forces the pure-JAX reference)")

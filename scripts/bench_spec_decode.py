@@ -79,6 +79,9 @@ def parse_args():
     p.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
                                                     '"prompt_lookup_min": 2, "prompt_lookup_max": 4}')
     p.add_argument("--oracle", default="0.5,0.7,0.9", help="random weights: replayed acceptances")
+    p.add_argument("--carry-all", action="store_true",
+                   help="carry every proposed draft (step and proposal times unmeasured): acceptance, not the "
+                        "load-adaptive choice")
     p.add_argument("--drafts", default="", help="random weights: draft models to run (itself,1b,head)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args()
@@ -290,6 +293,8 @@ def main():
         limit = spec.get("disable_by_batch_size") or 8
         on = LLM.from_loaded(model, **common, speculative_config=spec,
                              decode_sizes=(b, b * (1 + k)) if b <= limit else ())
+        if args.carry_all:
+            on.engine.core._observe_step = lambda rows_, seconds: None
         print(f"(engines for B = {b} ready in {time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         for workload in workloads:
             prompts = prompts_for(workload, b, model, np.random.default_rng(b))

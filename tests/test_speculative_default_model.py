@@ -6,6 +6,7 @@ output without it, token for token, and every proposer has drafts kept.
 scripts/bench_spec_decode.py reports the acceptance lengths (docs/benchmarks.md)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def trained_head(tmp_path_factory):
     script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_draft_head.py"
     run = subprocess.run([sys.executable, str(script), "--out", str(out), "--prompts", "48", "--new-tokens", "48",
                           "--steps", "60", "--batch", "4", "--rows", "128", "--held-out", "8"],
-                         capture_output=True, text=True, timeout=1200)
+                         capture_output=True, text=True, timeout=1200,
+                         # Its own compilations, not the tests' shared disk cache, which the workers read meanwhile.
+                         env={**os.environ, "JAXINFER_XLA_CACHE": "off"})
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 

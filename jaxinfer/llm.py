@@ -123,8 +123,15 @@ class LLM:
         return self.model.config
 
     def close(self) -> None:
-        """Stop the engine core's process, if it has one."""
+        """Stop the engine and free what it holds: the device memory, the compiled steps, a core process.
+        `with LLM(...) as llm:` closes it on leaving the block."""
         self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- prompts ------------------------------------------------------------------------------
 

@@ -252,3 +252,21 @@ def test_a_background_warm_up_serves_at_once_and_changes_no_output(data_dir, llm
     before = compilations.count()
     warming.generate(prompts, greedy(8), use_tqdm=False)
     assert compilations.count() == before
+
+
+def test_a_closed_engine_lets_go_of_its_device_state_and_refuses_new_requests(data_dir):
+    """close() (or leaving `with LLM(...)`) frees the weights, the KV cache and the compiled steps at once,
+    and a request after it is refused by name."""
+    import gc
+    import weakref
+
+    with tiny_llm(data_dir, max_num_seqs=2, max_num_batched_tokens=16) as closing:
+        assert tokens(run_alone(closing, [5, 6, 7], greedy(3)))
+        runner = closing.engine.core.runner
+        held = [weakref.ref(x) for x in jax.tree.leaves(runner.cache)]
+        assert runner._executables
+    assert runner._executables == {} and runner.cache is None and runner.state is None
+    gc.collect()
+    assert all(ref() is None for ref in held)
+    with pytest.raises(RuntimeError, match="closed"):
+        closing.generate([[5, 6, 7]], greedy(3), use_tqdm=False)

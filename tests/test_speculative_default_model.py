@@ -70,8 +70,8 @@ def prompts():
 def want(default_model_path, prompts):
     from jaxinfer.llm import LLM
 
-    llm = LLM(str(default_model_path), **ENGINE)
-    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+    with LLM(str(default_model_path), **ENGINE) as llm:
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
 
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=24)
@@ -90,9 +90,9 @@ def test_greedy_output_is_token_identical_with_each_proposer_on_24_prompts(defau
     else:
         spec.update(method="draft_model", model=str(default_model_path),
                     quantization="gguf" if proposer == "gguf 4-bit" else None)
-    llm = fixed_costs(LLM(str(default_model_path), **ENGINE, speculative_config=spec))
-    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+    with LLM(str(default_model_path), **ENGINE, speculative_config=spec) as llm:
+        got = [list(o.outputs[0].token_ids) for o in fixed_costs(llm).generate(prompts, PARAMS, use_tqdm=False)]
+        stats = llm.engine.core.counters()
     assert got == want
-    stats = llm.engine.core.counters()
     kept = 0.02 if proposer == "trained head" else 0.2  # a head trained for a minute keeps few (4% measured)
     assert stats["spec_draft_tokens"] > 100 and stats["spec_accepted_tokens"] > kept * stats["spec_draft_tokens"]

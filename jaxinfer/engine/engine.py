@@ -65,6 +65,7 @@ class Engine:
         self.requests: dict[str, RequestState] = {}  # until their final output is made
         self._arrivals = itertools.count()
         self._next_seq_id = 0  # a request's n sequences take the next n ids
+        self.closed = False
         self.outputs = OutputProcessor(self.tokenizer, self.requests, self.metrics,
                                        stream_interval=self.config.stream_interval)
 
@@ -90,6 +91,8 @@ class Engine:
                     prompt: str | None = None, priority: int = 0, stream: bool = False,
                     arrival_time: float | None = None) -> RequestState:
         """Queue a request. Raises InputError (and changes nothing) if it cannot be served."""
+        if self.closed:
+            raise RuntimeError("the engine is closed")
         try:
             if not isinstance(request_id, str) or not request_id:
                 raise InputError(f"request id must be a non-empty string, got {request_id!r}")
@@ -168,9 +171,12 @@ class Engine:
         return self.gauges().get("kv_usage", 0.0)
 
     def close(self) -> None:
-        """Stop the core process, if there is one (an in-process core needs nothing)."""
-        if not self.in_process:
+        """Stop the core (its process, or free the device of one in this process) and the output thread.
+        Requests still running are dropped; nothing can be added afterwards."""
+        if not self.closed:
+            self.closed = True
             self.core.close()
+            self.outputs.close()
 
     def gauges(self) -> dict:
         """The engine's current state, cheap enough to read every step."""

@@ -27,6 +27,7 @@ import pickle
 import struct
 import threading
 import time
+import weakref
 
 import jax
 import numpy as np
@@ -193,6 +194,7 @@ class EngineCore:
         self._launcher: concurrent.futures.ThreadPoolExecutor | None = None
         self._warming: threading.Thread | None = None
         self._stop_warming = False
+        self.closed = False
         compilations.install()
 
     def _proposer(self, config: EngineConfig, mesh: Mesh):
@@ -456,6 +458,15 @@ class EngineCore:
         self._stop_warming = True
         self.wait_for_warmup()
 
+    def close(self) -> None:
+        """Stop a background warm-up and free the device (weights, KV cache, compiled steps: the target's and
+        a draft's); nothing can run afterwards."""
+        self.stop_warmup()
+        for runner in (self.runner, getattr(self.proposer, "runner", None)):
+            if runner is not None:
+                runner.release()
+        self.closed = True
+
     def wait_for_warmup(self) -> None:
         """Until a background warm-up has made every step shape."""
         if self._warming is not None:
@@ -513,12 +524,17 @@ def _draft_head(target: LoadedModel, spec) -> LoadedModel:
 def _stop_at_exit(core: EngineCore) -> None:
     """At interpreter exit, let a background warm-up finish the shape it is on and stop: a
     compile still running when the interpreter goes away would abort the process."""
+    core = weakref.ref(core)  # the exit hook keeps no engine alive
+
+    def stop() -> None:
+        if core() is not None:
+            core().stop_warmup()
     register = getattr(threading, "_register_atexit", None)  # runs before non-daemon threads are joined
     if register is not None:
-        register(core.stop_warmup)
+        register(stop)
     else:
         import atexit
-        atexit.register(core.stop_warmup)
+        atexit.register(stop)
 
 
 def _progress(total: int, desc: str, enabled: bool):

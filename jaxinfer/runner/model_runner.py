@@ -291,6 +291,16 @@ class ModelRunner:
                     del self._executables[key]  # the next caller tries again
         return made.result()
 
+    def release(self) -> None:
+        """Let go of the device: the weights, the KV cache and every compiled step (an executable on the CPU
+        also holds hundreds of memory mappings). The runner cannot run afterwards."""
+        with self._lock:
+            self._executables.clear()
+            self._made.clear()
+        self._held_inputs.clear()
+        self._held_outputs.clear()
+        self.state = self.cache = self.penalty = self.feed_tokens = None
+
     def logits(self, batch: Batch) -> jax.Array:
         """Float32 logits [R, V] at batch.logits_indices, writing the batch's K/V (no sampling)."""
         logits, self.cache = self._logits(self.state, self.cache, self._put(batch), self.feed_tokens)

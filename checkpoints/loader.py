@@ -46,6 +46,8 @@ class LoadedModel:
     # QuantScheme of its projections, a params.MixedQuantization (a scheme per projection: a GGUF Q4_K_M file kept
     # quantized), or None
     quantization: Any = dataclasses.field(default=None, kw_only=True)
+    # A trained draft head's: the target layers whose hidden states it reads (jaxinfer/spec_decode/draft_head.py)
+    feature_layers: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)
 
     def __post_init__(self):
         self.dtype = np.dtype(self.dtype)

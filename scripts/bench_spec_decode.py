@@ -207,7 +207,7 @@ def random_weights_main(args):
         off = LLM.from_loaded(model, **common, decode_sizes=(max(2, b),))
         a = run(off, prompts, params, args.repeats)
         refs = {tuple(p): out for p, out in zip(prompts, a["outputs"])}
-        del off
+        off.close()  # its KV pool and steps freed now, not at the next cyclic collection
         sizes = (max(2, b), b * (1 + k)) if b <= 8 else (max(2, b),)
         variants = [("replay", None)] + [(d, d) for d in args.drafts.split(",") if d]
         for name, draft in variants:
@@ -257,7 +257,7 @@ def random_weights_main(args):
                       f"{row['on']:.1f} | {row['on'] / row['off']:.2f}x | {s['accepted']} / {s['drafted']} "
                       f"({kept:.0%}) | {row['acceptance_length']:.2f} | {'yes' if row['equal'] else 'NO'} |",
                       flush=True)
-            del on
+            on.close()
     print("\nrepeats (tok/s, off / on):", [(r["b"], r["proposer"], r["replayed"], r["off_all"], r["on_all"])
                                           for r in rows])
     if args.out:
@@ -310,7 +310,8 @@ def main():
             print(f"| {workload} | {len(prompts)} | {b} | {row['off']:.1f} | {row['on']:.1f} | "
                   f"{row['on'] / row['off']:.2f}× | {row['drafted']} | {row['accepted']} | {row['acceptance']:.0%} | "
                   f"{row['acceptance_length']:.2f} | {'yes' if row['equal'] else 'NO'} |", flush=True)
-        del off, on
+        off.close()
+        on.close()
     print("\nrepeats (tok/s, off / on):", [(r["workload"], r["b"], r["off_all"], r["on_all"]) for r in rows])
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -70,7 +70,7 @@ def generate_text(model, n, new_tokens, seed):
     params = [SamplingParams(temperature=0.8, seed=seed + i, max_tokens=new_tokens) for i in range(n)]
     outs = llm.generate([{"messages": [{"role": "user", "content": p}]} for p in prompts], params, use_tqdm=True)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
-    del llm
+    llm.close()
     return seqs, [len(o.prompt_token_ids) for o in outs]
 
 

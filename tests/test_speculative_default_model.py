@@ -1,15 +1,9 @@
 """Speculative decoding on the default model (SmolLM2-135M), with each proposer: prompt lookup, the model
-drafting for itself, its own 4-bit GGUF weights drafting for the float model, and a draft head trained here
-on the model's own text (a short training: scripts/train_draft_head.py). On 24 prompts of mixed kinds
+drafting for itself, its own 4-bit GGUF weights drafting for the float model (and, in
+test_draft_head_default_model.py, a draft head trained on the model's own text). On 24 prompts of mixed kinds
 (passages to repeat, code and text to edit, open questions, as chats), greedy output with speculation is the
 output without it, token for token, and every proposer has drafts kept.
 scripts/bench_spec_decode.py reports the acceptance lengths (docs/benchmarks.md)."""
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -40,58 +34,42 @@ ENGINE = dict(dtype="float32", progress=False, warmup=False, max_num_seqs=8, max
               max_model_len=512, decode_sizes=(8, 32))
 
 
-@pytest.fixture(scope="module")
-def trained_head(tmp_path_factory):
-    """A head trained briefly (60 steps on 48 answers of the model's own) by scripts/train_draft_head.py."""
-    out = tmp_path_factory.mktemp("head") / "smollm2"
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_draft_head.py"
-    run = subprocess.run([sys.executable, str(script), "--out", str(out), "--prompts", "48", "--new-tokens", "48",
-                          "--steps", "60", "--batch", "4", "--rows", "128", "--held-out", "8"],
-                         capture_output=True, text=True, timeout=1200,
-                         # Its own compilations, not the tests' shared disk cache, which the workers read meanwhile.
-                         env={**os.environ, "JAXINFER_XLA_CACHE": "off"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    return out
-
-
-def test_a_head_trained_on_the_models_own_answers_agrees_with_it(trained_head):
-    """Held-out answers: the head's first draft equals the model's next token well above chance (an untrained
-    head: about never)."""
-    meta = json.loads((trained_head / "head.json").read_text())
-    assert meta["agreement_first"] > 0.05, meta  # untrained: 0.0% (step 1 of every run)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return [{"messages": [{"role": "user", "content": p}]} for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def want(default_model_path, prompts):
-    from jaxinfer.llm import LLM
-
-    with LLM(str(default_model_path), **ENGINE) as llm:
-        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
-
-
+CHATS = [{"messages": [{"role": "user", "content": p}]} for p in PROMPTS]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=24)
 
 
-@pytest.mark.parametrize("proposer", ["ngram", "itself", "gguf 4-bit", "trained head"])
-def test_greedy_output_is_token_identical_with_each_proposer_on_24_prompts(default_model_path, prompts, want,
-                                                                            proposer, request):
+def plain_outputs(default_model_path) -> list[list[int]]:
+    """The 24 chats' greedy tokens without speculation."""
+    from jaxinfer.llm import LLM
+
+    with LLM(str(default_model_path), **ENGINE) as llm:
+        return [list(o.outputs[0].token_ids) for o in llm.generate(CHATS, PARAMS, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def want(default_model_path):
+    return plain_outputs(default_model_path)
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "itself", "gguf 4-bit"])
+def test_greedy_output_is_token_identical_with_each_proposer_on_24_prompts(default_model_path, want, proposer):
+    check_identity(default_model_path, want, proposer)
+
+
+def check_identity(default_model_path, want, proposer, head=None):
+    """The 24 chats with speculation (`head`: the trained head's directory) give `want`, and drafts are kept."""
     from jaxinfer.llm import LLM
 
     spec = {"num_speculative_tokens": 3}
     if proposer == "ngram":
         spec.update(method="ngram", prompt_lookup_min=2, prompt_lookup_max=4)
     elif proposer == "trained head":
-        spec.update(method="eagle3", model=str(request.getfixturevalue("trained_head")))
+        spec.update(method="eagle3", model=str(head))
     else:
         spec.update(method="draft_model", model=str(default_model_path),
                     quantization="gguf" if proposer == "gguf 4-bit" else None)
     with LLM(str(default_model_path), **ENGINE, speculative_config=spec) as llm:
-        got = [list(o.outputs[0].token_ids) for o in fixed_costs(llm).generate(prompts, PARAMS, use_tqdm=False)]
+        got = [list(o.outputs[0].token_ids) for o in fixed_costs(llm).generate(CHATS, PARAMS, use_tqdm=False)]
         stats = llm.engine.core.counters()
     assert got == want
     kept = 0.02 if proposer == "trained head" else 0.2  # a head trained for a minute keeps few (4% measured)

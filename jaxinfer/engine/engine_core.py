@@ -159,7 +159,7 @@ class EngineCore:
             self.draft = _draft_model(model, config, mesh, draft)
             # A draft model's or head's pages (jaxinfer/spec_decode/) share the target's ids: one pool each; a
             # head also reads the target's hidden states, kept per token beside its K/V.
-            self.feature_layers = getattr(self.draft, "feature_layers", ())
+            self.feature_layers = () if self.draft is None else self.draft.feature_layers
             page_bytes = spec.bytes_per_page + (0 if self.draft is None else kv_cache.CacheSpec.for_model(
                 self.draft.config, num_pages=1, page_size=config.page_size,
                 dtype=self.draft.kv_cache_dtype).bytes_per_page) + (
@@ -514,8 +514,7 @@ def _draft_head(target: LoadedModel, spec) -> LoadedModel:
     head = draft_head.load(spec.model, target.graphdef, target.state, target.config, target.dtype)
     graphdef, state = nnx.split(head)
     loaded = LoadedModel(draft_head.head_config(target.config), graphdef, state, None, str(spec.model),
-                         dtype=target.dtype)
-    loaded.feature_layers = head.feature_layers
+                         dtype=target.dtype, feature_layers=tuple(head.feature_layers))
     log.info("speculative decoding: draft head %s over layers %s, %d tokens a step", spec.model,
              list(head.feature_layers), spec.num_speculative_tokens)
     return loaded

@@ -194,7 +194,6 @@ class EngineCore:
         self._launcher: concurrent.futures.ThreadPoolExecutor | None = None
         self._warming: threading.Thread | None = None
         self._stop_warming = False
-        self.closed = False
         compilations.install()
 
     def _proposer(self, config: EngineConfig, mesh: Mesh):
@@ -465,7 +464,6 @@ class EngineCore:
         for runner in (self.runner, getattr(self.proposer, "runner", None)):
             if runner is not None:
                 runner.release()
-        self.closed = True
 
     def wait_for_warmup(self) -> None:
         """Until a background warm-up has made every step shape."""
@@ -526,8 +524,9 @@ def _stop_at_exit(core: EngineCore) -> None:
     core = weakref.ref(core)  # the exit hook keeps no engine alive
 
     def stop() -> None:
-        if core() is not None:
-            core().stop_warmup()
+        alive = core()
+        if alive is not None:
+            alive.stop_warmup()
     register = getattr(threading, "_register_atexit", None)  # runs before non-daemon threads are joined
     if register is not None:
         register(stop)

@@ -7,15 +7,17 @@ from jaxinfer.spec_decode.ngram import NgramProposer
 
 
 def slow(tokens, k, min_n, max_n):
-    """The definition, written out: longest n first, latest earlier occurrence, what followed it."""
+    """The definition, written out: longest n first, the latest earlier occurrence followed by k tokens (else
+    the latest), what followed it."""
     tokens = list(tokens)
     for n in range(max_n, min_n - 1, -1):
         if n >= len(tokens):
             continue
         tail = tokens[-n:]
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if tokens[start:start + n] == tail:
-                return tokens[start + n:start + n + k]
+        hits = [start for start in range(len(tokens) - n - 1, -1, -1) if tokens[start:start + n] == tail]
+        if hits:
+            start = next((h for h in hits if h + n + k <= len(tokens)), hits[0])
+            return tokens[start + n:start + n + k]
     return []
 
 
@@ -29,6 +31,8 @@ def test_it_proposes_what_followed_the_latest_longest_match():
     assert p.lookup(np.array(seq + [8, 3, 5, 6, 7])).tolist() == [8, 9, 1]
     # The proposal stops where the sequence does.
     assert p.lookup(np.array([4, 4])).tolist() == [4]
+    # Repeating text: the latest match is at the end, followed by one token; an earlier one gives all three.
+    assert p.lookup(np.array([1, 2, 1, 2, 1, 2, 1, 2])).tolist() == [1, 2, 1]
     assert p.lookup(np.array([1, 2, 3])).tolist() == []
     assert p.lookup(np.array(seq), k=0).tolist() == []
 

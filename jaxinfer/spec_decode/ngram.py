@@ -3,8 +3,9 @@ output, and propose what followed the match. Host-side numpy: the scheduler read
 holds, so proposing costs no device round trip.
 
 For n from `max_n` down to `min_n`, the last n tokens are looked for earlier in the sequence; the latest
-occurrence of the longest n that matches wins, and up to k tokens that followed it are proposed (fewer
-where the sequence ends first). Nothing matches: no proposal, and the sequence decodes one token.
+occurrence of the longest n that matches and is followed by k tokens wins (else the latest: fewer tokens,
+where the sequence ends first), and the tokens that followed it are proposed. Nothing matches: no proposal,
+and the sequence decodes one token.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class NgramProposer:
             windows = sliding_window_view(tokens[:-1], n)
             hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
             if len(hits):
-                start = int(hits[-1]) + n
+                whole = hits[hits + n + k <= n_tokens]  # followed by k tokens (in repeating text the latest
+                start = int(whole[-1] if len(whole) else hits[-1]) + n  # match is at the end, followed by one)
                 return tokens[start:start + k].copy()
         return tokens[:0]

@@ -58,7 +58,9 @@ def test_greedy_output_is_token_identical_with_speculation_on_24_prompts_arrivin
     after = counters(spec)
     drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
     accepted = after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
-    assert drafted > 50 and 0 < accepted < drafted  # drafts were made, and some (not all) kept
+    # Drafts were made, and some (not all) kept. (Drafts of a step ahead voided by the one before it are
+    # never verified and not counted: about 45 of about 80 proposed here.)
+    assert drafted > 30 and 0 < accepted < drafted
 
 
 def test_greedy_logprobs_come_from_the_verifying_logits(plain, spec):

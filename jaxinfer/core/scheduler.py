@@ -184,6 +184,12 @@ class Scheduler:
         self._spec_allowed = np.zeros(cfg.max_num_seqs, bool)  # the request did not opt out (speculate=False)
         self._spec_kept = np.zeros(cfg.max_num_seqs, np.float64)  # drafts kept and rejected, decayed
         self._spec_rejected = np.zeros(cfg.max_num_seqs, np.float64)
+        # Steps ahead of the read-back (`pipelined`): per row, the drafts of dispatched steps not yet read back
+        # (taken as kept until then), and the drafts of the step last dispatched (what a proposal ahead of its
+        # read-back builds on).
+        self._ahead = np.zeros(cfg.max_num_seqs, np.int32)
+        self._last_drafts: dict[int, np.ndarray] = {}
+        self.num_rolled_back = 0  # sequences' steps ahead found void at the read-back of the step before
         self.bucket_seconds: dict[int, float] = {}  # decode rows -> measured seconds of a step (engine core)
         self.propose_seconds = 0.0  # what a proposal costs (engine core, from last_propose_seconds)
         self.last_propose_seconds: float | None = None
@@ -257,7 +263,7 @@ class Scheduler:
         # Prefill chunks of running sequences, in priority order (none when all of them decode).
         rows = self._rows()
         if len(decode) < len(rows):
-            known = t.num_tokens[rows] + t.pending[rows]
+            known = t.num_tokens[rows] + t.pending[rows] + self._ahead[rows]
             left = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, known) - t.num_computed[rows]
             prefilling = np.flatnonzero(left > 1).tolist()
         else:
@@ -296,7 +302,7 @@ class Scheduler:
         rows = self._rows()
         if not len(rows):
             return rows
-        target = t.num_tokens[rows] + t.pending[rows]
+        target = t.num_tokens[rows] + t.pending[rows] + self._ahead[rows]
         if t.num_parents:
             target = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, target)
         decode = rows[target - t.num_computed[rows] == 1]
@@ -321,12 +327,28 @@ class Scheduler:
 
     def may_speculate(self) -> bool:
         """Whether the next step may carry drafts: speculation is configured, the load is low enough and some
-        running sequence is not backing off. The engine then reads each step back before scheduling the next,
-        as drafts follow the last token."""
+        running sequence is not backing off. Unless `pipelined`, the engine then reads each step back before
+        scheduling the next, as drafts follow the last token."""
         if self.proposer is None or not 0 < len(self.running) <= self.spec_batch_limit:
             return False
         rows = self._rows()
         return bool(((self._spec_wait[rows] == 0) & self._spec_allowed[rows]).any())
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether steps with drafts may run one ahead of the read-back, as plain decoding does: the proposer
+        reads nothing but the tokens it is given (it writes no pages of its own) and no running sequence has
+        penalties (a void step would count its tokens in the device's penalty state).
+
+        The step ahead takes the drafts in flight as kept and feeds the pending token from the device; its
+        own drafts follow the proposer's guess at that token. Where the read-back then shows a draft rejected
+        or the guess wrong, the step ahead is void for that sequence: its row is renewed (so the step's tokens
+        read back as stale), its computed positions move back to what is known, and the next step goes on
+        from there. Its K/V lands past what is known and is written over before anything reads it."""
+        if self.proposer is None or self.proposer.writes_pages:
+            return False
+        rows = self._rows()
+        return bool((self.table.int_cols[rows, SI["penalty_slot"]] < 0).all())
 
     @property
     def _num_drafts(self) -> int:
@@ -335,7 +357,7 @@ class Scheduler:
 
     def _start_spec(self, row: int, params) -> None:
         """A sequence takes `row`: its speculation state starts afresh."""
-        self._spec_wait[row] = self._spec_misses[row] = 0
+        self._spec_wait[row] = self._spec_misses[row] = self._ahead[row] = 0
         self._spec_kept[row] = self._spec_rejected[row] = 0.0
         self._spec_allowed[row] = params.speculate
         if self.proposer is not None:
@@ -355,36 +377,52 @@ class Scheduler:
         if not self.may_speculate():
             return
         t = self.table
+        ahead = self.pipelined
         most = {}
         for row in decode.tolist():
-            if t.pending[row] or t.target_cut[row] or self._spec_wait[row] or not self._spec_allowed[row]:
+            if (t.pending[row] and not ahead) or t.target_cut[row] or self._spec_wait[row] \
+                    or not self._spec_allowed[row]:
                 continue
-            k = min(self.proposer.k, int(t.max_len[row]) - int(t.num_tokens[row]) - 1)
+            # Tokens up to the one this step feeds (the pending one and the drafts before it counted in).
+            k = min(self.proposer.k, int(t.max_len[row]) - int(t.num_computed[row]) - 1)
             if k > 0:
                 most[row] = k
         # Which sequences' drafts would pay for their rows and for the proposal, decided before any is made:
         # a draft model's proposal costs device time of its own.
-        queries = []
+        queries, guessing = [], []
         for row, k in self._rows_worth_drafting(len(decode), most).items():
             n_tokens = int(t.num_tokens[row])
+            tokens = t.token_ids[row, :n_tokens]
+            if t.pending[row]:
+                # Ahead of the read-back: the drafts in flight taken as kept, then one more token proposed, a
+                # guess at the pending one (which the step feeds from the device), dropped. Where the guess
+                # is wrong the drafts after it are merely unlikely to be kept: the verification reads the
+                # token fed, not the guess.
+                tokens = np.concatenate([tokens, self._last_drafts.get(row, tokens[:0])])
+                guessing.append(row)
+                k += 1
             if self.proposer.writes_pages:
                 # Every position a draft may take gets its page first (the proposer writes its own K/V
                 # there); where free pages run short, fewer drafts.
                 k = min(k, self._pages_for(row, n_tokens + k) - n_tokens)
             if k > 0:
-                queries.append(DraftQuery(row, t.token_ids[row, :n_tokens], k, t.page_table[row, :t.num_pages[row]]))
+                queries.append(DraftQuery(row, tokens, k, t.page_table[row, :t.num_pages[row]]))
         if not queries:
             return
         started = time.perf_counter()
         proposals = self.proposer.propose(queries)
         self.last_propose_seconds = time.perf_counter() - started
+        guessing = set(guessing)
         for q, drafts in zip(queries, proposals):
+            k = q.k
+            if q.row in guessing:
+                drafts, k = drafts[1:], k - 1
             if not len(drafts):
                 self._spec_missed(q.row)
                 continue
-            drafts = np.asarray(drafts[:max(0, min(q.k, self._budget))], np.int32)
-            n, n_tokens = len(drafts), int(t.num_tokens[q.row])
-            if not n or self._pages_for(q.row, n_tokens + n) < n_tokens + n:
+            drafts = np.asarray(drafts[:max(0, min(k, self._budget))], np.int32)
+            n, first = len(drafts), int(t.num_computed[q.row])  # the first draft's position
+            if not n or self._pages_for(q.row, first + n) < first + n:
                 continue
             t.num_computed[q.row] += n
             self._drafts[q.row] = drafts
@@ -461,7 +499,8 @@ class Scheduler:
         t = self.table
         drafts = {r: self._drafts[r] for r in decode.tolist() if r in self._drafts} if self._drafts else {}
         positions = t.num_computed[decode] - 1
-        tokens = t.token_ids[decode, positions]  # a pending one is fed: whatever is there is ignored
+        # A pending one is fed: whatever is there is ignored (and a step ahead may be past the known tokens).
+        tokens = t.token_ids[decode, np.minimum(positions, t.token_ids.shape[1] - 1)]
         feed = np.where(t.pending[decode] > 0, decode, -1)  # a pending token is fed from its slot
         seqs = decode  # decode sequences (SeqTable rows), one entry each
         first = np.arange(len(decode), dtype=np.int32)  # each one's first decode row
@@ -473,8 +512,8 @@ class Scheduler:
             base = positions - num  # its last known token's position
             within = np.arange(int(reps.sum())) - np.repeat(first, reps)
             decode, positions = np.repeat(decode, reps), np.repeat(base, reps) + within
-            tokens, feed = np.repeat(tokens, reps), np.repeat(feed, reps)
-            tokens[within == 0] = t.token_ids[seqs, base]
+            tokens, feed = np.repeat(tokens, reps), np.where(within == 0, np.repeat(feed, reps), -1)
+            tokens[within == 0] = t.token_ids[seqs, np.minimum(base, t.token_ids.shape[1] - 1)]
             K = self.cfg.num_speculative_tokens
             which = np.flatnonzero(num)
             padded = np.zeros((len(which), K), np.int32)
@@ -483,6 +522,8 @@ class Scheduler:
                 tokens[first[s_i] + 1:first[s_i] + 1 + len(d)] = d
                 padded[i, :len(d)] = d
             spec = (first[which], num[which], padded)
+            self._ahead[seqs[which]] += num[which]
+        self._last_drafts = drafts
         shape = self._pick_shape(len(decode))
 
         # Logits rows: one per decode row, then the prefill items' rows.
@@ -599,8 +640,13 @@ class Scheduler:
             emitted = tokens[first:first + drafted + 1]
             emitted = emitted[:int(np.argmin(emitted >= 0)) if (emitted < 0).any() else len(emitted)]
             kept = len(emitted) - 1
+            self._ahead[row] -= drafted
+            if kept < drafted and t.pending[row] > 1:  # a step ahead took the rejected drafts as kept
+                self._void_step_ahead(row)
+                t.num_computed[row] = t.num_tokens[row] + kept
+            else:
+                t.num_computed[row] -= drafted - kept
             t.pending[row] -= 1
-            t.num_computed[row] -= drafted - kept
             self.num_drafted += drafted
             self.num_accepted += kept
             self.drafted_per_position[:drafted] += 1
@@ -618,6 +664,17 @@ class Scheduler:
                     break
         return StepUpdate(*(np.concatenate([getattr(p, f.name) for p in parts])
                             for f in dataclasses.fields(StepUpdate)))
+
+    def _void_step_ahead(self, row: int) -> None:
+        """The step dispatched ahead of this one's read-back (`pipelined`) took drafts as kept that this one
+        rejected: its positions are wrong, and it is void for this sequence. The row is renewed, so that
+        step's tokens read back as stale; its pending token and drafts are dropped (the caller moves the
+        computed positions back to what is known)."""
+        t = self.table
+        t.renew(row)
+        t.pending[row] -= 1
+        self._ahead[row] = 0
+        self.num_rolled_back += 1
 
     # ---- admission and prefill ----------------------------------------------------------------
 

@@ -93,6 +93,10 @@ class SeqTable:
         self.seq_ids[row] = seq.request.first_seq_id + seq.index
         return row
 
+    def renew(self, row: int) -> None:
+        """The row's occupant stays, but what dispatched steps sampled for it is void (read back as stale)."""
+        self.occupancy[row] = next(self._occupants)
+
     def release(self, row: int) -> None:
         self.clear_cut(row)
         self.occupancy[row] = -1

@@ -183,6 +183,7 @@ class EngineCore:
         self._arrivals = itertools.count()
         self._inflight: _InFlight | None = None
         self._buckets_seen: set = set()  # decode buckets (and "proposal") whose time was observed once
+        self._last_read_back: float | None = None  # when the last step ahead was read back
         # On a GPU the runner's device calls go out on a thread of their own, in order. Calling
         # a compiled step there returns only once XLA has launched its few hundred kernels,
         # which takes about as long as the device takes to run them (4 ms for the 8B shape at
@@ -302,18 +303,25 @@ class EngineCore:
         produced, if there was one; whether a step was dispatched). With the launch thread, a
         step whose launch failed raises when it is read back, from the next call."""
         records = []
-        if self._inflight is not None and self.scheduler.may_speculate():
+        s = self.scheduler
+        if self._inflight is not None and s.may_speculate() and not s.pipelined:
             # Drafts follow each sequence's last token: read it back before scheduling (no step ahead).
             inflight = self._inflight
             records.append(self._read_back(inflight))
             self._inflight = None
             if not inflight.step.shape.prefill_tokens:  # a step's whole cost, for the draft rows' trade-off
                 self._observe_step(inflight.step.shape.decode_rows, time.perf_counter() - inflight.dispatched)
-        scheduled = self.scheduler.schedule()
+        scheduled = s.schedule()
         previous = self._inflight
         self._inflight = self._dispatch(scheduled) if scheduled is not None else None
         if previous is not None:
             records.append(self._read_back(previous))
+            now, last, self._last_read_back = time.perf_counter(), self._last_read_back, time.perf_counter()
+            if s.proposer is not None and not previous.step.shape.prefill_tokens and last is not None:
+                # One step ahead, a step costs the time between two read-backs (the draft rows' trade-off).
+                self._observe_step(previous.step.shape.decode_rows, now - last)
+        else:
+            self._last_read_back = None
         return records, self._inflight is not None
 
     def _observe_step(self, rows: int, seconds: float) -> None:

@@ -61,7 +61,10 @@ class LoadedModel:
 def hf_params(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]]
               ) -> Iterator[tuple[tuple, np.ndarray]]:
     """(HF name, array) -> (parameter path, array in the model's layout), by the family's names."""
-    hf_param = family(cfg).hf_param
+    fam = family(cfg)
+    hf_param = fam.hf_param
+    if hasattr(fam, "hf_tensors"):  # tensors the family regroups first (per-expert ones stacked)
+        tensors = fam.hf_tensors(cfg, tensors)
     for name, t in tensors:
         converted = hf_param(cfg, name, t if isinstance(t, QuantizedTensor) else np.asarray(t))
         if converted is not None:

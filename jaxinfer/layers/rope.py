@@ -1,4 +1,4 @@
-"""Rotary position embeddings (HF's rotate-half layout) and their scalings."""
+"""Rotary position embeddings (HF's rotate-half layout, or interleaved pairs) and their scalings."""
 
 from __future__ import annotations
 
@@ -12,13 +12,53 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3.1 style frequency-dependent RoPE scaling ("llama3"), or plain "linear"."""
+    """Llama-3.1 style frequency-dependent RoPE scaling ("llama3"), plain "linear", or "yarn" (DeepSeek)."""
 
-    kind: str  # "llama3" or "linear"
+    kind: str  # "llama3", "linear" or "yarn"
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn: the ramp between interpolated and extrapolated frequencies, and the attention factor's inputs
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched `factor` times."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(scaling: RopeScaling | None) -> float:
+    """What cos and sin are multiplied by (HF's `attention_scaling`): 1 except under yarn."""
+    if scaling is None or scaling.kind != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    if scaling.mscale and scaling.mscale_all_dim:
+        return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    return yarn_mscale(scaling.factor)
+
+
+def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """YaRN: extrapolated (unscaled) high frequencies, interpolated (divided by factor) low ones, a linear
+    ramp between the dimensions that turn beta_fast and beta_slow times over the original context."""
+    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (np.float32(s.factor) * pos_freqs)
+
+    def correction_dim(rotations):
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(s.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # the extrapolated share
+    return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -30,6 +70,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
         return inv_freq
     if scaling.kind == "linear":
         return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    if scaling.kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     # llama3: leave high frequencies alone, divide low ones by `factor`, blend between.
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
@@ -42,13 +84,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     return np.where(medium, blended, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE (HF layout). x: [T, heads, head_dim]; positions: [T]."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, *, interleaved: bool = False,
+               attention_factor: float = 1.0) -> jax.Array:
+    """RoPE. x: [T, heads, head_dim]; positions: [T]. Rotate-half (HF's layout: dimension i pairs with
+    i + head_dim / 2), or `interleaved` (2i with 2i + 1, as DeepSeek's checkpoints are laid out; the output
+    in rotate-half order, as HF's DeepSeek code leaves it). cos and sin carry `attention_factor` (yarn)."""
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None]
-    cos = jnp.cos(angles)[:, None, :]  # [T, 1, head_dim // 2]
-    sin = jnp.sin(angles)[:, None, :]
+    cos = jnp.cos(angles)[:, None, :] * attention_factor  # [T, 1, head_dim // 2]
+    sin = jnp.sin(angles)[:, None, :] * attention_factor
     x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
+    if interleaved:
+        x1, x2 = x32[..., 0::2], x32[..., 1::2]
+    else:
+        x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
 

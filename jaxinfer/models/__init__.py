@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from jaxinfer.errors import ConfigError
-from jaxinfer.models import llama
+from jaxinfer.models import deepseek, llama
 from jaxinfer.models.base import ModelConfig
 from jaxinfer.models.llama import LlamaConfig
 
@@ -20,6 +20,7 @@ __all__ = ["FAMILIES", "LlamaConfig", "ModelConfig", "config_from_dict", "config
 
 FAMILIES: tuple[ModuleType, ...] = (
     llama,
+    deepseek,
 )
 
 _BY_ARCHITECTURE = {name: f for f in FAMILIES for name in f.ARCHITECTURES}

@@ -14,6 +14,8 @@ A family is one module in jaxinfer/models/ (llama.py is the example) with:
     gguf_to_hf(cfg, name, tensor) a dequantized GGUF tensor in HF layout (undoing llama.cpp's
                         reordering, if any)
     cache_entries(cfg)  what one token keeps in each layer's KV cache (jaxinfer.layers.kv)
+    hf_tensors(cfg, tensors)  optional: the (HF name, tensor) stream regrouped before hf_param
+                        (per-expert tensors stacked: jaxinfer/models/moe_names.py)
     Model               the Flax NNX module: Model(cfg, dtype=, rngs=)(batch, cache) -> logits, cache
 
 and a line in jaxinfer/models/__init__.py.

@@ -32,6 +32,7 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "expert": None,  # routed experts: each device holds all, its share of their width (no expert axis yet)
     "pages": None,
     "page": None,
 }

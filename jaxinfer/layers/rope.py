@@ -25,6 +25,7 @@ class RopeScaling:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
     attention_factor: float | None = None
+    truncate: bool = True  # the ramp's ends rounded to whole dimensions
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -52,8 +53,10 @@ def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling) -> np.ndarray:
     def correction_dim(rotations):
         return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(s.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)

@@ -1,0 +1,58 @@
+"""Expert tensors as HF checkpoints store them, onto one stacked tensor per layer and projection.
+
+Checkpoints hold routed experts either one tensor per expert
+(`model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`, [out, in] each: DeepSeek, Qwen3-MoE;
+Mixtral's `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`) or fused, as transformers 5 writes them
+(`mlp.experts.gate_up_proj` [X, 2 I, E] and `mlp.experts.down_proj` [X, E, I]). `stack_experts` turns
+either into `{prefix}.experts.{gate,up,down}_proj` [X, out, in] as the tensors stream by, holding a
+layer's per-expert tensors only until its last expert has come.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from jaxinfer.errors import CheckpointError
+
+_PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
+_FUSED = re.compile(r"(.+\.experts)\.(gate_up_proj|down_proj)")
+MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def stack_experts(tensors: Iterable[tuple[str, np.ndarray]], num_experts: int
+                  ) -> Iterator[tuple[str, np.ndarray]]:
+    pending: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for name, t in tensors:
+        m = _PER_EXPERT.fullmatch(name)
+        if m is not None:
+            prefix, e, proj = m.group(1), int(m.group(2)), MIXTRAL_NAMES.get(m.group(3), m.group(3))
+            if e >= num_experts:
+                raise CheckpointError(f"tensor {name!r} is for expert {e}, but the config has {num_experts}")
+            got = pending.setdefault((prefix, proj), {})
+            got[e] = np.asarray(t)
+            if len(got) == num_experts:
+                del pending[(prefix, proj)]
+                yield f"{prefix}.{proj}", np.stack([got[i] for i in range(num_experts)])
+            continue
+        m = _FUSED.fullmatch(name)
+        if m is not None:
+            t = np.asarray(t)
+            if m.group(2) == "down_proj":
+                yield f"{m.group(1)}.down_proj", t
+            else:  # [X, 2 I, E]: gate's rows, then up's
+                if t.ndim != 3 or t.shape[1] % 2:
+                    raise CheckpointError(f"tensor {name!r} has shape {t.shape}: expected [experts, 2 x width, "
+                                          "hidden]")
+                half = t.shape[1] // 2
+                yield f"{m.group(1)}.gate_proj", t[:, :half]
+                yield f"{m.group(1)}.up_proj", t[:, half:]
+            continue
+        yield name, t
+    if pending:
+        (prefix, proj), got = next(iter(pending.items()))
+        missing = sorted(set(range(num_experts)) - set(got))
+        raise CheckpointError(f"checkpoint lacks {prefix}.{{{', '.join(map(str, missing[:5]))}}}.{proj} "
+                              f"({len(missing)} of {num_experts} experts)")

@@ -61,6 +61,15 @@ MODELS = {
         routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True, tie_word_embeddings=False,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=16,
                              beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.5))),
+    # Qwen3's attention with experts: layer 0 dense (mlp_only_layers), then experts, renormalized top-2 of 8.
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=3, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[0], tie_word_embeddings=False)),
+    # Mixtral: experts in every layer (top-2 of 4, always renormalized), a sliding window shorter than the text.
+    "mixtral": (transformers.MixtralConfig, dict(
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, tie_word_embeddings=False)),
 }
 # transformers 5 saves experts one tensor per expert (as DeepSeek's own checkpoints are); these are rewritten
 # fused, as transformers 5 holds them in memory (and some conversions save them).

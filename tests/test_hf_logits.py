@@ -13,7 +13,8 @@ from jaxinfer.runner.model_runner import ModelRunner
 from jaxinfer.sharding import make_mesh
 from tests.paged_runs import teacher_forced_logits
 
-MODELS = ["llama_gqa", "llama31_tied", "qwen2_bias", "qwen3_qknorm", "mistral_window", "deepseek_v2", "deepseek_v3"]
+MODELS = ["llama_gqa", "llama31_tied", "qwen2_bias", "qwen3_qknorm", "mistral_window", "deepseek_v2", "deepseek_v3",
+          "qwen3_moe", "mixtral"]
 
 
 @pytest.mark.parametrize("name", MODELS)

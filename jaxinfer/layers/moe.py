@@ -129,3 +129,21 @@ class Router(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
         return route(logits, self.routing, self.bias[...] if self.routing.bias else None)
+
+
+class MoE(nnx.Module):
+    """A mixture-of-experts feed-forward block: routed experts, plus `shared` (an MLP every token goes
+    through, DeepSeek's shared experts) where given."""
+
+    def __init__(self, hidden: int, width: int, routing: Routing, *, shared: nnx.Module | None = None, dtype,
+                 rngs: nnx.Rngs):
+        self.router = Router(hidden, routing, dtype=dtype, rngs=rngs)
+        self.experts = Experts(routing.num_experts, hidden, width, dtype=dtype, rngs=rngs)
+        if shared is not None:
+            self.shared = shared
+        self.has_shared = shared is not None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weights, ids = self.router(x)
+        y = self.experts(x, weights, ids)
+        return y + self.shared(x) if self.has_shared else y

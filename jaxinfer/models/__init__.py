@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from jaxinfer.errors import ConfigError
-from jaxinfer.models import deepseek, llama
+from jaxinfer.models import deepseek, llama, mixtral, qwen3_moe
 from jaxinfer.models.base import ModelConfig
 from jaxinfer.models.llama import LlamaConfig
 
@@ -21,6 +21,8 @@ __all__ = ["FAMILIES", "LlamaConfig", "ModelConfig", "config_from_dict", "config
 FAMILIES: tuple[ModuleType, ...] = (
     llama,
     deepseek,
+    qwen3_moe,
+    mixtral,
 )
 
 _BY_ARCHITECTURE = {name: f for f in FAMILIES for name in f.ARCHITECTURES}

@@ -30,8 +30,8 @@ from flax import nnx
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.layers import kv
 from jaxinfer.layers.attention import paged_attention
-from jaxinfer.layers.linear import Embed, Linear, project
-from jaxinfer.layers.moe import Experts, Router, Routing
+from jaxinfer.layers.linear import Embed, Linear, einsum, project
+from jaxinfer.layers.moe import MoE, Routing
 from jaxinfer.layers.norm import RMSNorm
 from jaxinfer.layers.param import param
 from jaxinfer.layers.rope import RopeScaling, apply_rope, rope_attention_factor, rope_inv_freq, yarn_mscale
@@ -221,9 +221,9 @@ def hf_param(cfg: DeepseekConfig, name: str, t: np.ndarray) -> tuple[tuple, np.n
     for p in ("gate_proj", "up_proj", "down_proj"):
         table[f"mlp.{p}.weight"] = (("mlp", p, "weight"), lambda: t.T)
         table[f"mlp.shared_experts.{p}.weight"] = (("mlp", "shared", p, "weight"), lambda: t.T)
-        table[f"mlp.experts.{p}"] = (("mlp", "experts", p), lambda: t.transpose(0, 2, 1))  # stacked [X, out, in]
-    table["mlp.gate.weight"] = (("mlp", "router", "weight"), lambda: t.T)
-    table["mlp.gate.e_score_correction_bias"] = (("mlp", "router", "bias"), lambda: t)
+    routed = moe_names.moe_param(rest, t, "mlp")
+    if routed is not None:
+        return ("layers", i, *routed[0]), routed[1]
     if rest not in table:
         raise CheckpointError(f"unexpected tensor {name!r} for a {cfg.architecture} model")
     path, fn = table[rest]
@@ -285,10 +285,10 @@ class Attention(nnx.Module):
         entry = jnp.concatenate([latent[:, None, :], k_pe.astype(latent.dtype)], axis=-1)  # [T, 1, L + R]
         cache = {"latent": kv.write(cache["latent"], batch.slots, entry)}
         w = self.kv_b_proj[...]
-        q_latent = jnp.einsum("thn,lhn->thl", q[..., :N], w[..., :N])
+        q_latent = einsum("thn,lhn->thl", q[..., :N], w[..., :N])
         query = jnp.concatenate([q_latent, q_pe.astype(q_latent.dtype)], axis=-1)  # [T, H, L + R]
         out = paged_attention(query, cache["latent"], cache["latent"], batch, sm_scale=cfg.softmax_scale)
-        values = jnp.einsum("thl,lhv->thv", out[..., :L], w[..., N:])
+        values = einsum("thl,lhv->thv", out[..., :L], w[..., N:])
         return self.o_proj(values), cache
 
 
@@ -303,28 +303,17 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(gate) * up)
 
 
-class MoE(nnx.Module):
-    def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs):
-        E, I = cfg.hidden_size, cfg.moe_intermediate_size  # noqa: E741
-        self.router = Router(E, cfg.routing(), dtype=dtype, rngs=rngs)
-        self.experts = Experts(cfg.num_experts, E, I, dtype=dtype, rngs=rngs)
-        if cfg.num_shared_experts:
-            self.shared = MLP(E, I * cfg.num_shared_experts, dtype=dtype, rngs=rngs)
-        self.num_shared = cfg.num_shared_experts
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        weights, ids = self.router(x)
-        y = self.experts(x, weights, ids)
-        return y + self.shared(x) if self.num_shared else y
-
-
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DeepseekConfig, i: int, *, dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs) if cfg.is_moe_layer(i)
-                    else MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs))
+        if cfg.is_moe_layer(i):
+            E, I = cfg.hidden_size, cfg.moe_intermediate_size  # noqa: E741
+            shared = MLP(E, I * cfg.num_shared_experts, dtype=dtype, rngs=rngs) if cfg.num_shared_experts else None
+            self.mlp = MoE(E, I, cfg.routing(), shared=shared, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, batch, cache):
         attn_out, cache = self.attn(self.attn_norm(x), batch, cache)

@@ -377,11 +377,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, mlp: nnx.Module, *, dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = mlp
 
     def __call__(self, x, batch, cache):
         attn_out, cache = self.attn(self.attn_norm(x), batch, cache)
@@ -395,12 +395,17 @@ class Model(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, self.make_mlp(cfg, i, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+                                for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear("te,ev->tv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   dtype=dtype, rngs=rngs, preferred_element_type=jnp.float32)
+
+    @staticmethod
+    def make_mlp(cfg: LlamaConfig, i: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        """Layer i's feed-forward block (a mixture-of-experts family overrides it: qwen3_moe.py, mixtral.py)."""
+        return MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, batch: Batch, cache: list[dict[str, jax.Array]], feature_layers: tuple[int, ...] = ()):
         """Run one ragged step over the KV cache (per layer: entry -> pages). Returns

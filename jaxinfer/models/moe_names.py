@@ -56,3 +56,32 @@ def stack_experts(tensors: Iterable[tuple[str, np.ndarray]], num_experts: int
         missing = sorted(set(range(num_experts)) - set(got))
         raise CheckpointError(f"checkpoint lacks {prefix}.{{{', '.join(map(str, missing[:5]))}}}.{proj} "
                               f"({len(missing)} of {num_experts} experts)")
+
+
+def moe_param(rest: str, t: np.ndarray, block: str) -> tuple[tuple, np.ndarray] | None:
+    """A layer's router or stacked expert tensor (`rest`: its name after `model.layers.{i}.`; `block`: the
+    MoE module's HF name, "mlp" or Mixtral's "block_sparse_moe") -> (path within the layer, our layout);
+    None for other tensors."""
+    if rest == f"{block}.gate.weight":
+        return ("mlp", "router", "weight"), t.T
+    if rest == f"{block}.gate.e_score_correction_bias":
+        return ("mlp", "router", "bias"), t
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        if rest == f"{block}.experts.{p}":
+            return ("mlp", "experts", p), t.transpose(0, 2, 1)  # stacked [X, out, in] -> [X, in, out]
+    return None
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def layer_moe_param(cfg, name: str, t: np.ndarray, block: str) -> tuple[tuple, np.ndarray] | None:
+    """`moe_param` for a full HF name (`model.layers.{i}.{rest}`): the parameter path from the model's root."""
+    m = _LAYER.fullmatch(name)
+    got = None if m is None else moe_param(m.group(2), t, block)
+    if got is None:
+        return None
+    i = int(m.group(1))
+    if i >= cfg.num_layers:
+        raise CheckpointError(f"tensor {name!r} is for layer {i}, but the config has {cfg.num_layers} layers")
+    return ("layers", i, *got[0]), got[1]

@@ -55,10 +55,11 @@ def _per_device(attend):
         if mesh is None or mesh.shape.get("tensor", 1) == 1:
             return attend(*args)
         tp = mesh.shape["tensor"]
-        if q.shape[1] % tp or k_pages.shape[2] % tp:
+        mqa = k_pages.shape[2] == 1  # one KV head (MLA's latent): every device reads all of it
+        if q.shape[1] % tp or (k_pages.shape[2] % tp and not mqa):
             # Heads that do not split evenly are replicated by the model's rules; so is the kernel.
             return attend(*args)
-        heads, page_heads = P(None, "tensor", None), P(None, None, "tensor", None)
+        heads, page_heads = P(None, "tensor", None), P() if mqa else P(None, None, "tensor", None)
         return jax.shard_map(attend, mesh=mesh, in_specs=(heads, page_heads, page_heads, P(), P(), P()),
                              out_specs=heads, check_vma=False)(*args)
     return call

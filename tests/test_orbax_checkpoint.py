@@ -12,10 +12,10 @@ from jaxinfer.errors import CheckpointError
 from jaxinfer.sharding import make_mesh
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_orbax_round_trip_is_bit_identical_and_sharded_by_the_rules(dtype, data_dir, tmp_path):
-    original = loader.load(data_dir / "hf_tiny" / "qwen2_bias", dtype=dtype, mesh=make_mesh(),
-                           progress=False)
+@pytest.mark.parametrize("dtype,name", [(jnp.float32, "qwen2_bias"), (jnp.bfloat16, "qwen2_bias"),
+                                        (jnp.bfloat16, "deepseek_v3")])  # MLA, experts, YaRN's config
+def test_orbax_round_trip_is_bit_identical_and_sharded_by_the_rules(dtype, name, data_dir, tmp_path):
+    original = loader.load(data_dir / "hf_tiny" / name, dtype=dtype, mesh=make_mesh(), progress=False)
     orbax_io.save(tmp_path / "ckpt", original)
     mesh = make_mesh(tensor=2, data=2)
     restored = loader.load(tmp_path / "ckpt", dtype=None, mesh=mesh, progress=False)
@@ -31,7 +31,8 @@ def test_orbax_round_trip_is_bit_identical_and_sharded_by_the_rules(dtype, data_
         rule = sharding.logical_to_spec(params_lib.logical_axes(var), value.shape, mesh)
         assert value.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, rule), value.ndim)
         assert len(value.sharding.device_set) == 4
-    heads = params_lib.value_of(after[("layers", 0, "attn", "q_proj", "weight")])
+    q_proj = ("layers", 0, "attn", "q_b_proj" if name == "deepseek_v3" else "q_proj", "weight")
+    heads = params_lib.value_of(after[q_proj])
     assert heads.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
 
 

@@ -32,7 +32,8 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
-    "expert": None,  # routed experts: each device holds all, its share of their width (no expert axis yet)
+    "expert": "tensor",  # routed experts: whole experts per device (expert parallelism, layers/moe.py)
+    "expert_mlp": None,
     "pages": None,
     "page": None,
 }

@@ -43,13 +43,13 @@ def test_tensor_parallel_logits_equal_single_device(name, tp, data_dir):
 
 @pytest.mark.parametrize("name,tp", [("deepseek_v3", 2), ("deepseek_v2", 4), ("qwen3_moe", 2), ("mixtral", 2)])
 def test_moe_and_mla_families_under_tensor_parallelism_give_the_single_device_logits(name, tp, data_dir):
-    # Heads split over the tensor axis (MLA's single-head latent pages whole on every device), experts'
-    # width split the same way; routing is per token and needs nothing across devices.
+    # Heads split over the tensor axis (MLA's single-head latent pages whole on every device), the routed
+    # experts too (expert parallelism: whole experts per device, their outputs summed across it).
     model_dir = data_dir / "hf_tiny" / name
     _, _, single = run(model_dir, make_mesh())
     loaded, runner, sharded = run(model_dir, make_mesh(tensor=tp))
     gate = params_lib.value_of(params_lib.flat_params(loaded.state)[("layers", 1, "mlp", "experts", "gate_proj")])
-    assert gate.addressable_shards[0].data.shape[2] == gate.shape[2] // tp
+    assert gate.addressable_shards[0].data.shape == (gate.shape[0] // tp, *gate.shape[1:])
     for a, b in zip(single, sharded):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 

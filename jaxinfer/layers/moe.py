@@ -14,6 +14,14 @@ Routing (`Router`) covers the families' variants as config switches:
 `experts` computes every token's chosen experts with no capacity limit: the (token, expert)
 pairs sorted by expert, then `jax.lax.ragged_dot` over each expert's run of rows for gate, up
 and down, then each token's rows weighted and summed.
+
+Expert parallelism: the routed experts' axis maps to the mesh's `tensor` axis (jaxinfer/sharding.py),
+so under tensor parallelism each device holds X / tp whole experts. The step's tokens are on every
+device already (attention's output is summed across it), so no all-to-all is needed: inside
+`shard_map` each device runs its own experts over the rows routed to them (the other rows fall
+past its groups, which ragged_dot leaves at zero) and one psum adds the devices' shares. This runs
+wherever psum does, the CPU's simulated devices included. Where tp does not divide X the experts
+are replicated and every device computes all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.layers.param import param
 
@@ -87,13 +96,35 @@ def route(logits: jax.Array, r: Routing, bias: jax.Array | None = None) -> tuple
 def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, up: jax.Array,
             down: jax.Array) -> jax.Array:
     """x [T, E] through each token's chosen experts (SwiGLU: gate, up [X, E, I], down [X, I, E]),
-    weighted by `weights` [T, k] and summed: [T, E] in x's dtype."""
+    weighted by `weights` [T, k] and summed: [T, E] in x's dtype. Expert-parallel under a tensor mesh
+    (see the module docstring)."""
+    from jaxinfer.layers.attention import kernel_mesh
+
+    mesh = kernel_mesh()
+    tp = mesh.shape.get("tensor", 1) if mesh is not None else 1
+    if tp == 1 or gate.shape[0] % tp:
+        return _experts(x, weights, ids, gate, up, down)
+
+    def local(x, weights, ids, gate, up, down):
+        n = gate.shape[0]  # this device's experts: global ids first .. first + n - 1
+        mine = ids - jax.lax.axis_index("tensor") * n
+        held = (mine >= 0) & (mine < n)
+        y = _experts(x, jnp.where(held, weights, 0.0), jnp.where(held, mine, n), gate, up, down)
+        return jax.lax.psum(y.astype(jnp.float32), "tensor").astype(x.dtype)
+
+    split = P("tensor", None, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), split, split, split), out_specs=P(),
+                         check_vma=False)(x, weights, ids, gate, up, down)
+
+
+def _experts(x, weights, ids, gate, up, down):
+    """`experts` on one device: ids equal to the number of experts held (gate.shape[0]) are rows to skip."""
     t, k = ids.shape
     num_experts = gate.shape[0]
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # (token, slot) pairs, grouped by expert
     rows = x[order // k]
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # skipped rows sort last, past every group
     g = jax.lax.ragged_dot(rows, gate, sizes, preferred_element_type=jnp.float32)
     u = jax.lax.ragged_dot(rows, up, sizes, preferred_element_type=jnp.float32)
     h = (jax.nn.silu(g) * u).astype(x.dtype)
@@ -108,9 +139,9 @@ class Experts(nnx.Module):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
         X, E, I = num_experts, hidden, intermediate  # noqa: E741
-        self.gate_proj = param(rngs, (X, E, I), ("expert", "embed", "mlp"), dtype)
-        self.up_proj = param(rngs, (X, E, I), ("expert", "embed", "mlp"), dtype)
-        self.down_proj = param(rngs, (X, I, E), ("expert", "mlp", "embed"), dtype)
+        self.gate_proj = param(rngs, (X, E, I), ("expert", "embed", "expert_mlp"), dtype)
+        self.up_proj = param(rngs, (X, E, I), ("expert", "embed", "expert_mlp"), dtype)
+        self.down_proj = param(rngs, (X, I, E), ("expert", "expert_mlp", "embed"), dtype)
 
     def __call__(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
         return experts(x, weights, ids, self.gate_proj[...], self.up_proj[...], self.down_proj[...])

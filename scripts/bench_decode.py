@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true",
                    help="CPU check: a 2-layer Llama shape, float32, batches 1,2, 8 new tokens, no restart unless --restart")
     p.add_argument("--attention", default=None, help="jaxinfer attention implementation (default: auto)")
+    p.add_argument("--shape", choices=("llama-3-8b", "deepseek-v2-lite"), default="llama-3-8b",
+                   help="the random-weight model's shape (deepseek-v2-lite: MLA and 64 routed experts, no peer)")
     p.add_argument("--quantization", default=None,
                    help="jaxinfer's projections quantized: int8, int4 (group 128), fp8, ... (random weights)")
     p.add_argument("--prefix-caching", action="store_true", help="leave automatic prefix caching on")
@@ -118,9 +120,21 @@ def parse_args(argv=None):
 
 # ==== the jaxinfer part (child process; the only code that imports jax) =========================================
 
-def model_config(tiny: bool):
+def model_config(tiny: bool, shape: str = "llama-3-8b"):
     from jaxinfer.models import LlamaConfig
 
+    if shape == "deepseek-v2-lite":
+        from jaxinfer.layers.rope import RopeScaling
+        from jaxinfer.models.deepseek import DeepseekConfig
+
+        return DeepseekConfig(  # DeepSeek-V2-Lite's config.json
+            architecture="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_layers=27,
+            num_heads=16, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+            q_lora_rank=None, rms_norm_eps=1e-6, max_position_embeddings=163840, num_experts=64,
+            num_experts_per_tok=6, moe_intermediate_size=1408, num_shared_experts=2, first_k_dense_replace=1,
+            scoring_func="softmax", topk_method="greedy", routed_scaling_factor=1.0,
+            rope_scaling=RopeScaling(kind="yarn", factor=40.0, original_max_position_embeddings=4096,
+                                     mscale=0.707, mscale_all_dim=0.707))
     if tiny:
         return LlamaConfig(architecture="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
@@ -190,6 +204,14 @@ def bytes_per_step(cfg, state, b: int, context: float, kv_itemsize: int) -> tupl
 
     weights = P.param_bytes(state)
     weights -= cfg.vocab_size * cfg.hidden_size * kv_itemsize * (0 if cfg.tie_word_embeddings else 1)
+    if getattr(cfg, "kv_lora_rank", None):  # MLA: one latent entry per token; routed experts as touched
+        x, k = cfg.num_experts, cfg.num_experts_per_tok
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * kv_itemsize
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+        touched = x * (1 - (1 - k / x) ** b)  # distinct experts b tokens choose, routed uniformly
+        weights -= moe_layers * (x - touched) * per_expert
+        kv = b * context * cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * kv_itemsize
+        return float(weights), float(kv)
     kv = b * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
     return float(weights), float(kv)
 
@@ -321,7 +343,7 @@ def run_jaxinfer(args) -> None:
     def say(msg):
         print(f"[jaxinfer {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    cfg = model_config(args.tiny)
+    cfg = model_config(args.tiny, args.shape)
     dtype = DTYPES[args.dtype]
     out["startup"]["xla_cache_files_before"] = xla_cache_files()
     mesh = make_mesh()

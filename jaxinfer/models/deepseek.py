@@ -39,9 +39,9 @@ from jaxinfer.models import moe_names
 from jaxinfer.models.base import ModelConfig, hf_common
 from jaxinfer.runner.batch import Batch
 
-ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
+ARCHITECTURES = ("deepseek_v2", "deepseek_v3", "deepseek2")
 HF_ARCHITECTURES = {"DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3"}
-GGUF_ARCHITECTURES = ()
+GGUF_ARCHITECTURES = ("deepseek2",)  # llama.cpp's name for V2 and V3 alike
 
 TOPK_METHODS = {"greedy": "max", "group_limited_greedy": "max", "noaux_tc": "top2_sum"}  # -> group score
 
@@ -155,6 +155,56 @@ class DeepseekConfig(ModelConfig):
         )
 
 
+    @classmethod
+    def from_gguf(cls, f) -> DeepseekConfig:
+        """From llama.cpp's `deepseek2` metadata (its converter writes MLA as MQA: key_length is
+        kv_lora_rank + rope, key_length_mla the per-head q/k width, value_length_mla v_head_dim)."""
+        md, arch = f.metadata, f.architecture
+
+        def get(key: str, default: Any = KeyError) -> Any:
+            full = f"{arch}.{key}"
+            if full in md:
+                return md[full]
+            if default is KeyError:
+                raise ConfigError(f"{f.path}: GGUF metadata lacks {full!r}")
+            return default
+
+        rope = int(get("rope.dimension_count"))
+        q_lora = get("attention.q_lora_rank", None)
+        sigmoid = int(get("expert_gating_func", 1)) == 2  # llama.cpp: 1 softmax, 2 sigmoid
+        groups = int(get("expert_group_count", 1))
+        scaling = None
+        if get("rope.scaling.type", None) == "yarn":
+            mscale = float(get("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1  # written as 0.1 * mscale_all_dim
+            scaling = RopeScaling(kind="yarn", factor=float(get("rope.scaling.factor")),
+                                  original_max_position_embeddings=int(get("rope.scaling.original_context_length")),
+                                  mscale=mscale, mscale_all_dim=mscale)
+        vocab = get("vocab_size", None) or len(md.get("tokenizer.ggml.tokens") or ()) or \
+            f.tensor_shape("token_embd.weight")[0]
+        bos, eos = md.get("tokenizer.ggml.bos_token_id"), md.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            architecture=arch, vocab_size=int(vocab), hidden_size=int(get("embedding_length")),
+            num_layers=int(get("block_count")), max_position_embeddings=int(get("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in f.tensors,
+            bos_token_id=None if bos is None else int(bos), eos_token_ids=() if eos is None else (int(eos),),
+            intermediate_size=int(get("feed_forward_length")), num_heads=int(get("attention.head_count")),
+            kv_lora_rank=int(get("attention.kv_lora_rank")),
+            qk_nope_head_dim=int(get("attention.key_length_mla")) - rope, qk_rope_head_dim=rope,
+            v_head_dim=int(get("attention.value_length_mla")),
+            q_lora_rank=int(q_lora) if q_lora else None,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            num_experts=int(get("expert_count", 0)), num_experts_per_tok=int(get("expert_used_count", 1)),
+            moe_intermediate_size=int(get("expert_feed_forward_length", 0)),
+            num_shared_experts=int(get("expert_shared_count", 0)),
+            first_k_dense_replace=int(get("leading_dense_block_count", 0)),
+            scoring_func="sigmoid" if sigmoid else "softmax",
+            topk_method="noaux_tc" if sigmoid else ("group_limited_greedy" if groups > 1 else "greedy"),
+            n_group=groups, topk_group=int(get("expert_group_used_count", groups)),
+            norm_topk_prob=bool(get("expert_weights_norm", False)),
+            routed_scaling_factor=float(get("expert_weights_scale", 1.0)))
+
+
 Config = DeepseekConfig
 
 
@@ -181,8 +231,26 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def hf_tensors(cfg: DeepseekConfig, tensors):
-    """Per-expert tensors stacked into one per layer and projection (moe_names)."""
-    return moe_names.stack_experts(tensors, cfg.num_experts)
+    """Per-expert tensors stacked into one per layer and projection (moe_names); a GGUF's split
+    `k_b_proj` and `v_b_proj` (see gguf_to_hf) joined back into kv_b_proj."""
+    return _join_kv_b(cfg, moe_names.stack_experts(tensors, cfg.num_experts))
+
+
+def _join_kv_b(cfg: DeepseekConfig, tensors):
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for name, t in tensors:
+        if not name.endswith(("self_attn.k_b_proj.weight", "self_attn.v_b_proj.weight")):
+            yield name, t
+            continue
+        prefix, part = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
+        got = halves.setdefault(prefix, {})
+        got[part] = np.asarray(t)
+        if len(got) == 2:  # [H, N, L] and [H, V, L] -> HF's [H * (N + V), L]
+            del halves[prefix]
+            kv_b = np.concatenate([got["k_b_proj"], got["v_b_proj"]], axis=1)
+            yield f"{prefix}.kv_b_proj.weight", kv_b.reshape(-1, kv_b.shape[-1])
+    if halves:
+        raise CheckpointError(f"checkpoint has only one of k_b_proj and v_b_proj for {next(iter(halves))}")
 
 
 def hf_param(cfg: DeepseekConfig, name: str, t: np.ndarray) -> tuple[tuple, np.ndarray] | None:
@@ -233,11 +301,48 @@ def hf_param(cfg: DeepseekConfig, name: str, t: np.ndarray) -> tuple[tuple, np.n
         raise CheckpointError(f"tensor {name!r} has shape {t.shape}, which does not fit the config") from None
 
 
+_GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+_GGUF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q_a.weight": "self_attn.q_a_proj.weight",
+    "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight", "attn_q_b.weight": "self_attn.q_b_proj.weight",
+    "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight", "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
+    # llama.cpp's newer files split kv_b into k_b ([H, L, N]: transposed) and v_b ([H, V, L]); joined in hf_tensors
+    "attn_k_b.weight": "self_attn.k_b_proj.weight", "attn_v_b.weight": "self_attn.v_b_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight", "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    # stacked [X, out, in] already
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj", "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_experts.down_proj.weight",
+}
+_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+
 def gguf_hf_name(name: str) -> str | None:
+    """HF name for a `deepseek2` GGUF tensor name; KeyError if unknown."""
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = _GGUF_BLOCK.fullmatch(name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{int(m.group(1))}.{_GGUF_LAYER[m.group(2)]}"
     raise KeyError(name)
 
 
 def gguf_to_hf(cfg: DeepseekConfig, name: str, w: np.ndarray) -> np.ndarray:
+    """k_b comes transposed per head ([H, L, N]); back to [H, N, L]. The rest is in HF layout (llama.cpp
+    permutes nothing for deepseek2: its rope pairs are DeepSeek's interleaved ones)."""
+    if name.endswith("attn_k_b.weight"):
+        if w.ndim != 3 or w.shape[1] != cfg.kv_lora_rank:
+            raise CheckpointError(f"{name} has shape {w.shape}, expected [heads, {cfg.kv_lora_rank}, "
+                                  f"{cfg.qk_nope_head_dim}]")
+        return np.ascontiguousarray(w.transpose(0, 2, 1))
     return w
 
 

@@ -166,3 +166,37 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch:
     """q: [T, H, Dh] over pages [num_pages, page_size, K, Dh] -> [T, H, Dh]."""
     return IMPLEMENTATIONS[_current](q, k_pages, v_pages, batch, sm_scale=sm_scale,
                                      sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+def mla_attention(q: jax.Array, latent_pages: jax.Array, batch: Batch, *, value_dim: int,
+                  sm_scale: float) -> jax.Array:
+    """Multi-head latent attention, absorbed (pallas_kernels/mla_attention): q [T, H, L + R] over the
+    single-head latent pages [num_pages, page_size, 1, L + R] -> [T, H, value_dim]. Implementations as
+    for `paged_attention`; the kernels exist on TPU so far, elsewhere the paged path reads the same
+    pages as keys and values and its output is cut to value_dim."""
+    from pallas_kernels import mla_attention as mla
+
+    def paged(name):
+        def run(q, pages, batch):
+            return IMPLEMENTATIONS[name](q, pages, pages, batch, sm_scale=sm_scale, sliding_window=None,
+                                         soft_cap=None)[..., :value_dim]
+        return run
+
+    def tpu_kernel(q, pages, batch):
+        def attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens):
+            return mla.tpu.mla_attention(q, k_pages[:, :, 0], kv_lens, page_table, cu_q_lens, value_dim=value_dim,
+                                         max_q_len=batch.max_q_len, sm_scale=sm_scale)
+        return _per_device(attend)(q, pages, pages, batch.kv_lens, batch.page_table, batch.cu_q_lens)
+
+    if _current == "reference":
+        return mla.reference(q, latent_pages[:, :, 0], batch.kv_lens, batch.page_table, batch.cu_q_lens,
+                             value_dim=value_dim, max_q_len=batch.max_q_len, sm_scale=sm_scale)
+    fits = mla.tpu.supports(q, latent_pages[:, :, 0], value_dim) is None
+    if _current == "xla" or not fits:
+        return paged("xla" if _current == "xla" else _current)(q, latent_pages, batch)
+    if _current == "kernels":  # the platform's kernel, the reference where there is none
+        def reference(q, pages, batch):
+            return mla.reference(q, pages[:, :, 0], batch.kv_lens, batch.page_table, batch.cu_q_lens,
+                                 value_dim=value_dim, max_q_len=batch.max_q_len, sm_scale=sm_scale)
+        return lax.platform_dependent(q, latent_pages, batch, tpu=tpu_kernel, default=reference)
+    return lax.platform_dependent(q, latent_pages, batch, tpu=tpu_kernel, default=paged("auto"))

@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.layers import kv
-from jaxinfer.layers.attention import paged_attention
+from jaxinfer.layers.attention import mla_attention
 from jaxinfer.layers.linear import Embed, Linear, einsum, project
 from jaxinfer.layers.moe import MoE, Routing
 from jaxinfer.layers.norm import RMSNorm
@@ -392,8 +392,8 @@ class Attention(nnx.Module):
         w = self.kv_b_proj[...]
         q_latent = einsum("thn,lhn->thl", q[..., :N], w[..., :N])
         query = jnp.concatenate([q_latent, q_pe.astype(q_latent.dtype)], axis=-1)  # [T, H, L + R]
-        out = paged_attention(query, cache["latent"], cache["latent"], batch, sm_scale=cfg.softmax_scale)
-        values = einsum("thl,lhv->thv", out[..., :L], w[..., N:])
+        out = mla_attention(query, cache["latent"], batch, value_dim=L, sm_scale=cfg.softmax_scale)  # [T, H, L]
+        values = einsum("thl,lhv->thv", out, w[..., N:])
         return self.o_proj(values), cache
 
 

@@ -18,6 +18,10 @@ softmax keeps a running max, denominator and accumulator in VMEM.
 The cache is read as `[num_pages, page_size, kv_heads * head_dim]` (a free
 reshape) so a page of one head is a `[page_size, head_dim]` tile.
 
+MLA (pallas_kernels/mla_attention): with `value_dim`, one page array holds each token's key and its
+value is the key's first `value_dim` lanes (the compressed latent, whose key adds the rope part), so
+each page is fetched once and serves both products.
+
 Quantized pages (int8/fp8) bring scales [num_pages, kv_heads, page_size]; they
 are read as [num_pages, kv_heads, page_size, 1] (a free reshape), so one page's
 scales arrive as a [page_size, 1] column beside the page itself, through the
@@ -42,11 +46,12 @@ from pallas_kernels.paged_attention.plan import kv_block_ranges, query_blocks
 
 
 def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_ref, *refs,
-            pages_per_block, page_size, group, sm_scale, sliding_window, soft_cap, quantized):
+            pages_per_block, page_size, group, sm_scale, sliding_window, soft_cap, quantized, value_dim):
     n = pages_per_block
-    k_refs, v_refs = refs[:n], refs[n:2 * n]
+    shared = value_dim is not None  # MLA: the values are the keys' first value_dim lanes
+    k_refs, v_refs = refs[:n], (None if shared else refs[n:2 * n])
     ks_refs, vs_refs = (refs[2 * n:3 * n], refs[3 * n:4 * n]) if quantized else ((None,) * n,) * 2
-    o_ref, m_ref, l_ref, acc_ref = refs[(4 if quantized else 2) * n:]
+    o_ref, m_ref, l_ref, acc_ref = refs[-4:]  # the output, then the scratch
     b, j = pl.program_id(1), pl.program_id(2)
 
     @pl.when(j == 0)
@@ -59,7 +64,8 @@ def _kernel(seq_ref, lo_ref, hi_ref, first_pos_ref, num_valid_ref, pages_ref, q_
             tiles = [_dequantize(r, sr, q_ref.dtype) for r, sr in zip(refs, scale_refs)]
             return jnp.concatenate(tiles, axis=0) if len(tiles) > 1 else tiles[0]
 
-        k, v = load(k_refs, ks_refs), load(v_refs, vs_refs)
+        k = load(k_refs, ks_refs)
+        v = k[:, :value_dim] if shared else load(v_refs, vs_refs)
         s = lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * sm_scale  # [rows, block_kv]
         if soft_cap is not None:
@@ -107,7 +113,7 @@ def default_block_q(max_q_len: int, group: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("max_q_len", "sm_scale", "sliding_window", "soft_cap",
-                                             "block_q", "pages_per_block", "interpret"))
+                                             "block_q", "pages_per_block", "interpret", "value_dim"))
 def ragged_paged_attention(
     q: jax.Array,  # [T, q_heads, head_dim]
     k_pages: jax.Array,  # [num_pages, page_size, kv_heads, head_dim]
@@ -125,9 +131,13 @@ def ragged_paged_attention(
     interpret: bool | pltpu.InterpretParams = False,
     k_scale: jax.Array | None = None,  # [num_pages, kv_heads, page_size] float32 for int8/fp8 pages
     v_scale: jax.Array | None = None,
-) -> jax.Array:  # [T, q_heads, head_dim], rows of padding tokens are zero
+    value_dim: int | None = None,  # MLA: values are the keys' first value_dim lanes (v_pages: None)
+) -> jax.Array:  # [T, q_heads, head_dim or value_dim], rows of padding tokens are zero
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    if value_dim is not None and (k_scale is not None or num_kv_heads != 1 or not 0 < value_dim <= head_dim):
+        raise ValueError(f"value_dim (MLA) takes one KV head of float pages and value_dim <= head_dim ({head_dim})")
+    out_dim = value_dim or head_dim
     num_seqs, pages_per_seq = page_table.shape
     if num_q_heads % num_kv_heads:
         raise ValueError(f"q_heads {num_q_heads} not a multiple of kv_heads {num_kv_heads}")
@@ -156,7 +166,7 @@ def ragged_paged_attention(
     qb = qb.reshape(num_q_blocks * block_q, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     qb = qb.reshape(num_kv_heads, num_q_blocks * rows, head_dim)  # [K, blocks * rows, D]
     kf = k_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
-    vf = v_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
+    vf = None if value_dim is not None else v_pages.reshape(num_pages, page_size, num_kv_heads * head_dim)
 
     def page_index(n):
         def index(h, b, j, seq, lo, hi, first_pos, num_valid, pages):
@@ -166,6 +176,7 @@ def ragged_paged_attention(
         return pl.BlockSpec((None, page_size, head_dim), index)
 
     q_spec = pl.BlockSpec((None, rows, head_dim), lambda h, b, j, *_: (h, b, 0))
+    o_spec = pl.BlockSpec((None, rows, out_dim), lambda h, b, j, *_: (h, b, 0))
     def scale_index(n):
         page = page_index(n).index_map
         def index(*args):
@@ -174,7 +185,10 @@ def ragged_paged_attention(
         return pl.BlockSpec((None, None, page_size, 1), index)
 
     page_specs = [page_index(n) for n in range(pages_per_block)]
-    kv_specs, kv_inputs = page_specs * 2, [kf] * pages_per_block + [vf] * pages_per_block
+    if value_dim is not None:  # MLA: each page once, for the keys and the values both
+        kv_specs, kv_inputs = page_specs, [kf] * pages_per_block
+    else:
+        kv_specs, kv_inputs = page_specs * 2, [kf] * pages_per_block + [vf] * pages_per_block
     if quantized:
         scale_shape = (num_pages, num_kv_heads, page_size, 1)
         kv_specs += [scale_index(n) for n in range(pages_per_block)] * 2
@@ -182,29 +196,29 @@ def ragged_paged_attention(
                       + [v_scale.astype(jnp.float32).reshape(scale_shape)] * pages_per_block)
     kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size,
                                group=group, sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap, quantized=quantized)
+                               soft_cap=soft_cap, quantized=quantized, value_dim=value_dim)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6,
             grid=(num_kv_heads, num_q_blocks, num_kv_blocks),
             in_specs=[q_spec] + kv_specs,
-            out_specs=q_spec,
+            out_specs=o_spec,
             scratch_shapes=[
                 pltpu.VMEM((rows, 1), jnp.float32),  # running max
                 pltpu.VMEM((rows, 1), jnp.float32),  # running denominator
-                pltpu.VMEM((rows, head_dim), jnp.float32),  # accumulator
+                pltpu.VMEM((rows, out_dim), jnp.float32),  # accumulator
             ],
         ),
-        out_shape=jax.ShapeDtypeStruct(qb.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct((*qb.shape[:2], out_dim), q.dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
     )(seq, lo, hi, first_pos, num_valid, pages, qb, *kv_inputs)
 
     # Back to token order: token t of sequence s sits at slot cu_blocks[s] * block_q + (t - cu_q_lens[s]).
-    out = out.reshape(num_kv_heads, num_q_blocks * block_q, group, head_dim).transpose(1, 0, 2, 3)
-    out = out.reshape(num_q_blocks * block_q, num_q_heads, head_dim)
+    out = out.reshape(num_kv_heads, num_q_blocks * block_q, group, out_dim).transpose(1, 0, 2, 3)
+    out = out.reshape(num_q_blocks * block_q, num_q_heads, out_dim)
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     tseq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, num_seqs - 1)
     slot = cu_blocks[tseq] * block_q + t - cu_q_lens[tseq]

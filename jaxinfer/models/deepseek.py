@@ -10,7 +10,11 @@ MLA keeps one entry per token in each layer's paged cache, `latent` [1, kv_lora_
 the normalized compressed KV and the roped key, 576 values at the V2/V3 shapes, the format's minimum. The
 attention is the absorbed form, as runtime einsums (the weights stay as the checkpoint has them):
 q_nope . W_UK gives a query in the latent space, then one MQA over the latent pages (keys: the whole entry;
-values: its first kv_lora_rank), then W_UV and o_proj.
+values: its first kv_lora_rank; layers/attention.mla_attention, the TPU kernel in pallas_kernels/mla_attention),
+then W_UV and o_proj.
+
+Checkpoints: HF safetensors (experts per expert or fused) and llama.cpp's `deepseek2` GGUF files (kv_b whole,
+or split into k_b and v_b as newer converters write it).
 
 Shapes: T tokens, E hidden, H heads, N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, L kv_lora_rank,
 X routed experts, I an expert's width.

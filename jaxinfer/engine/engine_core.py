@@ -316,7 +316,8 @@ class EngineCore:
         self._inflight = self._dispatch(scheduled) if scheduled is not None else None
         if previous is not None:
             records.append(self._read_back(previous))
-            now, last, self._last_read_back = time.perf_counter(), self._last_read_back, time.perf_counter()
+            now = time.perf_counter()
+            last, self._last_read_back = self._last_read_back, now
             if s.proposer is not None and not previous.step.shape.prefill_tokens and last is not None:
                 # One step ahead, a step costs the time between two read-backs (the draft rows' trade-off).
                 self._observe_step(previous.step.shape.decode_rows, now - last)

@@ -188,15 +188,14 @@ def mla_attention(q: jax.Array, latent_pages: jax.Array, batch: Batch, *, value_
                                          max_q_len=batch.max_q_len, sm_scale=sm_scale)
         return _per_device(attend)(q, pages, pages, batch.kv_lens, batch.page_table, batch.cu_q_lens)
 
-    if _current == "reference":
-        return mla.reference(q, latent_pages[:, :, 0], batch.kv_lens, batch.page_table, batch.cu_q_lens,
+    def reference(q, pages, batch):
+        return mla.reference(q, pages[:, :, 0], batch.kv_lens, batch.page_table, batch.cu_q_lens,
                              value_dim=value_dim, max_q_len=batch.max_q_len, sm_scale=sm_scale)
-    fits = mla.tpu.supports(q, latent_pages[:, :, 0], value_dim) is None
-    if _current == "xla" or not fits:
-        return paged("xla" if _current == "xla" else _current)(q, latent_pages, batch)
-    if _current == "kernels":  # the platform's kernel, the reference where there is none
-        def reference(q, pages, batch):
-            return mla.reference(q, pages[:, :, 0], batch.kv_lens, batch.page_table, batch.cu_q_lens,
-                                 value_dim=value_dim, max_q_len=batch.max_q_len, sm_scale=sm_scale)
-        return lax.platform_dependent(q, latent_pages, batch, tpu=tpu_kernel, default=reference)
-    return lax.platform_dependent(q, latent_pages, batch, tpu=tpu_kernel, default=paged("auto"))
+
+    if _current == "reference":
+        return reference(q, latent_pages, batch)
+    if _current == "xla" or mla.tpu.supports(q, latent_pages[:, :, 0], value_dim) is not None:
+        return paged(_current)(q, latent_pages, batch)
+    # kernels: the platform's kernel, the reference where there is none; auto: the paged path there
+    default = reference if _current == "kernels" else paged("auto")
+    return lax.platform_dependent(q, latent_pages, batch, tpu=tpu_kernel, default=default)

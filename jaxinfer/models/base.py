@@ -12,7 +12,8 @@ A family is one module in jaxinfer/models/ (llama.py is the example) with:
                         None for tensors the model does not use
     gguf_hf_name(name)  a GGUF tensor name -> its HF name, None to skip, KeyError if unknown
     gguf_to_hf(cfg, name, tensor) a dequantized GGUF tensor in HF layout (undoing llama.cpp's
-                        reordering, if any)
+                        reordering, if any); these two (and Config.from_gguf) only where
+                        GGUF_ARCHITECTURES is not empty
     cache_entries(cfg)  what one token keeps in each layer's KV cache (jaxinfer.layers.kv)
     hf_tensors(cfg, tensors)  optional: the (HF name, tensor) stream regrouped before hf_param
                         (per-expert tensors stacked: jaxinfer/models/moe_names.py)

@@ -34,12 +34,12 @@ from flax import nnx
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.layers import kv
 from jaxinfer.layers.attention import mla_attention
-from jaxinfer.layers.linear import Embed, Linear, einsum, project
+from jaxinfer.layers.linear import Linear, einsum
 from jaxinfer.layers.moe import MoE, Routing
 from jaxinfer.layers.norm import RMSNorm
 from jaxinfer.layers.param import param
 from jaxinfer.layers.rope import RopeScaling, apply_rope, rope_attention_factor, rope_inv_freq, yarn_mscale
-from jaxinfer.models import moe_names
+from jaxinfer.models import llama, moe_names
 from jaxinfer.models.base import ModelConfig, hf_common
 from jaxinfer.runner.batch import Batch
 
@@ -237,7 +237,7 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 def hf_tensors(cfg: DeepseekConfig, tensors):
     """Per-expert tensors stacked into one per layer and projection (moe_names); a GGUF's split
     `k_b_proj` and `v_b_proj` (see gguf_to_hf) joined back into kv_b_proj."""
-    return _join_kv_b(cfg, moe_names.stack_experts(tensors, cfg.num_experts))
+    return _join_kv_b(cfg, moe_names.hf_tensors(cfg, tensors))
 
 
 def _join_kv_b(cfg: DeepseekConfig, tensors):
@@ -401,62 +401,17 @@ class Attention(nnx.Module):
         return self.o_proj(values), cache
 
 
-class MLP(nnx.Module):
-    def __init__(self, hidden: int, width: int, *, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear("te,em->tm", (hidden, width), ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.up_proj = Linear("te,em->tm", (hidden, width), ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.down_proj = Linear("tm,me->te", (width, hidden), ("mlp", "embed"), dtype=dtype, rngs=rngs)
+class Model(llama.Model):
+    """llama.Model's embedding, residual layers and head, with MLA and the experts in the layers."""
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(jax.nn.silu(gate) * up)
+    @staticmethod
+    def make_attention(cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        return Attention(cfg, dtype=dtype, rngs=rngs)
 
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: DeepseekConfig, i: int, *, dtype, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        if cfg.is_moe_layer(i):
-            E, I = cfg.hidden_size, cfg.moe_intermediate_size  # noqa: E741
-            shared = MLP(E, I * cfg.num_shared_experts, dtype=dtype, rngs=rngs) if cfg.num_shared_experts else None
-            self.mlp = MoE(E, I, cfg.routing(), shared=shared, dtype=dtype, rngs=rngs)
-        else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x, batch, cache):
-        attn_out, cache = self.attn(self.attn_norm(x), batch, cache)
-        x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), cache
-
-
-class Model(nnx.Module):
-    def __init__(self, cfg: DeepseekConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear("te,ev->tv", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                                  dtype=dtype, rngs=rngs, preferred_element_type=jnp.float32)
-
-    def __call__(self, batch: Batch, cache: list[dict[str, jax.Array]], feature_layers: tuple[int, ...] = ()):
-        """As llama.Model: float32 logits [N, V] at batch.logits_indices and the cache (and with
-        `feature_layers`, the hidden states after those layers)."""
-        x = self.embed(batch.tokens)
-        new_cache, features = [], []
-        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
-            x, layer_cache = layer(x, batch, layer_cache)
-            new_cache.append(layer_cache)
-            if i in feature_layers:
-                features.append(x)
-        logits = self.head(x[batch.logits_indices])
-        if feature_layers:
-            return logits, new_cache, jnp.concatenate(features, axis=-1)
-        return logits, new_cache
-
-    def head(self, x: jax.Array) -> jax.Array:
-        x = self.final_norm(x)
-        if self.cfg.tie_word_embeddings:
-            return self.embed.attend(x, preferred_element_type=jnp.float32)
-        return self.lm_head(x)
+    @staticmethod
+    def make_mlp(cfg: DeepseekConfig, i: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        E, I = cfg.hidden_size, cfg.moe_intermediate_size  # noqa: E741
+        if not cfg.is_moe_layer(i):
+            return llama.MLP(E, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+        shared = llama.MLP(E, I * cfg.num_shared_experts, dtype=dtype, rngs=rngs) if cfg.num_shared_experts else None
+        return MoE(E, I, cfg.routing(), shared=shared, dtype=dtype, rngs=rngs)

@@ -365,8 +365,10 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs):
-        E, M = cfg.hidden_size, cfg.intermediate_size
+    """SwiGLU: hidden -> width -> hidden (the dense layers' MLP, and DeepSeek's shared experts)."""
+
+    def __init__(self, hidden: int, width: int, *, dtype, rngs: nnx.Rngs):
+        E, M = hidden, width
         self.gate_proj = Linear("te,em->tm", (E, M), ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.up_proj = Linear("te,em->tm", (E, M), ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.down_proj = Linear("tm,me->te", (M, E), ("mlp", "embed"), dtype=dtype, rngs=rngs)
@@ -377,9 +379,11 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, mlp: nnx.Module, *, dtype, rngs: nnx.Rngs):
+    """Pre-norm residual block around an attention module and a feed-forward one (the family's own)."""
+
+    def __init__(self, cfg: ModelConfig, attn: nnx.Module, mlp: nnx.Module, *, dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
-        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.attn = attn
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         self.mlp = mlp
 
@@ -390,12 +394,14 @@ class DecoderLayer(nnx.Module):
 
 
 class Model(nnx.Module):
-    """dtype: the compute dtype, which every weight here is declared in (as HF keeps them)."""
+    """dtype: the compute dtype, which every weight here is declared in (as HF keeps them). The families
+    with other layers subclass it (make_attention, make_mlp)."""
 
     def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, self.make_mlp(cfg, i, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, self.make_attention(cfg, dtype=dtype, rngs=rngs),
+                                             self.make_mlp(cfg, i, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
                                 for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
@@ -403,9 +409,15 @@ class Model(nnx.Module):
                                   dtype=dtype, rngs=rngs, preferred_element_type=jnp.float32)
 
     @staticmethod
+    def make_attention(cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        """A layer's attention (deepseek.py overrides it with MLA)."""
+        return Attention(cfg, dtype=dtype, rngs=rngs)
+
+    @staticmethod
     def make_mlp(cfg: LlamaConfig, i: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
-        """Layer i's feed-forward block (a mixture-of-experts family overrides it: qwen3_moe.py, mixtral.py)."""
-        return MLP(cfg, dtype=dtype, rngs=rngs)
+        """Layer i's feed-forward block (the mixture-of-experts families override it: qwen3_moe.py, mixtral.py,
+        deepseek.py)."""
+        return MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, batch: Batch, cache: list[dict[str, jax.Array]], feature_layers: tuple[int, ...] = ()):
         """Run one ragged step over the KV cache (per layer: entry -> pages). Returns

@@ -44,8 +44,7 @@ Config = MixtralConfig
 cache_entries = llama.cache_entries
 
 
-def hf_tensors(cfg: MixtralConfig, tensors):
-    return moe_names.stack_experts(tensors, cfg.num_experts)
+hf_tensors = moe_names.hf_tensors
 
 
 def hf_param(cfg: MixtralConfig, name: str, t: np.ndarray):
@@ -53,14 +52,6 @@ def hf_param(cfg: MixtralConfig, name: str, t: np.ndarray):
     rest as llama.py names them."""
     return (moe_names.layer_moe_param(cfg, name, t, "block_sparse_moe")
             or moe_names.layer_moe_param(cfg, name, t, "mlp") or llama.hf_param(cfg, name, t))
-
-
-def gguf_hf_name(name: str) -> str | None:
-    raise KeyError(name)
-
-
-def gguf_to_hf(cfg, name: str, w: np.ndarray) -> np.ndarray:
-    return w
 
 
 class Model(llama.Model):

@@ -58,6 +58,11 @@ def stack_experts(tensors: Iterable[tuple[str, np.ndarray]], num_experts: int
                               f"({len(missing)} of {num_experts} experts)")
 
 
+def hf_tensors(cfg, tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """A family's `hf_tensors` (jaxinfer/models/base.py): its expert tensors stacked, `cfg.num_experts` each."""
+    return stack_experts(tensors, cfg.num_experts)
+
+
 def moe_param(rest: str, t: np.ndarray, block: str) -> tuple[tuple, np.ndarray] | None:
     """A layer's router or stacked expert tensor (`rest`: its name after `model.layers.{i}.`; `block`: the
     MoE module's HF name, "mlp" or Mixtral's "block_sparse_moe") -> (path within the layer, our layout);

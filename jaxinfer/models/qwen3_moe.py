@@ -65,8 +65,7 @@ Config = Qwen3MoeConfig
 cache_entries = llama.cache_entries
 
 
-def hf_tensors(cfg: Qwen3MoeConfig, tensors):
-    return moe_names.stack_experts(tensors, cfg.num_experts)
+hf_tensors = moe_names.hf_tensors
 
 
 def hf_param(cfg: Qwen3MoeConfig, name: str, t: np.ndarray):
@@ -74,17 +73,9 @@ def hf_param(cfg: Qwen3MoeConfig, name: str, t: np.ndarray):
     return moe_names.layer_moe_param(cfg, name, t, "mlp") or llama.hf_param(cfg, name, t)
 
 
-def gguf_hf_name(name: str) -> str | None:
-    raise KeyError(name)
-
-
-def gguf_to_hf(cfg, name: str, w: np.ndarray) -> np.ndarray:
-    return w
-
-
 class Model(llama.Model):
     @staticmethod
     def make_mlp(cfg: Qwen3MoeConfig, i: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
         if cfg.is_moe_layer(i):
             return MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.routing(), dtype=dtype, rngs=rngs)
-        return llama.MLP(cfg, dtype=dtype, rngs=rngs)
+        return llama.MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)

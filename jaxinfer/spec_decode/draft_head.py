@@ -34,7 +34,7 @@ from jaxinfer import params
 from jaxinfer.core.shapes import BatchShape
 from jaxinfer.errors import ConfigError
 from jaxinfer.layers.linear import Linear
-from jaxinfer.models.llama import MLP, DecoderLayer, LlamaConfig
+from jaxinfer.models.llama import MLP, Attention, DecoderLayer, LlamaConfig
 from jaxinfer.runner.batch import Batch
 from jaxinfer.runner.step_inputs import StepInputs, layout
 from jaxinfer.spec_decode.draft_model import DraftModelProposer, one_row_batch
@@ -65,7 +65,8 @@ class DraftHead(nnx.Module):
         self.feature_layers = feature_layers = tuple(sorted(set(feature_layers)))  # as the model gives them
         self.fuse = Linear("tf,fe->te", (len(feature_layers) * E, E), (None, "embed"), dtype=dtype, rngs=rngs)
         self.mix = Linear("tf,fe->te", (2 * E, E), (None, "embed"), dtype=dtype, rngs=rngs)
-        self.layer = DecoderLayer(cfg, MLP(cfg, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+        self.layer = DecoderLayer(cfg, Attention(cfg, dtype=dtype, rngs=rngs),
+                                  MLP(E, cfg.intermediate_size, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
         self.target = target
 
     def step(self, tokens: jax.Array, g: jax.Array, batch: Batch, cache: dict) -> tuple[jax.Array, dict]:

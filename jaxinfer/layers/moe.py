@@ -11,15 +11,16 @@ Routing (`Router`) covers the families' variants as config switches:
     norm_topk      the chosen weights renormalized to sum to 1 (`norm_topk_prob`)
     scale          `routed_scaling_factor`, applied to the weights last
 
-`experts` computes every token's chosen experts with no capacity limit: the (token, expert)
-pairs sorted by expert, then `jax.lax.ragged_dot` over each expert's run of rows for gate, up
-and down, then each token's rows weighted and summed.
+`experts` computes every token's chosen experts with no capacity limit: one row per (token, expert)
+pair through pallas_kernels/grouped_matmul (gate and up in one call, then down; on CUDA the Mosaic
+kernel that reads each chosen expert once per tile of rows, elsewhere `jax.lax.ragged_dot` over the
+rows sorted by expert), then each token's rows weighted and summed.
 
 Expert parallelism: the routed experts' axis maps to the mesh's `tensor` axis (jaxinfer/sharding.py),
 so under tensor parallelism each device holds X / tp whole experts. The step's tokens are on every
 device already (attention's output is summed across it), so no all-to-all is needed: inside
 `shard_map` each device runs its own experts over the rows routed to them (the other rows fall
-past its groups, which ragged_dot leaves at zero) and one psum adds the devices' shares. This runs
+past its groups, which the grouped matmul leaves at zero) and one psum adds the devices' shares. This runs
 wherever psum does, the CPU's simulated devices included. Where tp does not divide X the experts
 are replicated and every device computes all of them.
 """
@@ -34,6 +35,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.layers.param import param
+from pallas_kernels.grouped_matmul import grouped_matmul_many
 
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -120,18 +122,13 @@ def experts(x: jax.Array, weights: jax.Array, ids: jax.Array, gate: jax.Array, u
 def _experts(x, weights, ids, gate, up, down):
     """`experts` on one device: ids equal to the number of experts held (gate.shape[0]) are rows to skip."""
     t, k = ids.shape
-    num_experts = gate.shape[0]
+    rows = jnp.repeat(x, k, axis=0)  # one row per (token, slot), token-major
     flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # (token, slot) pairs, grouped by expert
-    rows = x[order // k]
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # skipped rows sort last, past every group
-    g = jax.lax.ragged_dot(rows, gate, sizes, preferred_element_type=jnp.float32)
-    u = jax.lax.ragged_dot(rows, up, sizes, preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(g) * u).astype(x.dtype)
-    y = jax.lax.ragged_dot(h, down, sizes, preferred_element_type=jnp.float32)
-    # Back to (token, slot) order, each row weighted (in float32), summed per token.
-    out = jnp.zeros((t * k, y.shape[-1]), jnp.float32).at[order].set(y)
-    return (out.reshape(t, k, -1) * weights[..., None]).sum(axis=1).astype(x.dtype)
+    g, u = grouped_matmul_many(rows, (gate, up), flat)
+    h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype)
+    (y,) = grouped_matmul_many(h, (down,), flat)
+    # Each row weighted (in float32), summed per token.
+    return (y.astype(jnp.float32).reshape(t, k, -1) * weights[..., None]).sum(axis=1).astype(x.dtype)
 
 
 class Experts(nnx.Module):

@@ -1,6 +1,6 @@
 """Where does a decode step's time go on the GPU? (Diagnosis for issue 11.)
 
-Builds the Llama-3-8B-shape engine (random bf16 weights) and, for each batch size, times:
+Builds the Llama-3-8B-shape engine (or --shape deepseek-v2-lite; random bf16 weights) and, for each batch size, times:
   - the device step: back-to-back runner.step calls, one wait at the end;
   - the GPU's own work per step (CUPTI: kernel count and summed kernel time), so
     device step minus kernel time is how long the GPU sat idle;
@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--no-full", action="store_true", help="skip the full sampler variant")
     p.add_argument("--trace", action="store_true", help="profile 5 forward calls (host side) and list the host "
                    "events that take the time")
+    p.add_argument("--shape", choices=("llama-3-8b", "deepseek-v2-lite"), default="llama-3-8b",
+                   help="the random-weight model's shape (as bench_decode.py's)")
     p.add_argument("--quantization", default=None, help="projections quantized: int8, int4, fp8, ... (random levels)")
     args = p.parse_args()
 
@@ -103,7 +105,7 @@ def main() -> None:
     from jaxinfer.sharding import make_mesh
     from scripts.bench_decode import dummy_model, model_config
 
-    cfg = model_config(args.tiny)
+    cfg = model_config(args.tiny, args.shape)
     mesh = make_mesh()
     model = dummy_model(cfg, jnp.bfloat16, mesh, args.quantization)
     for b in (int(x) for x in args.batches.split(",")):

@@ -132,15 +132,16 @@ def main():
 
 def sweep(rng, copies, per_expert):
     """The kernel alone (gate and up in one launch; down), by tile_m / tile_k / stages."""
-    from pallas_kernels.grouped_matmul import gpu, reference as ref
+    from pallas_kernels.grouped_matmul import gpu
+    from pallas_kernels.grouped_matmul.reference import plan, tile_rows
 
     print("\n| T | tile_m | weights | tile_k | stages | µs | of the floor |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for t in (1, 64, 256):
         ids = jnp.asarray(np.stack([rng.choice(X, K, replace=False) for _ in range(t)]), jnp.int32).reshape(-1)
         distinct = len(np.unique(np.asarray(ids)))
-        for tile_m in sorted({ref.tile_rows(t * K, X), 8 if t < 256 else 32}):
-            p = ref.plan(ids, X, tile_m)
+        for tile_m in sorted({tile_rows(t * K, X), 8 if t < 256 else 32}):
+            p = plan(ids, X, tile_m)
             for which in ("gate+up", "down"):
                 k = copies[0][2].shape[1] if which == "down" else copies[0][0].shape[1]
                 x = jnp.asarray(rng.standard_normal((p.row_of_slot.shape[0], k)), jnp.bfloat16)

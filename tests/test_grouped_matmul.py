@@ -45,8 +45,9 @@ def test_the_plan_puts_each_row_in_one_slot_of_a_tile_of_its_own_group(rows, gro
 
 def test_the_tile_grows_with_the_rows_each_group_gets():
     assert tile_rows(1 * 6, 64) == 8  # decode, one token: a row per expert
-    assert tile_rows(64 * 6, 64) == 16  # 6 rows per expert on average
-    assert tile_rows(256 * 6, 64) == 64
+    assert tile_rows(64 * 6, 64) == 8  # 6 rows per expert on average
+    assert tile_rows(256 * 6, 64) == 32
+    assert tile_rows(1024 * 6, 64) == 128
     assert tile_rows(4096 * 6, 8) == 128  # the largest tile
 
 

@@ -1,7 +1,8 @@
 """Multi-head latent attention over paged latent entries: the TPU kernel (interpret mode, with race
-detection) and the XLA path match the pure-JAX reference on ragged batches of decode tokens and prefill
-chunks; the reference matches MLA written out the long way (per-head keys and values expanded from the
-latent, as HF computes it); the kernel lowers for TPU v5e and v6e."""
+detection), the GPU kernel (GPU interpret mode, with race detection) and the XLA path match the pure-JAX
+reference on ragged batches of decode tokens and prefill chunks; the reference matches MLA written out the
+long way (per-head keys and values expanded from the latent, as HF computes it); the TPU kernel lowers
+for TPU v5e and v6e, the GPU one for CUDA, where the model's attention picks it for decode-sized steps."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.mla_attention import reference, tpu
+from pallas_kernels.mla_attention import gpu, reference, tpu
 from tests.paged_inputs import ragged_paged_inputs
 
 L, R = 128, 64  # kv_lora_rank, rope width (DeepSeek: 512, 64)
@@ -100,3 +101,69 @@ def test_the_kernel_lowers_for_tpu_at_deepseeks_width(device_kind):
     with jax.sharding.use_abstract_mesh(mesh):
         exported = export.export(jax.jit(attend), platforms=["tpu"])(*args)
     assert exported.mlir_module().count("tpu_custom_call") >= 1
+
+
+# seqs (q_len, kv_len), tokens, seq rows, heads, page_size, pages per seq, KV splits. Keys come 64 to a block:
+# contexts cross blocks and end inside them; q_len 2 and 3 with 8 heads put two tokens in a block (causal
+# mask inside it); 16 heads (V2-Lite's) one token a block.
+GPU_CASES = {
+    "decode_16_heads_one_split": ([(1, 5), (1, 70), (1, 1), (1, 130)], 4, 4, 16, 16, 10, 1),
+    "decode_and_short_runs_two_splits": ([(1, 9), (3, 80), (1, 1), (2, 16)], 8, 5, 8, 8, 12, 2),
+    "spec_decode_4_heads_pages_of_32": ([(4, 100), (1, 33), (5, 64)], 12, 3, 4, 32, 4, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_the_gpu_kernel_matches_the_reference_in_gpu_interpret_mode_without_races(name):
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    seqs, t, s, heads, ps, p, splits = GPU_CASES[name]
+    args, max_q_len = inputs(seqs, t, s, heads, ps, p, jnp.bfloat16, seed=len(seqs))
+    want = reference(*args, value_dim=L, max_q_len=max_q_len, sm_scale=0.1)
+    got = gpu.mla_attention(*args, value_dim=L, max_q_len=max_q_len, sm_scale=0.1, num_splits=splits,
+                            interpret=plgpu.InterpretGPUParams(detect_races=True))
+    assert got.shape == (t, heads, L)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
+    assert not np.any(np.asarray(got[int(args[-1][-1]):], np.float32)), "padding rows must be zero"
+    assert not interpret_pallas_call.get_races().races_found
+
+
+def test_the_gpu_kernel_says_what_it_cannot_take():
+    q, pages = jnp.zeros((4, 16, 576), jnp.bfloat16), jnp.zeros((8, 16, 576), jnp.bfloat16)
+    assert gpu.supports(q, pages, 512) is None
+    assert "heads" in gpu.supports(jnp.zeros((4, 32, 576), jnp.bfloat16), pages, 512)
+    assert "bf16" in gpu.supports(q.astype(jnp.float32), pages, 512)
+    assert "page_size" in gpu.supports(q, jnp.zeros((8, 24, 576), jnp.bfloat16), 512)
+    with pytest.raises(ValueError, match="heads"):
+        gpu.mla_attention(jnp.zeros((4, 32, 576), jnp.bfloat16), pages, jnp.ones(4, jnp.int32),
+                          jnp.zeros((4, 1), jnp.int32), jnp.arange(5, dtype=jnp.int32), value_dim=512, max_q_len=1,
+                          sm_scale=0.1)
+
+
+@pytest.mark.parametrize("max_q_len,kernel", [(1, True), (5, True), (64, False)])
+def test_the_models_attention_takes_the_gpu_kernel_for_decode_sized_steps_on_cuda(max_q_len, kernel):
+    """DeepSeek-V2-Lite's width, 16 heads, bf16: decode and speculative steps lower to the Mosaic GPU kernel;
+    a step with prefill chunks takes XLA's path."""
+    from jaxinfer.layers import attention
+    from jaxinfer.runner.batch import Batch
+
+    tokens, seqs, pages_per_seq = 64, 16, 8
+    i32 = jnp.int32
+
+    def attend(q, pages, kv_lens, page_table, cu_q_lens):
+        zeros = jnp.zeros(tokens, i32)
+        batch = Batch(tokens=zeros, feed_index=zeros, positions=zeros, slots=zeros, cu_q_lens=cu_q_lens,
+                      kv_lens=kv_lens, page_table=page_table, block_tokens=jnp.zeros((1, tokens - seqs), i32),
+                      block_seq=jnp.zeros(1, i32), logits_indices=jnp.zeros(1, i32), decode_rows=seqs,
+                      max_q_len=max_q_len)
+        with attention.implementation("auto"):
+            return attention.mla_attention(q, pages, batch, value_dim=512, sm_scale=0.1)
+
+    args = [jax.ShapeDtypeStruct((tokens, 16, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((seqs * pages_per_seq, 16, 1, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((seqs,), i32), jax.ShapeDtypeStruct((seqs, pages_per_seq), i32),
+            jax.ShapeDtypeStruct((seqs + 1,), i32)]
+    exported = export.export(jax.jit(attend), platforms=["cuda"])(*args)
+    assert ("custom_call @mosaic_gpu" in exported.mlir_module()) == kernel
+    assert exported.out_avals[0].shape == (tokens, 16, 512)

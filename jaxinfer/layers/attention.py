@@ -172,8 +172,9 @@ def mla_attention(q: jax.Array, latent_pages: jax.Array, batch: Batch, *, value_
                   sm_scale: float) -> jax.Array:
     """Multi-head latent attention, absorbed (pallas_kernels/mla_attention): q [T, H, L + R] over the
     single-head latent pages [num_pages, page_size, 1, L + R] -> [T, H, value_dim]. Implementations as
-    for `paged_attention`; the kernels exist on TPU so far, elsewhere the paged path reads the same
-    pages as keys and values and its output is cut to value_dim."""
+    for `paged_attention`: the Mosaic kernels on TPU, and on CUDA for decode-sized steps (max_q_len up to
+    the GPU kernel's MAX_Q_LEN); elsewhere the paged path reads the same pages as keys and values and its
+    output is cut to value_dim."""
     from pallas_kernels import mla_attention as mla
 
     def paged(name):
@@ -182,11 +183,13 @@ def mla_attention(q: jax.Array, latent_pages: jax.Array, batch: Batch, *, value_
                                          soft_cap=None)[..., :value_dim]
         return run
 
-    def tpu_kernel(q, pages, batch):
-        def attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens):
-            return mla.tpu.mla_attention(q, k_pages[:, :, 0], kv_lens, page_table, cu_q_lens, value_dim=value_dim,
-                                         max_q_len=batch.max_q_len, sm_scale=sm_scale)
-        return _per_device(attend)(q, pages, pages, batch.kv_lens, batch.page_table, batch.cu_q_lens)
+    def kernel(module):
+        def run(q, pages, batch):
+            def attend(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens):
+                return module.mla_attention(q, k_pages[:, :, 0], kv_lens, page_table, cu_q_lens, value_dim=value_dim,
+                                            max_q_len=batch.max_q_len, sm_scale=sm_scale)
+            return _per_device(attend)(q, pages, pages, batch.kv_lens, batch.page_table, batch.cu_q_lens)
+        return run
 
     def reference(q, pages, batch):
         return mla.reference(q, pages[:, :, 0], batch.kv_lens, batch.page_table, batch.cu_q_lens,
@@ -194,8 +197,20 @@ def mla_attention(q: jax.Array, latent_pages: jax.Array, batch: Batch, *, value_
 
     if _current == "reference":
         return reference(q, latent_pages, batch)
-    if _current == "xla" or mla.tpu.supports(q, latent_pages[:, :, 0], value_dim) is not None:
-        return paged(_current)(q, latent_pages, batch)
+    if _current == "xla":
+        return paged("xla")(q, latent_pages, batch)
     # kernels: the platform's kernel, the reference where there is none; auto: the paged path there
-    default = reference if _current == "kernels" else paged("auto")
-    return lax.platform_dependent(q, latent_pages, batch, tpu=tpu_kernel, default=default)
+    fallback = reference if _current == "kernels" else paged("auto")
+    pages = latent_pages[:, :, 0]
+    tpu = kernel(mla.tpu) if mla.tpu.supports(q, pages, value_dim) is None else fallback
+    gpu_ok = mla.gpu.supports(_per_device_view(q), pages, value_dim) is None and batch.max_q_len <= mla.gpu.MAX_Q_LEN
+    return lax.platform_dependent(q, latent_pages, batch, tpu=tpu, cuda=kernel(mla.gpu) if gpu_ok else fallback,
+                                  default=fallback)
+
+
+def _per_device_view(q: jax.Array) -> jax.ShapeDtypeStruct:
+    """q [T, H, D] as one device holds it inside `_per_device` (its share of the heads)."""
+    mesh = kernel_mesh()
+    tp = mesh.shape.get("tensor", 1) if mesh is not None else 1
+    heads = q.shape[1] // tp if q.shape[1] % tp == 0 else q.shape[1]
+    return jax.ShapeDtypeStruct((q.shape[0], heads, q.shape[2]), q.dtype)

@@ -53,9 +53,10 @@ SMEM_BYTES = 220 * 1024
 
 
 def _columns(heads: int, max_q_len: int) -> tuple[int, int]:
-    """(block_q, N): tokens per query block and their columns, padded to a multiple of 8."""
+    """(block_q, N): tokens per query block and their columns, padded to a multiple of 8 and to at least 16
+    (a 16-bit output row of 32 bytes, the smallest SMEM swizzle)."""
     block_q = max(1, min(max_q_len, MAX_COLUMNS // heads))
-    return block_q, -(-block_q * heads // 8) * 8
+    return block_q, max(16, -(-block_q * heads // 8) * 8)
 
 
 def _smem_bytes(width: int, value_dim: int, columns: int, stages: int, itemsize: int, split: bool) -> int:

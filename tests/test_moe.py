@@ -101,3 +101,23 @@ def test_an_unsupported_moe_config_is_refused_naming_the_field(data_dir, field, 
     hf[field] = value
     with pytest.raises(ConfigError, match=named):
         config_from_hf(hf)
+
+
+def test_quantizing_an_moe_model_says_its_routed_experts_stay_in_float(caplog):
+    import logging
+
+    from flax import nnx
+
+    from jaxinfer import params
+    from jaxinfer.layers.linear import QuantizedLinear
+    from jaxinfer.layers.moe import Experts
+    from pallas_kernels.quantized_matmul import parse
+    from tests.test_tpu_lowering import SMALL_DEEPSEEK
+
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.layers.linear"):
+        graphdef, state = params.abstract_model(SMALL_DEEPSEEK, jnp.bfloat16, parse("int8-ch"))
+    assert "routed experts of 1 layers stay in bfloat16" in caplog.text
+    model = nnx.merge(graphdef, state)
+    assert any(isinstance(m, QuantizedLinear) for _, m in nnx.iter_modules(model))
+    experts = [m for _, m in nnx.iter_modules(model) if isinstance(m, Experts)]
+    assert experts and all(m.gate_proj.get_value().dtype == jnp.bfloat16 for m in experts)

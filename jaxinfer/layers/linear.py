@@ -9,6 +9,7 @@ latter as parameters of their own dtypes; `quantize_model` swaps it in for each
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ from flax import nnx
 
 from jaxinfer.layers.param import param, value_of
 from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul_many
+
+log = logging.getLogger(__name__)
 
 
 @jax.tree_util.register_dataclass
@@ -268,6 +271,12 @@ def quantize_model(model: nnx.Module, scheme, *, dtype, rngs: nnx.Rngs,
                                 rngs=rngs, bias=child.bias is not None,
                                 preferred_element_type=child.preferred_element_type, name=where)
             setattr(module, name, q)
+    from jaxinfer.layers.moe import Experts
+
+    experts = sum(isinstance(m, Experts) for _, m in nnx.iter_modules(model))
+    if experts:
+        log.warning("quantization: the routed experts of %d layers stay in %s; only the other projections are "
+                    "quantized (quantized expert weights are not supported yet)", experts, jnp.dtype(dtype).name)
     return model
 
 

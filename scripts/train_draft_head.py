@@ -38,6 +38,16 @@ TASKS = ["Explain {t} to a beginner.", "Write a short story about {t}.", "List f
 TOPICS = ["the ocean", "volcanoes", "sorting algorithms", "the moon", "bread baking", "bicycles", "rain",
           "the printing press", "chess", "honey bees", "electric cars", "the internet", "gardening",
           "black holes", "coffee", "trains", "recursion", "the Roman empire", "music theory", "mountains"]
+# Prompts past the first len(TASKS) x len(TOPICS) take these, each with every task: distinct prompts for greedy text.
+MORE_TOPICS = ["photosynthesis", "hash tables", "the French revolution", "jazz", "glaciers", "solar panels", "penguins",
+          "linked lists", "ancient Egypt", "tea", "airplanes", "vaccines", "prime numbers", "deserts", "robots",
+          "the human heart", "coral reefs", "databases", "the Renaissance", "earthquakes", "wind turbines",
+          "owls", "regular expressions", "the Silk Road", "chocolate", "submarines", "sleep", "fractions",
+          "rainforests", "compilers", "the Olympic games", "bees and flowers", "batteries", "octopuses",
+          "unit testing", "the Great Wall of China", "cheese", "rockets", "memory", "triangles",
+          "rivers", "operating systems", "Shakespeare", "thunderstorms", "recycling", "wolves", "binary search",
+          "the Industrial Revolution", "pasta", "satellites", "friendship", "probability", "caves", "web browsers",
+          "the Vikings", "bread and yeast", "lighthouses", "elephants", "version control", "clouds"]
 
 
 def parse_args():
@@ -46,6 +56,9 @@ def parse_args():
     p.add_argument("--out", required=True, help="directory to save the head in")
     p.add_argument("--prompts", type=int, default=240)
     p.add_argument("--new-tokens", type=int, default=160)
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="of the model's answers (0: greedy, the text a greedy request drafts on; every prompt "
+                        "is then a distinct task x topic, up to len(TASKS) x len(TOPICS))")
     p.add_argument("--layers", default=None, help="feature layers, e.g. 7,15,23 (default: 1/4, 1/2, 3/4 up)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=8, help="sequences per training step")
@@ -57,17 +70,22 @@ def parse_args():
     return p.parse_args()
 
 
-def generate_text(model, n, new_tokens, seed):
+def generate_text(model, n, new_tokens, seed, temperature=0.8):
     """Prompt + answer token ids of n chat prompts, answered by the model itself."""
     from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.llm import LLM
 
-    prompts = [TASKS[i % len(TASKS)].format(t=TOPICS[(i // len(TASKS) + i) % len(TOPICS)],
-                                             T=TOPICS[(i // len(TASKS) + i) % len(TOPICS)].capitalize())
-               for i in range(n)]
+    first = len(TASKS) * len(TOPICS)
+
+    def topic(i):
+        if i < first:
+            return TOPICS[(i // len(TASKS) + i) % len(TOPICS)]
+        return MORE_TOPICS[(i - first) // len(TASKS) % len(MORE_TOPICS)]
+
+    prompts = [TASKS[i % len(TASKS)].format(t=topic(i), T=topic(i).capitalize()) for i in range(n)]
     llm = LLM.from_loaded(model, max_num_seqs=32, max_num_batched_tokens=1024, max_model_len=512,
                           warmup=False)
-    params = [SamplingParams(temperature=0.8, seed=seed + i, max_tokens=new_tokens) for i in range(n)]
+    params = [SamplingParams(temperature=temperature, seed=seed + i, max_tokens=new_tokens) for i in range(n)]
     outs = llm.generate([{"messages": [{"role": "user", "content": p}]} for p in prompts], params, use_tqdm=True)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
     llm.close()
@@ -126,7 +144,7 @@ def main():
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else (L // 4, L // 2, 3 * L // 4)
     print(f"# {model.source}: {L} layers, features after layers {list(layers)}", flush=True)
 
-    seqs, prompt_lens = generate_text(model, args.prompts, args.new_tokens, args.seed)
+    seqs, prompt_lens = generate_text(model, args.prompts, args.new_tokens, args.seed, args.temperature)
     targets = model_targets(model, seqs, layers)
     # Only the answers are learned from and scored: the prompts repeat the chat template's fixed text, which a
     # head learns by heart, and which the engine never drafts (a prompt is known).

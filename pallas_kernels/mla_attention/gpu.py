@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.paged_attention.gpu import _kv_chunks, _tile_transforms, default_num_splits
-from pallas_kernels.paged_attention.plan import kv_block_ranges, query_blocks
+from pallas_kernels.paged_attention.plan import gather_queries, kv_block_ranges, query_blocks, scatter_outputs
 
 KEYS = 64  # keys per KV block: one wgmma M tile
 MAX_COLUMNS = 16  # query columns (tokens x heads) per block
@@ -237,11 +237,7 @@ def mla_attention(
     pages = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1).reshape(-1)
 
     # Regroup queries: block b, column i * heads + h is query q0[b] + i of sequence seq[b], head h.
-    i = jnp.arange(block_q, dtype=jnp.int32)
-    token = (cu_q_lens[seq][:, None] + q0[:, None] + i[None, :]).reshape(-1)
-    slot_valid = (i[None, :] < num_valid[:, None]).reshape(-1)
-    qb = jnp.where(slot_valid[:, None, None], q[jnp.clip(token, 0, num_tokens - 1)], 0)
-    qb = qb.reshape(num_q_blocks, block_q * heads, width)
+    qb = gather_queries(q, cu_q_lens, seq, q0, num_valid, block_q).reshape(num_q_blocks, block_q * heads, width)
     qb = jnp.pad(qb, ((0, 0), (0, columns - block_q * heads), (0, 0)))  # [B, N, L + R]
 
     out_dtype = jnp.float32 if split else q.dtype
@@ -278,13 +274,7 @@ def mla_attention(
         weight = weight / jnp.sum(weight, axis=0, keepdims=True)
         out = jnp.sum(o * weight[:, :, None, :], axis=0)
 
-    # Back to token order: token t of sequence s is column (j % block_q) * heads + h of block
-    # cu_blocks[s] + j // block_q, where j = t - cu_q_lens[s].
+    # Back to token order (block column i * heads + h is query i's head h).
     out = out[:, :, :block_q * heads].reshape(num_q_blocks, value_dim, block_q, heads)
     out = out.transpose(0, 2, 3, 1).reshape(num_q_blocks * block_q, heads, value_dim)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    tseq = jnp.searchsorted(cu_q_lens, t, side="right", method="compare_all")  # no while loop (plan.py)
-    tseq = jnp.clip(tseq - 1, 0, num_seqs - 1)
-    slot = cu_blocks[tseq] * block_q + t - cu_q_lens[tseq]
-    real = t < cu_q_lens[-1]
-    return jnp.where(real[:, None, None], out[jnp.clip(slot, 0, num_q_blocks * block_q - 1)], 0).astype(q.dtype)
+    return scatter_outputs(out, cu_q_lens, cu_blocks, block_q, num_tokens).astype(q.dtype)

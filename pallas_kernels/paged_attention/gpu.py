@@ -70,7 +70,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.paged_attention.plan import kv_block_ranges, query_blocks
+from pallas_kernels.paged_attention.plan import gather_queries, kv_block_ranges, query_blocks, scatter_outputs
 
 ROWS = 64  # query rows per block: one WGMMA M tile
 _LOG2E = math.log2(math.e)
@@ -405,10 +405,7 @@ def ragged_paged_attention(
     pages = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1).reshape(-1)
 
     # Regroup queries: block b, row i * group + g is query q0[b] + i of sequence seq[b], head g.
-    i = jnp.arange(block_q, dtype=jnp.int32)
-    token = (cu_q_lens[seq][:, None] + q0[:, None] + i[None, :]).reshape(-1)
-    slot_valid = (i[None, :] < num_valid[:, None]).reshape(-1)
-    qb = jnp.where(slot_valid[:, None, None], q[jnp.clip(token, 0, num_tokens - 1)], 0)
+    qb = gather_queries(q, cu_q_lens, seq, q0, num_valid, block_q)
     qb = qb.reshape(num_q_blocks, block_q, num_kv_heads, group, head_dim).transpose(2, 0, 1, 3, 4)
     qb = qb.reshape(num_kv_heads, num_q_blocks, block_q * group, head_dim)
     qb = jnp.pad(qb, ((0, 0), (0, 0), (0, ROWS - block_q * group), (0, 0)))  # [K, B, ROWS, D]
@@ -475,13 +472,7 @@ def ragged_paged_attention(
         weight = weight / jnp.sum(weight, axis=0, keepdims=True)
         out = jnp.sum(o * weight[..., None], axis=0).astype(q.dtype)
 
-    # Back to token order: token t of sequence s sits at block cu_blocks[s] + j // block_q, row
-    # (j % block_q) * group, where j = t - cu_q_lens[s].
+    # Back to token order (block row i * group + g is query i's head g of its kv head's group).
     out = out[:, :, :block_q * group].reshape(num_kv_heads, num_q_blocks * block_q, group, head_dim)
     out = out.transpose(1, 0, 2, 3).reshape(num_q_blocks * block_q, num_q_heads, head_dim)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    tseq = jnp.searchsorted(cu_q_lens, t, side="right", method="compare_all")  # no while loop (plan.py)
-    tseq = jnp.clip(tseq - 1, 0, num_seqs - 1)
-    slot = cu_blocks[tseq] * block_q + t - cu_q_lens[tseq]
-    real = t < cu_q_lens[-1]
-    return jnp.where(real[:, None, None], out[jnp.clip(slot, 0, num_q_blocks * block_q - 1)], 0).astype(q.dtype)
+    return scatter_outputs(out, cu_q_lens, cu_blocks, block_q, num_tokens).astype(q.dtype)

@@ -37,3 +37,27 @@ def kv_block_ranges(first_pos, num_valid, block_kv, sliding_window):
     lo = jnp.where(empty, 0, lo_pos // block_kv).astype(jnp.int32)
     hi = jnp.where(empty, -1, last_pos // block_kv).astype(jnp.int32)
     return lo, hi
+
+
+def gather_queries(q, cu_q_lens, seq, q0, num_valid, block_q):
+    """q [T, H, D] regrouped by query block: [num_blocks, block_q, H, D], row i of block b being query
+    q0[b] + i of sequence seq[b] (zeros past the block's num_valid tokens)."""
+    num_tokens = q.shape[0]
+    i = jnp.arange(block_q, dtype=jnp.int32)
+    token = (cu_q_lens[seq][:, None] + q0[:, None] + i[None, :]).reshape(-1)
+    valid = (i[None, :] < num_valid[:, None]).reshape(-1)
+    out = jnp.where(valid[:, None, None], q[jnp.clip(token, 0, num_tokens - 1)], 0)
+    return out.reshape(seq.shape[0], block_q, *q.shape[1:])
+
+
+def scatter_outputs(out, cu_q_lens, cu_blocks, block_q, num_tokens):
+    """The inverse of `gather_queries`: out [num_blocks * block_q, H, D] back in token order, [T, H, D]; token
+    t of sequence s is row j % block_q of block cu_blocks[s] + j // block_q (j = t - cu_q_lens[s]). Tokens
+    of no sequence (padding) are zero."""
+    num_seqs = cu_blocks.shape[0] - 1
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    tseq = jnp.searchsorted(cu_q_lens, t, side="right", method="compare_all")  # no while loop (see above)
+    tseq = jnp.clip(tseq - 1, 0, num_seqs - 1)
+    slot = cu_blocks[tseq] * block_q + t - cu_q_lens[tseq]
+    real = t < cu_q_lens[-1]
+    return jnp.where(real[:, None, None], out[jnp.clip(slot, 0, out.shape[0] - 1)], 0)

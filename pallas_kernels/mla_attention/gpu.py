@@ -21,10 +21,10 @@ takes the ring's blocks in order. Splits write O^T and the log2-sum-exp per colu
 XLA epilogue merges them and puts the columns back in token order.
 
 Limits (`supports`; the dispatcher takes XLA's path where they fail): bf16/f16 queries and pages of
-the same dtype; L + R and value_dim multiples of 64; heads up to 16 (block_q * heads columns, a
-multiple of 8); page_size a multiple of 8 dividing 64. Prefill chunks are better served elsewhere:
-with one token per block every query re-reads the KV blocks it sees, so the dispatcher sends steps
-whose max_q_len exceeds `MAX_Q_LEN` to XLA.
+the same dtype; L + R and value_dim multiples of 64; heads up to 16 a device (a block's block_q * heads
+columns, padded to a multiple of 8 and at least 16); page_size a multiple of 8 dividing 64. Prefill
+chunks are better served elsewhere: with few tokens a block every query re-reads the KV blocks it sees,
+so the dispatcher sends steps whose max_q_len exceeds `MAX_Q_LEN` to XLA.
 
 GPU interpret mode (on the CPU) cannot hold a wgmma accumulator in place across steps (no run_state):
 there each step's P V is accumulated in a scoped accumulator and added.

@@ -33,13 +33,16 @@ X, E, I, K = 64, 2048, 1408, 6  # noqa: E741
 
 
 def ragged(x, weights, ids, gate, up, down):
-    real = grouped_matmul.grouped_matmul_many
-    grouped_matmul_many = lambda x, ws, g: grouped_matmul._ragged(x, g, *ws)  # noqa: E731
-    moe.grouped_matmul_many = grouped_matmul_many
+    real = moe.grouped_swiglu
+
+    def on_sorted_rows(rows, gate, up, down, group):
+        body = grouped_matmul._swiglu(gate, up, down)
+        return grouped_matmul._on_sorted_rows(body, rows, group, gate.shape[0])[0]
+    moe.grouped_swiglu = on_sorted_rows
     try:
         return moe._experts(x, weights, ids, gate, up, down)
     finally:
-        moe.grouped_matmul_many = real
+        moe.grouped_swiglu = real
 
 
 def reference(x, weights, ids, gate, up, down):

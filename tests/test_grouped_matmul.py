@@ -116,3 +116,26 @@ def test_the_gpu_kernel_says_which_shapes_it_does_not_take():
     with pytest.raises(ValueError, match="not 2 tiles of 8"):
         gpu.grouped_matmul_many(jnp.zeros((24, 256), jnp.bfloat16), (jnp.zeros((4, 256, 128), jnp.bfloat16),),
                                 jnp.zeros((2,), jnp.int32), tile_m=8)
+
+
+def test_an_expert_mlp_on_one_layout_of_the_rows_matches_the_reference_on_the_gpu_kernel_and_ragged_dot():
+    """grouped_swiglu (what the MoE layer calls): the GPU kernel in interpret mode and the ragged_dot path give
+    silu(x gate) * (x up) times down, each row by its own group's weights, rows of no group zero."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels.grouped_matmul import grouped_swiglu
+
+    rng = np.random.default_rng(7)
+    rows, groups, k, inner = 21, 6, 128, 64
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    gate, up = _weights(rng, groups, k, (inner, inner))
+    (down,) = _weights(rng, groups, inner, (k,))
+    group = _routing(rng, rows, groups)
+    g, u = reference(x, gate, group), reference(x, up, group)
+    h = (jax.nn.silu(g) * u).astype(jnp.bfloat16)
+    want = np.asarray(reference(h, down, group))
+    for got in (grouped_swiglu(x, gate, up, down, group, interpret=plgpu.InterpretGPUParams()),
+                jax.jit(grouped_swiglu)(x, gate, up, down, group)):
+        assert got.shape == want.shape and got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=np.abs(want).max() * 2 ** -6)
+        assert (np.asarray(got)[np.asarray(group) == groups] == 0).all()

@@ -12,9 +12,9 @@ Routing (`Router`) covers the families' variants as config switches:
     scale          `routed_scaling_factor`, applied to the weights last
 
 `experts` computes every token's chosen experts with no capacity limit: one row per (token, expert)
-pair through pallas_kernels/grouped_matmul (gate and up in one call, then down; on CUDA the Mosaic
-kernel that reads each chosen expert once per tile of rows, elsewhere `jax.lax.ragged_dot` over the
-rows sorted by expert), then each token's rows weighted and summed.
+pair through pallas_kernels/grouped_matmul's `grouped_swiglu` (the rows laid out once; on CUDA the
+Mosaic kernel that reads each chosen expert once per tile of rows, gate and up in one launch, elsewhere
+`jax.lax.ragged_dot` over the rows sorted by expert), then each token's rows weighted and summed.
 
 Expert parallelism: the routed experts' axis maps to the mesh's `tensor` axis (jaxinfer/sharding.py),
 so under tensor parallelism each device holds X / tp whole experts. The step's tokens are on every
@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.layers.param import param
-from pallas_kernels.grouped_matmul import grouped_matmul_many
+from pallas_kernels.grouped_matmul import grouped_swiglu
 
 SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
@@ -124,9 +124,7 @@ def _experts(x, weights, ids, gate, up, down):
     t, k = ids.shape
     rows = jnp.repeat(x, k, axis=0)  # one row per (token, slot), token-major
     flat = ids.reshape(-1)
-    g, u = grouped_matmul_many(rows, (gate, up), flat)
-    h = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype)
-    (y,) = grouped_matmul_many(h, (down,), flat)
+    y = grouped_swiglu(rows, gate, up, down, flat)
     # Each row weighted (in float32), summed per token.
     return (y.astype(jnp.float32).reshape(t, k, -1) * weights[..., None]).sum(axis=1).astype(x.dtype)
 

@@ -10,7 +10,8 @@ trains in a few minutes:
    feature layers (low, middle, high: 1/4, 1/2 and 3/4 of the way up unless --layers says) and its greedy
    prediction after every position, the token a draft must equal to be kept.
 3. Training: the head's row at position q reads token q and the model's features at q - 1 and learns the
-   model's prediction after q (cross-entropy; rows in the answers only, as only they are ever drafted), on packed batches of sequences through the same paged
+   model's prediction after q (cross-entropy; rows in the answers only, as only they are ever drafted), on
+   packed batches of sequences through the same paged
    attention the engine runs (a scratch page pool per batch). A second pass ("training-time test", as
    EAGLE-3) feeds each row the head's own output at q - 1 instead of the model's features, as the head's
    later drafts see it, through one-token pages so that each row has a page of its own for itself.
@@ -59,6 +60,9 @@ def parse_args():
     p.add_argument("--temperature", type=float, default=0.8,
                    help="of the model's answers (0: greedy, the text a greedy request drafts on; every prompt "
                         "is then a distinct task x topic, up to len(TASKS) x len(TOPICS))")
+    p.add_argument("--greedy", type=int, default=0,
+                   help="the first this many prompts answered greedily (distinct prompts), the rest at --temperature")
+    p.add_argument("--gen-batch", type=int, default=32, help="sequences generated at once (more on a GPU)")
     p.add_argument("--layers", default=None, help="feature layers, e.g. 7,15,23 (default: 1/4, 1/2, 3/4 up)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=8, help="sequences per training step")
@@ -67,10 +71,14 @@ def parse_args():
     p.add_argument("--held-out", type=int, default=16)
     p.add_argument("--ttt", type=float, default=0.5, help="weight of the second (own-output) pass; 0: none")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="also save the head every this many steps")
+    p.add_argument("--time-budget-s", type=float, default=0,
+                   help="fewer steps than --steps where they would not end within this many seconds of the start "
+                        "(timed over the first steps; the learning-rate schedule follows)")
     return p.parse_args()
 
 
-def generate_text(model, n, new_tokens, seed, temperature=0.8):
+def generate_text(model, n, new_tokens, seed, temperature=0.8, greedy=0, batch=32):
     """Prompt + answer token ids of n chat prompts, answered by the model itself."""
     from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.llm import LLM
@@ -83,9 +91,10 @@ def generate_text(model, n, new_tokens, seed, temperature=0.8):
         return MORE_TOPICS[(i - first) // len(TASKS) % len(MORE_TOPICS)]
 
     prompts = [TASKS[i % len(TASKS)].format(t=topic(i), T=topic(i).capitalize()) for i in range(n)]
-    llm = LLM.from_loaded(model, max_num_seqs=32, max_num_batched_tokens=1024, max_model_len=512,
+    llm = LLM.from_loaded(model, max_num_seqs=batch, max_num_batched_tokens=max(1024, 4 * batch), max_model_len=512,
                           warmup=False)
-    params = [SamplingParams(temperature=temperature, seed=seed + i, max_tokens=new_tokens) for i in range(n)]
+    params = [SamplingParams(temperature=0.0 if i < greedy else temperature, seed=seed + i, max_tokens=new_tokens)
+              for i in range(n)]
     outs = llm.generate([{"messages": [{"role": "user", "content": p}]} for p in prompts], params, use_tqdm=True)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
     llm.close()
@@ -144,11 +153,13 @@ def main():
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else (L // 4, L // 2, 3 * L // 4)
     print(f"# {model.source}: {L} layers, features after layers {list(layers)}", flush=True)
 
-    seqs, prompt_lens = generate_text(model, args.prompts, args.new_tokens, args.seed, args.temperature)
+    seqs, prompt_lens = generate_text(model, args.prompts, args.new_tokens, args.seed, args.temperature,
+                                       args.greedy, args.gen_batch)
     targets = model_targets(model, seqs, layers)
     # Only the answers are learned from and scored: the prompts repeat the chat template's fixed text, which a
     # head learns by heart, and which the engine never drafts (a prompt is known).
-    targets = [(feats, np.where(np.arange(len(pred)) >= n - 1, pred, -1)) for (feats, pred), n in zip(targets, prompt_lens)]
+    targets = [(feats, np.where(np.arange(len(pred)) >= n - 1, pred, -1))
+               for (feats, pred), n in zip(targets, prompt_lens)]
     print(f"{len(seqs)} sequences, {sum(map(len, seqs))} tokens ({time.monotonic() - started:.0f} s)", flush=True)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(seqs))
@@ -249,8 +260,15 @@ def main():
         lab2 = labels[ok + 1] if len(ok) else np.zeros(0, np.int32)
         return ok, table, pos[ok + 1].astype(np.int32), (base + np.arange(R)).astype(np.int32), lab2
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 20), args.steps, args.lr / 20)
-    opt = optax.adamw(schedule, weight_decay=0.01)
+    def lr_at(step, total):
+        """Warm-up over the first 5%, then cosine down to lr / 20 at `total` (which a time budget may cut)."""
+        warm = max(1, total // 20)
+        if step < warm:
+            return args.lr * step / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return args.lr / 20 + (args.lr - args.lr / 20) * 0.5 * (1 + np.cos(np.pi * t))
+
+    opt = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.01)
     opt_state = opt.init(own)
 
     @jax.jit
@@ -273,15 +291,28 @@ def main():
         scored = np.pad(scored, (0, args.rows - len(scored)), constant_values=int(scored[0]))
         return batch, prev, labels, scored, second
 
-    print(f"training: {args.steps} steps of {args.batch} sequences, {args.rows} rows scored", flush=True)
+    print(f"training: up to {args.steps} steps of {args.batch} sequences, {args.rows} rows scored", flush=True)
     t0 = time.monotonic()
-    for step in range(1, args.steps + 1):
+    total, step, t_step2 = args.steps, 0, t0
+    while step < total:
+        step += 1
+        if args.time_budget_s and step == 12:  # steps 2-11 timed (step 1 compiles): fit the rest in the budget
+            jax.block_until_ready(own)
+            per_step = (time.monotonic() - t_step2) / 10
+            left = args.time_budget_s - (time.monotonic() - started)
+            total = max(step, min(total, step + int(left / per_step)))
+            print(f"{per_step * 1e3:.0f} ms a step: {total} steps fit in --time-budget-s", flush=True)
+        if step == 2:
+            t_step2 = time.monotonic()
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr_at(step, total), jnp.float32)
         ids = rng.choice(train, args.batch, replace=False)
         batch, prev, labels, scored, second = make_batch(ids, rng)
         own, opt_state, loss, (a1, a2) = train_step(own, opt_state, batch, prev, labels, scored, second)
-        if step % 50 == 0 or step == 1:
+        if step % 50 == 0 or step == 1 or step == total:
             print(f"step {step}: loss {float(loss):.3f}, agreement first {float(a1):.1%} second {float(a2):.1%} "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
+        if args.save_every and step % args.save_every == 0 and step < total:
+            draft_head.save(merged(own), cfg, args.out, trained_on=model.source, steps=step, sequences=len(train))
 
     # Held out: agreement at the first and second draft.
     agree = []
@@ -293,7 +324,7 @@ def main():
     a1, a2 = np.mean(agree, axis=0)
     print(f"held out ({len(held)} sequences): agreement with the model at the first draft {a1:.1%}, second {a2:.1%}")
     trained = merged(own)
-    draft_head.save(trained, cfg, args.out, trained_on=model.source, steps=args.steps,
+    draft_head.save(trained, cfg, args.out, trained_on=model.source, steps=total,
                     sequences=len(train), agreement_first=round(float(a1), 4), agreement_second=round(float(a2), 4),
                     seconds=round(time.monotonic() - started))
     print(f"saved {args.out} ({time.monotonic() - started:.0f} s in all)")

@@ -352,6 +352,11 @@ def run_jaxinfer(args) -> None:
     loaded = dummy_model(cfg, dtype, mesh, args.quantization)
     out["startup"]["weights_s"] = time.perf_counter() - t
     say(f"weights: {loaded.source} in {out['startup']['weights_s']:.1f} s")
+    if jax.default_backend() == "gpu":
+        from scripts.check_paged_gpu import copy_bandwidth
+
+        out["copy_tbps"] = copy_bandwidth() / 1e12
+        say(f"copy bandwidth: {out['copy_tbps']:.2f} TB/s (read + write of 1 GiB)")
     save()
     rng = np.random.default_rng(args.seed)
     # Largest first: if the time limit cuts this part short, the batch that matters most is in.
@@ -510,6 +515,17 @@ def fmt(v, spec: str, missing: str = "–") -> str:
     return missing if v is None else format(v, spec)
 
 
+def floor_ms(rec: dict, copy_tbps: float | None) -> float | None:
+    """The step's bytes (weights + KV) over the measured copy bandwidth, in ms."""
+    if not copy_tbps or rec.get("weight_GB") is None:
+        return None
+    return (rec["weight_GB"] + rec["kv_GB"]) / copy_tbps
+
+
+def times(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def print_tables(report: dict, args) -> None:
     jx = report.get("jaxinfer") or {}
     peer = report.get("peer") or {}
@@ -520,8 +536,10 @@ def print_tables(report: dict, args) -> None:
           f"(torch {meta.get('torch', '?')}); {args.dtype}; prompts {args.prompt_len}, new tokens "
           f"{args.new_tokens}, temperature {args.temperature}; roofline at {args.hbm_tbps} TB/s")
     print()
-    print("| batch | gpt-fast tok/s | jaxinfer tok/s | ratio | gpt-fast ms/step | jaxinfer ms/step | HBM roofline |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    copy = jx.get("copy_tbps")
+    print("| batch | gpt-fast tok/s | jaxinfer tok/s | ratio | gpt-fast ms/step | jaxinfer ms/step | HBM roofline "
+          "| copy-bw floor ms | × floor |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in batches:
         p = peer.get(b) or peer.get(str(b)) or {}
         j = (jx.get("batches") or {}).get(str(b), {})
@@ -529,7 +547,11 @@ def print_tables(report: dict, args) -> None:
         note = f" ({j['error']})" if j.get("error") else ""
         print(f"| {b} | {fmt(p.get('tok_s'), ',.1f')} | {fmt(j.get('tok_s'), ',.1f')}{note} | "
               f"{fmt(ratio, '.2f')}{'×' if ratio else ''} | {fmt(p.get('ms_per_step'), '.2f')} | "
-              f"{fmt(j.get('tpot_ms'), '.2f')} | {fmt(j.get('roofline'), '.0%')} |")
+              f"{fmt(j.get('tpot_ms'), '.2f')} | {fmt(j.get('roofline'), '.0%')} | "
+              f"{fmt(floor_ms(j, copy), '.2f')} | {fmt(times(j.get('tpot_ms'), floor_ms(j, copy)), '.2f')} |")
+    if copy:
+        print(f"(copy-bw floor: the step's weight and KV bytes over the copy bandwidth measured in this run, "
+              f"{copy:.2f} TB/s)")
     print()
     print("jaxinfer decode step split (ms; device times from back-to-back jitted calls at the mean context):")
     print()

@@ -5,7 +5,9 @@ trains in a few minutes:
     python scripts/train_draft_head.py --out heads/smollm2            # the default model
     jaxinfer generate --chat "..." --speculative-config '{"method": "eagle3", "model": "heads/smollm2"}'
 
-1. Text: the model answers --prompts chat prompts (tasks x topics, made here) at temperature 0.8.
+1. Text: the model answers --prompts chat prompts (tasks x topics, made here) at temperature 0.8 (the first
+   --greedy of them greedily), then --passages tasks over its own answers (copy, edit, go on; greedy).
+   --save-text keeps the token ids, and --text trains on them again without generating.
 2. Targets: one forward pass of the model over each whole sequence gives its hidden states after the
    feature layers (low, middle, high: 1/4, 1/2 and 3/4 of the way up unless --layers says) and its greedy
    prediction after every position, the token a draft must equal to be kept.
@@ -62,7 +64,13 @@ def parse_args():
                         "is then a distinct task x topic, up to len(TASKS) x len(TOPICS))")
     p.add_argument("--greedy", type=int, default=0,
                    help="the first this many prompts answered greedily (distinct prompts), the rest at --temperature")
+    p.add_argument("--passages", type=int, default=0,
+                   help="then this many tasks over the answers (copy, edit, continue; greedy), answered too")
     p.add_argument("--gen-batch", type=int, default=32, help="sequences generated at once (more on a GPU)")
+    p.add_argument("--text", default=None,
+                   help="an .npz of answers saved by an earlier run (--save-text): train on it, generating none")
+    p.add_argument("--save-text", default=None, help="save the generated answers (token ids) to this .npz")
+    p.add_argument("--init", default=None, help="a saved head to start from (its feature layers), not a new one")
     p.add_argument("--layers", default=None, help="feature layers, e.g. 7,15,23 (default: 1/4, 1/2, 3/4 up)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=8, help="sequences per training step")
@@ -78,8 +86,9 @@ def parse_args():
     return p.parse_args()
 
 
-def generate_text(model, n, new_tokens, seed, temperature=0.8, greedy=0, batch=32):
-    """Prompt + answer token ids of n chat prompts, answered by the model itself."""
+def generate_text(model, n, new_tokens, seed, temperature=0.8, greedy=0, batch=32, passages=0):
+    """Prompt + answer token ids of n chat prompts, answered by the model itself, then of `passages` tasks
+    over those answers."""
     from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.llm import LLM
 
@@ -91,18 +100,60 @@ def generate_text(model, n, new_tokens, seed, temperature=0.8, greedy=0, batch=3
         return MORE_TOPICS[(i - first) // len(TASKS) % len(MORE_TOPICS)]
 
     prompts = [TASKS[i % len(TASKS)].format(t=topic(i), T=topic(i).capitalize()) for i in range(n)]
-    llm = LLM.from_loaded(model, max_num_seqs=batch, max_num_batched_tokens=max(1024, 4 * batch), max_model_len=512,
-                          warmup=False)
+    llm = LLM.from_loaded(model, max_num_seqs=batch, max_num_batched_tokens=max(1024, 4 * batch),
+                          max_model_len=160 + 2 * new_tokens + 64, warmup=False)
     params = [SamplingParams(temperature=0.0 if i < greedy else temperature, seed=seed + i, max_tokens=new_tokens)
               for i in range(n)]
     outs = llm.generate([{"messages": [{"role": "user", "content": p}]} for p in prompts], params, use_tqdm=True)
+    if passages:
+        # Tasks over a given text (copy it, edit it, go on from it), the text being the model's own answers:
+        # what a draft meets when a request quotes a document or code.
+        texts = [o.outputs[0].text for o in outs]
+        prompts = [passage_task(texts[i % len(texts)], i, seed) for i in range(passages)]
+        params = [SamplingParams(temperature=0.0, max_tokens=new_tokens) for _ in prompts]
+        outs = outs + llm.generate([{"messages": [{"role": "user", "content": p}]} for p in prompts], params,
+                                   use_tqdm=True)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
     llm.close()
     return seqs, [len(o.prompt_token_ids) for o in outs]
 
 
-def model_targets(model, seqs, layers, page_size=16):
-    """Per sequence: (features [T, F] float32, the model's greedy prediction after each position [T])."""
+PASSAGE_TASKS = ["Please repeat the following text exactly as it is:\n\n{p}", "Copy this out word for word.\n\n{p}",
+                 "Return this text unchanged: {p}", "Rewrite the text below in the past tense.\n\n{p}",
+                 "Correct the typos in this text and give back the whole text:\n\n{typo}",
+                 "In the text below, replace every '{w}' with '{w2}' and return the full text.\n\n{p}",
+                 "Make this text more formal, keeping its meaning:\n\n{p}",
+                 "Summarize this in two sentences:\n\n{p}", "Continue this text for a few more sentences:\n\n{p}",
+                 "Translate this text into simpler English:\n\n{p}"]
+CODE_TASKS = ["Rename the function `{name}` to `{name2}` and show the full code:\n\n{code}",
+              "Add comments to this code and return all of it:\n\n{code}",
+              "Add type annotations to this code and return it:\n\n{code}",
+              "Return this code unchanged:\n\n{code}"]
+
+
+def passage_task(text: str, i: int, seed: int) -> str:
+    """A prompt asking for work on `text` (at most ~600 characters of it, cut at a sentence's end)."""
+    import re
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed * 7919 + i)
+    code = re.search(r"```(?:python)?\n(.*?)```", text, re.S)
+    name = re.search(r"def (\w+)\(", text)
+    if code and name:
+        task = CODE_TASKS[rng.integers(len(CODE_TASKS))]
+        return task.format(code=code.group(1)[:700], name=name.group(1), name2=name.group(1) + "_v2")
+    p = text[:600]
+    p = p[:p.rfind(". ") + 1] if ". " in p else p
+    words = re.findall(r"[A-Za-z]{4,}", p) or ["the"]
+    w = words[rng.integers(len(words))]
+    typo = " ".join(x[:1] + x[2] + x[1] + x[3:] if len(x) > 4 and rng.random() < 0.15 else x for x in p.split(" "))
+    return PASSAGE_TASKS[rng.integers(len(PASSAGE_TASKS))].format(p=p, typo=typo, w=w, w2=w.upper())
+
+
+def model_targets(model, seqs, layers, page_size=16, group=8):
+    """Per sequence: (features [T, F] float32, the model's greedy prediction after each position [T]), `group`
+    sequences a forward pass."""
     import jax
     import numpy as np
     from tqdm.auto import tqdm
@@ -115,17 +166,22 @@ def model_targets(model, seqs, layers, page_size=16):
     longest = max(len(s) for s in seqs)
     T = -(-longest // 64) * 64
     pages = -(-T // page_size)
-    runner = ModelRunner(model.config, model.graphdef, model.state, make_mesh(), num_pages=pages + 1,
-                         page_size=page_size, max_rows=T + 1, feature_layers=layers, attention_impl="xla")
-    shape = BatchShape(1, T, 64, pages, prompt_logprob_rows=T)
+    G = min(group, len(seqs))
+    runner = ModelRunner(model.config, model.graphdef, model.state, make_mesh(), num_pages=G * pages + 1,
+                         page_size=page_size, max_rows=G * T + 1, feature_layers=layers, attention_impl="xla")
+    shape = BatchShape(1, G * T, 64, pages, prompt_logprob_rows=G * T)
+    argmax = jax.jit(lambda x: jax.numpy.argmax(x, -1))
     out = []
-    for s in tqdm(seqs, desc="the model's features"):
-        work = SeqWork(s, 0, list(range(1, pages + 1)), logit_offsets=range(len(s)))
-        batch, rows = build(shape, [], [work], page_size)
-        logits = runner.logits(batch)
-        feats = np.asarray(runner.features).reshape((pages + 1) * page_size, -1)
-        slots = np.asarray(batch.slots)[1:1 + len(s)]
-        out.append((feats[slots].astype(np.float32), np.asarray(jax.numpy.argmax(logits[np.array(rows[0])], -1))))
+    for at in tqdm(range(0, len(seqs), G), desc="the model's features"):
+        part = seqs[at:at + G]
+        works = [SeqWork(s, 0, list(range(1 + j * pages, 1 + (j + 1) * pages)), logit_offsets=range(len(s)))
+                 for j, s in enumerate(part)]
+        batch, rows = build(shape, [], works, page_size)
+        predicted = np.asarray(argmax(runner.logits(batch)))
+        feats = np.asarray(runner.features).reshape((G * pages + 1) * page_size, -1)
+        for j, s in enumerate(part):
+            first = (1 + j * pages) * page_size  # the sequence's pages are consecutive
+            out.append((feats[first:first + len(s)].astype(np.float32), predicted[np.array(rows[j])]))
     return out
 
 
@@ -151,10 +207,21 @@ def main():
     cfg = model.config
     L = cfg.num_layers
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else (L // 4, L // 2, 3 * L // 4)
+    if args.init:
+        layers = tuple(json.loads((pathlib.Path(args.init) / "head.json").read_text())["feature_layers"])
     print(f"# {model.source}: {L} layers, features after layers {list(layers)}", flush=True)
 
-    seqs, prompt_lens = generate_text(model, args.prompts, args.new_tokens, args.seed, args.temperature,
-                                       args.greedy, args.gen_batch)
+    if args.text:
+        with np.load(args.text) as saved:
+            flat, lens, prompt_lens = saved["tokens"], saved["lengths"], saved["prompt_lengths"].tolist()
+        seqs = [x.tolist() for x in np.split(flat, np.cumsum(lens)[:-1])]
+    else:
+        seqs, prompt_lens = generate_text(model, args.prompts, args.new_tokens, args.seed, args.temperature,
+                                           args.greedy, args.gen_batch, args.passages)
+    if args.save_text:
+        np.savez_compressed(args.save_text, tokens=np.concatenate(seqs).astype(np.int32),
+                            lengths=np.array([len(x) for x in seqs]), prompt_lengths=np.array(prompt_lens))
+    print(f"{len(seqs)} answers ({time.monotonic() - started:.0f} s)", flush=True)
     targets = model_targets(model, seqs, layers)
     # Only the answers are learned from and scored: the prompts repeat the chat template's fixed text, which a
     # head learns by heart, and which the engine never drafts (a prompt is known).
@@ -165,7 +232,10 @@ def main():
     order = rng.permutation(len(seqs))
     held, train = order[:args.held_out], order[args.held_out:]
 
-    head = draft_head.new_head(model.graphdef, model.state, cfg, layers, dtype=jnp.float32, seed=args.seed)
+    if args.init:
+        head = draft_head.load(args.init, model.graphdef, model.state, cfg, dtype=jnp.float32)
+    else:
+        head = draft_head.new_head(model.graphdef, model.state, cfg, layers, dtype=jnp.float32, seed=args.seed)
     graphdef, state = nnx.split(head)
     flat = P.flat_params(state)
     own_keys = sorted((k for k in flat if k[0] != "target"), key=str)

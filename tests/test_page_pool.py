@@ -179,7 +179,7 @@ def test_register_dedups_second_page_with_same_hash_stays_private():
     assert not pool.register(b, h)
     assert pool.page_hash(b) is None and pool.lookup([h]) == [a]
     pool.release([b])
-    assert b not in pool._evictable and pool.num_cached_pages == 1  # freed, not cached
+    assert b not in pool._evictable[0] and pool.num_cached_pages == 1  # freed, not cached
     pool.release([a])
     assert pool.lookup([h]) == [a]
     pool.check()
@@ -227,7 +227,7 @@ def test_reset_prefix_cache_forgets_everything_and_frees_unreferenced_pages():
     assert not pool.reset_prefix_cache()  # `held` were still referenced
     assert pool.lookup(chain_hashes(list(range(8)), PS, [])) == []
     assert pool.lookup(chain_hashes(held_tokens, PS, [])) == []
-    assert pool.num_cached_pages == 0 and pool.num_free_pages == 5 and set(old) <= set(pool._free)
+    assert pool.num_cached_pages == 0 and pool.num_free_pages == 5 and set(old) <= set(pool._free[0])
     pool.release(held)  # now private: freed, not cached
     assert pool.num_free_pages == 7 and pool.num_cached_pages == 0
     pool.check()
@@ -317,6 +317,20 @@ def test_fork_on_page_boundary_copies_nothing():
     pool.check()
 
 
+def test_partitions_hand_out_their_own_runs_of_pages_and_lookups_stay_in_theirs():
+    pool = PagePool(12, 4, partitions=3)  # pages 1-3 | 4-7 | 8-11 (page 0 reserved)
+    assert [pool.free_pages(r) for r in range(3)] == [3, 4, 4] and pool.num_free_pages == 11
+    a = pool.allocate(2, 1)
+    assert a == [4, 5] and pool.allocate(5, 2) is None and pool.free_pages(2) == 4
+    pool.register(a[0], b"h0")
+    assert pool.lookup([b"h0"], 1) == [4] and pool.lookup([b"h0"], 0) == [] and pool.lookup([b"h0"]) == [4]
+    child, copy = pool.fork(a, 6)  # a partial second page: the copy comes from partition 1 too
+    assert child[0] == 4 and copy == (5, 6) and pool.partition_of(child[1]) == 1
+    with pytest.raises(ValueError, match="partitions"):
+        PagePool(10, 4, partitions=3)
+    pool.check()
+
+
 def test_fork_without_a_free_page_returns_none_and_changes_nothing():
     pool = PagePool(num_pages=3, page_size=PS)
     parent = pool.allocate(2)
@@ -349,15 +363,20 @@ class PagePoolMachine(RuleBasedStateMachine):
     a page must be private (ref 1) whenever a sequence writes into it.
     """
 
-    @initialize(caching=st.booleans())
-    def setup(self, caching):
-        self.pool = PagePool(SM_NUM_PAGES, SM_PAGE_SIZE, enable_prefix_caching=caching)
+    @initialize(caching=st.booleans(), partitions=st.sampled_from([1, 3]))
+    def setup(self, caching, partitions):
+        self.pool = PagePool(SM_NUM_PAGES, SM_PAGE_SIZE, enable_prefix_caching=caching, partitions=partitions)
         self.seqs: dict[int, tuple[list[int], list[int], list[bytes]]] = {}  # id -> tokens, pages, hashes
+        self.part: dict[int, int] = {}  # id -> its partition (every page of it from there)
         self.content: dict[int, tuple[int, ...]] = {}
         self.next_id = 0
 
-    def model_free(self):
-        return SM_NUM_PAGES - 1 - len({p for _, pages, _ in self.seqs.values() for p in pages})
+    def model_free(self, part=None):
+        """Pages no sequence holds (of one partition: ids part * 9 / n up to the next run)."""
+        per = SM_NUM_PAGES // self.pool.partitions
+        pages = range(1, SM_NUM_PAGES) if part is None else range(max(1, part * per), (part + 1) * per)
+        held = {p for _, pages_, _ in self.seqs.values() for p in pages_}
+        return len(set(pages) - held)
 
     def write(self, tokens, pages, start):
         """Model the device writing tokens[start:] into their pages."""
@@ -372,28 +391,32 @@ class PagePoolMachine(RuleBasedStateMachine):
             assert registered <= self.pool.enable_prefix_caching
 
     @precondition(lambda self: len(self.seqs) < SM_MAX_SEQS)
-    @rule(tokens=tokens_st)
-    def new_request(self, tokens):
+    @rule(tokens=tokens_st, part=st.integers(0, 2))
+    def new_request(self, tokens, part):
         ps = SM_PAGE_SIZE
+        part %= self.pool.partitions
         hashes = chain_hashes(tokens, ps, [])
-        hits = self.pool.lookup(hashes)
+        hits = self.pool.lookup(hashes, part)
+        assert all(self.pool.partition_of(p) == part for p in hits)
         if not self.pool.enable_prefix_caching:
             assert hits == []
         for i, page in enumerate(hits):
             assert self.content[page] == tuple(tokens[:(i + 1) * ps]), "cache hit serves the wrong tokens"
         need = -(-len(tokens) // ps) - len(hits)
         self.pool.acquire(hits)  # before allocate, which could otherwise evict the hits
-        fresh = self.pool.allocate(need)
+        fresh = self.pool.allocate(need, part)
         if fresh is None:
             held = {p for _, pages, _ in self.seqs.values() for p in pages}
-            assert self.model_free() - len(set(hits) - held) < need
+            assert self.model_free(part) - len(set(hits) - held) < need
             self.pool.release(hits)  # the scheduler backs out and preempts
             return
         pages = hits + fresh
         self.pool.record_lookup(len(tokens), len(hits) * ps)
         self.write(tokens, pages, len(hits) * ps)
         self.register_full(tokens, pages, hashes, len(hits))
+        assert all(self.pool.partition_of(p) == part for p in pages)
         self.seqs[self.next_id] = (list(tokens), pages, hashes)
+        self.part[self.next_id] = part
         self.next_id += 1
 
     @precondition(lambda self: self.seqs)
@@ -406,9 +429,9 @@ class PagePoolMachine(RuleBasedStateMachine):
         ps = SM_PAGE_SIZE
         old_len, new_tokens = len(tokens), tokens + more
         need = -(-len(new_tokens) // ps) - len(pages)
-        fresh = self.pool.allocate(need)
+        fresh = self.pool.allocate(need, self.part[sid])
         if fresh is None:
-            assert self.model_free() < need
+            assert self.model_free(self.part[sid]) < need
             return
         pages = pages + fresh
         old_full = len(hashes)
@@ -422,7 +445,7 @@ class PagePoolMachine(RuleBasedStateMachine):
     def fork(self, data):
         sid = data.draw(st.sampled_from(sorted(self.seqs)))
         tokens, pages, hashes = self.seqs[sid]
-        free_before = self.model_free()
+        free_before = self.model_free(self.part[sid])
         out = self.pool.fork(pages, len(tokens))
         partial = len(tokens) % SM_PAGE_SIZE != 0
         if out is None:
@@ -436,7 +459,9 @@ class PagePoolMachine(RuleBasedStateMachine):
             self.content[child[-1]] = self.content[pages[-1]]  # the caller's device copy
         else:
             assert copy is None and child == pages
+        assert all(self.pool.partition_of(p) == self.part[sid] for p in child)
         self.seqs[self.next_id] = (list(tokens), child, list(hashes))
+        self.part[self.next_id] = self.part[sid]
         self.next_id += 1
 
     @precondition(lambda self: self.seqs)
@@ -464,6 +489,8 @@ class PagePoolMachine(RuleBasedStateMachine):
             assert self.pool.ref_count(p) == refs.get(p, 0)
         assert self.pool.num_used_pages == len(refs)
         assert self.pool.num_free_pages == self.model_free()
+        for part in range(self.pool.partitions):
+            assert self.pool.free_pages(part) == self.model_free(part)
 
     def teardown(self):
         if not hasattr(self, "pool"):

@@ -20,6 +20,14 @@ change nothing, and the scheduler preempts. Misuse (releasing a page nobody
 holds, acquiring a free page) raises ValueError before changing anything.
 Every operation costs O(pages touched), never O(pool), except `check` and
 `reset_prefix_cache`.
+
+Partitions: with `partitions` = n the pages split into n equal runs of ids
+(partition r: pages r * num_pages / n up to the next run), as a pool sharded
+n ways over its pages axis lies on n devices. A sequence whose pages all come
+from one partition has its whole cache on one device: MLA's data-parallel
+attention (jaxinfer/layers/attention.py) gives each device the sequences of
+its own partition. `allocate`, `lookup` and `fork` take the partition; free
+and evictable pages are kept per partition. One partition is the plain pool.
 """
 
 from __future__ import annotations
@@ -68,22 +76,29 @@ def chain_hashes(token_ids: Sequence[int], page_size: int, known: list[bytes]) -
 class PagePool:
     """The page pool of one KV cache: who holds which page, and which pages are cached."""
 
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True, partitions: int = 1):
         if num_pages < 2:
             raise ValueError("a KV cache needs at least 2 pages (page 0 is reserved)")
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if partitions < 1 or num_pages % partitions or num_pages // partitions < 2:
+            raise ValueError(f"{num_pages} pages do not split into {partitions} partitions of 2 or more")
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.partitions = partitions
+        self.pages_per_partition = num_pages // partitions
 
         self._ref = [0] * num_pages  # references per page
         self._num_used = 0  # pages with ref >= 1
-        # Never-cached (or no-longer-cached) free pages. Ascending ids at first, so
+        # Never-cached (or no-longer-cached) free pages, per partition. Ascending ids at first, so
         # a fresh pool hands out 1, 2, 3, ... (easy to read in logs and tests).
-        self._free: collections.deque[int] = collections.deque(range(NULL_PAGE + 1, num_pages))
-        # Unreferenced hashed pages, least recently released first (popped first).
-        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        per = self.pages_per_partition
+        self._free: list[collections.deque[int]] = [
+            collections.deque(range(max(r * per, NULL_PAGE + 1), (r + 1) * per)) for r in range(partitions)]
+        # Unreferenced hashed pages, least recently released first (popped first), per partition.
+        self._evictable: list[collections.OrderedDict[int, None]] = [
+            collections.OrderedDict() for _ in range(partitions)]
         self._page_to_hash: dict[int, bytes] = {}
         self._hash_to_page: dict[bytes, int] = {}
 
@@ -94,8 +109,15 @@ class PagePool:
 
     @property
     def num_free_pages(self) -> int:
-        """Pages `allocate` can hand out now: free ones plus evictable cached ones."""
-        return len(self._free) + len(self._evictable)
+        """Pages `allocate` can hand out now: free ones plus evictable cached ones (all partitions)."""
+        return sum(map(len, self._free)) + sum(map(len, self._evictable))
+
+    def free_pages(self, part: int) -> int:
+        """`num_free_pages` of one partition."""
+        return len(self._free[part]) + len(self._evictable[part])
+
+    def partition_of(self, page: int) -> int:
+        return page // self.pages_per_partition
 
     @property
     def num_used_pages(self) -> int:
@@ -123,8 +145,9 @@ class PagePool:
 
     # -- prefix cache --------------------------------------------------------
 
-    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
-        """Pages of the longest cached prefix of `hashes`; stops at the first miss.
+    def lookup(self, hashes: Sequence[bytes], part: int | None = None) -> list[int]:
+        """Pages of the longest cached prefix of `hashes`; stops at the first miss (or, given `part`, at the
+        first page of another partition).
 
         Takes no references, so the caller must `acquire` the pages before its
         next `allocate` (which could otherwise evict them). [] when caching is off.
@@ -134,7 +157,7 @@ class PagePool:
         pages = []
         for h in hashes:
             page = self._hash_to_page.get(h)
-            if page is None:
+            if page is None or (part is not None and self.partition_of(page) != part):
                 # A later page may still be cached (its parent was evicted first),
                 # but its K/V are useless without the parent's.
                 break
@@ -181,9 +204,10 @@ class PagePool:
         Returns True when no cached page was referenced (the whole cache went
         back to the free list), False when some still were. O(cached pages).
         """
-        all_unreferenced = len(self._evictable) == len(self._page_to_hash)
-        self._free.extend(self._evictable)
-        self._evictable.clear()
+        all_unreferenced = sum(map(len, self._evictable)) == len(self._page_to_hash)
+        for free, evictable in zip(self._free, self._evictable):
+            free.extend(evictable)
+            evictable.clear()
         self._page_to_hash.clear()
         self._hash_to_page.clear()
         return all_unreferenced
@@ -198,30 +222,31 @@ class PagePool:
         """
         for page in pages:  # validate first, so an error changes nothing
             self._check_page(page)
-            if self._ref[page] == 0 and page not in self._evictable:
+            if self._ref[page] == 0 and page not in self._evictable[self.partition_of(page)]:
                 raise ValueError(f"page {page} is free; get fresh pages from allocate()")
         for page in pages:
             if self._ref[page] == 0:
-                del self._evictable[page]
+                del self._evictable[self.partition_of(page)][page]
                 self._num_used += 1
             self._ref[page] += 1
 
-    def allocate(self, n: int) -> list[int] | None:
-        """n fresh pages with ref 1, or None (and no change) if fewer than n are available.
+    def allocate(self, n: int, part: int = 0) -> list[int] | None:
+        """n fresh pages of partition `part` with ref 1, or None (and no change) if fewer than n are available.
 
         Never-cached free pages go first; then the least recently released cached
         pages are evicted and their hashes dropped.
         """
         if n < 0:
             raise ValueError(f"cannot allocate {n} pages")
-        if n > self.num_free_pages:
+        if n > self.free_pages(part):
             return None
         pages = []
+        free, evictable = self._free[part], self._evictable[part]
         for _ in range(n):
-            if self._free:
-                page = self._free.popleft()
+            if free:
+                page = free.popleft()
             else:
-                page, _ = self._evictable.popitem(last=False)
+                page, _ = evictable.popitem(last=False)
                 del self._hash_to_page[self._page_to_hash.pop(page)]
             self._ref[page] = 1
             pages.append(page)
@@ -246,9 +271,9 @@ class PagePool:
             if self._ref[page] == 0:
                 self._num_used -= 1
                 if page in self._page_to_hash:
-                    self._evictable[page] = None  # most recently released: evicted last
+                    self._evictable[self.partition_of(page)][page] = None  # most recently released: evicted last
                 else:
-                    self._free.append(page)
+                    self._free[self.partition_of(page)].append(page)
 
     def fork(self, pages: Sequence[int], num_tokens: int) -> tuple[list[int], tuple[int, int] | None] | None:
         """Copy-on-write fork of a sequence holding `num_tokens` tokens in `pages`.
@@ -256,7 +281,7 @@ class PagePool:
         The child shares every full page (one more reference each). A partial
         last page would be written by both sequences, so the child gets a fresh
         page instead and the returned (src, dst) tells the caller to copy the
-        device page. Returns (child_pages, copy or None), or None (no change)
+        device page (of the parent's partition). Returns (child_pages, copy or None), or None (no change)
         when no page is free for the copy. Pages of `pages` past the ones
         `num_tokens` fills (reserved ahead by the scheduler) are not shared; the
         child allocates its own as it grows.
@@ -274,7 +299,7 @@ class PagePool:
         if partial:
             # Allocate before sharing: a failed allocation must leave no trace.
             # It cannot evict the shared pages: they are referenced.
-            fresh = self.allocate(1)
+            fresh = self.allocate(1, self.partition_of(pages[num_full]))
             if fresh is None:
                 return None
             copy = (pages[num_full], fresh[0])
@@ -296,26 +321,30 @@ class PagePool:
             if not cond:  # not `assert`: must also run under python -O
                 raise AssertionError(msg)
 
-        free = set(self._free)
-        expect(len(free) == len(self._free), "a page is on the free list twice")
-        expect(NULL_PAGE not in free and NULL_PAGE not in self._evictable, "the null page is free or evictable")
+        for r, (free_r, evictable_r) in enumerate(zip(self._free, self._evictable)):
+            expect(all(self.partition_of(p) == r for p in free_r), f"partition {r}'s free list holds another's page")
+            expect(all(self.partition_of(p) == r for p in evictable_r), f"partition {r}'s LRU holds another's page")
+        free = {p for f in self._free for p in f}
+        evictable = {p for e in self._evictable for p in e}
+        expect(len(free) == sum(map(len, self._free)), "a page is on the free list twice")
+        expect(NULL_PAGE not in free and NULL_PAGE not in evictable, "the null page is free or evictable")
         expect(NULL_PAGE not in self._page_to_hash, "the null page is cached")
         expect(self._ref[NULL_PAGE] == 0, "the null page is referenced")
         expect(len(self._ref) == self.num_pages, "refcount table has the wrong size")
         expect(all(r >= 0 for r in self._ref), "negative refcount")
         used = 0
         for page in range(NULL_PAGE + 1, self.num_pages):
-            states = (page in free) + (page in self._evictable) + (self._ref[page] >= 1)
+            states = (page in free) + (page in evictable) + (self._ref[page] >= 1)
             expect(states == 1, f"page {page} is in {states} of free/evictable/referenced")
             used += self._ref[page] >= 1
         pool = range(NULL_PAGE + 1, self.num_pages)
         expect(all(p in pool for p in free), "the free list holds a page outside the pool")
-        expect(all(p in pool for p in self._evictable), "the LRU holds a page outside the pool")
+        expect(all(p in pool for p in evictable), "the LRU holds a page outside the pool")
         expect(all(p in pool for p in self._page_to_hash), "a page outside the pool is cached")
         expect(used == self._num_used, f"used-page counter {self._num_used} != {used}")
         for page in free:
             expect(page not in self._page_to_hash, f"free page {page} has a hash")
-        for page in self._evictable:
+        for page in evictable:
             expect(page in self._page_to_hash, f"evictable page {page} has no hash")
         expect(len(self._page_to_hash) == len(self._hash_to_page), "hash maps differ in size")
         for page, h in self._page_to_hash.items():

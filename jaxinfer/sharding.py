@@ -35,6 +35,7 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "expert": "tensor",  # routed experts: whole experts per device (expert parallelism, layers/moe.py)
     "expert_mlp": None,
     "pages": None,
+    "seq_pages": "tensor",  # pools split by sequence over the devices (data-parallel MLA attention)
     "page": None,
 }
 

@@ -20,8 +20,10 @@ def teacher_forced_logits(runner: ModelRunner, prompts: list[np.ndarray],
     the decode region), so positions cross pages.
     """
     n, ps = len(prompts), runner.page_size
-    pool = PagePool(runner.cache_spec.num_pages, ps)
-    tables = [pool.allocate(pages_needed(len(p) + len(c), ps)) for p, c in zip(prompts, continuations)]
+    pool = PagePool(runner.cache_spec.num_pages, ps, partitions=runner.kv_partitions)
+    # Sequences over the partitions in turn (one partition: the plain pool).
+    tables = [pool.allocate(pages_needed(len(p) + len(c), ps), i % pool.partitions)
+              for i, (p, c) in enumerate(zip(prompts, continuations))]
     width = next_bucket(max(len(t) for t in tables))
     chunks = sum(-(-len(p) // block_q) for p in prompts)
     tokens = max(chunks * block_q, n * block_q)

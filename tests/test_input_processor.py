@@ -125,3 +125,12 @@ def test_the_engine_checks_every_request_through_its_processor(data_dir):
     with pytest.raises(InputError, match="the context holds 128"):
         engine.add_request("r", [5] * 128, SamplingParams())
     assert not engine.has_unfinished() and engine.metrics.rejected == 2
+
+
+def test_a_partitioned_pool_holds_a_request_only_if_one_partition_can():
+    """Data-parallel MLA attention keeps each sequence's pages in one partition (here 4 of 5 pages, the
+    first without page 0): a request is refused past what one partition holds, not the whole pool."""
+    p = processor(kv_partitions=4)
+    assert p.check([5] * 10, SamplingParams(max_tokens=6))[1] == 6  # 4 pages
+    with pytest.raises(InputError, match="needs 5 KV pages at full length; the cache has 4 for one sequence"):
+        p.check([5] * 14, SamplingParams(max_tokens=6))

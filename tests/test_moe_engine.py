@@ -48,3 +48,46 @@ def test_the_engine_on_an_moe_family_decodes_as_hf_and_as_single_runs(data_dir, 
     assert [tokens(o) for o in got] == alone
     small.close()
     llm.close()
+
+
+def test_data_parallel_mla_attention_in_the_engine_gives_the_single_device_outputs(data_dir):
+    """DeepSeek-V3's tiny config on 4 simulated devices: experts split (expert parallelism) and the latent
+    pages split by sequence (data-parallel attention: each device holds and attends its own sequences'
+    pages, the pool keeping 4 partitions). Greedy outputs of requests spread over the partitions, with
+    prefix hits and chunked prefill, equal the single-device engine's; a small pool preempts within a
+    partition and still changes nothing."""
+    from checkpoints import loader
+    from engine_fixtures import byte_tokenizer
+    from jaxinfer.sharding import make_mesh
+
+    import jax.numpy as jnp
+
+    mesh = make_mesh(tensor=4)
+    sharded = dataclasses.replace(loader.load(data_dir / "hf_tiny" / "deepseek_v3", dtype=jnp.float32, mesh=mesh,
+                                              progress=False), tokenizer=byte_tokenizer())
+    single = LLM.from_loaded(tiny_model(data_dir, "deepseek_v3"), **{**SMALL, "num_pages": 400})
+    rng = np.random.default_rng(1)
+    system = rng.integers(3, 256, 24).tolist()
+    prompts = [system + p if i % 3 == 0 else p for i, p in enumerate(random_prompts(rng, 12, 2, 20))]
+    params = [greedy(int(rng.integers(4, 16))) for _ in prompts]
+    want = [tokens(o) for o in single.generate(prompts, params, use_tqdm=False)]
+    single.close()
+    for num_pages in (400, 64):  # 64: 15 pages a partition (one sequence's most), too few for all at once
+        llm = LLM.from_loaded(sharded, mesh, **{**SMALL, "num_pages": num_pages})
+        assert llm.engine.config.kv_partitions == 4 and llm.engine.scheduler.pool.partitions == 4
+        latent = llm.engine.runner.cache[0]["latent"]
+        assert latent.addressable_shards[0].data.shape[0] == num_pages // 4
+        ranks = set()
+        real_admit = llm.engine.scheduler._admit
+
+        def admit(seq, real_admit=real_admit):
+            ok = real_admit(seq)
+            ranks.add(seq.rank)
+            assert all(p // (num_pages // 4) == seq.rank for p in seq.pages)
+            return ok
+        llm.engine.scheduler._admit = admit
+        got = [tokens(o) for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want and len(ranks) == 4, ranks
+        if num_pages == 64:
+            assert llm.engine.scheduler.num_preemptions > 0
+        llm.close()

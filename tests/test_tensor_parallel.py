@@ -17,7 +17,7 @@ from tests.paged_runs import teacher_forced_logits
 def run(model_dir, mesh, attention_impl=None, quantization=None):
     loaded = loader.load(model_dir, dtype=jnp.float32, mesh=mesh, progress=False, quantization=quantization)
     ref = np.load(model_dir / "reference.npz")
-    runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, mesh, num_pages=32, page_size=4,
+    runner = ModelRunner(loaded.config, loaded.graphdef, loaded.state, mesh, num_pages=64, page_size=4,
                          attention_impl=attention_impl)
     out = teacher_forced_logits(runner, [ref["prompt_0"], ref["prompt_1"]],
                                 [ref["generated_0"][:4], ref["generated_1"][:4]])
@@ -41,15 +41,19 @@ def test_tensor_parallel_logits_equal_single_device(name, tp, data_dir):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name,tp", [("deepseek_v3", 2), ("deepseek_v2", 4), ("mixtral", 2)])
+@pytest.mark.parametrize("name,tp", [("deepseek_v3", 2), ("deepseek_v2", 4), ("deepseek_v3", 8), ("mixtral", 2)])
 def test_moe_and_mla_families_under_tensor_parallelism_give_the_single_device_logits(name, tp, data_dir):
-    # Heads split over the tensor axis (MLA's single-head latent pages whole on every device), the routed
-    # experts too (expert parallelism: whole experts per device, their outputs summed across it).
+    # The routed experts split over the tensor axis (expert parallelism: whole experts per device, their
+    # outputs summed across it). MLA's latent pages split too, by sequence (data-parallel attention: each
+    # device attends its own sequences with every head; the two sequences here lie in partitions 0 and 1).
     model_dir = data_dir / "hf_tiny" / name
     _, _, single = run(model_dir, make_mesh())
     loaded, runner, sharded = run(model_dir, make_mesh(tensor=tp))
     gate = params_lib.value_of(params_lib.flat_params(loaded.state)[("layers", 1, "mlp", "experts", "gate_proj")])
     assert gate.addressable_shards[0].data.shape == (gate.shape[0] // tp, *gate.shape[1:])
+    if name.startswith("deepseek"):
+        latent = runner.cache[0]["latent"]
+        assert runner.kv_partitions == tp and latent.addressable_shards[0].data.shape[0] == latent.shape[0] // tp
     for a, b in zip(single, sharded):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 

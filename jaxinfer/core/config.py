@@ -95,6 +95,9 @@ class EngineConfig:
     max_model_len: int | None = None  # longest prompt + output; None: the model's context
     page_size: int = 16
     num_pages: int | None = None  # KV pages, page 0 (scratch) included; None: sized from kv_cache_bytes
+    # Partitions of the page pool, set by the engine: the devices an MLA model's latent pages are split over
+    # (data-parallel attention: every page of a sequence on one device), else 1.
+    kv_partitions: int = 1
     kv_cache_bytes: int | None = None  # None: 90% of free accelerator memory, or 1 GiB on CPU
     block_q: int = 64  # prefill query block
     enable_prefix_caching: bool = True
@@ -139,6 +142,9 @@ class EngineConfig:
             problems.append("max_num_batched_tokens must be >= max_num_seqs")
         if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
             problems.append(f"num_pages must be an integer >= 2, got {self.num_pages!r}")
+        elif self.num_pages is not None and (not isinstance(self.kv_partitions, int) or self.kv_partitions < 1
+                                             or self.num_pages % self.kv_partitions):
+            problems.append(f"kv_partitions ({self.kv_partitions!r}) must divide num_pages ({self.num_pages})")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
                                                or self.max_model_len < 2):
             problems.append(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")

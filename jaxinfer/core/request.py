@@ -83,6 +83,7 @@ class Sequence:
         self.table = None  # SeqTable, while running
         self.row = -1
         self.pages: list[int] = []
+        self.rank = 0  # the page pool's partition its pages come from (data-parallel MLA attention)
         self.hashes: list[bytes] = []  # chained hashes of the full pages of `tokens`
         self.num_registered = 0  # leading pages offered to the prefix cache
         self.penalty_slot = -1

@@ -142,7 +142,7 @@ class Scheduler:
             raise ValueError("the scheduler needs max_model_len and num_pages resolved")
         self.cfg = cfg
         self.stop_width = stop_width
-        self.pool = PagePool(cfg.num_pages, cfg.page_size, cfg.enable_prefix_caching)
+        self.pool = PagePool(cfg.num_pages, cfg.page_size, cfg.enable_prefix_caching, partitions=cfg.kv_partitions)
         self.table = SeqTable(cfg.max_num_seqs, cfg.max_model_len, cfg.pages_per_seq, stop_width)
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
@@ -307,7 +307,9 @@ class Scheduler:
             target = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, target)
         decode = rows[target - t.num_computed[rows] == 1]
         need = decode[t.num_computed[decode] >= t.num_pages[decode] * ps]
-        if len(need) > self.pool.num_free_pages:
+        if self.pool.partitions > 1 and len(need):
+            decode = self._decode_pages_preempting(decode, need)  # a page per row, from its partition
+        elif len(need) > self.pool.num_free_pages:
             decode = self._decode_pages_preempting(decode, need)
         elif len(need):
             pages = self.pool.allocate(len(need))
@@ -432,10 +434,10 @@ class Scheduler:
         """Give sequence `row` pages for `positions` positions while free pages last (never preempting);
         returns how many positions its pages then cover."""
         t, ps = self.table, self.cfg.page_size
-        need = min(pages_needed(positions, ps) - int(t.num_pages[row]), self.pool.num_free_pages)
+        seq = t.seqs[row]
+        need = min(pages_needed(positions, ps) - int(t.num_pages[row]), self.pool.free_pages(seq.rank))
         if need > 0:
-            seq = t.seqs[row]
-            seq.pages += self.pool.allocate(need)
+            seq.pages += self.pool.allocate(need, seq.rank)
             t.set_pages(row, seq.pages)
         return int(t.num_pages[row]) * ps
 
@@ -482,14 +484,14 @@ class Scheduler:
             seq = t.seqs[row]
             if seq is None or t.occupancy[row] < 0:
                 continue  # preempted for an earlier one
-            while self.pool.num_free_pages < 1:
-                victim = self.running[-1]
+            while self.pool.free_pages(seq.rank) < 1:
+                victim = self._last_running(seq.rank)
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            (page,) = self.pool.allocate(1)
+            (page,) = self.pool.allocate(1, seq.rank)
             seq.pages.append(page)
             t.page_table[row, t.num_pages[row]] = page
             t.num_pages[row] += 1
@@ -682,12 +684,16 @@ class Scheduler:
         cfg, req = self.cfg, seq.request
         hits: list[int] = []
         tokens = seq.tokens
+        seq.rank = 0
         if cfg.enable_prefix_caching and req.params.prompt_logprobs is None:
             # Leave at least one token to compute: its logits give the first sample.
             usable = seq.target_len - (0 if seq.is_unforked_parent else 1)
             chain_hashes(tokens[:usable - usable % cfg.page_size], cfg.page_size, seq.hashes)
-            hits = self.pool.lookup(seq.hashes[:usable // cfg.page_size])
+            seq.rank = self._partition_for(seq.hashes[:usable // cfg.page_size])
+            hits = self.pool.lookup(seq.hashes[:usable // cfg.page_size], seq.rank)
             self.pool.record_lookup(max(usable, 0), len(hits) * cfg.page_size)
+        else:
+            seq.rank = self._partition_for([])
         self.pool.acquire(hits)
         self._put_in(seq, tokens)
         seq.pages = list(hits)
@@ -721,7 +727,7 @@ class Scheduler:
         if int(self._in_step.sum()) + self._num_drafts >= self._max_decode_rows or self._budget < 1:
             return False
         if t.num_computed[row] >= t.num_pages[row] * self.cfg.page_size:
-            page = self.pool.allocate(1)
+            page = self.pool.allocate(1, seq.rank)
             if page is None:
                 return False
             seq.pages += page
@@ -753,7 +759,7 @@ class Scheduler:
         if need > 0:
             if not self._make_room(need, seq, may_preempt):
                 return False
-            seq.pages += self.pool.allocate(need)
+            seq.pages += self.pool.allocate(need, seq.rank)
             t.set_pages(row, seq.pages)
         samples = not seq.is_unforked_parent and start + chunk == seq.num_tokens
         req = seq.request
@@ -849,10 +855,10 @@ class Scheduler:
         """Free pages until `pages` are available, preempting from the back of the running
         list. False when `seq` itself is the one to go (it is then preempted) or when
         preemption is not allowed."""
-        while self.pool.num_free_pages < pages:
+        while self.pool.free_pages(seq.rank) < pages:
             if not may_preempt:
                 return False
-            victim = self.running[-1]
+            victim = self._last_running(seq.rank)
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -870,7 +876,7 @@ class Scheduler:
             child.table = t
             child.row = t.copy_row(parent.row, child, child.seed)
             self._start_spec(child.row, req.params)
-            child.pages = pages
+            child.pages, child.rank = pages, parent.rank
             t.set_pages(child.row, pages)
             child.hashes = list(parent.hashes)
             child.num_registered = min(parent.num_registered, parent.num_computed // cfg.page_size)
@@ -885,6 +891,21 @@ class Scheduler:
         t.clear_cut(parent.row)
         self._running_rows = None
         return True
+
+    def _partition_for(self, hashes: list[bytes]) -> int:
+        """The pool partition a sequence being admitted takes its pages from: the one caching most of its
+        prefix, then the one with most free pages (one partition: 0)."""
+        if self.pool.partitions == 1:
+            return 0
+        return max(range(self.pool.partitions),
+                   key=lambda r: (len(self.pool.lookup(hashes, r)), self.pool.free_pages(r), -r))
+
+    def _last_running(self, rank: int) -> Sequence:
+        """The lowest-priority running sequence whose pages are in partition `rank` (freeing pages elsewhere
+        would not help)."""
+        if self.pool.partitions == 1:
+            return self.running[-1]
+        return next(s for s in reversed(self.running) if s.rank == rank)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: give back pages and slot; known tokens are kept."""

@@ -165,7 +165,13 @@ class EngineCore:
                 dtype=self.draft.kv_cache_dtype).bytes_per_page) + (
                 len(self.feature_layers) * cfg.hidden_size * config.page_size * np.dtype(model.dtype).itemsize)
             num_pages = given or self._pool_size(page_bytes, config, mesh)
-            self.config = config = config.replace(num_pages=num_pages)
+            tp = mesh.shape.get("tensor", 1)
+            if not given and tp > 1 and num_pages > tp and kv_cache.CacheSpec.for_model(
+                    cfg, num_pages=tp, page_size=config.page_size, dtype=model.kv_cache_dtype).partitions(mesh) > 1:
+                num_pages -= num_pages % tp  # pages split by sequence over the devices: a partition each
+            partitions = kv_cache.CacheSpec.for_model(cfg, num_pages=num_pages, page_size=config.page_size,
+                                                      dtype=model.kv_cache_dtype).partitions(mesh)
+            self.config = config = config.replace(num_pages=num_pages, kv_partitions=partitions)
         except ValueError as e:
             raise ConfigError(f"invalid engine configuration: {e}") from None
         self.proposer = self._proposer(config, mesh)
@@ -176,8 +182,9 @@ class EngineCore:
                                   penalty_slots=config.max_num_seqs, feed_slots=config.max_num_seqs,
                                   max_model_len=self.max_model_len,
                                   attention_impl=config.attention, feature_layers=self.feature_layers)
-        log.info("KV cache: %d pages of %d tokens (%.2f GiB); max_model_len %d",
-                 num_pages, config.page_size, num_pages * spec.bytes_per_page / 2**30, self.max_model_len)
+        assert self.runner.kv_partitions == config.kv_partitions, "the pool and the cache split alike"
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB, %d partitions); max_model_len %d", num_pages,
+                 config.page_size, num_pages * spec.bytes_per_page / 2**30, partitions, self.max_model_len)
         self.requests: dict[str, Request] = {}  # until every sequence of theirs has finished
         self.metrics = EngineMetrics()
         self._arrivals = itertools.count()

@@ -41,20 +41,24 @@ class InputProcessor:
     from any thread (the gRPC servicer's input threads do)."""
 
     def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int, max_num_seqs: int,
-                 page_size: int, num_pages: int, model_name: str = "this model"):
+                 page_size: int, num_pages: int, kv_partitions: int = 1, model_name: str = "this model"):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.page_size = page_size
         self.num_pages = num_pages  # page 0 is the engine's scratch page: num_pages - 1 hold KV
+        # A sequence's pages come from one partition (data-parallel MLA attention); the first lacks page 0.
+        self.seq_pages = num_pages // kv_partitions - 1
+        self.kv_partitions = kv_partitions
         self.model_name = model_name
 
     @classmethod
     def for_engine(cls, engine) -> InputProcessor:
         return cls(engine.tokenizer, vocab_size=engine.vocab_size, max_model_len=engine.max_model_len,
                    max_num_seqs=engine.config.max_num_seqs, page_size=engine.config.page_size,
-                   num_pages=engine.config.num_pages, model_name=str(engine.model.source))
+                   num_pages=engine.config.num_pages, kv_partitions=engine.config.kv_partitions,
+                   model_name=str(engine.model.source))
 
     # ---- the whole request ------------------------------------------------------------------
 
@@ -130,9 +134,10 @@ class InputProcessor:
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         need = pages_needed(len(ids) + max_tokens, self.page_size)
-        if need > self.num_pages - 1:
+        if need > self.seq_pages:
+            where = "" if self.kv_partitions == 1 else f" for one sequence (a partition of {self.kv_partitions})"
             raise InputError(f"the request needs {need} KV pages at full length; the cache has "
-                             f"{self.num_pages - 1}")
+                             f"{self.seq_pages}{where}")
         return ids, max_tokens
 
     def check_prompt(self, prompt_token_ids) -> list[int]:

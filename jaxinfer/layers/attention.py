@@ -26,11 +26,13 @@ native decode kernel too).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -177,6 +179,12 @@ def mla_attention(q: jax.Array, latent_pages: jax.Array, batch: Batch, *, value_
     output is cut to value_dim."""
     from pallas_kernels import mla_attention as mla
 
+    mesh = kernel_mesh()
+    tp = mesh.shape.get("tensor", 1) if mesh is not None else 1
+    if tp > 1 and latent_pages.shape[0] % tp == 0:  # pages split by sequence: jaxinfer/models/deepseek.py
+        return _data_parallel(functools.partial(mla_attention, value_dim=value_dim, sm_scale=sm_scale),
+                              q, latent_pages, batch, mesh)
+
     def paged(name):
         def run(q, pages, batch):
             return IMPLEMENTATIONS[name](q, pages, pages, batch, sm_scale=sm_scale, sliding_window=None,
@@ -206,6 +214,33 @@ def mla_attention(q: jax.Array, latent_pages: jax.Array, batch: Batch, *, value_
     gpu_ok = mla.gpu.supports(_per_device_view(q), pages, value_dim) is None and batch.max_q_len <= mla.gpu.MAX_Q_LEN
     return lax.platform_dependent(q, latent_pages, batch, tpu=tpu, cuda=kernel(mla.gpu) if gpu_ok else fallback,
                                   default=fallback)
+
+
+def _data_parallel(attend, q: jax.Array, pages: jax.Array, batch: Batch, mesh) -> jax.Array:
+    """Data-parallel attention over pages split along the tensor axis: device d holds partition d of the
+    pool (core/page_pool.py) and every sequence's pages lie in one partition, so each device attends its own
+    sequences, with every head, over its own pages; the other rows it leaves at zero and one psum gathers
+    them. The latent cache is held once across the devices instead of once on each."""
+    def local(q, pages, batch):
+        d = jax.lax.axis_index("tensor")
+        per = pages.shape[0]  # this device's pages: global ids d * per .. (d + 1) * per - 1
+        mine = batch.page_table[:, 0] // per == d
+        table = jnp.where(mine[:, None], jnp.clip(batch.page_table - d * per, 0, per - 1), 0)
+        own = dataclasses.replace(batch, page_table=table, kv_lens=jnp.where(mine, batch.kv_lens, 0))
+        def reference(q, pages, batch):
+            with implementation("reference"):
+                return attend(q, pages, batch)
+
+        with on_mesh(None):  # one device's view: the kernels see every head
+            # XLA's CPU compiler crashes (SIGSEGV) on the blockwise path's loop in this shard_map at decode
+            # shapes; the CPU (the simulated devices of the tests) takes the reference there.
+            out = lax.platform_dependent(q, pages, own, cpu=reference, default=attend)
+        seq = jnp.searchsorted(batch.cu_q_lens, jnp.arange(q.shape[0]), side="right") - 1
+        row_mine = mine[jnp.clip(seq, 0, mine.shape[0] - 1)]
+        return jax.lax.psum(jnp.where(row_mine[:, None, None], out, 0).astype(out.dtype), "tensor")
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("tensor"), P()), out_specs=P(),
+                         check_vma=False)(q, pages, batch)
 
 
 def _per_device_view(q: jax.Array) -> jax.ShapeDtypeStruct:

@@ -17,6 +17,10 @@ import jax
 class CacheEntry:
     shape: tuple[int, ...]  # per token, e.g. (kv_heads, head_dim)
     logical_axes: tuple[str | None, ...]  # e.g. ("kv_heads", "head_dim")
+    # The pool's pages axis: "pages" (whole on every device of the tensor axis) or "seq_pages" (split over
+    # it, each device holding a partition of the pages: MLA's data-parallel attention, whose one latent head
+    # would otherwise be replicated on every device).
+    pages_axis: str = "pages"
 
 
 def write(pages: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:

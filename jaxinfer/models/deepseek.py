@@ -353,7 +353,9 @@ def gguf_to_hf(cfg: DeepseekConfig, name: str, w: np.ndarray) -> np.ndarray:
 # --- KV cache -----------------------------------------------------------------------------------
 
 def cache_entries(cfg: DeepseekConfig) -> dict[str, kv.CacheEntry]:
-    return {"latent": kv.CacheEntry((1, cfg.kv_lora_rank + cfg.qk_rope_head_dim), (None, None))}
+    # Pages split over the tensor axis by sequence: data-parallel attention (layers/attention.mla_attention).
+    return {"latent": kv.CacheEntry((1, cfg.kv_lora_rank + cfg.qk_rope_head_dim), (None, None),
+                                    pages_axis="seq_pages")}
 
 
 # --- forward ------------------------------------------------------------------------------------

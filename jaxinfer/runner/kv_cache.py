@@ -42,7 +42,14 @@ class CacheSpec:
         return (self.num_pages, self.page_size, *self.entries[name].shape)
 
     def logical_axes(self, name: str) -> tuple[str | None, ...]:
-        return ("pages", "page", *self.entries[name].logical_axes)
+        return (self.entries[name].pages_axis, "page", *self.entries[name].logical_axes)
+
+    def partitions(self, mesh: Mesh | None) -> int:
+        """How many partitions the host's page pool keeps (core/page_pool.py): the tensor axis's size where
+        an entry's pages are split over it ("seq_pages") and it divides the pages, else 1."""
+        tp = mesh.shape.get("tensor", 1) if mesh is not None else 1
+        split = any(e.pages_axis == "seq_pages" for e in self.entries.values())
+        return tp if split and tp > 1 and self.num_pages % tp == 0 else 1
 
     @property
     def bytes_per_page(self) -> int:

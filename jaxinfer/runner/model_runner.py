@@ -80,6 +80,8 @@ class ModelRunner:
             num_layers=cfg.num_layers, num_pages=num_pages, page_size=page_size,
             entries=family(cfg).cache_entries(cfg), dtype=jnp.dtype(dtype))
         self.cache = kv_cache.allocate(self.cache_spec, mesh)
+        # Partitions of the host's page pool: a sequence's pages from one (data-parallel MLA attention).
+        self.kv_partitions = self.cache_spec.partitions(mesh)
         self.feature_layers = tuple(sorted(set(feature_layers)))
         if self.feature_layers:
             width = len(self.feature_layers) * cfg.hidden_size

@@ -374,7 +374,8 @@ def main():
             print(f"{per_step * 1e3:.0f} ms a step: {total} steps fit in --time-budget-s", flush=True)
         if step == 2:
             t_step2 = time.monotonic()
-        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr_at(step, total), jnp.float32)
+        # The rate for the update counted from 0, as optax's schedules count (step 1 warms up from 0).
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr_at(step - 1, total), jnp.float32)
         ids = rng.choice(train, args.batch, replace=False)
         batch, prev, labels, scored, second = make_batch(ids, rng)
         own, opt_state, loss, (a1, a2) = train_step(own, opt_state, batch, prev, labels, scored, second)

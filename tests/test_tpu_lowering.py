@@ -62,6 +62,8 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization, tp, spec, 
                        num_pages=16, block_q=16, speculative_config={"num_speculative_tokens": 3} if spec else None)
     runner = ModelRunner(model, graphdef, state, mesh, num_pages=16, page_size=16,
                          penalty_slots=4, max_model_len=64)
+    # MLA over two chips: its latent pages split by sequence (data-parallel attention, in the step below).
+    assert runner.kv_partitions == (tp if model is SMALL_DEEPSEEK else 1)
     shape = cfg.shape(2, 32)
     decode = [SeqWork([0], 7, [3], feed_slot=0, logit_offsets=[0])]
     prefill = [SeqWork(list(range(9)), 0, [1], logit_offsets=[8]), SeqWork([4, 5], 16, [2, 5], logit_offsets=[1])]

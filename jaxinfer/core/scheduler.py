@@ -307,10 +307,8 @@ class Scheduler:
             target = np.where(t.target_cut[rows] == 1, t.prompt_len[rows] - 1, target)
         decode = rows[target - t.num_computed[rows] == 1]
         need = decode[t.num_computed[decode] >= t.num_pages[decode] * ps]
-        if self.pool.partitions > 1 and len(need):
+        if len(need) > self.pool.num_free_pages or (self.pool.partitions > 1 and len(need)):
             decode = self._decode_pages_preempting(decode, need)  # a page per row, from its partition
-        elif len(need) > self.pool.num_free_pages:
-            decode = self._decode_pages_preempting(decode, need)
         elif len(need):
             pages = self.pool.allocate(len(need))
             t.page_table[need, t.num_pages[need]] = pages
@@ -684,7 +682,6 @@ class Scheduler:
         cfg, req = self.cfg, seq.request
         hits: list[int] = []
         tokens = seq.tokens
-        seq.rank = 0
         if cfg.enable_prefix_caching and req.params.prompt_logprobs is None:
             # Leave at least one token to compute: its logits give the first sample.
             usable = seq.target_len - (0 if seq.is_unforked_parent else 1)

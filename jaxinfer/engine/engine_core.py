@@ -166,11 +166,9 @@ class EngineCore:
                 len(self.feature_layers) * cfg.hidden_size * config.page_size * np.dtype(model.dtype).itemsize)
             num_pages = given or self._pool_size(page_bytes, config, mesh)
             tp = mesh.shape.get("tensor", 1)
-            if not given and tp > 1 and num_pages > tp and kv_cache.CacheSpec.for_model(
-                    cfg, num_pages=tp, page_size=config.page_size, dtype=model.kv_cache_dtype).partitions(mesh) > 1:
+            if not given and spec.splits_pages and num_pages > tp:
                 num_pages -= num_pages % tp  # pages split by sequence over the devices: a partition each
-            partitions = kv_cache.CacheSpec.for_model(cfg, num_pages=num_pages, page_size=config.page_size,
-                                                      dtype=model.kv_cache_dtype).partitions(mesh)
+            partitions = dataclasses.replace(spec, num_pages=num_pages).partitions(mesh)
             self.config = config = config.replace(num_pages=num_pages, kv_partitions=partitions)
         except ValueError as e:
             raise ConfigError(f"invalid engine configuration: {e}") from None

@@ -44,12 +44,16 @@ class CacheSpec:
     def logical_axes(self, name: str) -> tuple[str | None, ...]:
         return (self.entries[name].pages_axis, "page", *self.entries[name].logical_axes)
 
+    @property
+    def splits_pages(self) -> bool:
+        """Whether an entry's pages are split over the tensor axis by sequence ("seq_pages")."""
+        return any(e.pages_axis == "seq_pages" for e in self.entries.values())
+
     def partitions(self, mesh: Mesh | None) -> int:
         """How many partitions the host's page pool keeps (core/page_pool.py): the tensor axis's size where
-        an entry's pages are split over it ("seq_pages") and it divides the pages, else 1."""
+        the pages are split over it and it divides them, else 1."""
         tp = mesh.shape.get("tensor", 1) if mesh is not None else 1
-        split = any(e.pages_axis == "seq_pages" for e in self.entries.values())
-        return tp if split and tp > 1 and self.num_pages % tp == 0 else 1
+        return tp if self.splits_pages and tp > 1 and self.num_pages % tp == 0 else 1
 
     @property
     def bytes_per_page(self) -> int:

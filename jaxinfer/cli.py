@@ -33,6 +33,13 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         "weights, dequantized)")
     p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
                    help="split the model over N devices")
+    g = p.add_argument_group("multi-process runs (one process per host or GPU; also from JAX_COORDINATOR_ADDRESS, "
+                             "JAX_NUM_PROCESSES, JAX_PROCESS_ID; found by JAX on TPU pods)")
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="process 0's address for jax.distributed; every process gives the same")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="this process (0 serves and writes outputs; the others follow its steps)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +227,28 @@ def _json_object(flag: str, text: str | None) -> dict | None:
 
 
 def _load_llm(args, warmup: bool, progress: bool = True):
+    """The command's LLM. On a follower process of a multi-process run this never returns: the
+    process makes the leader's device calls until the leader closes, then exits."""
+    from jaxinfer import distributed
+
+    distributed.initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
+                           getattr(args, "process_id", None))
+    llm = _new_llm(args, warmup, progress)
+    _opened.append(llm)  # closed when the command ends: in a multi-process run, that lets the followers go
+    if not llm.is_leader:
+        if args.command == "serve":
+            llm.engine.warmup(background=True)  # as the leader's server does
+        log.info("following process 0's steps")
+        llm.follow()
+        log.info("process 0 closed its engine; exiting")
+        sys.exit(0)
+    return llm
+
+
+_opened: list = []
+
+
+def _new_llm(args, warmup: bool, progress: bool):
     from jaxinfer.llm import LLM
 
     return LLM(args.model, dtype=args.dtype, quantization=args.quantization,
@@ -443,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jaxinfer: interrupted", file=sys.stderr)
         return 130
+    finally:
+        while _opened:
+            try:
+                _opened.pop().close()
+            except Exception as e:  # a process of the run is gone: nothing to let go
+                log.warning("closing the engine: %s", e)
 
 
 if __name__ == "__main__":

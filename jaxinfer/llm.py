@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from checkpoints import loader
+from jaxinfer import distributed
 from jaxinfer.core.sampling_params import SamplingParams
 from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.engine.driver import EngineDriver
@@ -34,6 +35,7 @@ from jaxinfer.sharding import make_mesh
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_NOTHING = object()
 
 
 def _core_for(model, dtype_name: str, tensor_parallel_size: int, config: EngineConfig, progress: bool,
@@ -73,6 +75,8 @@ class LLM:
         With `core_process` the engine core (scheduler, device, weights) runs in a child
         process of its own, and this process keeps input and output processing: streaming
         many requests then never slows the step loop (jaxinfer/engine/core_process.py)."""
+        if distributed.initialize() and core_process:  # joins a run the environment asks for
+            raise InputError("core_process does not combine with a multi-process run")
         dtype_name = dtype or default_dtype_name()
         if dtype_name not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
@@ -147,7 +151,12 @@ class LLM:
         """Generate for every prompt; outputs in the order of the prompts.
 
         Every prompt is checked before anything runs: a bad one raises InputError naming
-        its index, and nothing is generated."""
+        its index, and nothing is generated.
+
+        In a multi-process run (jaxinfer/distributed.py) every process calls this alike; process 0's
+        prompts are the ones generated, and every process returns its outputs."""
+        if self._follower:
+            return self._follow()
         prompts = _as_list(prompts)
         params = self._params_for(prompts, sampling_params)
         if priority is not None and len(priority) != len(prompts):
@@ -171,16 +180,33 @@ class LLM:
 
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None
                ) -> Iterator[RequestOutput]:
-        """Yield one request's output (cumulative) each time it has new tokens."""
+        """Yield one request's output (cumulative) each time it has new tokens. In a multi-process run
+        the other processes get the last one only."""
+        if self._follower:
+            last = self._follow()
+            if last is not None:
+                yield last
+            return
         prompt = self.engine.input_processor.process(prompt, sampling_params or SamplingParams())
         request_id = f"stream-{next(self._ids)}"
-        with EngineDriver(self.engine) as driver:  # a consumer that stops early aborts the request
-            driver.add(request_id, prompt.token_ids, prompt.params, request_id, prompt=prompt.text, stream=True)
-            for out, tag in driver.run():
-                if tag is not None:
-                    yield out
-                    if out.finished:
-                        return
+        last = None
+        try:
+            with EngineDriver(self.engine) as driver:  # a consumer that stops early aborts the request
+                driver.add(request_id, prompt.token_ids, prompt.params, request_id, prompt=prompt.text,
+                           stream=True)
+                for out, tag in driver.run():
+                    if tag is not None:
+                        last = out
+                        yield out
+                        if out.finished:
+                            return
+        except Exception as e:  # not GeneratorExit: a consumer that stops early shares its last output
+            self._share_failure(e)
+            last = _NOTHING
+            raise
+        finally:
+            if last is not _NOTHING:
+                self._share(last)  # once every step is read back (the driver drained)
 
     def _params_for(self, prompts, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
@@ -201,15 +227,15 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generating", unit="req", disable=not use_tqdm)
         out_tokens = 0
-        with EngineDriver(self.engine) as driver:  # on an exception, aborts what is left
+        try:
+            with EngineDriver(self.engine) as driver:  # on an exception, aborts what is left
 
-            def feed():
-                for i, (prompt, priority) in enumerate(requests):
-                    driver.add(f"{next(self._ids)}", prompt.token_ids, prompt.params, i, prompt=prompt.text,
-                               priority=priority)
-                    yield
+                def feed():
+                    for i, (prompt, priority) in enumerate(requests):
+                        driver.add(f"{next(self._ids)}", prompt.token_ids, prompt.params, i, prompt=prompt.text,
+                                   priority=priority)
+                        yield
 
-            try:
                 for out, i in driver.run(feed()):
                     if i is None or not out.finished:
                         continue
@@ -217,9 +243,54 @@ class LLM:
                     out_tokens += sum(len(o.token_ids) for o in out.outputs)
                     bar.update(1)
                     bar.set_postfix(out_tok=out_tokens, refresh=False)
-            finally:
-                bar.close()
-        return results
+        except BaseException as e:
+            self._share_failure(e)
+            raise
+        finally:
+            bar.close()
+        return self._share(results)
+
+    # ---- multi-process runs -------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        """False on the follower processes of a multi-process run (jaxinfer/distributed.py)."""
+        return not self._follower
+
+    def follow(self) -> None:
+        """On a follower process: make the leader's device calls until the leader closes its engine,
+        then close this one (what `jaxinfer serve` runs on the other processes)."""
+        if not self._follower:
+            raise RuntimeError("only a follower process of a multi-process run follows")
+        self.engine.close()
+
+    @property
+    def _follower(self) -> bool:
+        return getattr(self.engine.core, "follower", False)
+
+    def _share(self, value):
+        """The leader's results of a call, sent to the other processes (their `_follow` returns them)."""
+        return self.engine.core.share(value) if self.engine.in_process else value
+
+    def _share_failure(self, error: BaseException) -> None:
+        """The leader's call failed: the other processes' calls raise too, rather than wait for results."""
+        if self.engine.in_process and self.engine.core.channel is not None and not self.engine.core.channel.lost:
+            self._share(_LeaderFailed(f"the leader's call failed: {type(error).__name__}: {error}"))
+
+    def _follow(self):
+        """A follower's part in a call: the leader's device calls, then the leader's results."""
+        from jaxinfer.engine.engine_core import CLOSED
+
+        value = self.engine.core.follow()
+        if value is CLOSED:
+            raise distributed.ProcessLost("the leader closed its engine before this call's results came")
+        if isinstance(value, _LeaderFailed):
+            raise value
+        return value
+
+
+class _LeaderFailed(RuntimeError):
+    """A follower's share of a call that failed on the leader."""
 
 
 def _as_list(prompts) -> list:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.distributed import ProcessLost
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.driver import EngineDriver
 from jaxinfer.errors import JaxinferError
@@ -41,6 +42,7 @@ class EngineLoop:
         self._driver = EngineDriver(engine)  # tags each request with its sink
         self._ids = itertools.count(1)
         self._stop = False
+        self.lost: ProcessLost | None = None  # a process of a multi-process run is gone: nothing steps
         self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
         self.snapshot: dict = self._snapshot()  # read by other threads; replaced, never mutated
 
@@ -77,15 +79,24 @@ class EngineLoop:
         engine = self.engine
         while True:
             with self._cond:
-                while not self._commands and not engine.has_unfinished() and not self._stop:
+                while not self._commands and not self._stop and (
+                        self.lost is not None or not engine.has_unfinished()):
                     self._cond.wait()
                 if self._stop:
                     break
                 commands, self._commands = self._commands, []
             for command in commands:
                 self._apply(command)
+            if self.lost is not None:
+                continue
             try:
                 outputs = self._driver.step()
+            except ProcessLost as e:  # no step can run any more: fail what runs and whatever comes
+                log.error("engine step failed: %s", e)
+                self.lost = e
+                for sink in self._driver.abort_live().values():
+                    sink(e)
+                continue
             except Exception as e:  # a bug: fail every request in flight rather than hang them
                 log.exception("engine step failed")
                 self._fail_all(e)
@@ -103,6 +114,9 @@ class EngineLoop:
             self.engine.abort(command[1])
             return
         _, request_id, token_ids, params, sink, prompt, priority = command
+        if self.lost is not None:
+            sink(self.lost)
+            return
         try:
             self._driver.add(request_id, token_ids, params, sink, prompt=prompt, priority=priority, stream=True)
         except JaxinferError as e:

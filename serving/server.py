@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxinfer import params as params_lib
+from jaxinfer.distributed import ProcessLost
 from jaxinfer.core.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from jaxinfer.engine.engine import Engine
 from jaxinfer.errors import InputError, JaxinferError
@@ -83,6 +84,7 @@ class _Stream:
     abort_requested: bool = False  # Abort arrived before it was submitted
     finished: bool = False  # the engine is done with it
     released: bool = False
+    queue: asyncio.Queue | None = None  # its outputs, once submitted
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -110,6 +112,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is warming up")
         if server.draining:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is draining; try another replica")
+        if server.lost is not None:
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, str(server.lost))
         try:
             label = convert.request_id(request.request_id) or uuid.uuid4().hex
         except InputError as e:
@@ -146,7 +150,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if stream.released:  # the client left while its input was prepared
                 return
             aloop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
+            queue = stream.queue = asyncio.Queue()
             tracker = convert.DeltaTracker(prompt.params, label)
             stream.engine_id = server.loop.submit(
                 prompt.token_ids, prompt.params, lambda out: aloop.call_soon_threadsafe(queue.put_nowait, out),
@@ -157,6 +161,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                                 "client": key[0], "prompt_tokens": len(prompt.token_ids)})
             while True:
                 out = await queue.get()
+                if isinstance(out, ProcessLost):  # a process of a multi-process run is gone
+                    stream.finished = True
+                    server.count("error")
+                    await refuse(context, grpc.StatusCode.UNAVAILABLE, str(out))
                 if isinstance(out, JaxinferError):  # the engine refused it
                     stream.finished = True
                     await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(out))
@@ -281,6 +289,7 @@ class Server:
         self.listening = threading.Event()
         self.stopped = threading.Event()
         self.draining = False
+        self.lost: ProcessLost | None = None  # set when a process of a multi-process run is gone
         self.started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._aio: asyncio.AbstractEventLoop | None = None
@@ -370,9 +379,13 @@ class Server:
             # The shapes a first request needs are ready before SERVING; the rest follow on a thread.
             n = await asyncio.to_thread(self.engine.warmup, background=True)
             log.info("warm-up done", extra={"shapes": n, "seconds": round(time.monotonic() - t, 1)})
+        channel = getattr(self.engine.core, "channel", None)
+        if channel is not None:  # a multi-process run: SERVING only while every process is
+            channel.watch(self._lost_from_thread)
         self.loop.start()
         self.ready.set()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.lost is None:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         await self._stop_event.wait()
         await self.grpc_server.stop(grace=1)
         if self.metrics is not None:
@@ -390,6 +403,21 @@ class Server:
                 log.warning("drain timed out; cancelling the remaining streams",
                             extra={"streams": len(self.servicer.streams)})
         self._stop_event.set()
+
+    def _lost_from_thread(self, error: ProcessLost) -> None:
+        if self._aio is not None and not self._aio.is_closed():
+            asyncio.run_coroutine_threadsafe(self._lose(error), self._aio)
+
+    async def _lose(self, error: ProcessLost) -> None:
+        """A process of the run is gone: no step can run any more. NOT_SERVING, and every stream
+        (new ones too) ends UNAVAILABLE at once, whatever the engine thread is waiting on."""
+        self.lost = ProcessLost(f"{error}; this server cannot serve until the run is restarted")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.error("the multi-process run is broken: NOT_SERVING", extra={"error": str(error),
+                                                                          "streams": len(self.servicer.streams)})
+        for stream in list(self.servicer.streams.values()):
+            if stream.queue is not None:
+                stream.queue.put_nowait(self.lost)
 
     def stream_ended(self) -> None:
         if self.draining and not self.servicer.streams and self._streams_done is not None:

@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 import weakref
+import zlib
 
 import jax
 import numpy as np
@@ -39,6 +40,7 @@ from jaxinfer.core.request import Request, Sequence, Status
 from jaxinfer.core.sampling_params import MAX_STOP_TOKEN_IDS, SamplingParams
 from jaxinfer.core.scheduler import ScheduledStep, Scheduler
 from jaxinfer.core.shapes import next_bucket
+from jaxinfer import distributed
 from jaxinfer.engine.metrics import EngineMetrics
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.runner import compilations, kv_cache
@@ -114,6 +116,8 @@ class CoreStep:
         return cls(*arrays, finish, top_ids, top_lps, scores, scheduled, preempted, when)
 
 
+CLOSED = object()  # what EngineCore.follow returns when the leader has closed its core
+
 _HEAD = struct.Struct("<idi")  # rows, time, bytes of the pickled rare parts
 
 
@@ -141,6 +145,16 @@ class EngineCore:
         """`draft`: an already loaded draft model (benchmarks over random weights), where the config's
         speculative_config names one; else it is loaded from there."""
         compilations.enable_persistent_cache()
+        distributed.check_mesh(mesh)
+        # A multi-process run: every process builds this core alike; process 0 steps it and sends each
+        # step's device calls to the others, whose cores only follow (jaxinfer/distributed.py).
+        self.channel = distributed.channel() if distributed.multi_process() else None
+        self.follower = self.channel is not None and not distributed.is_leader()
+        self._digest = 0  # of every sampled token array, compared between the processes
+        if self.channel is not None and config.speculative_config is not None and (
+                config.speculative_config.method in ("draft_model", "eagle3")):
+            raise ConfigError("a draft model or head does not run in a multi-process run yet: its own device calls "
+                              "are not sent to the other processes (method 'ngram' is)")
         self.model = model
         cfg = model.config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
@@ -200,6 +214,7 @@ class EngineCore:
         self._launcher: concurrent.futures.ThreadPoolExecutor | None = None
         self._warming: threading.Thread | None = None
         self._stop_warming = False
+        self._closed = False
         compilations.install()
 
     def _proposer(self, config: EngineConfig, mesh: Mesh):
@@ -227,10 +242,14 @@ class EngineCore:
         most = 1 + config.max_num_seqs * config.pages_per_seq
         budget = config.kv_cache_bytes
         if budget is None:
-            devices = list(mesh.devices.flat)
+            # This process's devices; in a multi-process run, the least of every process's.
+            devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
             stats = [d.memory_stats() if d.platform != "cpu" else None for d in devices]
             if all(s and "bytes_limit" in s for s in stats):
                 free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+                if self.channel is not None:
+                    from jax.experimental import multihost_utils
+                    free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
                 tensor = dict(mesh.shape).get("tensor", 1)
                 split = tensor if getattr(self.model.config, "num_kv_heads", 1) % tensor == 0 else 1
                 budget = int(free * ACCELERATOR_KV_FRACTION) * split
@@ -306,7 +325,20 @@ class EngineCore:
     def step(self) -> tuple[list[CoreStep], bool]:
         """Dispatch the next step, then read back the previous one: (what the previous one
         produced, if there was one; whether a step was dispatched). With the launch thread, a
-        step whose launch failed raises when it is read back, from the next call."""
+        step whose launch failed raises when it is read back, from the next call. In a multi-process
+        run, any failure of a step means the run is broken: it raises ProcessLost."""
+        if self.channel is None:
+            return self._step()
+        try:
+            return self._step()
+        except distributed.ProcessLost:
+            raise
+        except Exception as e:  # a collective lost its peer: a process, or the network between them, is gone
+            self.channel.fail(distributed.ProcessLost(f"a step across the processes failed; a process or the network "
+                                                      f"between them is gone ({type(e).__name__}: {e})"))
+            raise self.channel.failure from e
+
+    def _step(self) -> tuple[list[CoreStep], bool]:
         records = []
         s = self.scheduler
         if self._inflight is not None and s.may_speculate() and not s.pipelined:
@@ -349,6 +381,8 @@ class EngineCore:
     def _dispatch(self, step: ScheduledStep) -> _InFlight:
         started = time.perf_counter()
         inputs = self.inputs(step)  # packed on this thread, whichever thread launches it
+        if self.channel is not None:  # the other processes make the same calls (sent here: in order)
+            self.channel.send(("launch", step.page_copies, step.slot_resets, inputs))
         if self.launch_thread:
             if self._launcher is None:
                 self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-launch")
@@ -373,12 +407,16 @@ class EngineCore:
 
     def _read_back(self, inflight: _InFlight) -> CoreStep:
         out = inflight.out
-        if isinstance(out, concurrent.futures.Future):
+        if self.channel is not None:  # a step may never end if a process is gone: notice that instead
+            out = self.channel.wait(out)
+        elif isinstance(out, concurrent.futures.Future):
             out = out.result()
         if inflight.want_top:
             packed, top_ids, top_lps = jax.device_get([out.packed, out.top_ids, out.top_logprobs])
         else:
             packed, top_ids, top_lps = np.asarray(out.packed), None, None  # one transfer
+        if self.channel is not None:
+            self._digest = zlib.crc32(packed, self._digest)
         tokens, logprobs = StepOutput.split(np.asarray(packed))
         now = time.monotonic()
         s = self.scheduler
@@ -473,11 +511,53 @@ class EngineCore:
 
     def close(self) -> None:
         """Stop a background warm-up and free the device (weights, KV cache, compiled steps: the target's and
-        a draft's); nothing can run afterwards."""
+        a draft's); nothing can run afterwards. The leader of a multi-process run lets its followers go."""
+        if self.channel is not None and not self._closed and not self.channel.lost:
+            if self.follower:  # the leader's calls up to its close first
+                while self.follow() is not CLOSED:
+                    pass
+            else:
+                self.channel.send(("close", self._digest))
+        self._closed = True
         self.stop_warmup()
         for runner in (self.runner, getattr(self.proposer, "runner", None)):
             if runner is not None:
                 runner.release()
+
+    # ---- the followers of a multi-process run -------------------------------------------------
+
+    def share(self, value=None):
+        """Leader: send `value` (picklable: a call's results) to the followers, which get it from `follow`
+        once they have made every device call before it. Returns `value`."""
+        if self.channel is not None and not self.follower:
+            self.channel.send(("share", self._digest, value))
+        return value
+
+    def follow(self):
+        """Follower: make the leader's device calls, in order, until it shares a value (returned) or
+        closes (CLOSED: then `close` this core). Each step's sampled tokens are read back one step
+        late (the device never waits for the host) and checked against the leader's: a process whose
+        tokens differ raises, since its devices computed something else than the leader's."""
+        assert self.follower, "only a follower of a multi-process run follows"
+        pending = None
+        while True:
+            op, *args = self.channel.receive()
+            if op == "launch":
+                out = self._launch(*args)
+                if pending is not None:
+                    self._digest = zlib.crc32(np.asarray(pending), self._digest)
+                pending = out.packed
+                continue
+            if pending is not None:
+                self._digest = zlib.crc32(np.asarray(pending), self._digest)
+                pending = None
+            if args[0] != self._digest:
+                raise RuntimeError(f"process {jax.process_index()} sampled other tokens than the leader: the "
+                                   "processes' devices disagree")
+            if op == "share":
+                return args[1]
+            self._closed = True
+            return CLOSED
 
     def wait_for_warmup(self) -> None:
         """Until a background warm-up has made every step shape."""

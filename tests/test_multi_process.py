@@ -1,0 +1,140 @@
+"""Multi-process runs (jaxinfer/distributed.py) on the loopback: two processes of two simulated CPU
+devices each, joined by jax.distributed with CPU (gloo) collectives, serve as one process of four
+devices does; a follower that dies makes the leader answer UNAVAILABLE and report NOT_SERVING."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from jaxinfer import LLM
+from serving.client import Client
+from tests.multi_process_llm import ENGINE, PROMPTS, SAMPLING, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEADLINE_S = 600  # a cold XLA cache on a busy 2-core machine takes minutes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+
+
+def start(args: list[str], n: int = 2) -> list[subprocess.Popen]:
+    """n processes of `python -m <args>` with the run's flags appended, process 0 first."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = []
+    for i in range(n):
+        procs.append(subprocess.Popen([sys.executable, "-m", *[a.format(coordinator=coordinator, i=i, n=n)
+                                                               for a in args]],
+                                      cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def stop(procs) -> None:
+    for p in procs:
+        p.kill()
+        p.communicate()
+
+
+@pytest.fixture(scope="module")
+def model_dir(data_dir):
+    return data_dir / "hf_tiny" / "llama_gqa"
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    """The same calls in this one process, over four of its devices."""
+    with LLM(str(model_dir), tensor_parallel_size=4, **ENGINE) as llm:
+        return run(llm)
+
+
+def test_llm_over_two_processes_gives_the_one_process_outputs(model_dir, expected):
+    # Tensor parallel over all four devices of both processes; greedy, seeded, top-k/top-p and n=2 requests,
+    # then a stream. Every process returns the leader's outputs, and each follower checked that its devices
+    # sampled the very tokens the leader's did (EngineCore.follow raises otherwise).
+    procs = start(["tests.multi_process_llm", "{coordinator}", "{n}", "{i}", str(model_dir), "4", "1"])
+    try:
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=DEADLINE_S)
+            assert p.returncode == 0, err[-3000:]
+            results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
+    finally:
+        stop(procs)
+    assert [r["leader"] for r in results] == [True, False]
+    for r in results:
+        assert r["tokens"] == expected
+
+
+def wait_ready(proc, port: int) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    with Client("127.0.0.1", port, timeout=5) as client:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                if client.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise AssertionError("the server never became SERVING")
+
+
+def tokens(client: Client, ids, **sampling) -> list[int]:
+    out = []
+    for response in client.generate(ids, **sampling):
+        for o in response.outputs:
+            out += list(o.token_ids)
+    return out
+
+
+def test_serve_over_two_processes_then_a_follower_dies(model_dir, expected):
+    port = free_port()
+    flags = ["jaxinfer.cli", "serve", "--model", str(model_dir), "--tp", "4", "--port", str(port),
+             "--num-pages", "64", "--page-size", "4", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+             "--coordinator-address", "{coordinator}", "--num-processes", "{n}", "--process-id", "{i}"]
+    procs = start(flags)
+    leader, follower = procs
+    try:
+        wait_ready(leader, port)
+        with Client("127.0.0.1", port, timeout=120) as client:
+            # The same requests as the offline run, through gRPC: the same tokens.
+            for ids, sampling, want in zip(PROMPTS[:3], SAMPLING[:3], expected):
+                assert tokens(client, ids, **sampling) == want
+
+            # A long stream; once its first tokens are out, the follower freezes, then dies.
+            stream = client.generate([1, 2, 3], max_tokens=240, temperature=0, ignore_eos=True)
+            first = next(stream)
+            assert first.outputs and not first.finished
+            follower.send_signal(signal.SIGSTOP)
+            killed = time.monotonic()
+            time.sleep(1)
+            follower.kill()
+            with pytest.raises(grpc.RpcError) as failed:
+                for response in stream:
+                    assert not response.finished, "the stream finished although a process died under it"
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+            assert time.monotonic() - killed <= 30
+            deadline = time.monotonic() + 30
+            while client.health() != "NOT_SERVING":
+                assert time.monotonic() < deadline, "health still SERVING 30 s after a process died"
+                time.sleep(0.2)
+            with pytest.raises(grpc.RpcError) as refused:
+                tokens(client, [1, 2], max_tokens=3)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        leader.send_signal(signal.SIGTERM)
+        leader.communicate(timeout=60)  # exits: nothing hangs on the dead process
+    finally:
+        stop(procs)

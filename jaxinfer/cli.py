@@ -33,6 +33,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         "weights, dequantized)")
     p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
                    help="split the model over N devices")
+    p.add_argument("--data-parallel-size", "--dp", type=int, default=1, metavar="N",
+                   help="N independent replicas (each over --tp devices), requests routed by load and shared prefix")
     g = p.add_argument_group("multi-process runs (one process per host or GPU; also from JAX_COORDINATOR_ADDRESS, "
                              "JAX_NUM_PROCESSES, JAX_PROCESS_ID; found by JAX on TPU pods)")
     g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
@@ -252,7 +254,8 @@ def _new_llm(args, warmup: bool, progress: bool):
     from jaxinfer.llm import LLM
 
     return LLM(args.model, dtype=args.dtype, quantization=args.quantization,
-               tensor_parallel_size=args.tensor_parallel, warmup=warmup,
+               tensor_parallel_size=args.tensor_parallel, data_parallel_size=args.data_parallel_size,
+               warmup=warmup,
                progress=progress,
                page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,

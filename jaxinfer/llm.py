@@ -55,11 +55,16 @@ def default_dtype_name() -> str:
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str | None = None, quantization: str | None = None,
-                 tensor_parallel_size: int = 1, warmup: bool = True, warmup_in_background: bool = True,
-                 progress: bool = True, core_process: bool = False, **engine_config):
+                 tensor_parallel_size: int = 1, data_parallel_size: int = 1, warmup: bool = True,
+                 warmup_in_background: bool = True, progress: bool = True, core_process: bool = False,
+                 **engine_config):
         """Load `model` (GGUF file, HF directory or jaxinfer checkpoint; None: the default
         model) and start an engine. Extra keywords are EngineConfig fields
         (max_num_seqs, max_num_batched_tokens, max_model_len, num_pages, ...).
+
+        `data_parallel_size` (vLLM's name): that many independent replicas, each over
+        `tensor_parallel_size` devices, with requests routed by load and shared prefix
+        (jaxinfer/engine/data_parallel.py).
 
         `quantization` (vLLM's name): "int8" or "int4" (groups of 128 input channels, or the
         largest of 64 and 32 that fits), "fp8" (per channel), or a variant such as "int8-ch",
@@ -85,6 +90,8 @@ class LLM:
             quantization = loader.quantization_spec(quantization)
         except ValueError as e:
             raise InputError(str(e)) from None
+        if core_process and data_parallel_size > 1:
+            raise InputError("core_process does not combine with data_parallel_size > 1 yet")
         if core_process:
             factory = functools.partial(_core_for, model, dtype_name, tensor_parallel_size, config, progress,
                                         quantization)
@@ -92,7 +99,7 @@ class LLM:
                                                    progress=progress)
             self.model, self.tokenizer, self._ids = self.engine.model, self.engine.tokenizer, itertools.count()
             return
-        mesh = make_mesh(tensor=tensor_parallel_size)
+        mesh = make_mesh(tensor=tensor_parallel_size, data=data_parallel_size)
         started = time.monotonic()
         loaded = loader.load(model, dtype=DTYPES[dtype_name], mesh=mesh, progress=progress, quantization=quantization)
         log.info("start-up: loaded %s in %.1f s", loaded.source, time.monotonic() - started)

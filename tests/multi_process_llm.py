@@ -28,7 +28,7 @@ def run(llm: LLM) -> list[list[int]]:
 
 def main(coordinator: str, num_processes: str, process_id: str, model: str, tp: str, dp: str) -> None:
     distributed.initialize(coordinator, int(num_processes), int(process_id))
-    with LLM(model, tensor_parallel_size=int(tp), **ENGINE) as llm:
+    with LLM(model, tensor_parallel_size=int(tp), data_parallel_size=int(dp), **ENGINE) as llm:
         print("RESULT", json.dumps({"leader": llm.is_leader, "tokens": run(llm)}), flush=True)
 
 

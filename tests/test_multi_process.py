@@ -53,18 +53,26 @@ def model_dir(data_dir):
     return data_dir / "hf_tiny" / "llama_gqa"
 
 
-@pytest.fixture(scope="module")
-def expected(model_dir):
-    """The same calls in this one process, over four of its devices."""
-    with LLM(str(model_dir), tensor_parallel_size=4, **ENGINE) as llm:
+def one_process(model_dir, tp: int, dp: int = 1):
+    """The same calls in this one process, over tp * dp of its devices."""
+    with LLM(str(model_dir), tensor_parallel_size=tp, data_parallel_size=dp, **ENGINE) as llm:
         return run(llm)
 
 
-def test_llm_over_two_processes_gives_the_one_process_outputs(model_dir, expected):
-    # Tensor parallel over all four devices of both processes; greedy, seeded, top-k/top-p and n=2 requests,
-    # then a stream. Every process returns the leader's outputs, and each follower checked that its devices
-    # sampled the very tokens the leader's did (EngineCore.follow raises otherwise).
-    procs = start(["tests.multi_process_llm", "{coordinator}", "{n}", "{i}", str(model_dir), "4", "1"])
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    return one_process(model_dir, 4)
+
+
+@pytest.mark.parametrize("tp,dp", [(4, 1), (2, 2)])
+def test_llm_over_two_processes_gives_the_one_process_outputs(model_dir, expected, tp, dp):
+    # Tensor parallel over all four devices of both processes, or two replicas of two (each replica over both
+    # processes); greedy, seeded, top-k/top-p and n=2 requests, then a stream. Every process returns the leader's
+    # outputs, and each follower checked that its devices sampled the very tokens the leader's did
+    # (EngineCore.follow raises otherwise).
+    if dp > 1:
+        expected = one_process(model_dir, tp, dp)
+    procs = start(["tests.multi_process_llm", "{coordinator}", "{n}", "{i}", str(model_dir), str(tp), str(dp)])
     try:
         results = []
         for p in procs:

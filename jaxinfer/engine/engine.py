@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from checkpoints.loader import LoadedModel
 from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.sampling_params import SamplingParams, request_seed
+from jaxinfer.engine.core_process import CoreProcessClient
 from jaxinfer.engine.engine_core import CoreRequest, EngineCore
 from jaxinfer.engine.input_processor import InputProcessor
 from jaxinfer.engine.metrics import percentiles
@@ -34,8 +35,13 @@ from jaxinfer.errors import InputError
 class Engine:
     def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig(),
                  draft: LoadedModel | None = None):
-        """The core in this process, stepped on the caller's thread (`draft`: as EngineCore's)."""
-        self._attach(EngineCore(model, mesh, config, draft), model)
+        """The core in this process, stepped on the caller's thread (`draft`: as EngineCore's). A mesh
+        whose data axis is larger than 1 gets a replica per row (jaxinfer/engine/data_parallel.py)."""
+        if mesh.shape.get("data", 1) > 1:
+            from jaxinfer.engine.data_parallel import DataParallelCore
+            self._attach(DataParallelCore(model, mesh, config, draft), model)
+        else:
+            self._attach(EngineCore(model, mesh, config, draft), model)
 
     @classmethod
     def with_core_process(cls, factory, *, warmup: bool = True, background: bool = False,
@@ -43,8 +49,6 @@ class Engine:
         """The core in a child process of its own (jaxinfer/engine/core_process.py), built
         there by `factory` (a picklable callable returning an EngineCore) and warmed up before
         this returns. The model's weights live in the child only."""
-        from jaxinfer.engine.core_process import CoreProcessClient
-
         client = CoreProcessClient(factory, warmup=warmup, background=background, progress=progress)
         info = client.info
         engine = cls.__new__(cls)
@@ -152,18 +156,20 @@ class Engine:
 
     @property
     def in_process(self) -> bool:
-        return isinstance(self.core, EngineCore)
+        return not isinstance(self.core, CoreProcessClient)
 
     @property
     def num_running(self) -> int:
-        if self.in_process:
+        if isinstance(self.core, EngineCore):
             return len(self.core.scheduler.running)
         return self.core.gauges().get("running", 0)
 
     @property
     def num_waiting(self) -> int:
-        if self.in_process:
+        if isinstance(self.core, EngineCore):
             return len(self.core.scheduler.waiting)
+        if self.in_process:  # data-parallel replicas
+            return self.core.gauges()["waiting"]
         return max(0, len(self.requests) - self.num_running)  # the core's own count lags what was sent
 
     @property

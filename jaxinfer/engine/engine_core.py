@@ -151,6 +151,8 @@ class EngineCore:
         self.channel = distributed.channel() if distributed.multi_process() else None
         self.follower = self.channel is not None and not distributed.is_leader()
         self._digest = 0  # of every sampled token array, compared between the processes
+        # The cores one channel serves, by replica (data parallelism: jaxinfer/engine/data_parallel.py sets these).
+        self.replica, self.group = 0, [self]
         if self.channel is not None and config.speculative_config is not None and (
                 config.speculative_config.method in ("draft_model", "eagle3")):
             raise ConfigError("a draft model or head does not run in a multi-process run yet: its own device calls "
@@ -382,13 +384,15 @@ class EngineCore:
         started = time.perf_counter()
         inputs = self.inputs(step)  # packed on this thread, whichever thread launches it
         if self.channel is not None:  # the other processes make the same calls (sent here: in order)
-            self.channel.send(("launch", step.page_copies, step.slot_resets, inputs))
+            self.channel.send(("launch", self.replica, step.page_copies, step.slot_resets, inputs))
         if self.launch_thread:
             if self._launcher is None:
                 self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-launch")
             out = self._launcher.submit(self._launch, step.page_copies, step.slot_resets, inputs)
         else:
             out = self._launch(step.page_copies, step.slot_resets, inputs)
+            if self._one_at_a_time():
+                jax.block_until_ready(out.packed)
         self.metrics.steps += 1
         self.metrics.computed_tokens += step.num_tokens
         return _InFlight(step, out, bool(step.logits.want_top.any()), started)
@@ -512,12 +516,12 @@ class EngineCore:
     def close(self) -> None:
         """Stop a background warm-up and free the device (weights, KV cache, compiled steps: the target's and
         a draft's); nothing can run afterwards. The leader of a multi-process run lets its followers go."""
-        if self.channel is not None and not self._closed and not self.channel.lost:
+        if self.channel is not None and not self._closed and not self.channel.lost and self.replica == 0:
             if self.follower:  # the leader's calls up to its close first
                 while self.follow() is not CLOSED:
                     pass
             else:
-                self.channel.send(("close", self._digest))
+                self.channel.send(("close", self._digests()))
         self._closed = True
         self.stop_warmup()
         for runner in (self.runner, getattr(self.proposer, "runner", None)):
@@ -530,8 +534,16 @@ class EngineCore:
         """Leader: send `value` (picklable: a call's results) to the followers, which get it from `follow`
         once they have made every device call before it. Returns `value`."""
         if self.channel is not None and not self.follower:
-            self.channel.send(("share", self._digest, value))
+            self.channel.send(("share", self._digests(), value))
         return value
+
+    def _one_at_a_time(self) -> bool:
+        """Whether each step must end before the next replica's starts: across processes on the CPU, whose
+        (gloo) collectives of two replicas' steps would otherwise interleave on one connection."""
+        return self.channel is not None and len(self.group) > 1 and self.runner.mesh.devices.flat[0].platform == "cpu"
+
+    def _digests(self) -> list[int]:
+        return [core._digest for core in self.group]
 
     def follow(self):
         """Follower: make the leader's device calls, in order, until it shares a value (returned) or
@@ -539,24 +551,28 @@ class EngineCore:
         late (the device never waits for the host) and checked against the leader's: a process whose
         tokens differ raises, since its devices computed something else than the leader's."""
         assert self.follower, "only a follower of a multi-process run follows"
-        pending = None
+        pending: dict[int, jax.Array] = {}  # replica -> its last step's tokens, not yet read back
         while True:
             op, *args = self.channel.receive()
             if op == "launch":
-                out = self._launch(*args)
-                if pending is not None:
-                    self._digest = zlib.crc32(np.asarray(pending), self._digest)
-                pending = out.packed
+                core = self.group[args[0]]
+                out = core._launch(*args[1:])
+                if self._one_at_a_time():
+                    jax.block_until_ready(out.packed)
+                if args[0] in pending:
+                    core._digest = zlib.crc32(np.asarray(pending[args[0]]), core._digest)
+                pending[args[0]] = out.packed
                 continue
-            if pending is not None:
-                self._digest = zlib.crc32(np.asarray(pending), self._digest)
-                pending = None
-            if args[0] != self._digest:
+            for replica, packed in pending.items():
+                self.group[replica]._digest = zlib.crc32(np.asarray(packed), self.group[replica]._digest)
+            pending.clear()
+            if args[0] != self._digests():
                 raise RuntimeError(f"process {jax.process_index()} sampled other tokens than the leader: the "
                                    "processes' devices disagree")
             if op == "share":
                 return args[1]
-            self._closed = True
+            for core in self.group:
+                core._closed = True
             return CLOSED
 
     def wait_for_warmup(self) -> None:

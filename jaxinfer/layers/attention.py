@@ -26,6 +26,7 @@ native decode kernel too).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
@@ -113,29 +114,30 @@ if _current not in IMPLEMENTATIONS:
     raise ValueError(f"JAXINFER_ATTENTION={_current!r}: expected one of {sorted(IMPLEMENTATIONS)}")
 
 
-_mesh: jax.sharding.Mesh | None = None
+# Per thread: data-parallel replicas warm up side by side, each tracing over its own devices.
+_mesh: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextVar("kernel_mesh", default=None)
 
 
 @contextlib.contextmanager
 def on_mesh(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
-    """Traces inside the block shard the kernels over `mesh`'s tensor axis."""
-    global _mesh
-    previous, _mesh = _mesh, mesh
+    """Traces inside the block (on this thread) shard the kernels over `mesh`'s tensor axis."""
+    token = _mesh.set(mesh)
     try:
         yield
     finally:
-        _mesh = previous
+        _mesh.reset(token)
 
 
 def kernel_mesh():
     """The mesh the kernels' shard_map runs over: `on_mesh`'s, or where an abstract mesh of the same
     axes is the context (jax.export for another platform, e.g. TPU from the CPU), that one."""
-    if _mesh is None:
+    mesh = _mesh.get()
+    if mesh is None:
         return None
     context = jax.sharding.get_abstract_mesh()
-    if not context.empty and dict(context.shape) == dict(_mesh.shape):
+    if not context.empty and dict(context.shape) == dict(mesh.shape):
         return context
-    return _mesh
+    return mesh
 
 
 def set_implementation(name: str) -> None:

@@ -146,3 +146,30 @@ def test_serve_over_two_processes_then_a_follower_dies(model_dir, expected):
         leader.communicate(timeout=60)  # exits: nothing hangs on the dead process
     finally:
         stop(procs)
+
+
+CHANNEL_SCRIPT = """
+import pickle, sys
+from jax._src import distributed as jd
+from jaxinfer import distributed
+distributed.initialize("127.0.0.1:%d", 1, 0)
+channel = distributed.Channel("t")
+n = 2 * distributed.BATCH + 5
+for i in range(n):
+    channel.send(("launch", i))
+client = jd.global_state.client
+def present(i):
+    try:
+        return pickle.loads(client.key_value_try_get_bytes(channel._key(i)))[1] == i
+    except Exception:
+        return False
+print("PRESENT", [present(i) for i in (0, distributed.BATCH - 1, distributed.BATCH, 2 * distributed.BATCH, n - 1)])
+"""
+
+
+def test_the_channel_deletes_the_batches_every_follower_has_read():
+    # One process (no follower to wait for): every whole batch of messages is deleted, the last partial one kept.
+    out = subprocess.run([sys.executable, "-c", CHANNEL_SCRIPT % free_port()], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PRESENT [False, False, False, True, True]" in out.stdout, out.stdout

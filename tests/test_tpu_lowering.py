@@ -12,17 +12,15 @@ import pytest
 from jax import export
 
 from jaxinfer import params as params_lib
-from jaxinfer.runner.step_inputs import StepInputs, build, layout
-from jaxinfer.core.sampling_params import SamplingParams
+from jaxinfer.runner.step_inputs import layout
 from jaxinfer.core.config import EngineConfig
-from jaxinfer.core.shapes import SeqWork
 from jaxinfer.layers import attention
 from jaxinfer.layers.rope import RopeScaling
 from jaxinfer.models import LlamaConfig
 from jaxinfer.models.deepseek import DeepseekConfig
 from jaxinfer.runner.model_runner import ModelRunner
-from jaxinfer.runner.sampler import Row, SamplingArrays
 from jaxinfer.sharding import make_mesh
+from tests.tpu_export import abstract_tpu_mesh, export_whole_step, mixed_step
 
 # Small, but with head_dim 128 so the Mosaic TPU attention kernel takes it.
 SMALL_128 = LlamaConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
@@ -64,29 +62,8 @@ def test_engine_step_lowers_for_tpu(dtype, device_kind, quantization, tp, spec, 
                          penalty_slots=4, max_model_len=64)
     # MLA over two chips: its latent pages split by sequence (data-parallel attention, in the step below).
     assert runner.kv_partitions == (tp if model is SMALL_DEEPSEEK else 1)
-    shape = cfg.shape(2, 32)
-    decode = [SeqWork([0], 7, [3], feed_slot=0, logit_offsets=[0])]
-    prefill = [SeqWork(list(range(9)), 0, [1], logit_offsets=[8]), SeqWork([4, 5], 16, [2, 5], logit_offsets=[1])]
-    batch, rows = build(shape, decode, prefill, 16)
-    params = SamplingParams(temperature=0.7, top_p=0.9, presence_penalty=0.5, logprobs=3)
-    sampling = SamplingArrays.from_rows([Row(params, 1, 8, penalty_slot=0, want_top=True, feed_slot=0)] * 4,
-                                        shape.num_rows, 8)
-    assert sampling.needs_full()
-
-    def whole_step(state, cache, penalty, feed_tokens, inputs):  # the forward pass, then the sampler
-        logits_out = jnp.zeros((shape.num_rows, model.vocab_size), jnp.float32)
-        rows_out = jnp.zeros(inputs.sampling_rows().shape, jnp.int32)
-        logits, cache, rows = runner._forward_step_fn(state, cache, feed_tokens, inputs, logits_out, rows_out)
-        out, penalty, feed_tokens = runner._sample_fn(logits, penalty, feed_tokens, rows, full=True, ban_width=8,
-                                                      spec=(shape.decode_rows, shape.spec_tokens) if spec else None)
-        return out, cache, penalty, feed_tokens
-
-    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform="tpu")
-    abstract = jax.sharding.AbstractMesh((1, tp), ("data", "tensor"), (jax.sharding.AxisType.Auto,) * 2,
-                                         abstract_device=device)
-    with jax.sharding.use_abstract_mesh(abstract):
-        exported = export.export(jax.jit(whole_step), platforms=["tpu"])(
-            runner.state, runner.cache, runner.penalty, runner.feed_tokens, StepInputs.pack(batch, sampling, shape))
+    shape, inputs = mixed_step(cfg)
+    exported = export_whole_step(runner, shape, inputs, abstract_tpu_mesh(device_kind, 1, tp), spec=spec)
     assert exported.platforms == ("tpu",)
     # The default attention ("auto") is the Mosaic TPU kernel there.
     assert attention.get_implementation() == "auto" or "JAXINFER_ATTENTION" in os.environ

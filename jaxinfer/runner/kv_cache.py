@@ -74,3 +74,11 @@ def allocate(spec: CacheSpec, mesh: Mesh | None = None) -> KVCache:
     targets = {name: sharding.named_sharding(spec.logical_axes(name), shape, mesh) for name, shape in shapes.items()}
     return jax.jit(zeros, out_shardings=[dict(targets) for _ in range(spec.num_layers)])()
 
+
+
+def abstract(spec: CacheSpec, mesh) -> KVCache:
+    """The pools as abstract values (jax.ShapeDtypeStruct in their shardings), for exporting a step for a
+    mesh that is not here (a TPU pod's, from the CPU: an AbstractMesh)."""
+    return [{name: jax.ShapeDtypeStruct(spec.array_shape(name), spec.dtype, sharding=sharding.named_sharding(
+        spec.logical_axes(name), spec.array_shape(name), mesh)) for name in spec.entries}
+            for _ in range(spec.num_layers)]

@@ -69,8 +69,12 @@ class ModelRunner:
                               f"{sorted(attention.IMPLEMENTATIONS)}")
         self.attention_impl = attention_impl  # None: the process default (jaxinfer.layers.attention)
         self.graphdef = graphdef
+        # An AbstractMesh (a pod that is not here): the state and every buffer are abstract values, for
+        # exporting the step (jax.export), never for running it.
+        self.abstract = isinstance(mesh, jax.sharding.AbstractMesh)
         # On the CPU, quantized scales in the native kernel's layout: XLA would otherwise transpose them each step.
-        self.state = params.kernel_layouts(state) if mesh.devices.flat[0].platform == "cpu" else state
+        cpu = not self.abstract and mesh.devices.flat[0].platform == "cpu"
+        self.state = params.kernel_layouts(state) if cpu else state
         self.mesh = mesh
         self.page_size = page_size
         self.max_rows = max_rows
@@ -79,7 +83,7 @@ class ModelRunner:
         self.cache_spec = kv_cache.CacheSpec(
             num_layers=cfg.num_layers, num_pages=num_pages, page_size=page_size,
             entries=family(cfg).cache_entries(cfg), dtype=jnp.dtype(dtype))
-        self.cache = kv_cache.allocate(self.cache_spec, mesh)
+        self.cache = (kv_cache.abstract if self.abstract else kv_cache.allocate)(self.cache_spec, mesh)
         # Partitions of the host's page pool: a sequence's pages from one (data-parallel MLA attention).
         self.kv_partitions = self.cache_spec.partitions(mesh)
         self.feature_layers = tuple(sorted(set(feature_layers)))
@@ -88,9 +92,10 @@ class ModelRunner:
             self.cache.append({"features": jax.device_put(jnp.zeros((num_pages, page_size, width), dtype),
                                                           sharding.replicated(mesh))})
         self.replicated = sharding.replicated(mesh)
-        self.penalty = jax.device_put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
+        put = self._abstract_put if self.abstract else jax.device_put
+        self.penalty = put(PenaltyState.zeros(penalty_slots, cfg.vocab_size), self.replicated)
         # Each sequence's latest sampled token, by feed slot (the scheduler's SeqTable row).
-        self.feed_tokens = jax.device_put(np.zeros(feed_slots or max_rows, np.int32), self.replicated)
+        self.feed_tokens = put(np.zeros(feed_slots or max_rows, np.int32), self.replicated)
         self._executables: dict[tuple, concurrent.futures.Future] = {}  # forward per shape, sampler per rows
         self._lock = threading.Lock()
         self._made: dict[tuple, tuple] = {}  # (shape, ban width, full) -> (forward, sampler), once made
@@ -105,6 +110,10 @@ class ModelRunner:
         self._logits = jax.jit(self._logits_fn, donate_argnums=(1,))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
         self._reset = jax.jit(reset_slot, donate_argnums=(0,))
+
+    @staticmethod
+    def _abstract_put(tree, where):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=where), tree)
 
     def _forward(self, state, cache, batch: Batch, feed_tokens=None):
         """The model over `batch` (logits at its logits_indices, and the cache with its K/V); under jit.

@@ -42,6 +42,7 @@ RECEIVE_POLL_MS = 1000  # a follower waiting for a message checks on the leader 
 ACK_EVERY = 32  # a follower reports how far it has read every this many messages
 BATCH = 256  # messages per key-value directory (deleted whole once every follower read it)
 EXIT_WAIT_S = 30  # how long a process waits at exit for the others to exit too
+DISCONNECT_S = 1.0  # how long the leader gives a follower's disconnect, after its goodbye, to land
 
 
 class ProcessLost(JaxinferError):
@@ -88,17 +89,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _leave_together() -> None:
-    """At exit, wait (a while) for the other live processes to exit too: the leader hosts the
-    coordination service, and a follower still connected when it goes would abort."""
+    """At exit, leave in order: the leader hosts the coordination service, and a follower still
+    connected when it goes aborts. So every live process meets at a barrier; then each follower says
+    goodbye and disconnects, and the leader waits for the goodbyes (and a moment for the disconnects
+    to land) before JAX's own shutdown stops the service. (With recoverability on, JAX's shutdown
+    barrier no longer orders this.)"""
     from jax._src import distributed as jax_distributed
 
     client = jax_distributed.global_state.client
     if client is None:
         return
     lost = _channel.lost if _channel is not None else set()
+    alive = [p for p in range(jax.process_count()) if p not in lost]
     try:
-        alive = [p for p in range(jax.process_count()) if p not in lost]
         client.wait_at_barrier("jaxinfer/exit", EXIT_WAIT_S * 1000, alive)
+        if jax.process_index() != 0:
+            client.key_value_set(f"jaxinfer/bye/{jax.process_index()}", "1")
+            jax.distributed.shutdown()
+            return
+        for p in alive[1:]:
+            client.blocking_key_value_get(f"jaxinfer/bye/{p}", EXIT_WAIT_S * 1000)
+        time.sleep(DISCONNECT_S)
     except Exception as e:  # a process went meanwhile, or never came: leave anyway
         log.warning("leaving the multi-process run without the other processes: %s", e)
 
@@ -264,16 +275,40 @@ class Channel:
     def receive(self) -> tuple:
         """The next message; ProcessLost if the leader is gone."""
         n = self.received
-        while True:
-            try:
-                data = self.client.blocking_key_value_get_bytes(self._key(n), RECEIVE_POLL_MS)
-                break
-            except Exception:  # not there yet: is the leader still alive?
-                self.check()
+        data = self._get(self._key(n))
         self.received = n + 1
         if self.received % ACK_EVERY == 0:
             self.client.key_value_set(f"{self.prefix}/ack/{self.process}", str(self.received), allow_overwrite=True)
         return pickle.loads(data)
+
+    # ---- values and the outputs of replicas the leader does not hold ------------------------------
+
+    def publish(self, name: str, value: str) -> None:
+        self.client.key_value_set(f"{self.prefix}/{name}", value, allow_overwrite=True)
+
+    def fetch(self, name: str) -> str:
+        """A value another process publishes (waits for it; ProcessLost if the run breaks meanwhile)."""
+        return self._get(f"{self.prefix}/{name}", bytes_=False)
+
+    def publish_output(self, replica: int, n: int, data: bytes) -> None:
+        """Owner of a replica: step n's read-back, for the leader."""
+        self.client.key_value_set_bytes(f"{self.prefix}/out/{replica}/{n // BATCH}/{n}", data)
+
+    def fetch_output(self, replica: int, n: int) -> bytes:
+        """Leader: step n's read-back from the replica's owner (read in order: a batch is deleted as the next
+        one starts)."""
+        if n % BATCH == 0 and n:
+            self.client.key_value_delete(f"{self.prefix}/out/{replica}/{n // BATCH - 1}/")
+        return self._get(f"{self.prefix}/out/{replica}/{n // BATCH}/{n}")
+
+    def _get(self, key: str, bytes_: bool = True):
+        get = self.client.blocking_key_value_get_bytes if bytes_ else self.client.blocking_key_value_get
+        while True:
+            self.check()
+            try:
+                return get(key, RECEIVE_POLL_MS)
+            except Exception:  # not there yet
+                pass
 
     def _key(self, n: int) -> str:
         return f"{self.prefix}/m/{n // BATCH}/{n}"

@@ -51,10 +51,11 @@ def make_mesh(tensor: int = 1, data: int = 1, devices: Sequence[jax.Device] | No
                           f"but only {len(devices)} are visible")
     grid = np.array(devices[:need], dtype=object).reshape(data, tensor)
     processes = sorted({d.process_index for d in devices[:need]})
-    if data > 1 and len(processes) > 1:
-        # A multi-process run: every replica (row) over every process, since a replica's steps run only when
-        # all processes call them (jaxinfer/distributed.py); its tensor axis then crosses the processes.
-        local = [[d for d in devices[:need] if d.process_index == p] for p in processes]
+    local = [[d for d in devices[:need] if d.process_index == p] for p in processes]
+    if data > 1 and len(processes) > 1 and len(local[0]) % tensor:
+        # A multi-process run whose tensor axis is wider than a process's devices: every replica (row) over
+        # every process, its tensor axis across them (a TPU slice's interconnect links them all). Where the
+        # tensor axis fits, the rows above lie within one process each.
         if len({len(ds) for ds in local}) != 1 or len(local[0]) % data:
             raise ConfigError(f"data={data} replicas over {len(processes)} processes need the same number of "
                               f"devices in each process, a multiple of {data}")

@@ -27,18 +27,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict:
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+def env(devices: int = 2) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
 
 
-def start(args: list[str], n: int = 2) -> list[subprocess.Popen]:
-    """n processes of `python -m <args>` with the run's flags appended, process 0 first."""
+def start(args: list[str], n: int = 2, devices: int = 2) -> list[subprocess.Popen]:
+    """n processes of `python -m <args>` (each with `devices` CPU devices), the run's flags filled in."""
     coordinator = f"127.0.0.1:{free_port()}"
     procs = []
     for i in range(n):
         procs.append(subprocess.Popen([sys.executable, "-m", *[a.format(coordinator=coordinator, i=i, n=n)
-                                                               for a in args]],
-                                      cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                                               for a in args]], cwd=ROOT, env=env(devices),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
 
@@ -64,15 +64,20 @@ def expected(model_dir):
     return one_process(model_dir, 4)
 
 
-@pytest.mark.parametrize("tp,dp", [(4, 1), (2, 2)])
-def test_llm_over_two_processes_gives_the_one_process_outputs(model_dir, expected, tp, dp):
-    # Tensor parallel over all four devices of both processes, or two replicas of two (each replica over both
-    # processes); greedy, seeded, top-k/top-p and n=2 requests, then a stream. Every process returns the leader's
-    # outputs, and each follower checked that its devices sampled the very tokens the leader's did
-    # (EngineCore.follow raises otherwise).
+@pytest.mark.parametrize("tp,dp,devices", [(4, 1, 2), (2, 2, 2), (2, 3, 3)])
+def test_llm_over_two_processes_gives_the_one_process_outputs(model_dir, expected, tp, dp, devices):
+    # Greedy, seeded, top-k/top-p and n=2 requests, then a stream, over
+    # - tensor parallel over all four devices of both processes;
+    # - two replicas of two devices, one on each process: the leader schedules both, the follower runs the
+    #   second's steps and sends back its tokens;
+    # - three replicas of two devices, each over both processes (three devices a process: the tensor axis
+    #   does not fit in one).
+    # Every process returns the leader's outputs, and a follower that runs a step with the leader checked that
+    # it sampled the very tokens the leader did (EngineCore.follow raises otherwise).
     if dp > 1:
         expected = one_process(model_dir, tp, dp)
-    procs = start(["tests.multi_process_llm", "{coordinator}", "{n}", "{i}", str(model_dir), str(tp), str(dp)])
+    procs = start(["tests.multi_process_llm", "{coordinator}", "{n}", "{i}", str(model_dir), str(tp), str(dp)],
+                  devices=devices)
     try:
         results = []
         for p in procs:

@@ -5,7 +5,9 @@
                                                      └─▶ replica 1: EngineCore on mesh row 1 ...
 
 Each replica is a whole EngineCore: its own scheduler, KV pool (sized from its own devices),
-prefix cache and compiled step, on one row of the (data, tensor) mesh. The weights are loaded
+prefix cache and compiled step, on one row of the (data, tensor) mesh. In a multi-process run a
+replica lives on one process where the tensor axis fits a process's devices (the leader schedules
+it; the process holding it runs its steps and sends back their tokens), else on all of them. The weights are loaded
 once over the whole mesh (replicated over `data`) and each replica takes its row's copies as they
 are, without a copy (`replica_state`). A request goes to one replica for its whole life
 (jaxinfer/engine/router.py picks which); a step steps every replica, each dispatching to its own
@@ -57,11 +59,15 @@ class DataParallelCore:
         if draft is not None:
             raise ConfigError("a preloaded draft model does not combine with data parallelism (give its path in "
                               "speculative_config instead: each replica loads its own)")
-        self.replicas = [EngineCore(dataclasses.replace(model, state=replica_state(model.state, sub)), sub, config)
-                         for sub in replica_meshes(mesh)]
+        self.replicas = []
+        for i, sub in enumerate(replica_meshes(mesh)):
+            # A replica on another process's devices only (a multi-process run) gets no weights here.
+            held = any(d.process_index == jax.process_index() for d in sub.devices.flat)
+            state = replica_state(model.state, sub) if held else None
+            self.replicas.append(EngineCore(dataclasses.replace(model, state=state), sub, config, replica=i))
         first = self.replicas[0]
-        for i, r in enumerate(self.replicas):  # one channel for all, its messages tagged by replica
-            r.replica, r.group = i, self.replicas
+        for r in self.replicas:  # one channel for all, its messages tagged by replica
+            r.group = self.replicas
         self.channel, self.follower = first.channel, first.follower
         self.share, self.follow = first.share, first.follow
         # What a request is checked against: the smallest replica's pool (each sized from its own devices).

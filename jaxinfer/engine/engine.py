@@ -21,6 +21,7 @@ from collections.abc import Sequence as Seq
 from jax.sharding import Mesh
 
 from checkpoints.loader import LoadedModel
+from jaxinfer import distributed
 from jaxinfer.core.config import EngineConfig
 from jaxinfer.core.sampling_params import SamplingParams, request_seed
 from jaxinfer.engine.core_process import CoreProcessClient
@@ -37,6 +38,7 @@ class Engine:
                  draft: LoadedModel | None = None):
         """The core in this process, stepped on the caller's thread (`draft`: as EngineCore's). A mesh
         whose data axis is larger than 1 gets a replica per row (jaxinfer/engine/data_parallel.py)."""
+        distributed.check_mesh(mesh)
         if mesh.shape.get("data", 1) > 1:
             from jaxinfer.engine.data_parallel import DataParallelCore
             self._attach(DataParallelCore(model, mesh, config, draft), model)

@@ -118,6 +118,40 @@ class CoreStep:
 
 CLOSED = object()  # what EngineCore.follow returns when the leader has closed its core
 
+
+@dataclasses.dataclass(frozen=True)
+class _RemoteStep:
+    n: int  # a remote core's step, by number: its owner sends back its output under it
+
+
+class _RemoteRunner:
+    """Stands in for the runner of a core whose devices are all another process's: no device state, no
+    calls (the leader sends them to that process)."""
+
+    def __init__(self, spec: kv_cache.CacheSpec, num_pages: int, mesh: Mesh):
+        self.mesh = mesh
+        self.kv_partitions = dataclasses.replace(spec, num_pages=num_pages).partitions(mesh)
+        self.cache = self.features = None
+
+    def prepare(self, *args, **kwargs) -> None:
+        pass
+
+    def copy_pages(self, pairs) -> None:
+        pass
+
+    def reset_penalty_slot(self, *args) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+def _fetch(out: StepOutput, want_top: bool) -> tuple:
+    """A step's (tokens and logprobs packed, top ids, top logprobs) on the host: one transfer without top-n."""
+    if want_top:
+        return tuple(jax.device_get([out.packed, out.top_ids, out.top_logprobs]))
+    return np.asarray(out.packed), None, None
+
 _HEAD = struct.Struct("<idi")  # rows, time, bytes of the pickled rare parts
 
 
@@ -141,18 +175,27 @@ def _min_decode_rows(mesh: Mesh) -> int:
 
 class EngineCore:
     def __init__(self, model: LoadedModel, mesh: Mesh, config: EngineConfig = EngineConfig(),
-                 draft: LoadedModel | None = None):
+                 draft: LoadedModel | None = None, replica: int = 0):
         """`draft`: an already loaded draft model (benchmarks over random weights), where the config's
-        speculative_config names one; else it is loaded from there."""
+        speculative_config names one; else it is loaded from there. `replica`: this core's index among
+        data-parallel replicas (jaxinfer/engine/data_parallel.py)."""
         compilations.enable_persistent_cache()
-        distributed.check_mesh(mesh)
         # A multi-process run: every process builds this core alike; process 0 steps it and sends each
-        # step's device calls to the others, whose cores only follow (jaxinfer/distributed.py).
+        # step's device calls to the processes that hold its devices, whose cores only follow
+        # (jaxinfer/distributed.py). Where the mesh lies: "local" (this process's devices only), "spanning"
+        # (several processes'), or "remote" (another single process's: this core schedules it, if this is
+        # the leader, and its owner runs its steps and sends back their tokens).
         self.channel = distributed.channel() if distributed.multi_process() else None
         self.follower = self.channel is not None and not distributed.is_leader()
+        holders = {d.process_index for d in mesh.devices.flat}
+        self.placement = ("spanning" if len(holders) > 1 else
+                          "local" if jax.process_index() in holders else "remote")
+        self.owner = min(holders)  # the process that runs a remote core's steps
         self._digest = 0  # of every sampled token array, compared between the processes
+        self._launched = 0  # steps launched (a remote core: steps sent), numbering their outputs
+        self._publisher: concurrent.futures.ThreadPoolExecutor | None = None  # an owner's, sending its outputs
         # The cores one channel serves, by replica (data parallelism: jaxinfer/engine/data_parallel.py sets these).
-        self.replica, self.group = 0, [self]
+        self.replica, self.group = replica, [self]
         if self.channel is not None and config.speculative_config is not None and (
                 config.speculative_config.method in ("draft_model", "eagle3")):
             raise ConfigError("a draft model or head does not run in a multi-process run yet: its own device calls "
@@ -180,10 +223,17 @@ class EngineCore:
                 self.draft.config, num_pages=1, page_size=config.page_size,
                 dtype=self.draft.kv_cache_dtype).bytes_per_page) + (
                 len(self.feature_layers) * cfg.hidden_size * config.page_size * np.dtype(model.dtype).itemsize)
-            num_pages = given or self._pool_size(page_bytes, config, mesh)
+            if given:
+                num_pages = given
+            elif self.placement == "remote":  # sized by the process that holds its devices
+                num_pages = int(self.channel.fetch(f"replica/{replica}/num_pages"))
+            else:
+                num_pages = self._pool_size(page_bytes, config, mesh)
             tp = mesh.shape.get("tensor", 1)
             if not given and spec.splits_pages and num_pages > tp:
                 num_pages -= num_pages % tp  # pages split by sequence over the devices: a partition each
+            if not given and self.placement == "local" and self.follower:
+                self.channel.publish(f"replica/{replica}/num_pages", str(num_pages))
             partitions = dataclasses.replace(spec, num_pages=num_pages).partitions(mesh)
             self.config = config = config.replace(num_pages=num_pages, kv_partitions=partitions)
         except ValueError as e:
@@ -191,7 +241,7 @@ class EngineCore:
         self.proposer = self._proposer(config, mesh)
         self.scheduler = Scheduler(config, stop_width=self.ban_width, proposer=self.proposer)
         max_rows = max(s.num_rows for s in config.all_shapes())
-        self.runner = ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
+        self.runner = _RemoteRunner(spec, num_pages, mesh) if self.placement == "remote" else ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
                                   page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
                                   penalty_slots=config.max_num_seqs, feed_slots=config.max_num_seqs,
                                   max_model_len=self.max_model_len,
@@ -383,9 +433,13 @@ class EngineCore:
     def _dispatch(self, step: ScheduledStep) -> _InFlight:
         started = time.perf_counter()
         inputs = self.inputs(step)  # packed on this thread, whichever thread launches it
-        if self.channel is not None:  # the other processes make the same calls (sent here: in order)
-            self.channel.send(("launch", self.replica, step.page_copies, step.slot_resets, inputs))
-        if self.launch_thread:
+        want_top = bool(step.logits.want_top.any())
+        if self.channel is not None and self.placement != "local":  # the processes holding its devices make
+            self.channel.send(("launch", self.replica, step.page_copies, step.slot_resets, inputs, want_top))
+        n, self._launched = self._launched, self._launched + 1
+        if self.placement == "remote":  # the same calls (sent here: in order); a remote core's owner sends back
+            out = _RemoteStep(n)
+        elif self.launch_thread:
             if self._launcher is None:
                 self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-launch")
             out = self._launcher.submit(self._launch, step.page_copies, step.slot_resets, inputs)
@@ -395,7 +449,7 @@ class EngineCore:
                 jax.block_until_ready(out.packed)
         self.metrics.steps += 1
         self.metrics.computed_tokens += step.num_tokens
-        return _InFlight(step, out, bool(step.logits.want_top.any()), started)
+        return _InFlight(step, out, want_top, started)
 
     def _launch(self, page_copies, slot_resets, inputs: StepInputs) -> StepOutput:
         runner = self.runner
@@ -411,16 +465,16 @@ class EngineCore:
 
     def _read_back(self, inflight: _InFlight) -> CoreStep:
         out = inflight.out
-        if self.channel is not None:  # a step may never end if a process is gone: notice that instead
-            out = self.channel.wait(out)
-        elif isinstance(out, concurrent.futures.Future):
-            out = out.result()
-        if inflight.want_top:
-            packed, top_ids, top_lps = jax.device_get([out.packed, out.top_ids, out.top_logprobs])
+        if isinstance(out, _RemoteStep):  # its owner's read-back, through the store
+            packed, top_ids, top_lps = pickle.loads(self.channel.fetch_output(self.replica, out.n))
         else:
-            packed, top_ids, top_lps = np.asarray(out.packed), None, None  # one transfer
-        if self.channel is not None:
-            self._digest = zlib.crc32(packed, self._digest)
+            if self.channel is not None:  # a step may never end if a process is gone: notice that instead
+                out = self.channel.wait(out)
+            elif isinstance(out, concurrent.futures.Future):
+                out = out.result()
+            packed, top_ids, top_lps = _fetch(out, inflight.want_top)
+            if self.channel is not None:
+                self._digest = zlib.crc32(packed, self._digest)
         tokens, logprobs = StepOutput.split(np.asarray(packed))
         now = time.monotonic()
         s = self.scheduler
@@ -523,6 +577,8 @@ class EngineCore:
             else:
                 self.channel.send(("close", self._digests()))
         self._closed = True
+        if self._publisher is not None:  # an owner's last outputs go out first
+            self._publisher.shutdown(wait=True)
         self.stop_warmup()
         for runner in (self.runner, getattr(self.proposer, "runner", None)):
             if runner is not None:
@@ -537,13 +593,27 @@ class EngineCore:
             self.channel.send(("share", self._digests(), value))
         return value
 
+    def _publish(self, out: StepOutput, want_top: bool) -> None:
+        """An owner's step output, read back and sent to the leader once computed, in order, on a thread
+        (the leader may wait for it before sending anything more)."""
+        if self._publisher is None:
+            self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-publish")
+        n, self._launched = self._launched, self._launched + 1
+
+        def send():
+            self.channel.publish_output(self.replica, n, pickle.dumps(_fetch(out, want_top),
+                                                                      protocol=pickle.HIGHEST_PROTOCOL))
+        self._publisher.submit(send)
+
     def _one_at_a_time(self) -> bool:
         """Whether each step must end before the next replica's starts: across processes on the CPU, whose
         (gloo) collectives of two replicas' steps would otherwise interleave on one connection."""
-        return self.channel is not None and len(self.group) > 1 and self.runner.mesh.devices.flat[0].platform == "cpu"
+        return (self.placement == "spanning" and len(self.group) > 1
+                and self.runner.mesh.devices.flat[0].platform == "cpu")
 
     def _digests(self) -> list[int]:
-        return [core._digest for core in self.group]
+        """What the processes compare: the tokens of every core they all run (not those one process runs alone)."""
+        return [core._digest if core.placement == "spanning" else 0 for core in self.group]
 
     def follow(self):
         """Follower: make the leader's device calls, in order, until it shares a value (returned) or
@@ -556,9 +626,14 @@ class EngineCore:
             op, *args = self.channel.receive()
             if op == "launch":
                 core = self.group[args[0]]
-                out = core._launch(*args[1:])
-                if self._one_at_a_time():
+                if core.placement == "remote":  # another process's replica
+                    continue
+                out = core._launch(*args[1:4])
+                if core._one_at_a_time():
                     jax.block_until_ready(out.packed)
+                if core.placement == "local":  # this process's own replica: its tokens go back to the leader
+                    core._publish(out, args[4])
+                    continue
                 if args[0] in pending:
                     core._digest = zlib.crc32(np.asarray(pending[args[0]]), core._digest)
                 pending[args[0]] = out.packed

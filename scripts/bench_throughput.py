@@ -80,27 +80,30 @@ def workload(name: str, args, rng: np.random.Generator, vocab: int):
 
 def run(llm: LLM, requests, label: str, peak: float, num_params: int) -> dict:
     engine = llm.engine
-    pool = engine.scheduler.pool
-    pre_q, pre_h = pool.prefix_queried_tokens, pool.prefix_hit_tokens
-    pre_preempt, pre_computed = engine.scheduler.num_preemptions, engine.metrics.computed_tokens
+    before = engine.stats() if llm.is_leader else {}
     prompts = [r[0] for r in requests]
     params = [SamplingParams(max_tokens=o, temperature=1.0, seed=i, ignore_eos=True)
               for i, (_, o) in enumerate(requests)]
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     wall = time.perf_counter() - t
+    if not llm.is_leader:  # a follower process of a multi-process run: the leader reports
+        return {}
+    after = engine.stats()
     n_in = sum(len(p) for p in prompts)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     ttft = percentiles([o.metrics.time_to_first_token for o in outs])
     tpot = percentiles([o.time_per_output_token for o in outs if o.time_per_output_token])
-    queried = pool.prefix_queried_tokens - pre_q
-    computed = engine.metrics.computed_tokens - pre_computed
+
+    def grew(key):
+        return after[key] - before[key]
+    queried = grew("prefix_cache_queried_tokens")
     return dict(
         workload=label, requests=len(outs), seconds=wall, req_s=len(outs) / wall,
         in_tok_s=n_in / wall, out_tok_s=n_out / wall, total_tok_s=(n_in + n_out) / wall,
-        ttft=ttft, tpot=tpot, preemptions=engine.scheduler.num_preemptions - pre_preempt,
-        hit_rate=(pool.prefix_hit_tokens - pre_h) / queried if queried else 0.0,
-        mfu=2 * num_params * computed / wall / peak)
+        ttft=ttft, tpot=tpot, preemptions=grew("preemptions"),
+        hit_rate=grew("prefix_cache_hit_tokens") / queried if queried else 0.0,
+        mfu=2 * num_params * grew("computed_tokens") / wall / peak)
 
 
 def print_table(rows, peak: float) -> None:
@@ -122,6 +125,11 @@ def main() -> None:
     p.add_argument("--dummy-weights", action="store_true", help="Llama-3-8B shape, random weights")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--data-parallel", type=int, default=1, help="engine replicas (each over --tensor-parallel)")
+    p.add_argument("--coordinator-address", default=None, help="a multi-process run (jax.distributed): every "
+                   "process runs this same command with its --process-id; process 0 prints")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--workload", default="all",
                    help="fixed, sharegpt, shared-prefix, a comma list of them, or all")
     p.add_argument("--num-prompts", type=int, default=1000)
@@ -140,8 +148,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    from jaxinfer import distributed
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     dtype_name = args.dtype or default_dtype_name()
-    mesh = make_mesh(tensor=args.tensor_parallel)
+    mesh = make_mesh(tensor=args.tensor_parallel, data=args.data_parallel)
     names = ["fixed", "sharegpt", "shared-prefix"] if args.workload == "all" else args.workload.split(",")
     if any(n not in ("fixed", "sharegpt", "shared-prefix") for n in names):
         p.error(f"unknown workload in {args.workload!r}")
@@ -167,11 +177,14 @@ def main() -> None:
     num_params = params_lib.num_params(loaded.state)
     peak = matmul_peak(DTYPES[dtype_name])
     cfg = llm.engine.config
-    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; model: {loaded.source} "
-          f"({num_params / 1e9:.2f} B params, {dtype_name}); KV pool {cfg.num_pages} pages x {cfg.page_size}; "
-          f"max_num_seqs {cfg.max_num_seqs}, max_num_batched_tokens {cfg.max_num_batched_tokens}, "
-          f"max_model_len {cfg.max_model_len}; warm-up {warm:.0f}s ({len(cfg.all_shapes())} shapes)")
-    print("command: python " + " ".join(sys.argv))
+    say = print if llm.is_leader else (lambda *a, **k: None)
+    say(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())} ({jax.process_count()} processes), "
+        f"tp {args.tensor_parallel} x dp {args.data_parallel}; model: {loaded.source} "
+        f"({num_params / 1e9:.2f} B params, {dtype_name}); KV pool {cfg.num_pages} pages x {cfg.page_size}"
+        f"{' a replica' if args.data_parallel > 1 else ''}; max_num_seqs {cfg.max_num_seqs}, max_num_batched_tokens "
+        f"{cfg.max_num_batched_tokens}, max_model_len {cfg.max_model_len}; warm-up {warm:.0f}s "
+        f"({len(cfg.all_shapes())} shapes)")
+    say("command: python " + " ".join(sys.argv))
     rows = []
     for name in names:
         if name == "shared-prefix":
@@ -182,8 +195,11 @@ def main() -> None:
             llm.engine.set_prefix_caching(True)
         else:
             rows.append(run(llm, loads[name], name, peak, num_params))
-        print_table(rows[-1:], peak)
-    print_table(rows, peak)
+        if llm.is_leader:
+            print_table(rows[-1:], peak)
+    if llm.is_leader:
+        print_table(rows, peak)
+    llm.close()  # lets a multi-process run's followers go
 
 
 if __name__ == "__main__":

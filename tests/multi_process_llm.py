@@ -1,4 +1,4 @@
-"""One process of a multi-process LLM run (tests/test_multi_process.py starts two):
+"""One process of a multi-process LLM run (tests/test_multi_process.py starts two; each sizes its own KV pool):
 
     python -m tests.multi_process_llm COORDINATOR NUM_PROCESSES PROCESS_ID MODEL_DIR TP DP
 
@@ -16,7 +16,7 @@ SAMPLING = [dict(max_tokens=12, temperature=0), dict(max_tokens=9, temperature=0
             dict(max_tokens=7, temperature=0.7, top_p=0.9, seed=11, n=2)]
 PARAMS = [SamplingParams(**s) for s in SAMPLING]
 STREAMED = ([2, 3, 4], SamplingParams(max_tokens=6, temperature=0))
-ENGINE = dict(num_pages=64, page_size=4, max_num_seqs=4, max_num_batched_tokens=32, progress=False)
+ENGINE = dict(page_size=4, max_num_seqs=4, max_num_batched_tokens=32, progress=False)
 
 
 def run(llm: LLM) -> list[list[int]]:

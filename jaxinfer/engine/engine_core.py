@@ -232,7 +232,7 @@ class EngineCore:
             tp = mesh.shape.get("tensor", 1)
             if not given and spec.splits_pages and num_pages > tp:
                 num_pages -= num_pages % tp  # pages split by sequence over the devices: a partition each
-            if not given and self.placement == "local" and self.follower:
+            if not given and self.placement == "local" and self.channel is not None:  # for the others' stand-ins
                 self.channel.publish(f"replica/{replica}/num_pages", str(num_pages))
             partitions = dataclasses.replace(spec, num_pages=num_pages).partitions(mesh)
             self.config = config = config.replace(num_pages=num_pages, kv_partitions=partitions)
@@ -241,7 +241,8 @@ class EngineCore:
         self.proposer = self._proposer(config, mesh)
         self.scheduler = Scheduler(config, stop_width=self.ban_width, proposer=self.proposer)
         max_rows = max(s.num_rows for s in config.all_shapes())
-        self.runner = _RemoteRunner(spec, num_pages, mesh) if self.placement == "remote" else ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
+        self.runner = _RemoteRunner(spec, num_pages, mesh) if self.placement == "remote" else ModelRunner(
+                                  cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
                                   page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
                                   penalty_slots=config.max_num_seqs, feed_slots=config.max_num_seqs,
                                   max_model_len=self.max_model_len,
@@ -367,6 +368,7 @@ class EngineCore:
         pool = self.scheduler.pool
         return {"prefix_cache_queried_tokens": pool.prefix_queried_tokens,
                 "prefix_cache_hit_tokens": pool.prefix_hit_tokens, "steps": self.metrics.steps,
+                "computed_tokens": self.metrics.computed_tokens,
                 "spec_draft_tokens": self.scheduler.num_drafted, "spec_accepted_tokens": self.scheduler.num_accepted,
                 "spec_drafted_per_position": self.scheduler.drafted_per_position.tolist(),
                 "spec_accepted_per_position": self.scheduler.accepted_per_position.tolist(),

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_TIMEOUT_S = 10  # the coordination service calls a silent process dead after this
 BEAT_EVERY_S = 0.5  # how often each process says it is alive
-LOST_AFTER_S = 5.0  # a process silent this long is gone (killed, stopped, or its host down)
+LOST_AFTER_S = 15.0  # a process silent this long is gone (a loaded host can stall for seconds)
 RECEIVE_POLL_MS = 1000  # a follower waiting for a message checks on the leader this often
 ACK_EVERY = 32  # a follower reports how far it has read every this many messages
 BATCH = 256  # messages per key-value directory (deleted whole once every follower read it)

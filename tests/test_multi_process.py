@@ -42,6 +42,12 @@ def start(args: list[str], n: int = 2, devices: int = 2) -> list[subprocess.Pope
     return procs
 
 
+def diagnosis(err: str) -> str:
+    """A failed process's own words: its error lines first, then the end of its stderr."""
+    lines = [line for line in err.splitlines() if any(w in line for w in ("rror", "gone", "F1", "E1", "WARNING"))]
+    return "\n".join(lines[-30:]) + "\n---\n" + err[-2000:]
+
+
 def stop(procs) -> None:
     for p in procs:
         p.kill()
@@ -82,7 +88,7 @@ def test_llm_over_two_processes_gives_the_one_process_outputs(model_dir, expecte
         results = []
         for p in procs:
             out, err = p.communicate(timeout=DEADLINE_S)
-            assert p.returncode == 0, err[-3000:]
+            assert p.returncode == 0, diagnosis(err)
             results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
     finally:
         stop(procs)

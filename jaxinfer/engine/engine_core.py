@@ -475,7 +475,7 @@ class EngineCore:
             elif isinstance(out, concurrent.futures.Future):
                 out = out.result()
             packed, top_ids, top_lps = _fetch(out, inflight.want_top)
-            if self.channel is not None:
+            if self.placement == "spanning":  # compared with the processes that ran it too (_digests)
                 self._digest = zlib.crc32(packed, self._digest)
         tokens, logprobs = StepOutput.split(np.asarray(packed))
         now = time.monotonic()

@@ -387,7 +387,7 @@ def main():
 
     # Held out: agreement at the first and second draft.
     agree = []
-    for chunk in np.array_split(held, max(1, len(held) // args.batch)):
+    for chunk in np.array_split(held, max(1, -(-len(held) // args.batch))):  # chunks of at most a batch
         batch, prev, labels, scored, second = make_batch(np.pad(chunk, (0, args.batch - len(chunk)), mode="edge"),
                                                          np.random.default_rng(1))
         _, (a1, a2) = loss_fn(own, batch, prev, labels, scored, second)

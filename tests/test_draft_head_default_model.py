@@ -16,10 +16,10 @@ from test_speculative_default_model import check_identity, plain_outputs
 
 @pytest.fixture(scope="module")
 def trained_head(tmp_path_factory):
-    """A head trained briefly (60 steps on 48 answers of the model's own) by scripts/train_draft_head.py."""
+    """A head trained briefly (60 steps on 16 answers of the model's own) by scripts/train_draft_head.py."""
     out = tmp_path_factory.mktemp("head") / "smollm2"
     script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_draft_head.py"
-    run = subprocess.run([sys.executable, str(script), "--out", str(out), "--prompts", "48", "--new-tokens", "48",
+    run = subprocess.run([sys.executable, str(script), "--out", str(out), "--prompts", "24", "--new-tokens", "32",
                           "--steps", "60", "--batch", "4", "--rows", "128", "--held-out", "8"],
                          capture_output=True, text=True, timeout=1200,
                          # Its compilations are its own: none is kept in the tests' shared disk cache.

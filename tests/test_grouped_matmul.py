@@ -139,3 +139,44 @@ def test_an_expert_mlp_on_one_layout_of_the_rows_matches_the_reference_on_the_gp
         assert got.shape == want.shape and got.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=np.abs(want).max() * 2 ** -6)
         assert (np.asarray(got)[np.asarray(group) == groups] == 0).all()
+
+
+@pytest.mark.parametrize("m,k,ns", [(1, 512, (64,)), (5, 512, (128, 64)), (16, 1024, (192,))])
+def test_dense_projections_through_the_kernel_with_k_splits_match_xla_in_gpu_interpret_mode(m, k, ns):
+    """dense_matmul_many: one group, rows padded to a tile, K split over blocks (float32 partials summed), several
+    weights on one grid, and float32 out (the head's logits) as well as bf16."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels.grouped_matmul import dense_matmul_many, gpu
+
+    config = gpu.dense_config(8, k, sum(ns) // gpu.TILE_N)
+    assert config.splits > 1  # few output tiles: K is split
+    rng = np.random.default_rng(m * k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    weights = [w[0] for w in _weights(rng, 1, k, ns)]
+    for out_dtype in (None, jnp.float32):
+        got = dense_matmul_many(x, weights, out_dtype=out_dtype, interpret=plgpu.InterpretGPUParams())
+        for y, w in zip(got, weights):
+            want = np.asarray(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
+                                      precision=jax.lax.Precision.HIGHEST))
+            assert y.shape == want.shape and y.dtype == (out_dtype or jnp.bfloat16)
+            tol = np.abs(want).max() * (2 ** -8 if out_dtype is None else 1e-5)
+            np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=tol)
+
+
+def test_dense_projections_lower_to_the_kernel_for_cuda_at_decode_sizes_only():
+    from jax import export
+
+    from pallas_kernels.grouped_matmul import dense_matmul_many
+
+    def lowered(m, k, n, dtype=jnp.bfloat16):
+        args = (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, n), dtype))
+        exported = export.export(jax.jit(lambda x, w: dense_matmul_many(x, [w])), platforms=["cuda"])(*args)
+        assert [a.shape for a in exported.out_avals] == [(m, n)]
+        return "custom_call @mosaic_gpu" in exported.mlir_module()
+
+    assert lowered(1, 2048, 3072) and lowered(64, 2048, 2048)  # DeepSeek-V2-Lite's q and o at decode sizes
+    assert not lowered(65, 2048, 3072)  # prefill-sized: cuBLAS
+    assert not lowered(8, 4096, 4096)  # 32 MiB: cuBLAS reads it at the bandwidth
+    assert not lowered(8, 10944, 2048)  # K does not split: too few blocks
+    assert not lowered(8, 2048, 3072, jnp.float32) and not lowered(8, 2048, 100)

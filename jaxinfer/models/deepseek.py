@@ -34,7 +34,7 @@ from flax import nnx
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.layers import kv
 from jaxinfer.layers.attention import mla_attention
-from jaxinfer.layers.linear import Linear, einsum
+from jaxinfer.layers.linear import Linear, einsum, project
 from jaxinfer.layers.moe import MoE, Routing
 from jaxinfer.layers.norm import RMSNorm
 from jaxinfer.layers.param import param
@@ -383,11 +383,12 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, batch: Batch, cache: dict[str, jax.Array]):
         cfg = self.cfg
         N, L = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        # The projections that read x share one launch where they can (linear.project).
         if cfg.q_lora_rank is None:
-            q = self.q_proj(x)
+            q, ckv = project(x, self.q_proj, self.kv_a_proj)  # [T, H, N + R], [T, L + R]
         else:
-            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))  # [T, H, N + R]
-        ckv = self.kv_a_proj(x)  # [T, L + R]
+            q_a, ckv = project(x, self.q_a_proj, self.kv_a_proj)
+            q = self.q_b_proj(self.q_a_norm(q_a))
         latent, k_pe = self.kv_a_norm(ckv[:, :L]), ckv[:, L:]
         inv_freq = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
         rope = dict(interleaved=cfg.rope_interleave, attention_factor=rope_attention_factor(cfg.rope_scaling))

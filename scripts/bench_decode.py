@@ -83,9 +83,6 @@ def parse_args(argv=None):
     p.add_argument("--quantization", default=None,
                    help="jaxinfer's projections quantized: int8, int4 (group 128), fp8, ... (random weights)")
     p.add_argument("--prefix-caching", action="store_true", help="leave automatic prefix caching on")
-    p.add_argument("--no-dense-kernel", action="store_true",
-                   help="dense bf16 projections through XLA's dots at every M (the A/B of the grouped-matmul "
-                        "kernel's dense path)")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the roofline, TB/s")
     p.add_argument("--split-iters", type=int, default=20, help="back-to-back calls per timing round")
     p.add_argument("--no-split", action="store_true", help="skip the forward/sampling/host split")
@@ -331,10 +328,6 @@ def run_jaxinfer(args) -> None:
     t_start = time.perf_counter()
     import jax
     import numpy as np
-
-    if args.no_dense_kernel:
-        import pallas_kernels.grouped_matmul as gm
-        gm.DENSE_MAX_M = 0
 
     from jaxinfer.core.sampling_params import SamplingParams
     from jaxinfer.llm import DTYPES, LLM

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.layers.param import param, value_of
-from pallas_kernels.grouped_matmul import dense_matmul_many
 from pallas_kernels.quantized_matmul import QuantScheme, quantized_matmul_many
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ def einsum(equation: str, x: jax.Array, weight, *, preferred_element_type=None) 
         # a copy of o_proj's weight in every layer of every step.
         nk = len(contracted)
         lead, k = x.shape[:x.ndim - nk], math.prod(weight.shape[:nk])
-        (y,) = _dense(x.reshape(-1, k), [weight.reshape(k, -1)], out_dtype=preferred_element_type)
+        y = jnp.dot(x.reshape(-1, k), weight.reshape(k, -1), preferred_element_type=preferred_element_type)
         return y.reshape(*lead, *weight.shape[nk:])
     if isinstance(weight, QuantizedWeight):
         contracted, _ = split_equation(equation)
@@ -82,32 +81,11 @@ def split_equation(equation: str) -> tuple[str, str]:
     return contracted, produced
 
 
-def _dense(x: jax.Array, weights: list[jax.Array], *, out_dtype) -> list[jax.Array]:
-    """x [M, K] times float weights [K, N_i]: at decode sizes on CUDA one launch of the grouped-matmul kernel
-    for them all (pallas_kernels/grouped_matmul.dense_matmul_many), else XLA's dots. Under a tensor mesh XLA's
-    partitioner splits the dots, which a kernel's custom call would not let it do."""
-    from jaxinfer.layers import attention
-
-    mesh = attention.kernel_mesh()
-    if mesh is not None and mesh.shape.get("tensor", 1) > 1:
-        return [jnp.dot(x, w, preferred_element_type=out_dtype) for w in weights]
-    return dense_matmul_many(x, weights, out_dtype=out_dtype)
-
-
 def project(x: jax.Array, *linears) -> tuple[jax.Array, ...]:
     """`x` through several projections that read it (q, k and v; gate and up), as each would alone.
-    Alike (float weights, or quantized in one scheme; the same input axes; no bias), they take one kernel
-    launch on the GPU: fewer launches a step, and the narrow ones (k, v) share the SMs with the wide."""
+    Quantized alike (one scheme, the same input axes, no bias), they take one kernel launch on the GPU:
+    fewer launches a step, and the narrow ones (k, v) share the SMs with the wide."""
     first = linears[0]
-    if _contracted(first) is not None and all(
-            type(lin) is Linear and lin.bias is None and lin.preferred_element_type == first.preferred_element_type
-            and _contracted(lin) == _contracted(first) for lin in linears):
-        nk = len(_contracted(first))
-        lead = x.shape[:x.ndim - nk]
-        ws = [lin.weight[...] for lin in linears]
-        k = math.prod(ws[0].shape[:nk])
-        ys = _dense(x.reshape(-1, k), [w.reshape(k, -1) for w in ws], out_dtype=first.preferred_element_type)
-        return tuple(y.reshape(*lead, *w.shape[nk:]) for y, w in zip(ys, ws))
     # Act-order weights each gather x's channels in their own order: never fused.
     if not all(isinstance(lin, QuantizedLinear) and lin.bias is None and lin.scheme == first.scheme
                and not lin.scheme.act_order
@@ -119,13 +97,6 @@ def project(x: jax.Array, *linears) -> tuple[jax.Array, ...]:
     ys = _matmuls(x.reshape(math.prod(lead), -1), [lin.quantized_weight() for lin in linears],
                   out_dtype=first.preferred_element_type or x.dtype)
     return tuple(y.reshape(*lead, *lin.out_shape) for y, lin in zip(ys, linears))
-
-
-def _contracted(lin) -> str | None:
-    try:
-        return split_equation(lin.equation)[0]
-    except ValueError:
-        return None
 
 
 def _matmuls(x: jax.Array, weights: list[QuantizedWeight], *, out_dtype) -> list[jax.Array]:

@@ -12,10 +12,6 @@ One CUDA block per (64 outputs, tile): it reads the tile's group from GMEM, skip
 weight tile [tile_k, 64] of w[group]) feeding one warpgroup, then stores its [tile_m, 64] of y.
 `grouped_matmul_many` puts several weights that read the same rows (an expert's gate and up) on one grid.
 
-`Config.splits` > 1 splits K over that many blocks per (64 outputs, tile), for the dense projections of a
-decode step (one group, `dense_matmul_many`): a projection of 2,048 outputs has only 32 output tiles, which
-leave most of 132 SMs idle. The blocks then write float32 partials [splits, N, rows] that XLA sums.
-
 `interpret=plgpu.InterpretGPUParams()` runs it on the CPU, with a plain dot into SMEM in place of the
 wgmma (as the quantized kernel's interpret path does); the pipeline, the tiles' indices and the skipping
 are the kernel's own.
@@ -33,14 +29,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 TILE_N = 64  # outputs per block: one wgmma M
-MIN_BLOCKS = 128  # a dense projection takes the kernel only with this many blocks (about the H100/H200's SMs)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     tile_k: int  # input channels per pipeline step
     stages: int  # steps in flight
-    splits: int = 1  # K splits: blocks per (64 outputs, tile), writing float32 partials
 
 
 def supports(x: jax.Array, w: jax.Array) -> str | None:
@@ -69,24 +63,12 @@ def _transforms(cols: int):
     return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
 
 
-def dense_config(m: int, k: int, n_tiles: int, num_sms: int = 132) -> Config:
-    """A dense projection's config (one group, one tile of M rows): K split until the blocks fill the SMs
-    (n_tiles output tiles alone leave them idle below num_sms), each split still a whole number of steps."""
-    del m
-    tile_k = 64  # the experts' sweep: 64-channel steps beat 128 at decode sizes
-    splits = 1
-    while n_tiles * splits < num_sms and k % (tile_k * splits * 2) == 0 and k // (tile_k * splits * 2) >= 4:
-        splits *= 2
-    return Config(tile_k, 4, splits)
-
-
-@functools.partial(jax.jit, static_argnames=("tile_m", "config", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tile_m", "config", "interpret"))
 def grouped_matmul_many(x_tiles: jax.Array, weights, tile_group: jax.Array, *, tile_m: int,
-                        config: Config | None = None, out_dtype=None, interpret=None) -> list[jax.Array]:
+                        config: Config | None = None, interpret=None) -> list[jax.Array]:
     """x_tiles [W * tile_m, K] (bf16) times each weight of `weights` ([G, K, N_i], bf16), tile t by
-    weight[tile_group[t]]: [[W * tile_m, N_i], ...] in `out_dtype` (x's by default). Tiles of group G are
-    skipped: their rows of y are left unwritten (whatever the buffer held), so the caller reads only its
-    plan's slots."""
+    weight[tile_group[t]]: [[W * tile_m, N_i] bf16, ...]. Tiles of group G are skipped: their rows of y
+    are left unwritten (whatever the buffer held), so the caller reads only its plan's slots."""
     rows, k = x_tiles.shape
     num_tiles = tile_group.shape[0]
     if rows != num_tiles * tile_m or tile_m % 8 or not 8 <= tile_m <= 256:
@@ -101,13 +83,9 @@ def grouped_matmul_many(x_tiles: jax.Array, weights, tile_group: jax.Array, *, t
         if w.shape[:2] != (num_groups, k):
             raise ValueError(f"grouped_matmul GPU kernel: weight {w.shape} does not take [{num_groups}, {k}, N]")
     config = config or default_config(tile_m, k, num_tiles)
-    tile_k, splits = config.tile_k, config.splits
-    if k % (tile_k * splits):
-        raise ValueError(f"grouped_matmul GPU kernel: {splits} splits of tile_k {tile_k} do not divide K = {k}")
-    steps = k // (tile_k * splits)  # pipeline steps per block
-    # y written by the kernel in x's dtype; else float32 partials [splits, N, rows] (Mosaic GPU does not lay out
-    # a float32 tile stored transposed, so float32 output takes this path even unsplit), summed by XLA.
-    direct = splits == 1 and jnp.dtype(out_dtype or x_tiles.dtype) == x_tiles.dtype
+    tile_k = config.tile_k
+    if k % tile_k:
+        raise ValueError(f"grouped_matmul GPU kernel: tile_k {tile_k} does not divide K = {k}")
     on_gpu = interpret in (None, False)
     bounds = [0]
     for n in ns:
@@ -116,14 +94,12 @@ def grouped_matmul_many(x_tiles: jax.Array, weights, tile_group: jax.Array, *, t
 
     def kernel(group_gmem, x_gmem, *rest):
         w_gmems, out_gmems, (out_smem,) = rest[:n_out], rest[n_out:2 * n_out], rest[2 * n_out:]
-        global_tile, t, split = lax.axis_index("n"), lax.axis_index("tile"), lax.axis_index("split")
+        global_tile, t = lax.axis_index("n"), lax.axis_index("tile")
         group = group_gmem[t]
-        first = split * steps
 
         def one_weight(w_gmem, out_gmem, tile):
-            x_spec = plgpu.BlockSpec((tile_m, tile_k), lambda kk: (t, first + kk), transforms=_transforms(tile_k))
-            w_spec = plgpu.BlockSpec((tile_k, TILE_N), lambda kk: (first + kk, tile),
-                                     transforms=_transforms(TILE_N))
+            x_spec = plgpu.BlockSpec((tile_m, tile_k), lambda kk: (t, kk), transforms=_transforms(tile_k))
+            w_spec = plgpu.BlockSpec((tile_k, TILE_N), lambda kk: (kk, tile), transforms=_transforms(TILE_N))
 
             def step(_, x_smem, w_smem, acc):
                 if on_gpu:
@@ -136,17 +112,11 @@ def grouped_matmul_many(x_tiles: jax.Array, weights, tile_group: jax.Array, *, t
             def scope(acc):
                 if not on_gpu:
                     acc[...] = jnp.zeros_like(acc)
-                plgpu.emit_pipeline(functools.partial(step, acc=acc), grid=(steps,), in_specs=[x_spec, w_spec],
+                plgpu.emit_pipeline(functools.partial(step, acc=acc), grid=(k // tile_k,), in_specs=[x_spec, w_spec],
                                     max_concurrent_steps=config.stages)(x_gmem, w_gmem.at[group])
-                rows_, outputs = pl.ds(t * tile_m, tile_m), pl.ds(tile * TILE_N, TILE_N)
-                if direct:  # y's tile, stored transposed
-                    out_smem.T[...] = acc[...].astype(out_smem.dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows_, outputs])
-                else:  # the float32 partial as it is ([64, tile_m]: partials are [splits, N, rows])
-                    out_smem[...] = acc[...]
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[split, outputs, rows_])
+                out_smem.T[...] = acc[...].astype(out_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(t * tile_m, tile_m), pl.ds(tile * TILE_N, TILE_N)])
                 plgpu.wait_smem_to_gmem(0)
 
             pl.run_scoped(scope, plgpu.ACC((TILE_N, tile_m), jnp.float32) if on_gpu
@@ -160,15 +130,9 @@ def grouped_matmul_many(x_tiles: jax.Array, weights, tile_group: jax.Array, *, t
                 pl.when((global_tile >= bounds[i]) & (global_tile < bounds[i + 1]))(
                     functools.partial(one_weight, w_gmems[i], out_gmems[i], global_tile - bounds[i]))
 
-    out_dtype = jnp.dtype(out_dtype or x_tiles.dtype)
-    if direct:
-        out_type = [jax.ShapeDtypeStruct((rows, n), out_dtype) for n in ns]
-        scratch = plgpu.SMEM((tile_m, TILE_N), out_dtype)
-    else:
-        out_type = [jax.ShapeDtypeStruct((splits, n, rows), jnp.float32) for n in ns]
-        scratch = plgpu.SMEM((TILE_N, tile_m), jnp.float32)
-    ys = plgpu.kernel(
-        kernel, out_type=out_type, grid=(bounds[-1], num_tiles, splits), grid_names=("n", "tile", "split"),
-        scratch_types=[scratch], compiler_params=plgpu.CompilerParams(), interpret=interpret,
+    return plgpu.kernel(
+        kernel, out_type=[jax.ShapeDtypeStruct((rows, n), x_tiles.dtype) for n in ns],
+        grid=(bounds[-1], num_tiles), grid_names=("n", "tile"),
+        scratch_types=[plgpu.SMEM((tile_m, TILE_N), x_tiles.dtype)],
+        compiler_params=plgpu.CompilerParams(), interpret=interpret,
     )(tile_group.astype(jnp.int32), x_tiles, *weights)
-    return list(ys) if direct else [y.sum(axis=0).T.astype(out_dtype) for y in ys]

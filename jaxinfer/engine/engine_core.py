@@ -241,12 +241,14 @@ class EngineCore:
         self.proposer = self._proposer(config, mesh)
         self.scheduler = Scheduler(config, stop_width=self.ban_width, proposer=self.proposer)
         max_rows = max(s.num_rows for s in config.all_shapes())
-        self.runner = _RemoteRunner(spec, num_pages, mesh) if self.placement == "remote" else ModelRunner(
-                                  cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
-                                  page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
-                                  penalty_slots=config.max_num_seqs, feed_slots=config.max_num_seqs,
-                                  max_model_len=self.max_model_len,
-                                  attention_impl=config.attention, feature_layers=self.feature_layers)
+        if self.placement == "remote":
+            self.runner = _RemoteRunner(spec, num_pages, mesh)
+        else:
+            self.runner = ModelRunner(cfg, model.graphdef, model.state, mesh, num_pages=num_pages,
+                                      page_size=config.page_size, cache_dtype=model.kv_cache_dtype, max_rows=max_rows,
+                                      penalty_slots=config.max_num_seqs, feed_slots=config.max_num_seqs,
+                                      max_model_len=self.max_model_len,
+                                      attention_impl=config.attention, feature_layers=self.feature_layers)
         assert self.runner.kv_partitions == config.kv_partitions, "the pool and the cache split alike"
         log.info("KV cache: %d pages of %d tokens (%.2f GiB, %d partitions); max_model_len %d", num_pages,
                  config.page_size, num_pages * spec.bytes_per_page / 2**30, partitions, self.max_model_len)
